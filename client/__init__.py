@@ -1,0 +1,1 @@
+"""The fedpeft ClientApp: one per hospital/edge site (or per simulated partition)."""

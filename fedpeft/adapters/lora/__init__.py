@@ -1,0 +1,31 @@
+"""LoRA (Hu et al., 2021, arXiv 2106.09685) through HF peft: W x + (alpha/r) B A x.
+
+Target modules default to peft's per-architecture table (BERT: query, value; Llama: q_proj,
+v_proj; ...); the classification head is trained and sent in full (peft ``modules_to_save``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedpeft.adapters import PEFT_METHODS
+from fedpeft.errors import FedPeftError
+
+
+@PEFT_METHODS.register("lora")
+def apply_lora(model: Any, cfg: Any) -> Any:
+    """Freeze ``model`` and add LoRA adapters as configured by ``cfg.lora_*``."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()] or None
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:  # unknown architecture or target names not found
+        raise FedPeftError(f"cannot add LoRA to {type(model).__name__}: {str(err).splitlines()[0]}") from None

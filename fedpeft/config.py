@@ -1,0 +1,138 @@
+"""The run configuration: one frozen dataclass, parsed once at each entry point.
+
+Every field documents itself (``help``) and is validated in ``__post_init__``; an invalid value raises
+:class:`~fedpeft.errors.FedPeftError` naming the field and the allowed range. The same object is built
+from the ``fedpeft simulate`` flags, from Flower's run config (``[tool.flwr.app.config]`` in
+``pyproject.toml``, keys in kebab-case) and from the copy the server sends to clients each round.
+Change it with :func:`dataclasses.replace`, never in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedpeft.errors import FedPeftError
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class FedPeftConfig:
+    """Everything that defines a federated PEFT run."""
+
+    # --- model and adapter ---------------------------------------------------------------------
+    model: str = _f("", "HF model directory or cached hub name; empty: bundled all-MiniLM-L6-v2")
+    peft: str = _f("lora", "PEFT method")
+    lora_r: int = _f(8, "LoRA rank r")
+    lora_alpha: int = _f(16, "LoRA scaling alpha (update scaled by alpha/r)")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA input, in [0, 1)")
+    lora_target_modules: str = _f("", "comma-separated module names; empty: peft's per-architecture default")
+    # --- data -----------------------------------------------------------------------------------
+    data: str = _f("", "JSONL/CSV file (optionally .gz); empty: bundled Rotten Tomatoes snippets")
+    text_column: str = _f("text", "column holding the input text")
+    label_column: str = _f("label", "column holding the class label")
+    test_fraction: float = _f(0.1, "share of examples held out for server-side evaluation, in (0, 1)")
+    max_length: int = _f(128, "tokens kept per example")
+    partition: str = _f("iid", "iid | dirichlet:<alpha> | natural:<column>")
+    # --- federation -----------------------------------------------------------------------------
+    clients: int = _f(10, "number of simulated clients (partitions)")
+    rounds: int = _f(5, "federated rounds")
+    fraction: float = _f(0.5, "share of clients sampled each round, in (0, 1]")
+    strategy: str = _f("fedavg", "aggregation strategy")
+    round_timeout: float = _f(3600.0, "seconds the server waits for replies in a round")
+    # --- local training -------------------------------------------------------------------------
+    local_epochs: int = _f(1, "passes over the client's data per round")
+    max_local_steps: int = _f(30, "cap on optimizer steps per client-round; 0: no cap")
+    batch_size: int = _f(16, "examples per local step")
+    lr: float = _f(1e-3, "AdamW learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    eval_batch_size: int = _f(64, "examples per evaluation batch")
+    client_cpus: int = _f(2, "CPU threads each simulated client uses")
+    seed: int = _f(0, "seed for data split, sampling, initialisation and training")
+    # --- output ---------------------------------------------------------------------------------
+    out: str = _f("", "run directory; empty: runs/<timestamp>")
+
+    def __post_init__(self) -> None:
+        _positive(self, "lora_r", "lora_alpha", "max_length", "clients", "rounds", "local_epochs",
+                  "batch_size", "eval_batch_size", "client_cpus")
+        _in_range(self, "lora_dropout", 0.0, 1.0, lo_open=False, hi_open=True)
+        _in_range(self, "test_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
+        _in_range(self, "fraction", 0.0, 1.0, lo_open=True, hi_open=False)
+        if self.max_local_steps < 0:
+            raise FedPeftError(f"max_local_steps must be >= 0 (0: no cap), got {self.max_local_steps}")
+        if not self.lr > 0:
+            raise FedPeftError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise FedPeftError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.round_timeout > 0:
+            raise FedPeftError(f"round_timeout must be > 0 seconds, got {self.round_timeout}")
+        for name in ("text_column", "label_column"):
+            if not getattr(self, name):
+                raise FedPeftError(f"{name} must not be empty")
+        if self.text_column == self.label_column:
+            raise FedPeftError("text_column and label_column must differ")
+
+    # --- conversions ----------------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> FedPeftConfig:
+        """Build a config from a flat mapping (kebab- or snake-case keys), coercing types.
+
+        Unknown keys raise, listing the known ones, so a typo in a run config is never ignored.
+        """
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise FedPeftError(f"unknown config key {key!r}; known: {', '.join(sorted(known))}")
+            kwargs[name] = _coerce(name, value, type(known[name].default))
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A flat snake-case dict of every field (JSON- and Flower-ConfigRecord-safe)."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """The config as pretty JSON, as written to ``RUN_DIR/config.json``."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def field_help() -> dict[str, str]:
+    """Field name → help text, for the CLI."""
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(FedPeftConfig)}
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    try:
+        if kind is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if kind is float and isinstance(value, int | str) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, str):
+            return int(value)
+    except ValueError:
+        pass
+    raise FedPeftError(f"{name} must be of type {kind.__name__}, got {value!r}")
+
+
+def _positive(cfg: FedPeftConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value < 1:
+            raise FedPeftError(f"{name} must be >= 1, got {value}")
+
+
+def _in_range(cfg: FedPeftConfig, name: str, lo: float, hi: float, *, lo_open: bool, hi_open: bool) -> None:
+    value = getattr(cfg, name)
+    ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise FedPeftError(f"{name} must be in {interval}, got {value}")

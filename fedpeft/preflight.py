@@ -1,0 +1,50 @@
+"""Check a run before any process starts, so bad input fails in one line instead of mid-simulation."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from fedpeft import site
+from fedpeft.config import FedPeftConfig
+from fedpeft.data.partition import natural_client_count, parse_partition_spec
+from fedpeft.errors import FedPeftError
+from fedpeft.models import resolve_model_path
+
+
+def check_run(cfg: FedPeftConfig, *, clients_given: bool = True) -> FedPeftConfig:
+    """Validate everything a run needs; return the config with derived values filled in.
+
+    With ``natural:<column>`` and no explicit client count, the count becomes the number of distinct
+    values of the column.
+    """
+    from fedpeft.adapters import PEFT_METHODS
+    from strategies import AGGREGATORS
+
+    PEFT_METHODS.get(cfg.peft)
+    AGGREGATORS.get(cfg.strategy)
+    spec = parse_partition_spec(cfg.partition)
+    path = resolve_model_path(cfg.model)
+    if Path(path).is_dir() is False and not _hub_cached(path):
+        raise FedPeftError(f"model {cfg.model!r} is neither a directory nor in the local HF cache")
+    cpus = os.cpu_count() or 1
+    if cfg.client_cpus > cpus:
+        raise FedPeftError(f"client_cpus {cfg.client_cpus} exceeds the {cpus} CPUs of this machine")
+    train, _ = site.load_split(cfg)
+    if spec.kind == "natural" and not clients_given:
+        cfg = dataclasses.replace(cfg, clients=natural_client_count(train, spec))
+    site._partitions(site.data_path(cfg), cfg.text_column, cfg.label_column, cfg.test_fraction, cfg.seed,
+                     cfg.partition, cfg.clients)
+    if cfg.out and (Path(cfg.out) / "metrics.jsonl").exists():
+        raise FedPeftError(f"{cfg.out} already holds a run; choose another --out")
+    return cfg
+
+
+def _hub_cached(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:
+        return False

@@ -1,0 +1,126 @@
+"""What a process keeps between Flower messages: the base model, the tokenizer and the data.
+
+Flower calls the ClientApp once per message, in a long-lived process (a simulation actor or a
+SuperNode's app process). Loading the model and tokenizing data for every message would dominate the
+round, so they are built once per process here and reused; the adapter weights are overwritten from
+the broadcast at the start of every round, so reuse never leaks state between rounds. The caches are
+keyed by every setting that changes what they hold.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from fedpeft.config import FedPeftConfig
+from fedpeft.data import DEFAULT_DATA, LabelledTable, load_labelled_table, partition_indices, split_test
+from fedpeft.training import Encoded, encode
+
+
+def data_path(cfg: FedPeftConfig) -> str:
+    """The data file a config names ("" means the bundled default)."""
+    return cfg.data or str(DEFAULT_DATA)
+
+
+def load_split(cfg: FedPeftConfig) -> tuple[LabelledTable, LabelledTable]:
+    """``(train, test)`` of the configured data, with the seeded test hold-out."""
+    return _split(data_path(cfg), cfg.text_column, cfg.label_column, cfg.test_fraction, cfg.seed)
+
+
+def client_partition(cfg: FedPeftConfig, partition_id: int, num_partitions: int) -> LabelledTable:
+    """The training rows of one simulated client."""
+    train, _ = load_split(cfg)
+    parts = _partitions(data_path(cfg), cfg.text_column, cfg.label_column, cfg.test_fraction, cfg.seed,
+                        cfg.partition, num_partitions)
+    if not 0 <= partition_id < len(parts):
+        raise ValueError(f"partition id {partition_id} outside 0..{len(parts) - 1}")
+    return train.subset(parts[partition_id])
+
+
+def encoded_partition(cfg: FedPeftConfig, partition_id: int, num_partitions: int) -> Encoded:
+    """One client's training rows, tokenized (cached)."""
+    return _encoded_partition(cfg.model, cfg.max_length, data_path(cfg), cfg.text_column, cfg.label_column,
+                              cfg.test_fraction, cfg.seed, cfg.partition, partition_id, num_partitions)
+
+
+def encoded_test(cfg: FedPeftConfig) -> Encoded:
+    """The held-out test split, tokenized (cached)."""
+    return _encoded_test(cfg.model, cfg.max_length, data_path(cfg), cfg.text_column, cfg.label_column,
+                         cfg.test_fraction, cfg.seed)
+
+
+def peft_model(cfg: FedPeftConfig, num_labels: int) -> Any:
+    """The base model wrapped with the configured PEFT method (one per process and setting).
+
+    The initial adapter and head are drawn from ``cfg.seed``, so every process that builds it starts
+    from the same point.
+    """
+    return _peft_model(cfg.model, cfg.peft, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                       cfg.lora_target_modules, num_labels, cfg.seed)[0]
+
+
+def tokenizer(cfg: FedPeftConfig) -> Any:
+    """The tokenizer of the configured model (cached)."""
+    return _tokenizer(cfg.model)
+
+
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 32-bit seed from integers (run seed, round, partition, ...)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+@lru_cache(maxsize=4)
+def _split(path: str, text: str, label: str, fraction: float, seed: int) -> tuple[LabelledTable, LabelledTable]:
+    table = load_labelled_table(path, text_column=text, label_column=label)
+    return split_test(table, test_fraction=fraction, seed=seed)
+
+
+@lru_cache(maxsize=4)
+def _partitions(path: str, text: str, label: str, fraction: float, seed: int, spec: str, n: int) -> list[np.ndarray]:
+    train, _ = _split(path, text, label, fraction, seed)
+    return partition_indices(train, spec, num_clients=n, seed=seed)
+
+
+@lru_cache(maxsize=16)
+def _encoded_partition(model: str, max_length: int, path: str, text: str, label: str, fraction: float,
+                       seed: int, spec: str, pid: int, n: int) -> Encoded:
+    train, _ = _split(path, text, label, fraction, seed)
+    rows = _partitions(path, text, label, fraction, seed, spec, n)[pid]
+    part = train.subset(rows)
+    return encode(_tokenizer(model), part.texts, part.labels, max_length=max_length)
+
+
+@lru_cache(maxsize=2)
+def _encoded_test(model: str, max_length: int, path: str, text: str, label: str, fraction: float, seed: int) -> Encoded:
+    _, test = _split(path, text, label, fraction, seed)
+    return encode(_tokenizer(model), test.texts, test.labels, max_length=max_length)
+
+
+@lru_cache(maxsize=2)
+def _tokenizer(model: str) -> Any:
+    from transformers import AutoTokenizer
+
+    from fedpeft.models import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(model), local_files_only=True)
+
+
+@lru_cache(maxsize=1)
+def _peft_model(model: str, peft: str, r: int, alpha: int, dropout: float, targets: str, num_labels: int,
+                seed: int) -> tuple[Any]:
+    import dataclasses
+
+    import torch
+
+    from fedpeft.adapters import apply_peft
+    from fedpeft.models import load_classifier
+
+    torch.manual_seed(seed)
+    net, _ = load_classifier(model, num_labels=num_labels)
+    cfg = dataclasses.replace(FedPeftConfig(), model=model, peft=peft, lora_r=r, lora_alpha=alpha,
+                              lora_dropout=dropout, lora_target_modules=targets)
+    wrapped = apply_peft(net, cfg)
+    wrapped.eval()
+    return (wrapped,)

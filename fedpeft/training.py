@@ -1,0 +1,106 @@
+"""Local training and evaluation of a sequence classifier on tokenized examples.
+
+Pure PyTorch loops with dynamic padding. ``train_local`` is one client-round: ``epochs`` passes over
+the client's data in a seeded order, stopped after ``max_steps`` optimizer steps when that is > 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Tokenized examples: token ids per example (unpadded) and int64 labels."""
+
+    input_ids: list[list[int]]
+    labels: np.ndarray
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode(tokenizer: Any, texts: Sequence[str], labels: np.ndarray, *, max_length: int) -> Encoded:
+    """Tokenize ``texts`` (truncated to ``max_length`` tokens) once, without padding."""
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return Encoded(input_ids=ids, labels=np.asarray(labels, dtype=np.int64), pad_id=pad)
+
+
+def _batch(data: Encoded, rows: np.ndarray) -> dict[str, torch.Tensor]:
+    width = max(len(data.input_ids[i]) for i in rows)
+    ids = torch.full((len(rows), width), data.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, i in enumerate(rows):
+        seq = data.input_ids[i]
+        ids[j, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[j, : len(seq)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.from_numpy(data.labels[rows])}
+
+
+def batches(data: Encoded, order: np.ndarray, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded batches of the rows in ``order``."""
+    for start in range(0, len(order), batch_size):
+        yield _batch(data, order[start : start + batch_size])
+
+
+def train_local(
+    model: torch.nn.Module,
+    data: Encoded,
+    *,
+    epochs: int,
+    max_steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+) -> dict[str, float]:
+    """Train the trainable parameters of ``model`` on ``data``; return metrics.
+
+    Returns
+    -------
+    dict
+        ``train_loss`` (mean over steps), ``steps`` and ``examples_seen``.
+    """
+    torch.manual_seed(seed)  # dropout
+    rng = np.random.default_rng(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model.train()
+    losses: list[float] = []
+    seen = 0
+    for _ in range(epochs):
+        for batch in batches(data, rng.permutation(len(data)), batch_size):
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            seen += len(batch["labels"])
+            if max_steps and len(losses) >= max_steps:
+                break
+        if max_steps and len(losses) >= max_steps:
+            break
+    model.eval()
+    return {"train_loss": float(np.mean(losses)) if losses else 0.0, "steps": len(losses), "examples_seen": seen}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Encoded, *, batch_size: int) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of ``model`` on ``data``."""
+    model.eval()
+    order = np.argsort([len(x) for x in data.input_ids], kind="stable")  # less padding
+    correct, loss_sum = 0, 0.0
+    for batch in batches(data, order, batch_size):
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+    n = len(data)
+    return {"accuracy": correct / n, "loss": loss_sum / n, "num_examples": n}

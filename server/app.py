@@ -1,0 +1,42 @@
+"""The ServerApp. ``flwr run .`` uses ``app`` (config from the Flower run config);
+``fedpeft simulate`` builds one around an already validated config with :func:`make_server_app`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedpeft.config import FedPeftConfig
+from server.console import RoundReporter
+from server.run import run_federation
+
+
+def default_out(cfg: FedPeftConfig) -> FedPeftConfig:
+    """Fill an empty ``out`` with ``runs/<UTC timestamp>``."""
+    return cfg if cfg.out else replace(cfg, out=time.strftime("runs/%Y%m%d-%H%M%S", time.gmtime()))
+
+
+def make_server_app(cfg: FedPeftConfig | None = None, *, on_error: Callable[[BaseException], None] | None = None) -> ServerApp:
+    """A ServerApp running fedpeft with ``cfg`` (or, when None, the Flower run config)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cfg = cfg if cfg is not None else default_out(FedPeftConfig.from_mapping(context.run_config))
+        try:
+            with RoundReporter(run_cfg.rounds) as reporter:
+                run_federation(grid, run_cfg, on_round=reporter)
+        except BaseException as err:  # handed to the CLI, which prints one line
+            if on_error is None:
+                raise
+            on_error(err)
+
+    return app
+
+
+app = make_server_app()

@@ -1,0 +1,62 @@
+"""What a person watching a run sees: a progress bar over rounds and a row per round."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+COLUMNS = ("round", "clients", "train loss", "test loss", "accuracy", "bytes up", "bytes down", "seconds")
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` → ``1.5 KiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+class RoundReporter:
+    """Prints one table row per round under a live progress bar."""
+
+    def __init__(self, rounds: int, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=False)
+        self.progress = Progress(TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=self.console, transient=True)
+        self.task = self.progress.add_task("rounds", total=rounds)
+        self.rows: list[tuple[str, ...]] = []
+
+    def __enter__(self) -> RoundReporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    def __call__(self, record: Mapping[str, Any], seconds: float) -> None:
+        row = (
+            str(record["round"]),
+            str(record.get("clients", 0)),
+            f"{record['train_loss']:.4f}" if "train_loss" in record else "-",
+            f"{record['loss']:.4f}",
+            f"{record['accuracy']:.4f}",
+            human_bytes(record.get("bytes_up", 0)),
+            human_bytes(record.get("bytes_down", 0)),
+            f"{seconds:.1f}",
+        )
+        self.rows.append(row)
+        self.progress.console.print("  ".join(f"{c}={v}" for c, v in zip(COLUMNS, row, strict=True)))
+        if record["round"] > 0:
+            self.progress.advance(self.task)
+
+    def table(self) -> Table:
+        """All rows so far as a rich table."""
+        table = Table(*COLUMNS, title="fedpeft run")
+        for row in self.rows:
+            table.add_row(*row)
+        return table

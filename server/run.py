@@ -1,0 +1,127 @@
+"""The coordinator's round loop and run directory.
+
+For each round: sample sites and broadcast the global adapter, aggregate the replies with the
+configured strategy, evaluate the new global adapter on the held-out split, append one line to
+``metrics.jsonl``. At the end the adapter is saved with ``save_pretrained`` (loadable by plain peft).
+
+``RUN_DIR`` holds ``config.json`` (the resolved config), ``metrics.jsonl`` and ``adapter/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Message, MessageType, RecordDict
+
+from fedpeft import site
+from fedpeft.adapters import adapter_state, load_adapter_state
+from fedpeft.config import FedPeftConfig
+from fedpeft.errors import FedPeftError
+from fedpeft.runlog import append_jsonl, atomic_replace_dir, atomic_write_text
+from fedpeft.training import evaluate
+from fedpeft.wire import CONFIG, METRICS, NUM_EXAMPLES, config_record, from_array_record, to_array_record
+from strategies.flower import FedPeftStrategy
+
+logger = logging.getLogger(__name__)
+
+RoundCallback = Callable[[Mapping[str, Any], float], None]
+
+
+def discover_sites(grid: Any, cfg: FedPeftConfig, *, expected: int, timeout: float = 120.0) -> dict[int, str]:
+    """Wait for ``expected`` nodes, ask each which site it is; return node id → site key."""
+    deadline = time.monotonic() + timeout
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+        nodes = list(grid.get_node_ids())
+    if len(nodes) < expected:
+        raise FedPeftError(f"only {len(nodes)} of {expected} clients connected within {timeout:.0f} s")
+    content = RecordDict({CONFIG: config_record(cfg)})
+    queries = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in sorted(nodes)]
+    sites: dict[int, str] = {}
+    for reply in grid.send_and_receive(queries, timeout=cfg.round_timeout):
+        if reply.has_error():
+            raise FedPeftError(f"client {reply.metadata.src_node_id} could not start: {reply.error.reason}")
+        sites[reply.metadata.src_node_id] = str(reply.content[CONFIG]["site"])
+    if len(set(sites.values())) != len(sites):
+        raise FedPeftError("two clients reported the same site; check partition ids / site names")
+    return sites
+
+
+def adapter_nbytes(state: Mapping[str, np.ndarray]) -> int:
+    """Raw tensor bytes of an adapter state (what the wire carries before framing)."""
+    return int(sum(v.nbytes for v in state.values()))
+
+
+def run_federation(grid: Any, cfg: FedPeftConfig, *, on_round: RoundCallback | None = None) -> dict[str, Any]:
+    """Run ``cfg.rounds`` rounds against the clients behind ``grid``; return the final record."""
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.exists():
+        raise FedPeftError(f"{run_dir} already holds a run; choose another --out")
+    atomic_write_text(run_dir / "config.json", cfg.to_json())
+
+    train, _ = site.load_split(cfg)
+    label_names = list(train.label_names)
+    model = site.peft_model(cfg, num_labels=len(label_names))
+    state = adapter_state(model)  # the seeded initial adapter every client starts from
+    test = site.encoded_test(cfg)
+    base_config = config_record(cfg, **{"label-names": label_names})
+
+    sites = discover_sites(grid, cfg, expected=cfg.clients)
+    strategy = FedPeftStrategy(aggregator=cfg.strategy, sites=sites, fraction=cfg.fraction, seed=cfg.seed)
+    strategy.summary()
+
+    def record_round(rnd: int, extra: Mapping[str, Any], started: float) -> dict[str, Any]:
+        load_adapter_state(model, state)
+        ev = evaluate(model, test, batch_size=cfg.eval_batch_size)
+        record = {"round": rnd, "accuracy": ev["accuracy"], "loss": ev["loss"], "adapter_bytes": adapter_nbytes(state), **extra}
+        append_jsonl(metrics_path, record)
+        if on_round is not None:
+            on_round(record, time.monotonic() - started)
+        return record
+
+    record = record_round(0, {"clients": 0, "bytes_up": 0, "bytes_down": 0}, time.monotonic())
+    for rnd in range(1, cfg.rounds + 1):
+        started = time.monotonic()
+        messages = strategy.configure_train(rnd, to_array_record(state), base_config, grid)
+        replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
+        arrays, agg = strategy.aggregate_train(rnd, replies)
+        traffic = strategy.traffic[rnd]
+        if arrays is None:
+            reasons = "; ".join(f"{s}: {r}" for s, r in sorted(traffic.failures.items())) or "no replies"
+            raise FedPeftError(f"round {rnd}: no client replied successfully ({reasons})")
+        state = from_array_record(arrays)
+        up, down = list(traffic.received.values()), list(traffic.sent.values())
+        record = record_round(rnd, {
+            "clients": int(agg["clients"]),
+            "failures": len(traffic.failures),
+            "train_loss": float(agg["train-loss"]),
+            "num_examples": int(sum(m.get(NUM_EXAMPLES, 0) for m in traffic.client_metrics.values())),
+            "bytes_up": int(sum(up)),
+            "bytes_down": int(sum(down)),
+            "bytes_up_per_client": int(np.mean(up)),
+            "bytes_down_per_client": int(np.mean(down)),
+        }, started)
+
+    save_adapter(model, state, run_dir / "adapter", cfg=cfg, label_names=label_names)
+    return record
+
+
+def save_adapter(model: Any, state: Mapping[str, np.ndarray], out: Path, *, cfg: FedPeftConfig, label_names: list[str]) -> None:
+    """Save the global adapter with ``save_pretrained`` plus ``fedpeft.json`` (labels, columns), atomically."""
+    load_adapter_state(model, state)
+    build = Path(tempfile.mkdtemp(dir=out.parent, prefix=".adapter."))
+    model.save_pretrained(str(build))
+    meta = {"label_names": label_names, "text_column": cfg.text_column, "label_column": cfg.label_column,
+            "max_length": cfg.max_length, "base_model": cfg.model or "all-MiniLM-L6-v2"}
+    (build / "fedpeft.json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_replace_dir(build, out)
