@@ -11,6 +11,12 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask_mode(base: int) -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file and an atomic rename."""
     path = Path(path)
@@ -21,6 +27,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _umask_mode(0o666))  # mkstemp makes 0600; outputs are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -38,6 +45,7 @@ def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
 
 def atomic_replace_dir(build: Path, final: Path) -> None:
     """Move a fully written directory ``build`` to ``final``, replacing any previous one."""
+    os.chmod(build, _umask_mode(0o777))  # mkdtemp makes 0700
     if final.exists():
         old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)

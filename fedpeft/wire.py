@@ -24,7 +24,7 @@ def to_array_record(state: Mapping[str, np.ndarray]) -> Any:
     """Pack a name → array mapping; bf16 has no numpy dtype, so callers pass fp16/fp32."""
     from flwr.app import Array, ArrayRecord
 
-    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in state.items()})
+    return ArrayRecord({key: Array(np.asarray(value, order="C")) for key, value in state.items()})  # keeps 0-d shapes
 
 
 def from_array_record(record: Any) -> dict[str, np.ndarray]:

@@ -10,6 +10,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 COLUMNS = ("round", "clients", "train loss", "test loss", "accuracy", "bytes up", "bytes down", "seconds")
+WIDTHS = (5, 7, 10, 9, 8, 10, 10, 7)
+
+
+def format_row(cells: tuple[str, ...]) -> str:
+    """Cells right-aligned in the table's fixed widths."""
+    return "  ".join(c.rjust(w) for c, w in zip(cells, WIDTHS, strict=True))
 
 
 def human_bytes(n: float) -> str:
@@ -50,7 +56,9 @@ class RoundReporter:
             f"{seconds:.1f}",
         )
         self.rows.append(row)
-        self.progress.console.print("  ".join(f"{c}={v}" for c, v in zip(COLUMNS, row, strict=True)))
+        if len(self.rows) == 1:
+            self.progress.console.print(format_row(COLUMNS), style="bold", highlight=False)
+        self.progress.console.print(format_row(row), highlight=False)
         if record["round"] > 0:
             self.progress.advance(self.task)
 

@@ -15,11 +15,11 @@ from fedpeft.errors import FedPeftError
 
 
 def adapter_state(model: Any) -> dict[str, np.ndarray]:
-    """The trainable adapter tensors of ``model`` (a peft model), as contiguous float32 arrays."""
+    """A snapshot (copies, never views) of the trainable adapter tensors of ``model``, as float32."""
     from peft import get_peft_model_state_dict
 
     return {
-        key: np.ascontiguousarray(tensor.detach().to("cpu").float().numpy())
+        key: np.array(tensor.detach().to("cpu").float().numpy(), dtype=np.float32, order="C", copy=True)
         for key, tensor in get_peft_model_state_dict(model).items()
     }
 

@@ -91,11 +91,13 @@ def load_labelled_table(path: str | Path, *, text_column: str, label_column: str
         if column not in frame.columns:
             available = ", ".join(map(str, frame.columns))
             raise FedPeftError(f"{kind} column {column!r} not in {Path(path).name}; columns: {available}")
+    present = (frame[text_column].notna() & frame[label_column].notna()).to_numpy()
+    frame = frame.loc[present].reset_index(drop=True)
     text = frame[text_column].astype(str).str.strip()
-    label = frame[label_column].astype(str).str.strip()
-    keep = (frame[text_column].notna() & frame[label_column].notna() & (text != "") & (label != "")).to_numpy()
+    label = _label_strings(frame[label_column])
+    keep = ((text != "") & (label != "")).to_numpy()
     frame = frame.loc[keep].reset_index(drop=True)
-    label = label[keep].reset_index(drop=True)
+    text, label = text[keep].reset_index(drop=True), label[keep].reset_index(drop=True)
     label_names = tuple(sorted(label.unique()))
     if len(label_names) < 2:
         found = label_names[0] if label_names else "none"
@@ -103,10 +105,20 @@ def load_labelled_table(path: str | Path, *, text_column: str, label_column: str
     ids = {name: i for i, name in enumerate(label_names)}
     return LabelledTable(
         frame=frame,
-        texts=text[keep].tolist(),
+        texts=text.tolist(),
         labels=label.map(ids).to_numpy(dtype=np.int64),
         label_names=label_names,
     )
+
+
+def _label_strings(column: pd.Series) -> pd.Series:
+    """Labels as stripped strings; integral floats (ints upcast by pandas around missing values) lose ".0"."""
+    def one(value: object) -> str:
+        if isinstance(value, float) and value.is_integer():
+            return str(int(value))
+        return str(value).strip()
+
+    return column.map(one)
 
 
 def split_test(table: LabelledTable, *, test_fraction: float, seed: int) -> tuple[LabelledTable, LabelledTable]:

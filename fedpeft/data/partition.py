@@ -100,7 +100,8 @@ def partition_indices(table: LabelledTable, spec: str | PartitionSpec, *, num_cl
             "use fewer clients or a larger alpha"
         ) from None
     if spec.kind == "natural":
-        # NaturalIdPartitioner numbers partitions by first appearance; order them by code instead.
+        # Client i must be the i-th value in sorted order; make that explicit rather than rely on
+        # NaturalIdPartitioner's own numbering.
         parts.sort(key=lambda rows: int(columns[spec.column][rows[0]]))
     if any(len(p) == 0 for p in parts):
         raise FedPeftError(f"partition {spec.kind} left a client without examples; use fewer clients")

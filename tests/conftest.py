@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny random BERT saved as a model directory, and small data files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fedpeft.data import DEFAULT_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide random BERT with the real MiniLM tokenizer, saved like a hub model."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
+
+    from fedpeft.models import resolve_model_path
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(""))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=2)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 400 rows of the bundled corpus as plain JSONL."""
+    out = tmp_path_factory.mktemp("data") / "small.jsonl"
+    with gzip.open(DEFAULT_DATA, "rt", encoding="utf-8") as fh:
+        rows = [json.loads(next(fh)) for _ in range(400)]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+@pytest.fixture()
+def one_class_data(tmp_path: Path) -> Path:
+    out = tmp_path / "one_class.csv"
+    out.write_text("text,label\n" + "".join(f"review {i},good\n" for i in range(20)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def copy_of_default_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("default") / DEFAULT_DATA.name
+    shutil.copy(DEFAULT_DATA, out)
+    return out

@@ -1,0 +1,153 @@
+"""FedPeftConfig: defaults, validation, parsing from run configs, round trips, immutability."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fedpeft.config import FedPeftConfig, field_help
+from fedpeft.errors import FedPeftError
+
+
+def test_defaults_are_valid() -> None:
+    cfg = FedPeftConfig()
+    assert cfg.peft == "lora"
+    assert cfg.strategy == "fedavg"
+    assert cfg.partition == "iid"
+    assert 0 < cfg.fraction <= 1
+    assert 0 < cfg.test_fraction < 1
+
+
+def test_every_field_has_help() -> None:
+    helps = field_help()
+    assert set(helps) == {f.name for f in dataclasses.fields(FedPeftConfig)}
+    assert all(isinstance(h, str) and h for h in helps.values())
+
+
+POSITIVE_INTS = ["lora_r", "lora_alpha", "max_length", "clients", "rounds", "local_epochs", "batch_size",
+                 "eval_batch_size", "client_cpus"]
+
+INVALID = [
+    *[(name, 0) for name in POSITIVE_INTS],
+    *[(name, -3) for name in POSITIVE_INTS],
+    ("lora_dropout", -0.1),
+    ("lora_dropout", 1.0),
+    ("test_fraction", 0.0),
+    ("test_fraction", 1.0),
+    ("test_fraction", -0.5),
+    ("fraction", 0.0),
+    ("fraction", 1.5),
+    ("fraction", -0.2),
+    ("max_local_steps", -1),
+    ("lr", 0.0),
+    ("lr", -1e-3),
+    ("weight_decay", -0.01),
+    ("round_timeout", 0.0),
+    ("round_timeout", -5.0),
+    ("text_column", ""),
+    ("label_column", ""),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), INVALID, ids=[f"{n}={v!r}" for n, v in INVALID])
+def test_out_of_range_value_raises_naming_field(name: str, value: object) -> None:
+    with pytest.raises(FedPeftError, match=name):
+        FedPeftConfig(**{name: value})
+
+
+VALID_EDGES = [
+    ("lora_dropout", 0.0),
+    ("lora_dropout", 0.99),
+    ("fraction", 1.0),
+    ("fraction", 1e-6),
+    ("test_fraction", 0.999),
+    ("max_local_steps", 0),
+    ("weight_decay", 0.0),
+    ("clients", 1),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), VALID_EDGES, ids=[f"{n}={v!r}" for n, v in VALID_EDGES])
+def test_boundary_values_accepted(name: str, value: object) -> None:
+    assert getattr(FedPeftConfig(**{name: value}), name) == value
+
+
+def test_text_and_label_columns_must_differ() -> None:
+    with pytest.raises(FedPeftError, match="text_column and label_column"):
+        FedPeftConfig(text_column="x", label_column="x")
+
+
+def test_from_mapping_accepts_kebab_and_snake_case() -> None:
+    cfg = FedPeftConfig.from_mapping({"local-epochs": 3, "max_local_steps": 7, "lora-target-modules": "query"})
+    assert cfg.local_epochs == 3
+    assert cfg.max_local_steps == 7
+    assert cfg.lora_target_modules == "query"
+
+
+def test_from_mapping_coerces_types() -> None:
+    cfg = FedPeftConfig.from_mapping({"rounds": "3", "lr": 3, "fraction": "0.25", "clients": 4.0, "seed": "-2"})
+    assert cfg.rounds == 3 and type(cfg.rounds) is int
+    assert cfg.lr == 3.0 and type(cfg.lr) is float
+    assert cfg.fraction == 0.25 and type(cfg.fraction) is float
+    assert cfg.clients == 4 and type(cfg.clients) is int
+    assert cfg.seed == -2
+
+
+def test_from_mapping_unknown_key_lists_known_ones() -> None:
+    with pytest.raises(FedPeftError, match="unknown config key 'roundz'") as info:
+        FedPeftConfig.from_mapping({"roundz": 3})
+    message = str(info.value)
+    for name in ("rounds", "clients", "lora_r", "partition"):
+        assert name in message
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("rounds", "three"), ("rounds", 2.5), ("rounds", True), ("lr", "fast"), ("lr", True), ("model", 3),
+     ("partition", 1.0), ("clients", None), ("seed", [1])],
+)
+def test_from_mapping_rejects_wrong_types(key: str, value: object) -> None:
+    with pytest.raises(FedPeftError, match=key):
+        FedPeftConfig.from_mapping({key: value})
+
+
+def test_from_mapping_still_validates_ranges() -> None:
+    with pytest.raises(FedPeftError, match="fraction"):
+        FedPeftConfig.from_mapping({"fraction": "0"})
+
+
+def test_from_mapping_empty_gives_defaults() -> None:
+    assert FedPeftConfig.from_mapping({}) == FedPeftConfig()
+
+
+def test_to_dict_from_mapping_round_trip() -> None:
+    cfg = FedPeftConfig(model="/m", lora_r=4, lora_alpha=32, lora_dropout=0.1, lora_target_modules="q,v",
+                        data="x.csv", text_column="body", label_column="y", test_fraction=0.2,
+                        partition="dirichlet:0.3", clients=7, rounds=2, fraction=1.0, lr=5e-4, seed=11,
+                        max_local_steps=0, round_timeout=12.5, out="runs/x")
+    as_dict = cfg.to_dict()
+    assert set(as_dict) == {f.name for f in dataclasses.fields(FedPeftConfig)}
+    assert FedPeftConfig.from_mapping(as_dict) == cfg
+    kebab = {k.replace("_", "-"): v for k, v in as_dict.items()}
+    assert FedPeftConfig.from_mapping(kebab) == cfg
+
+
+def test_to_json_round_trip() -> None:
+    import json
+
+    cfg = FedPeftConfig(rounds=9, lr=0.02)
+    assert FedPeftConfig.from_mapping(json.loads(cfg.to_json())) == cfg
+
+
+def test_frozen() -> None:
+    cfg = FedPeftConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.rounds = 3  # type: ignore[misc]
+    changed = dataclasses.replace(cfg, rounds=3)
+    assert changed.rounds == 3 and cfg.rounds == 5
+
+
+def test_replace_validates() -> None:
+    with pytest.raises(FedPeftError, match="clients"):
+        dataclasses.replace(FedPeftConfig(), clients=0)

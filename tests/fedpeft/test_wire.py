@@ -1,0 +1,162 @@
+"""The wire format: adapter tensors in ArrayRecords, the run config in a ConfigRecord, message sizes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedpeft.config import FedPeftConfig
+from fedpeft.wire import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    config_from_record,
+    config_record,
+    from_array_record,
+    record_nbytes,
+    to_array_record,
+)
+
+
+def _state(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    # deliberately not in sorted key order
+    return {
+        "z.lora_B.weight": rng.normal(size=(8, 2)).astype(np.float32),
+        "a.lora_A.weight": rng.normal(size=(2, 8)).astype(np.float32),
+        "m.half": rng.normal(size=(3, 4, 5)).astype(np.float16),
+        "head.bias": rng.normal(size=(2,)).astype(np.float32),
+        "counts": np.arange(5, dtype=np.int64),
+    }
+
+
+def test_array_record_round_trip_keeps_keys_order_dtype_values() -> None:
+    state = _state()
+    record = to_array_record(state)
+    assert isinstance(record, ArrayRecord)
+    back = from_array_record(record)
+    assert list(back) == list(state)
+    for key, value in state.items():
+        assert back[key].dtype == value.dtype
+        assert back[key].shape == value.shape
+        np.testing.assert_array_equal(back[key], value)
+
+
+def test_round_trip_through_serialized_message_content() -> None:
+    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+
+    state = _state(1)
+    content = RecordDict({ARRAYS: to_array_record(state)})
+    decoded = recorddict_from_proto(recorddict_to_proto(content))
+    back = from_array_record(decoded.array_records[ARRAYS])
+    assert list(back) == list(state)
+    for key in state:
+        assert back[key].dtype == state[key].dtype
+        np.testing.assert_array_equal(back[key], state[key])
+
+
+def test_non_contiguous_input_packed_correctly() -> None:
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    state = {"t": base.T, "s": base[:, ::2]}
+    back = from_array_record(to_array_record(state))
+    np.testing.assert_array_equal(back["t"], base.T)
+    np.testing.assert_array_equal(back["s"], base[:, ::2])
+
+
+def test_packing_copies_the_data() -> None:
+    state = {"x": np.zeros(4, np.float32)}
+    record = to_array_record(state)
+    state["x"][:] = 7.0
+    np.testing.assert_array_equal(from_array_record(record)["x"], np.zeros(4, np.float32))
+
+
+def test_scalar_array_keeps_its_shape() -> None:
+    back = from_array_record(to_array_record({"scale": np.array(2.5, dtype=np.float32)}))
+    assert back["scale"].shape == ()
+    assert back["scale"] == np.float32(2.5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    layout=st.dictionaries(st.text("abcdefgh._", min_size=1, max_size=8),
+                           st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple), min_size=1, max_size=5),
+    dtype=st.sampled_from([np.float32, np.float16, np.float64]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_round_trip_property(layout: dict[str, tuple[int, ...]], dtype: type, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    state = {k: rng.normal(size=shape).astype(dtype) for k, shape in layout.items()}
+    back = from_array_record(to_array_record(state))
+    assert list(back) == list(state)
+    for key in state:
+        assert back[key].dtype == state[key].dtype and back[key].shape == state[key].shape
+        np.testing.assert_array_equal(back[key], state[key])
+
+
+NON_DEFAULT = FedPeftConfig(
+    model="/models/tiny", peft="lora", lora_r=3, lora_alpha=6, lora_dropout=0.25, lora_target_modules="q,v",
+    data="/data/x.csv.gz", text_column="body", label_column="stars", test_fraction=0.3, max_length=64,
+    partition="natural:hospital", clients=4, rounds=2, fraction=1.0, round_timeout=30.0, local_epochs=3,
+    max_local_steps=0, batch_size=4, lr=2e-4, weight_decay=0.01, eval_batch_size=8, client_cpus=1, seed=42,
+    out="runs/test",
+)
+
+
+def test_config_record_round_trip() -> None:
+    record = config_record(NON_DEFAULT)
+    assert isinstance(record, ConfigRecord)
+    assert config_from_record(record) == NON_DEFAULT
+    assert config_from_record(config_record(FedPeftConfig())) == FedPeftConfig()
+
+
+def test_config_record_extra_keys_kept_and_ignored_on_read() -> None:
+    record = config_record(NON_DEFAULT, **{"server-round": 3, "label-names": ["neg", "pos"]})
+    assert record["server-round"] == 3
+    assert list(record["label-names"]) == ["neg", "pos"]
+    assert record["fedpeft.lora_r"] == 3
+    assert config_from_record(record) == NON_DEFAULT
+
+
+def test_config_record_survives_serialization() -> None:
+    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+
+    content = RecordDict({CONFIG: config_record(NON_DEFAULT, **{"server-round": 1})})
+    decoded = recorddict_from_proto(recorddict_to_proto(content))
+    assert config_from_record(decoded.config_records[CONFIG]) == NON_DEFAULT
+
+
+def test_config_from_record_rejects_unknown_prefixed_key() -> None:
+    from fedpeft.errors import FedPeftError
+
+    record = dict(config_record(FedPeftConfig()))
+    record["fedpeft.roundz"] = 3
+    with pytest.raises(FedPeftError, match="roundz"):
+        config_from_record(record)
+
+
+def test_record_nbytes_grows_with_payload() -> None:
+    sizes = [record_nbytes(RecordDict({ARRAYS: to_array_record({"x": np.zeros(n, np.float32)})}))
+             for n in (0, 10, 1_000, 10_000)]
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
+    assert sizes[3] - sizes[2] >= 9_000 * 4
+
+
+def test_record_nbytes_close_to_raw_payload() -> None:
+    state = {f"layer{i}.lora_A.weight": np.random.default_rng(i).normal(size=(8, 1250)).astype(np.float32)
+             for i in range(7)}
+    state["head.weight"] = np.ones((2, 1250), np.float32)
+    raw = sum(v.nbytes for v in state.values())
+    assert 250_000 < raw < 350_000  # about 300 KB
+    content = RecordDict({ARRAYS: to_array_record(state), METRICS: MetricRecord({"num-examples": 10})})
+    size = record_nbytes(content)
+    assert raw <= size < raw * 1.05 + 2048
+
+
+def test_record_nbytes_counts_every_record() -> None:
+    arrays = RecordDict({ARRAYS: to_array_record(_state())})
+    both = RecordDict({ARRAYS: to_array_record(_state()), CONFIG: config_record(NON_DEFAULT)})
+    assert record_nbytes(both) > record_nbytes(arrays) > 0
+    assert record_nbytes(RecordDict({})) == 0

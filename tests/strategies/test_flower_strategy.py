@@ -1,0 +1,297 @@
+"""FedPeftStrategy driven without a Grid: outgoing messages from configure_train, hand-built replies."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+
+from fedpeft.wire import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, from_array_record, record_nbytes, to_array_record
+from strategies.fedavg import weighted_average
+from strategies.flower import FedPeftStrategy, RoundTraffic
+from strategies.sampling import sample_sites
+
+NODES = {1000 + 37 * i: f"partition-{i:05d}" for i in range(10)}  # node id -> site key
+
+
+@pytest.fixture(autouse=True)
+def _server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower stamps instruction messages with the running task's identity; a ServerApp sets it."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 77)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+
+
+class _NoGrid:
+    """configure_train must not touch the grid."""
+
+    def __getattr__(self, name: str) -> None:
+        raise AssertionError(f"configure_train used grid.{name}")
+
+
+def _global_state() -> dict[str, np.ndarray]:
+    return {"a.lora_A.weight": np.zeros((2, 4), np.float32), "head.weight": np.zeros((3, 4), np.float32)}
+
+
+def _strategy(fraction: float = 1.0, seed: int = 0, sites: dict[int, str] | None = None) -> FedPeftStrategy:
+    return FedPeftStrategy(aggregator="fedavg", sites=NODES if sites is None else sites, fraction=fraction, seed=seed)
+
+
+def _configure(strategy: FedPeftStrategy, server_round: int = 1) -> list[Message]:
+    return list(strategy.configure_train(server_round, to_array_record(_global_state()),
+                                         ConfigRecord({"lr": 0.1, "label-names": ["a", "b"]}), _NoGrid()))
+
+
+def _client_state(site: str) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(int(site.split("-")[1]))
+    # magnitudes far apart, so a different summation order would change float32 results
+    return {"a.lora_A.weight": (rng.normal(size=(2, 4)) * 10.0 ** rng.integers(-4, 5)).astype(np.float32),
+            "head.weight": rng.normal(size=(3, 4)).astype(np.float32)}
+
+
+def _reply(out: Message, *, num_examples: int | None = None, loss: float | None = None) -> Message:
+    site = NODES[out.metadata.dst_node_id]
+    pid = int(site.split("-")[1])
+    metrics = MetricRecord({NUM_EXAMPLES: num_examples if num_examples is not None else 10 + 7 * pid,
+                            "train-loss": loss if loss is not None else 0.1 * (pid + 1), "steps": 3})
+    return Message(RecordDict({ARRAYS: to_array_record(_client_state(site)), METRICS: metrics}), reply_to=out)
+
+
+def test_reply_carries_the_site_node_as_source() -> None:
+    out = _configure(_strategy())[0]
+    reply = _reply(out)
+    assert reply.metadata.src_node_id == out.metadata.dst_node_id
+    assert Message(Error(code=0, reason="x"), reply_to=out).metadata.src_node_id == out.metadata.dst_node_id
+
+
+# --- configure_train ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("fraction", "count"), [(0.3, 3), (0.5, 5), (0.05, 1), (1.0, 10)])
+def test_sampling_respects_fraction(fraction: float, count: int) -> None:
+    messages = _configure(_strategy(fraction=fraction, seed=3), server_round=2)
+    chosen = [NODES[m.metadata.dst_node_id] for m in messages]
+    assert len(chosen) == count == len(set(chosen))
+    assert chosen == sample_sites(list(NODES.values()), fraction, seed=3, server_round=2)
+
+
+def test_sampling_follows_seed_and_round() -> None:
+    def chosen(seed: int, rnd: int) -> tuple[int, ...]:
+        return tuple(m.metadata.dst_node_id for m in _configure(_strategy(fraction=0.3, seed=seed), rnd))
+
+    assert chosen(1, 1) == chosen(1, 1)
+    assert len({chosen(1, r) for r in range(1, 9)}) > 1
+    assert len({chosen(s, 1) for s in range(8)}) > 1
+
+
+def test_sampling_independent_of_node_ids() -> None:
+    """Node ids are random in simulation; the sample depends only on the site keys."""
+    renumbered = {node * 7 + 1: site for node, site in reversed(list(NODES.items()))}
+    a = [NODES[m.metadata.dst_node_id] for m in _configure(_strategy(fraction=0.4, seed=5, sites=NODES))]
+    b = [renumbered[m.metadata.dst_node_id]
+         for m in _configure(_strategy(fraction=0.4, seed=5, sites=renumbered))]
+    assert a == b
+
+
+def test_outgoing_messages_carry_arrays_config_and_round() -> None:
+    strategy = _strategy(fraction=0.5)
+    messages = _configure(strategy, server_round=4)
+    for msg in messages:
+        assert msg.metadata.message_type == MessageType.TRAIN
+        assert msg.metadata.dst_node_id in NODES
+        config = msg.content.config_records[CONFIG]
+        assert config["server-round"] == 4
+        assert config["lr"] == 0.1
+        arrays = from_array_record(msg.content.array_records[ARRAYS])
+        assert list(arrays) == list(_global_state())
+        for key, value in _global_state().items():
+            np.testing.assert_array_equal(arrays[key], value)
+
+
+def test_bytes_sent_recorded_per_sampled_site() -> None:
+    strategy = _strategy(fraction=0.5)
+    messages = _configure(strategy, server_round=1)
+    traffic = strategy.traffic[1]
+    assert isinstance(traffic, RoundTraffic)
+    assert set(traffic.sent) == {NODES[m.metadata.dst_node_id] for m in messages}
+    for msg in messages:
+        size = traffic.sent[NODES[msg.metadata.dst_node_id]]
+        assert size == record_nbytes(msg.content)
+        assert size > sum(v.nbytes for v in _global_state().values())
+
+
+# --- aggregate_train ----------------------------------------------------------------------------
+
+def _expected(sites: list[str], weights: list[float]) -> dict[str, np.ndarray]:
+    return weighted_average([_client_state(s) for s in sorted(sites)],
+                            [w for _, w in sorted(zip(sites, weights, strict=True))])
+
+
+@pytest.mark.parametrize("shuffle_seed", [0, 1, 2, 3])
+def test_aggregate_equals_weighted_average_in_site_order(shuffle_seed: int) -> None:
+    strategy = _strategy(fraction=0.6, seed=2)
+    messages = _configure(strategy)
+    replies = [_reply(m) for m in messages]
+    random.Random(shuffle_seed).shuffle(replies)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert isinstance(arrays, ArrayRecord) and isinstance(metrics, MetricRecord)
+    sites = [NODES[m.metadata.dst_node_id] for m in messages]
+    weights = [10 + 7 * int(s.split("-")[1]) for s in sites]
+    got, want = from_array_record(arrays), _expected(sites, weights)
+    assert list(got) == list(want)
+    for key in want:
+        assert got[key].dtype == np.float32
+        np.testing.assert_array_equal(got[key], want[key])
+    assert metrics["clients"] == len(sites)
+    losses = [0.1 * (int(s.split("-")[1]) + 1) for s in sites]
+    assert metrics["train-loss"] == pytest.approx(np.average(losses, weights=weights))
+
+
+def test_aggregate_is_bitwise_independent_of_reply_order() -> None:
+    strategy = _strategy(fraction=1.0)
+    messages = _configure(strategy)
+    results = []
+    for seed in range(5):
+        replies = [_reply(m) for m in messages]
+        random.Random(seed).shuffle(replies)
+        arrays, _ = strategy.aggregate_train(1, replies)
+        results.append(from_array_record(arrays))
+    for other in results[1:]:
+        for key in results[0]:
+            assert results[0][key].tobytes() == other[key].tobytes()
+
+
+@pytest.mark.parametrize("shuffle_seed", [0, 1, 2])
+def test_aggregator_receives_states_and_weights_in_site_order(shuffle_seed: int) -> None:
+    strategy = _strategy(fraction=0.7, seed=1)
+    calls: list[tuple[list[dict[str, np.ndarray]], list[float]]] = []
+
+    def recorder(states: list[dict[str, np.ndarray]], weights: list[float]) -> tuple[dict, dict]:
+        calls.append((list(states), list(weights)))
+        return dict(states[0]), {"extra-metric": 1.5}
+
+    strategy.aggregate_fn = recorder
+    messages = _configure(strategy)
+    replies = [_reply(m) for m in messages]
+    random.Random(shuffle_seed).shuffle(replies)
+    _, metrics = strategy.aggregate_train(1, replies)
+    sites = sorted(NODES[m.metadata.dst_node_id] for m in messages)
+    (states, weights), = calls
+    assert weights == [float(10 + 7 * int(s.split("-")[1])) for s in sites]
+    for site, state in zip(sites, states, strict=True):
+        for key, value in _client_state(site).items():
+            np.testing.assert_array_equal(state[key], value)
+    assert metrics["extra-metric"] == 1.5  # aggregator metrics are passed through
+
+
+def test_client_metrics_recorded_per_site() -> None:
+    strategy = _strategy(fraction=0.3)
+    messages = _configure(strategy)
+    strategy.aggregate_train(1, [_reply(m) for m in messages])
+    traffic = strategy.traffic[1]
+    for msg in messages:
+        site = NODES[msg.metadata.dst_node_id]
+        pid = int(site.split("-")[1])
+        expected = {NUM_EXAMPLES: 10 + 7 * pid, "train-loss": pytest.approx(0.1 * (pid + 1)), "steps": 3.0}
+        assert traffic.client_metrics[site] == expected
+
+
+def test_bytes_received_recorded_per_site_and_positive() -> None:
+    strategy = _strategy(fraction=0.5)
+    messages = _configure(strategy)
+    replies = [_reply(m) for m in messages]
+    strategy.aggregate_train(1, replies)
+    traffic = strategy.traffic[1]
+    assert set(traffic.received) == set(traffic.sent) == {NODES[m.metadata.dst_node_id] for m in messages}
+    for reply in replies:
+        size = traffic.received[NODES[reply.metadata.src_node_id]]
+        assert size == record_nbytes(reply.content) > 0
+        raw = sum(v.nbytes for v in _client_state(NODES[reply.metadata.src_node_id]).values())
+        assert size > raw
+
+
+def test_error_replies_recorded_and_excluded() -> None:
+    strategy = _strategy(fraction=1.0)
+    messages = _configure(strategy)
+    failed = {messages[1].metadata.dst_node_id, messages[4].metadata.dst_node_id}
+    replies = [Message(Error(code=0, reason=f"boom {m.metadata.dst_node_id}"), reply_to=m)
+               if m.metadata.dst_node_id in failed else _reply(m) for m in messages]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    traffic = strategy.traffic[1]
+    assert traffic.failures == {NODES[n]: f"boom {n}" for n in failed}
+    assert not set(traffic.received) & set(traffic.failures)
+    assert not set(traffic.client_metrics) & set(traffic.failures)
+    ok = [NODES[m.metadata.dst_node_id] for m in messages if m.metadata.dst_node_id not in failed]
+    want = _expected(ok, [10 + 7 * int(s.split("-")[1]) for s in ok])
+    got = from_array_record(arrays)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+    assert metrics["clients"] == len(ok)
+
+
+def test_reply_without_arrays_or_metrics_is_a_failure() -> None:
+    strategy = _strategy(fraction=1.0)
+    messages = _configure(strategy)
+    no_arrays = Message(RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: 5})}), reply_to=messages[0])
+    no_metrics = Message(RecordDict({ARRAYS: to_array_record(_client_state(NODES[messages[1].metadata.dst_node_id]))}),
+                         reply_to=messages[1])
+    good = [_reply(m) for m in messages[2:]]
+    arrays, metrics = strategy.aggregate_train(1, [no_arrays, *good, no_metrics])
+    failures = strategy.traffic[1].failures
+    assert set(failures) == {NODES[messages[0].metadata.dst_node_id], NODES[messages[1].metadata.dst_node_id]}
+    assert all("lacks" in reason for reason in failures.values())
+    assert metrics["clients"] == len(good)
+    ok = [NODES[m.metadata.dst_node_id] for m in messages[2:]]
+    want = _expected(ok, [10 + 7 * int(s.split("-")[1]) for s in ok])
+    for key, value in from_array_record(arrays).items():
+        np.testing.assert_array_equal(value, want[key])
+
+
+def test_all_failed_returns_none() -> None:
+    strategy = _strategy(fraction=0.5)
+    messages = _configure(strategy)
+    replies = [Message(Error(code=1, reason="down"), reply_to=m) for m in messages]
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    assert set(strategy.traffic[1].failures) == {NODES[m.metadata.dst_node_id] for m in messages}
+    assert strategy.traffic[1].received == {}
+
+
+def test_no_replies_returns_none() -> None:
+    strategy = _strategy()
+    _configure(strategy)
+    assert strategy.aggregate_train(1, []) == (None, None)
+
+
+def test_unknown_source_node_named_by_id() -> None:
+    strategy = _strategy(fraction=1.0)
+    stranger = Message(RecordDict({}), dst_node_id=424242, message_type=MessageType.TRAIN)
+    reply = Message(Error(code=0, reason="who am I"), reply_to=stranger)
+    assert strategy.aggregate_train(1, [reply]) == (None, None)
+    assert strategy.traffic[1].failures == {"node-424242": "who am I"}
+
+
+def test_rounds_keep_separate_traffic() -> None:
+    strategy = _strategy(fraction=0.3)
+    first = _configure(strategy, server_round=1)
+    second = _configure(strategy, server_round=2)
+    strategy.aggregate_train(2, [_reply(m) for m in second])
+    assert set(strategy.traffic[1].sent) == {NODES[m.metadata.dst_node_id] for m in first}
+    assert strategy.traffic[1].received == {}
+    assert set(strategy.traffic[2].received) == {NODES[m.metadata.dst_node_id] for m in second}
+
+
+def test_unknown_aggregator_rejected() -> None:
+    from fedpeft.errors import FedPeftError
+
+    with pytest.raises(FedPeftError, match="unknown strategy 'fedfoo'.*fedavg"):
+        FedPeftStrategy(aggregator="fedfoo", sites=NODES, fraction=0.5, seed=0)
+
+
+def test_evaluation_is_server_side() -> None:
+    strategy = _strategy()
+    assert list(strategy.configure_evaluate(1, to_array_record(_global_state()), ConfigRecord({}), _NoGrid())) == []
+    assert strategy.aggregate_evaluate(1, []) is None

@@ -1,0 +1,78 @@
+"""Bad input to ``fedpeft simulate`` gives a one-line error naming the problem, exit 2, no traceback.
+
+Every case here is caught before any simulation process starts.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedpeft.cli.main import main
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = main(["simulate", *args])
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--data", "/no/such/file.jsonl"], "data file not found: /no/such/file.jsonl"),
+        (["--text-column", "review"], "text column 'review' not in"),
+        (["--label-column", "sentiment"], "label column 'sentiment' not in"),
+        (["--partition", "by-hospital"], "unknown partition spec 'by-hospital'"),
+        (["--partition", "dirichlet:-2"], "dirichlet needs a positive alpha"),
+        (["--partition", "natural:site"], "partition column 'site' not in the data"),
+        (["--clients", "1000"], "1000 clients but only 360 training examples"),
+        (["--partition", "natural:movie", "--clients", "3"], "pass --clients"),
+        (["--fraction", "1.5"], "fraction must be in (0, 1]"),
+        (["--rounds", "0"], "rounds must be >= 1"),
+        (["--strategy", "fedmagic"], "unknown strategy 'fedmagic'; known: fedavg"),
+        (["--peft", "prefix"], "unknown PEFT method 'prefix'; known: lora"),
+        (["--model", "./no-such-model"], "model path not found: ./no-such-model"),
+        (["--client-cpus", "4096"], "client_cpus 4096 exceeds"),
+    ],
+)
+def test_bad_input_is_one_line(capsys: pytest.CaptureFixture[str], small_data: Path, tmp_path: Path,
+                               args: list[str], expected: str) -> None:
+    if "--data" not in args:
+        args = ["--data", str(small_data), *args]
+    code, err = run_cli(capsys, *args, "--out", str(tmp_path / "run"))
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("fedpeft: error: ")
+    assert expected in err
+    assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_single_class_labels(capsys: pytest.CaptureFixture[str], one_class_data: Path, tmp_path: Path) -> None:
+    code, err = run_cli(capsys, "--data", str(one_class_data), "--out", str(tmp_path / "run"))
+    assert code == 2 and "needs at least 2 classes, found one (good)" in err
+
+
+def test_existing_run_dir_is_not_overwritten(capsys: pytest.CaptureFixture[str], small_data: Path, tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    code, err = run_cli(capsys, "--data", str(small_data), "--out", str(tmp_path))
+    assert code == 2 and "already holds a run" in err
+    assert (tmp_path / "metrics.jsonl").read_text() == "{}\n"
+
+
+@pytest.mark.parametrize("args", [["simulate", "--no-such-flag"], ["simulate", "--rounds", "three"], ["launch"]])
+def test_wrong_flags_print_usage_not_traceback(args: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "fedpeft.cli.main", *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "usage: fedpeft" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_lists_the_main_flags() -> None:
+    proc = subprocess.run([sys.executable, "-m", "fedpeft.cli.main", "simulate", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0
+    for flag in ("--clients", "--rounds", "--fraction", "--local-epochs", "--batch-size", "--lr", "--data",
+                 "--text-column", "--label-column", "--partition", "--seed", "--out"):
+        assert flag in proc.stdout
