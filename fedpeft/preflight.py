@@ -16,14 +16,13 @@ from fedpeft.models import resolve_model_path
 def check_run(cfg: FedPeftConfig, *, clients_given: bool = True) -> FedPeftConfig:
     """Validate everything a run needs; return the config with derived values filled in.
 
+    The strategy name is checked by the server (``server.simulate``), which owns the strategies.
     With ``natural:<column>`` and no explicit client count, the count becomes the number of distinct
     values of the column.
     """
     from fedpeft.adapters import PEFT_METHODS
-    from strategies import AGGREGATORS
 
     PEFT_METHODS.get(cfg.peft)
-    AGGREGATORS.get(cfg.strategy)
     spec = parse_partition_spec(cfg.partition)
     path = resolve_model_path(cfg.model)
     if Path(path).is_dir() is False and not _hub_cached(path):

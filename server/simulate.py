@@ -10,8 +10,16 @@ from typing import Any
 from fedpeft.config import FedPeftConfig
 
 
+def validate(cfg: FedPeftConfig) -> None:
+    """Server-side checks that must fail in one line before any process starts."""
+    from strategies import AGGREGATORS
+
+    AGGREGATORS.get(cfg.strategy)
+
+
 def simulate(cfg: FedPeftConfig, *, verbose: bool = False) -> None:
     """Run ``cfg`` with ``cfg.clients`` simulated SuperNodes; re-raise the server's error if any."""
+    validate(cfg)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -47,9 +47,11 @@ def _simulate(args: argparse.Namespace) -> int:
     if not cfg.out:
         cfg = dataclasses.replace(cfg, out=time.strftime("runs/%Y%m%d-%H%M%S", time.gmtime()))
     cfg = check_run(cfg, clients_given="clients" in given)
-    print(f"fedpeft: {cfg.clients} clients, {cfg.rounds} rounds, partition {cfg.partition}, writing {cfg.out}")
 
-    from server.simulate import simulate
+    from server.simulate import simulate, validate
+
+    validate(cfg)
+    print(f"fedpeft: {cfg.clients} clients, {cfg.rounds} rounds, partition {cfg.partition}, writing {cfg.out}")
 
     simulate(cfg, verbose=args.verbose)
     lines = (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()
