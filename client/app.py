@@ -30,10 +30,16 @@ def site_identity(context: Context, fallback_partitions: int) -> tuple[int, int,
 
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
-    """Tell the server which site this node is and how much data it holds."""
-    cfg = config_from_record(msg.content[CONFIG])
+    """Tell the server which site this node is and how much data it holds.
+
+    Also loads the model and tokenizes this site's data, so that the first round does not wait for it.
+    """
+    config = msg.content[CONFIG]
+    cfg = config_from_record(config)
     pid, num, key = site_identity(context, cfg.clients)
     n = len(site.client_partition(cfg, pid, num))
+    site.peft_model(cfg, num_labels=len(list(config["label-names"])))
+    site.encoded_partition(cfg, pid, num)
     metrics = MetricRecord({"partition-id": pid, "num-partitions": num, NUM_EXAMPLES: n})
     return Message(RecordDict({METRICS: metrics, CONFIG: ConfigRecord({"site": key})}), reply_to=msg)
 

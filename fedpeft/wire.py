@@ -32,11 +32,15 @@ def from_array_record(record: Any) -> dict[str, np.ndarray]:
     return {key: array.numpy() for key, array in record.items()}
 
 
+# Settings only the coordinator uses; never sent to sites (``out`` is a path on the coordinator).
+SERVER_ONLY = frozenset({"out"})
+
+
 def config_record(cfg: FedPeftConfig, **extra: Any) -> Any:
-    """The run config (plus ``extra`` keys such as the round) as a ConfigRecord."""
+    """The run config (minus :data:`SERVER_ONLY` fields, plus ``extra`` keys) as a ConfigRecord."""
     from flwr.app import ConfigRecord
 
-    values: dict[str, Any] = {f"fedpeft.{k}": v for k, v in cfg.to_dict().items()}
+    values: dict[str, Any] = {f"fedpeft.{k}": v for k, v in cfg.to_dict().items() if k not in SERVER_ONLY}
     values.update(extra)
     return ConfigRecord(values)
 

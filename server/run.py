@@ -34,8 +34,13 @@ logger = logging.getLogger(__name__)
 RoundCallback = Callable[[Mapping[str, Any], float], None]
 
 
-def discover_sites(grid: Any, cfg: FedPeftConfig, *, expected: int, timeout: float = 120.0) -> dict[int, str]:
-    """Wait for ``expected`` nodes, ask each which site it is; return node id → site key."""
+def start_discovery(grid: Any, cfg: FedPeftConfig, *, expected: int, label_names: list[str],
+                    timeout: float = 120.0) -> list[str]:
+    """Wait for ``expected`` nodes and send each a query; return the message ids to collect later.
+
+    The query also makes each client process load its model and tokenize its data, so pushing it
+    before the server loads its own model lets the two start-ups overlap.
+    """
     deadline = time.monotonic() + timeout
     nodes = list(grid.get_node_ids())
     while len(nodes) < expected and time.monotonic() < deadline:
@@ -43,10 +48,25 @@ def discover_sites(grid: Any, cfg: FedPeftConfig, *, expected: int, timeout: flo
         nodes = list(grid.get_node_ids())
     if len(nodes) < expected:
         raise FedPeftError(f"only {len(nodes)} of {expected} clients connected within {timeout:.0f} s")
-    content = RecordDict({CONFIG: config_record(cfg)})
-    queries = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in sorted(nodes)]
+    content = RecordDict({CONFIG: config_record(cfg, **{"label-names": label_names})})
+    return list(grid.push_messages(
+        Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in sorted(nodes)))
+
+
+def finish_discovery(grid: Any, message_ids: list[str], *, timeout: float) -> dict[int, str]:
+    """Collect the query replies; return node id → site key."""
+    pending, replies = set(message_ids), []
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if pending:
+            time.sleep(0.05)
+    if pending:
+        raise FedPeftError(f"{len(pending)} clients did not answer the start-up query within {timeout:.0f} s")
     sites: dict[int, str] = {}
-    for reply in grid.send_and_receive(queries, timeout=cfg.round_timeout):
+    for reply in replies:
         if reply.has_error():
             raise FedPeftError(f"client {reply.metadata.src_node_id} could not start: {reply.error.reason}")
         sites[reply.metadata.src_node_id] = str(reply.content[CONFIG]["site"])
@@ -71,25 +91,28 @@ def run_federation(grid: Any, cfg: FedPeftConfig, *, on_round: RoundCallback | N
 
     train, _ = site.load_split(cfg)
     label_names = list(train.label_names)
+    # Clients start up (imports, model, data) while the server loads its own copy and evaluates round 0.
+    queries = start_discovery(grid, cfg, expected=cfg.clients, label_names=label_names)
     model = site.peft_model(cfg, num_labels=len(label_names))
     state = adapter_state(model)  # the seeded initial adapter every client starts from
     test = site.encoded_test(cfg)
     base_config = config_record(cfg, **{"label-names": label_names})
 
-    sites = discover_sites(grid, cfg, expected=cfg.clients)
-    strategy = FedPeftStrategy(aggregator=cfg.strategy, sites=sites, fraction=cfg.fraction, seed=cfg.seed)
-    strategy.summary()
-
     def record_round(rnd: int, extra: Mapping[str, Any], started: float) -> dict[str, Any]:
         load_adapter_state(model, state)
         ev = evaluate(model, test, batch_size=cfg.eval_batch_size)
-        record = {"round": rnd, "accuracy": ev["accuracy"], "loss": ev["loss"], "adapter_bytes": adapter_nbytes(state), **extra}
+        record = {"round": rnd, "accuracy": ev["accuracy"], "loss": ev["loss"], "adapter_bytes": adapter_nbytes(state),
+                  **extra}
         append_jsonl(metrics_path, record)
         if on_round is not None:
             on_round(record, time.monotonic() - started)
         return record
 
     record = record_round(0, {"clients": 0, "bytes_up": 0, "bytes_down": 0}, time.monotonic())
+    sites = finish_discovery(grid, queries, timeout=cfg.round_timeout)
+    strategy = FedPeftStrategy(aggregator=cfg.strategy, sites=sites, fraction=cfg.fraction, seed=cfg.seed)
+    strategy.summary()
+
     for rnd in range(1, cfg.rounds + 1):
         started = time.monotonic()
         messages = strategy.configure_train(rnd, to_array_record(state), base_config, grid)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -105,11 +107,16 @@ NON_DEFAULT = FedPeftConfig(
 )
 
 
+# Server-only fields (the run directory) are not sent; sites see them at their defaults.
+AS_SITES_SEE_IT = dataclasses.replace(NON_DEFAULT, out="")
+
+
 def test_config_record_round_trip() -> None:
     record = config_record(NON_DEFAULT)
     assert isinstance(record, ConfigRecord)
-    assert config_from_record(record) == NON_DEFAULT
+    assert config_from_record(record) == AS_SITES_SEE_IT
     assert config_from_record(config_record(FedPeftConfig())) == FedPeftConfig()
+    assert not any(key.endswith(".out") for key in record)  # the coordinator's paths stay home
 
 
 def test_config_record_extra_keys_kept_and_ignored_on_read() -> None:
@@ -117,7 +124,7 @@ def test_config_record_extra_keys_kept_and_ignored_on_read() -> None:
     assert record["server-round"] == 3
     assert list(record["label-names"]) == ["neg", "pos"]
     assert record["fedpeft.lora_r"] == 3
-    assert config_from_record(record) == NON_DEFAULT
+    assert config_from_record(record) == AS_SITES_SEE_IT
 
 
 def test_config_record_survives_serialization() -> None:
@@ -125,7 +132,7 @@ def test_config_record_survives_serialization() -> None:
 
     content = RecordDict({CONFIG: config_record(NON_DEFAULT, **{"server-round": 1})})
     decoded = recorddict_from_proto(recorddict_to_proto(content))
-    assert config_from_record(decoded.config_records[CONFIG]) == NON_DEFAULT
+    assert config_from_record(decoded.config_records[CONFIG]) == AS_SITES_SEE_IT
 
 
 def test_config_from_record_rejects_unknown_prefixed_key() -> None:
