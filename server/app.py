@@ -30,7 +30,7 @@ def make_server_app(cfg: FedPeftConfig | None = None, *, on_error: Callable[[Bas
         run_cfg = cfg if cfg is not None else default_out(FedPeftConfig.from_mapping(context.run_config))
         try:
             with RoundReporter(run_cfg.rounds) as reporter:
-                run_federation(grid, run_cfg, on_round=reporter)
+                run_federation(grid, run_cfg, on_round=reporter, clients_from_federation=cfg is None)
         except BaseException as err:  # handed to the CLI, which prints one line
             if on_error is None:
                 raise

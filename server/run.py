@@ -9,6 +9,7 @@ configured strategy, evaluate the new global adapter on the held-out split, appe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -34,13 +35,8 @@ logger = logging.getLogger(__name__)
 RoundCallback = Callable[[Mapping[str, Any], float], None]
 
 
-def start_discovery(grid: Any, cfg: FedPeftConfig, *, expected: int, label_names: list[str],
-                    timeout: float = 120.0) -> list[str]:
-    """Wait for ``expected`` nodes and send each a query; return the message ids to collect later.
-
-    The query also makes each client process load its model and tokenize its data, so pushing it
-    before the server loads its own model lets the two start-ups overlap.
-    """
+def wait_for_nodes(grid: Any, expected: int, *, timeout: float = 120.0) -> list[int]:
+    """The connected node ids, once at least ``expected`` are there."""
     deadline = time.monotonic() + timeout
     nodes = list(grid.get_node_ids())
     while len(nodes) < expected and time.monotonic() < deadline:
@@ -48,9 +44,18 @@ def start_discovery(grid: Any, cfg: FedPeftConfig, *, expected: int, label_names
         nodes = list(grid.get_node_ids())
     if len(nodes) < expected:
         raise FedPeftError(f"only {len(nodes)} of {expected} clients connected within {timeout:.0f} s")
+    return sorted(nodes)
+
+
+def start_discovery(grid: Any, cfg: FedPeftConfig, nodes: list[int], *, label_names: list[str]) -> list[str]:
+    """Send each node a query; return the message ids to collect later.
+
+    The query also makes each client process load its model and tokenize its data, so pushing it
+    before the server loads its own model lets the two start-ups overlap.
+    """
     content = RecordDict({CONFIG: config_record(cfg, **{"label-names": label_names})})
     return list(grid.push_messages(
-        Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in sorted(nodes)))
+        Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes))
 
 
 def finish_discovery(grid: Any, message_ids: list[str], *, timeout: float) -> dict[int, str]:
@@ -80,8 +85,16 @@ def adapter_nbytes(state: Mapping[str, np.ndarray]) -> int:
     return int(sum(v.nbytes for v in state.values()))
 
 
-def run_federation(grid: Any, cfg: FedPeftConfig, *, on_round: RoundCallback | None = None) -> dict[str, Any]:
-    """Run ``cfg.rounds`` rounds against the clients behind ``grid``; return the final record."""
+def run_federation(grid: Any, cfg: FedPeftConfig, *, on_round: RoundCallback | None = None,
+                   clients_from_federation: bool = False) -> dict[str, Any]:
+    """Run ``cfg.rounds`` rounds against the clients behind ``grid``; return the final record.
+
+    With ``clients_from_federation`` (``flwr run``), the clients are the nodes the federation has
+    connected (its ``num-supernodes``), and ``cfg.clients`` is set to their number.
+    """
+    nodes = wait_for_nodes(grid, 1 if clients_from_federation else cfg.clients)
+    if clients_from_federation:
+        cfg = dataclasses.replace(cfg, clients=len(nodes))
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
@@ -92,7 +105,7 @@ def run_federation(grid: Any, cfg: FedPeftConfig, *, on_round: RoundCallback | N
     train, _ = site.load_split(cfg)
     label_names = list(train.label_names)
     # Clients start up (imports, model, data) while the server loads its own copy and evaluates round 0.
-    queries = start_discovery(grid, cfg, expected=cfg.clients, label_names=label_names)
+    queries = start_discovery(grid, cfg, nodes, label_names=label_names)
     model = site.peft_model(cfg, num_labels=len(label_names))
     state = adapter_state(model)  # the seeded initial adapter every client starts from
     test = site.encoded_test(cfg)

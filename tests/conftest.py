@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 from pathlib import Path
@@ -34,7 +33,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The first 400 rows of the bundled corpus as plain JSONL."""
     out = tmp_path_factory.mktemp("data") / "small.jsonl"
-    with gzip.open(DEFAULT_DATA, "rt", encoding="utf-8") as fh:
+    with open(DEFAULT_DATA, encoding="utf-8") as fh:
         rows = [json.loads(next(fh)) for _ in range(400)]
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out

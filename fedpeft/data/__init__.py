@@ -11,7 +11,7 @@ from pathlib import Path
 from fedpeft.data.loading import LabelledTable, load_labelled_table, split_test
 from fedpeft.data.partition import parse_partition_spec, partition_indices
 
-DEFAULT_DATA = Path(__file__).resolve().parent / "rotten_tomatoes.jsonl.gz"
+DEFAULT_DATA = Path(__file__).resolve().parent / "rotten_tomatoes.jsonl"
 
 __all__ = [
     "DEFAULT_DATA",
