@@ -65,8 +65,18 @@ REPO = Path(__file__).resolve().parent.parent
 RESULT_TAG = "OVERHEAD-BARE-RESULT "
 
 # FedPeftConfig fields exposed as options (and forwarded to both sides).
-KNOBS = ("clients", "rounds", "fraction", "max_local_steps", "batch_size", "seed", "local_epochs", "lr",
-         "partition", "client_cpus")
+KNOBS = (
+    "clients",
+    "rounds",
+    "fraction",
+    "max_local_steps",
+    "batch_size",
+    "seed",
+    "local_epochs",
+    "lr",
+    "partition",
+    "client_cpus",
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,9 +126,16 @@ def run_bare(cfg: Any, run_dir: Path) -> dict[str, Any]:
             pid = sites[key]
             load_adapter_state(model, state)  # the broadcast global adapter
             data = site.encoded_partition(cfg, pid, cfg.clients)
-            train_local(model, data, epochs=cfg.local_epochs, max_steps=cfg.max_local_steps,
-                        batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                        seed=site.derive_seed(cfg.seed, rnd, pid))
+            train_local(
+                model,
+                data,
+                epochs=cfg.local_epochs,
+                max_steps=cfg.max_local_steps,
+                batch_size=cfg.batch_size,
+                lr=cfg.lr,
+                weight_decay=cfg.weight_decay,
+                seed=site.derive_seed(cfg.seed, rnd, pid),
+            )
             states.append(adapter_state(model))
             weights.append(float(len(data)))  # the client's num-examples
         state = weighted_average(states, weights)
@@ -176,22 +193,32 @@ def _run_timed(cmd: list[str], what: str) -> tuple[float, subprocess.CompletedPr
     proc = subprocess.run(cmd, cwd=REPO, env=_child_env(), capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
-        sys.stderr.write(f"\n{what} run failed with exit status {proc.returncode}\n$ {' '.join(cmd)}\n"
-                         f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}\n")
+        sys.stderr.write(
+            f"\n{what} run failed with exit status {proc.returncode}\n$ {' '.join(cmd)}\n"
+            f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}\n"
+        )
         raise SystemExit(1)
     return seconds, proc
 
 
 def measure_bare(args: argparse.Namespace, run_dir: Path) -> tuple[float, dict[str, Any]]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--bare-worker", "--worker-dir", str(run_dir),
-           *_knob_flags(args)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--bare-worker",
+        "--worker-dir",
+        str(run_dir),
+        *_knob_flags(args),
+    ]
     seconds, proc = _run_timed(cmd, "bare")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
     if not lines:
-        sys.stderr.write(f"bare run printed no result line\n--- stdout ---\n{proc.stdout[-6000:]}\n"
-                         f"--- stderr ---\n{proc.stderr[-6000:]}\n")
+        sys.stderr.write(
+            f"bare run printed no result line\n--- stdout ---\n{proc.stdout[-6000:]}\n"
+            f"--- stderr ---\n{proc.stderr[-6000:]}\n"
+        )
         raise SystemExit(1)
-    return seconds, json.loads(lines[-1][len(RESULT_TAG):])
+    return seconds, json.loads(lines[-1][len(RESULT_TAG) :])
 
 
 def measure_federated(args: argparse.Namespace, run_dir: Path) -> tuple[float, dict[str, Any]]:
@@ -199,8 +226,10 @@ def measure_federated(args: argparse.Namespace, run_dir: Path) -> tuple[float, d
     seconds, proc = _run_timed(cmd, "federated")
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
-        sys.stderr.write(f"federated run wrote no {metrics}\n--- stdout ---\n{proc.stdout[-6000:]}\n"
-                         f"--- stderr ---\n{proc.stderr[-6000:]}\n")
+        sys.stderr.write(
+            f"federated run wrote no {metrics}\n--- stdout ---\n{proc.stdout[-6000:]}\n"
+            f"--- stderr ---\n{proc.stderr[-6000:]}\n"
+        )
         raise SystemExit(1)
     records = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
     if len(records) != args.rounds + 1:
@@ -213,15 +242,22 @@ def build_parser() -> argparse.ArgumentParser:
     from fedpeft.config import FedPeftConfig, field_help
 
     parser = argparse.ArgumentParser(
-        description="Wall time of `fedpeft simulate` divided by the same computation run bare in one process.")
+        description="Wall time of `fedpeft simulate` divided by the same computation run bare in one process."
+    )
     defaults, helps = FedPeftConfig(), field_help()
     for name in KNOBS:
         default = getattr(defaults, name)
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type(default), default=default,
-                            help=f"{helps[name]} (default: {default!r})")
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=type(default),
+            default=default,
+            help=f"{helps[name]} (default: {default!r})",
+        )
     parser.add_argument("--repeats", type=int, default=1, help="measurement pairs (default: 1)")
-    parser.add_argument("--out", default="", help="keep run directories under DIR (default: a temporary "
-                                                  "directory, removed at the end)")
+    parser.add_argument(
+        "--out", default="", help="keep run directories under DIR (default: a temporary directory, removed at the end)"
+    )
     parser.add_argument("--bare-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-dir", default="", help=argparse.SUPPRESS)
     return parser
@@ -243,8 +279,10 @@ def main() -> int:
     else:
         root = Path(tempfile.mkdtemp(prefix="fedpeft-overhead-"))
     settings = ", ".join(f"{k.replace('_', '-')}={getattr(args, k)}" for k in KNOBS)
-    print(f"overhead: {settings}; {args.repeats} repeat(s); {os.cpu_count()} CPUs; python {sys.version.split()[0]}",
-          flush=True)
+    print(
+        f"overhead: {settings}; {args.repeats} repeat(s); {os.cpu_count()} CPUs; python {sys.version.split()[0]}",
+        flush=True,
+    )
     rows: list[tuple[int, float, float, str]] = []
     bare_res: dict[str, Any] = {}
     fed_res: dict[str, Any] = {}
@@ -275,9 +313,11 @@ def main() -> int:
         print(f"{rep:>6}  {bare_s:>9.2f}  {fed_s:>11.2f}  {fed_s / bare_s:>6.3f}  {order}")
     median = statistics.median(ratios)
     print(f"median ratio federated/bare: {median:.3f} (target <= 1.10: {'met' if median <= 1.10 else 'NOT met'})")
-    print(f"bare in-process breakdown (last repeat): setup {bare_res['setup_s']:.2f} s, "
-          f"training+aggregation {bare_res['train_s']:.2f} s, evaluation {bare_res['eval_s']:.2f} s; "
-          f"flwr imported: {bare_res['flower_imported']}, ray imported: {bare_res['ray_imported']}")
+    print(
+        f"bare in-process breakdown (last repeat): setup {bare_res['setup_s']:.2f} s, "
+        f"training+aggregation {bare_res['train_s']:.2f} s, evaluation {bare_res['eval_s']:.2f} s; "
+        f"flwr imported: {bare_res['flower_imported']}, ray imported: {bare_res['ray_imported']}"
+    )
     fa, ba = fed_res["final_accuracy"], bare_res["final_accuracy"]
     print(f"final accuracy: federated {fa:.6f}, bare {ba:.6f}, difference {fa - ba:+.6f}")
     print("per-round accuracy federated: " + " ".join(f"{a:.4f}" for a in fed_res["accuracies"]))

@@ -58,13 +58,21 @@ def train(msg: Message, context: Context) -> Message:
     load_adapter_state(model, from_array_record(msg.content[ARRAYS]))
     data = site.encoded_partition(cfg, pid, num)
     result = train_local(
-        model, data, epochs=cfg.local_epochs, max_steps=cfg.max_local_steps, batch_size=cfg.batch_size,
-        lr=cfg.lr, weight_decay=cfg.weight_decay, seed=site.derive_seed(cfg.seed, server_round, pid),
+        model,
+        data,
+        epochs=cfg.local_epochs,
+        max_steps=cfg.max_local_steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        seed=site.derive_seed(cfg.seed, server_round, pid),
     )
-    metrics = MetricRecord({
-        NUM_EXAMPLES: len(data),
-        "train-loss": result["train_loss"],
-        "steps": result["steps"],
-        "examples-seen": result["examples_seen"],
-    })
+    metrics = MetricRecord(
+        {
+            NUM_EXAMPLES: len(data),
+            "train-loss": result["train_loss"],
+            "steps": result["steps"],
+            "examples-seen": result["examples_seen"],
+        }
+    )
     return Message(RecordDict({ARRAYS: to_array_record(adapter_state(model)), METRICS: metrics}), reply_to=msg)

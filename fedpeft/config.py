@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,8 +60,18 @@ class FedPeftConfig:
     out: str = _f("", "run directory; empty: runs/<timestamp>")
 
     def __post_init__(self) -> None:
-        _positive(self, "lora_r", "lora_alpha", "max_length", "clients", "rounds", "local_epochs",
-                  "batch_size", "eval_batch_size", "client_cpus")
+        _positive(
+            self,
+            "lora_r",
+            "lora_alpha",
+            "max_length",
+            "clients",
+            "rounds",
+            "local_epochs",
+            "batch_size",
+            "eval_batch_size",
+            "client_cpus",
+        )
         _in_range(self, "lora_dropout", 0.0, 1.0, lo_open=False, hi_open=True)
         _in_range(self, "test_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
         _in_range(self, "fraction", 0.0, 1.0, lo_open=True, hi_open=False)
@@ -93,6 +104,12 @@ class FedPeftConfig:
                 raise FedPeftError(f"unknown config key {key!r}; known: {', '.join(sorted(known))}")
             kwargs[name] = _coerce(name, value, type(known[name].default))
         return cls(**kwargs)
+
+    def with_default_out(self) -> FedPeftConfig:
+        """This config, with an empty ``out`` filled as ``runs/<UTC timestamp>``."""
+        if self.out:
+            return self
+        return dataclasses.replace(self, out=time.strftime("runs/%Y%m%d-%H%M%S", time.gmtime()))
 
     def to_dict(self) -> dict[str, Any]:
         """A flat snake-case dict of every field (JSON- and Flower-ConfigRecord-safe)."""

@@ -33,8 +33,7 @@ def check_run(cfg: FedPeftConfig, *, clients_given: bool = True) -> FedPeftConfi
     train, _ = site.load_split(cfg)
     if spec.kind == "natural" and not clients_given:
         cfg = dataclasses.replace(cfg, clients=natural_client_count(train, spec))
-    site._partitions(site.data_path(cfg), cfg.text_column, cfg.label_column, cfg.test_fraction, cfg.seed,
-                     cfg.partition, cfg.clients)
+    site.partitions(cfg, cfg.clients)
     if cfg.out and (Path(cfg.out) / "metrics.jsonl").exists():
         raise FedPeftError(f"{cfg.out} already holds a run; choose another --out")
     return cfg

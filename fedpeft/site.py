@@ -29,11 +29,17 @@ def load_split(cfg: FedPeftConfig) -> tuple[LabelledTable, LabelledTable]:
     return _split(data_path(cfg), cfg.text_column, cfg.label_column, cfg.test_fraction, cfg.seed)
 
 
+def partitions(cfg: FedPeftConfig, num_partitions: int) -> list[np.ndarray]:
+    """Row positions (in the training split) of every client's partition (cached)."""
+    return _partitions(
+        data_path(cfg), cfg.text_column, cfg.label_column, cfg.test_fraction, cfg.seed, cfg.partition, num_partitions
+    )
+
+
 def client_partition(cfg: FedPeftConfig, partition_id: int, num_partitions: int) -> LabelledTable:
     """The training rows of one simulated client."""
     train, _ = load_split(cfg)
-    parts = _partitions(data_path(cfg), cfg.text_column, cfg.label_column, cfg.test_fraction, cfg.seed,
-                        cfg.partition, num_partitions)
+    parts = partitions(cfg, num_partitions)
     if not 0 <= partition_id < len(parts):
         raise ValueError(f"partition id {partition_id} outside 0..{len(parts) - 1}")
     return train.subset(parts[partition_id])
@@ -41,14 +47,25 @@ def client_partition(cfg: FedPeftConfig, partition_id: int, num_partitions: int)
 
 def encoded_partition(cfg: FedPeftConfig, partition_id: int, num_partitions: int) -> Encoded:
     """One client's training rows, tokenized (cached)."""
-    return _encoded_partition(cfg.model, cfg.max_length, data_path(cfg), cfg.text_column, cfg.label_column,
-                              cfg.test_fraction, cfg.seed, cfg.partition, partition_id, num_partitions)
+    return _encoded_partition(
+        cfg.model,
+        cfg.max_length,
+        data_path(cfg),
+        cfg.text_column,
+        cfg.label_column,
+        cfg.test_fraction,
+        cfg.seed,
+        cfg.partition,
+        partition_id,
+        num_partitions,
+    )
 
 
 def encoded_test(cfg: FedPeftConfig) -> Encoded:
     """The held-out test split, tokenized (cached)."""
-    return _encoded_test(cfg.model, cfg.max_length, data_path(cfg), cfg.text_column, cfg.label_column,
-                         cfg.test_fraction, cfg.seed)
+    return _encoded_test(
+        cfg.model, cfg.max_length, data_path(cfg), cfg.text_column, cfg.label_column, cfg.test_fraction, cfg.seed
+    )
 
 
 def peft_model(cfg: FedPeftConfig, num_labels: int) -> Any:
@@ -57,8 +74,9 @@ def peft_model(cfg: FedPeftConfig, num_labels: int) -> Any:
     The initial adapter and head are drawn from ``cfg.seed``, so every process that builds it starts
     from the same point.
     """
-    return _peft_model(cfg.model, cfg.peft, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                       cfg.lora_target_modules, num_labels, cfg.seed)[0]
+    return _peft_model(
+        cfg.model, cfg.peft, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, num_labels, cfg.seed
+    )[0]
 
 
 def tokenizer(cfg: FedPeftConfig) -> Any:
@@ -84,8 +102,18 @@ def _partitions(path: str, text: str, label: str, fraction: float, seed: int, sp
 
 
 @lru_cache(maxsize=16)
-def _encoded_partition(model: str, max_length: int, path: str, text: str, label: str, fraction: float,
-                       seed: int, spec: str, pid: int, n: int) -> Encoded:
+def _encoded_partition(
+    model: str,
+    max_length: int,
+    path: str,
+    text: str,
+    label: str,
+    fraction: float,
+    seed: int,
+    spec: str,
+    pid: int,
+    n: int,
+) -> Encoded:
     train, _ = _split(path, text, label, fraction, seed)
     rows = _partitions(path, text, label, fraction, seed, spec, n)[pid]
     part = train.subset(rows)
@@ -108,8 +136,9 @@ def _tokenizer(model: str) -> Any:
 
 
 @lru_cache(maxsize=1)
-def _peft_model(model: str, peft: str, r: int, alpha: int, dropout: float, targets: str, num_labels: int,
-                seed: int) -> tuple[Any]:
+def _peft_model(
+    model: str, peft: str, r: int, alpha: int, dropout: float, targets: str, num_labels: int, seed: int
+) -> tuple[Any]:
     import dataclasses
 
     import torch
@@ -119,8 +148,15 @@ def _peft_model(model: str, peft: str, r: int, alpha: int, dropout: float, targe
 
     torch.manual_seed(seed)
     net, _ = load_classifier(model, num_labels=num_labels)
-    cfg = dataclasses.replace(FedPeftConfig(), model=model, peft=peft, lora_r=r, lora_alpha=alpha,
-                              lora_dropout=dropout, lora_target_modules=targets)
+    cfg = dataclasses.replace(
+        FedPeftConfig(),
+        model=model,
+        peft=peft,
+        lora_r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        lora_target_modules=targets,
+    )
     wrapped = apply_peft(net, cfg)
     wrapped.eval()
     return (wrapped,)

@@ -48,7 +48,7 @@ def config_record(cfg: FedPeftConfig, **extra: Any) -> Any:
 def config_from_record(record: Mapping[str, Any]) -> FedPeftConfig:
     """Inverse of :func:`config_record` (extra keys are ignored)."""
     prefix = "fedpeft."
-    return FedPeftConfig.from_mapping({k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix)})
+    return FedPeftConfig.from_mapping({k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)})
 
 
 def record_nbytes(content: Any) -> int:

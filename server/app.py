@@ -3,10 +3,7 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from dataclasses import replace
-from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -16,18 +13,15 @@ from server.console import RoundReporter
 from server.run import run_federation
 
 
-def default_out(cfg: FedPeftConfig) -> FedPeftConfig:
-    """Fill an empty ``out`` with ``runs/<UTC timestamp>``."""
-    return cfg if cfg.out else replace(cfg, out=time.strftime("runs/%Y%m%d-%H%M%S", time.gmtime()))
-
-
-def make_server_app(cfg: FedPeftConfig | None = None, *, on_error: Callable[[BaseException], None] | None = None) -> ServerApp:
+def make_server_app(
+    cfg: FedPeftConfig | None = None, *, on_error: Callable[[BaseException], None] | None = None
+) -> ServerApp:
     """A ServerApp running fedpeft with ``cfg`` (or, when None, the Flower run config)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_cfg = cfg if cfg is not None else default_out(FedPeftConfig.from_mapping(context.run_config))
+        run_cfg = cfg if cfg is not None else FedPeftConfig.from_mapping(context.run_config).with_default_out()
         try:
             with RoundReporter(run_cfg.rounds) as reporter:
                 run_federation(grid, run_cfg, on_round=reporter, clients_from_federation=cfg is None)

@@ -32,8 +32,14 @@ class RoundReporter:
 
     def __init__(self, rounds: int, console: Console | None = None) -> None:
         self.console = console or Console(stderr=False)
-        self.progress = Progress(TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=self.console, transient=True)
+        self.progress = Progress(
+            TextColumn("[bold]federated rounds"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        )
         self.task = self.progress.add_task("rounds", total=rounds)
         self.rows: list[tuple[str, ...]] = []
 

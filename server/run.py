@@ -27,7 +27,7 @@ from fedpeft.config import FedPeftConfig
 from fedpeft.errors import FedPeftError
 from fedpeft.runlog import append_jsonl, atomic_replace_dir, atomic_write_text
 from fedpeft.training import evaluate
-from fedpeft.wire import CONFIG, METRICS, NUM_EXAMPLES, config_record, from_array_record, to_array_record
+from fedpeft.wire import CONFIG, NUM_EXAMPLES, config_record, from_array_record, to_array_record
 from strategies.flower import FedPeftStrategy
 
 logger = logging.getLogger(__name__)
@@ -54,8 +54,9 @@ def start_discovery(grid: Any, cfg: FedPeftConfig, nodes: list[int], *, label_na
     before the server loads its own model lets the two start-ups overlap.
     """
     content = RecordDict({CONFIG: config_record(cfg, **{"label-names": label_names})})
-    return list(grid.push_messages(
-        Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes))
+    return list(
+        grid.push_messages(Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes)
+    )
 
 
 def finish_discovery(grid: Any, message_ids: list[str], *, timeout: float) -> dict[int, str]:
@@ -85,8 +86,9 @@ def adapter_nbytes(state: Mapping[str, np.ndarray]) -> int:
     return int(sum(v.nbytes for v in state.values()))
 
 
-def run_federation(grid: Any, cfg: FedPeftConfig, *, on_round: RoundCallback | None = None,
-                   clients_from_federation: bool = False) -> dict[str, Any]:
+def run_federation(
+    grid: Any, cfg: FedPeftConfig, *, on_round: RoundCallback | None = None, clients_from_federation: bool = False
+) -> dict[str, Any]:
     """Run ``cfg.rounds`` rounds against the clients behind ``grid``; return the final record.
 
     With ``clients_from_federation`` (``flwr run``), the clients are the nodes the federation has
@@ -114,8 +116,13 @@ def run_federation(grid: Any, cfg: FedPeftConfig, *, on_round: RoundCallback | N
     def record_round(rnd: int, extra: Mapping[str, Any], started: float) -> dict[str, Any]:
         load_adapter_state(model, state)
         ev = evaluate(model, test, batch_size=cfg.eval_batch_size)
-        record = {"round": rnd, "accuracy": ev["accuracy"], "loss": ev["loss"], "adapter_bytes": adapter_nbytes(state),
-                  **extra}
+        record = {
+            "round": rnd,
+            "accuracy": ev["accuracy"],
+            "loss": ev["loss"],
+            "adapter_bytes": adapter_nbytes(state),
+            **extra,
+        }
         append_jsonl(metrics_path, record)
         if on_round is not None:
             on_round(record, time.monotonic() - started)
@@ -137,27 +144,38 @@ def run_federation(grid: Any, cfg: FedPeftConfig, *, on_round: RoundCallback | N
             raise FedPeftError(f"round {rnd}: no client replied successfully ({reasons})")
         state = from_array_record(arrays)
         up, down = list(traffic.received.values()), list(traffic.sent.values())
-        record = record_round(rnd, {
-            "clients": int(agg["clients"]),
-            "failures": len(traffic.failures),
-            "train_loss": float(agg["train-loss"]),
-            "num_examples": int(sum(m.get(NUM_EXAMPLES, 0) for m in traffic.client_metrics.values())),
-            "bytes_up": int(sum(up)),
-            "bytes_down": int(sum(down)),
-            "bytes_up_per_client": int(np.mean(up)),
-            "bytes_down_per_client": int(np.mean(down)),
-        }, started)
+        record = record_round(
+            rnd,
+            {
+                "clients": int(agg["clients"]),
+                "failures": len(traffic.failures),
+                "train_loss": float(agg["train-loss"]),
+                "num_examples": int(sum(m.get(NUM_EXAMPLES, 0) for m in traffic.client_metrics.values())),
+                "bytes_up": int(sum(up)),
+                "bytes_down": int(sum(down)),
+                "bytes_up_per_client": int(np.mean(up)),
+                "bytes_down_per_client": int(np.mean(down)),
+            },
+            started,
+        )
 
     save_adapter(model, state, run_dir / "adapter", cfg=cfg, label_names=label_names)
     return record
 
 
-def save_adapter(model: Any, state: Mapping[str, np.ndarray], out: Path, *, cfg: FedPeftConfig, label_names: list[str]) -> None:
+def save_adapter(
+    model: Any, state: Mapping[str, np.ndarray], out: Path, *, cfg: FedPeftConfig, label_names: list[str]
+) -> None:
     """Save the global adapter with ``save_pretrained`` plus ``fedpeft.json`` (labels, columns), atomically."""
     load_adapter_state(model, state)
     build = Path(tempfile.mkdtemp(dir=out.parent, prefix=".adapter."))
     model.save_pretrained(str(build))
-    meta = {"label_names": label_names, "text_column": cfg.text_column, "label_column": cfg.label_column,
-            "max_length": cfg.max_length, "base_model": cfg.model or "all-MiniLM-L6-v2"}
+    meta = {
+        "label_names": label_names,
+        "text_column": cfg.text_column,
+        "label_column": cfg.label_column,
+        "max_length": cfg.max_length,
+        "base_model": cfg.model or "all-MiniLM-L6-v2",
+    }
     (build / "fedpeft.json").write_text(json.dumps(meta, indent=2) + "\n")
     atomic_replace_dir(build, out)

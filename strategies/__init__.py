@@ -14,7 +14,9 @@ import numpy as np
 
 from fedpeft.registry import Registry
 
-Aggregator = Callable[[Sequence[Mapping[str, np.ndarray]], Sequence[float]], tuple[dict[str, np.ndarray], dict[str, Any]]]
+Aggregator = Callable[
+    [Sequence[Mapping[str, np.ndarray]], Sequence[float]], tuple[dict[str, np.ndarray], dict[str, Any]]
+]
 
 AGGREGATORS: Registry[Aggregator] = Registry("strategy")
 

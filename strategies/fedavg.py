@@ -49,6 +49,8 @@ def weighted_average(states: Iterable[Mapping[str, np.ndarray]], weights: Sequen
 
 
 @AGGREGATORS.register("fedavg")
-def fedavg(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def fedavg(
+    states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Weighted average of every adapter tensor; no extra metrics."""
     return weighted_average(states, weights), {}

@@ -7,9 +7,9 @@ the wire for every message, and per-client records for the run log. It does no f
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-import logging
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -57,10 +57,17 @@ class FedPeftStrategy(Strategy):
         self._node_of = {site: node for node, site in self.sites.items()}
 
     def summary(self) -> None:
-        logger.info("FedPeftStrategy: aggregator=%s, %d sites, fraction=%.2f, seed=%d",
-            self.aggregator_name, len(self.sites), self.fraction, self.seed)
+        logger.info(
+            "FedPeftStrategy: aggregator=%s, %d sites, fraction=%.2f, seed=%d",
+            self.aggregator_name,
+            len(self.sites),
+            self.fraction,
+            self.seed,
+        )
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
+    ) -> Iterable[Message]:
         chosen = sample_sites(list(self.sites.values()), self.fraction, seed=self.seed, server_round=server_round)
         config = ConfigRecord({**config, "server-round": server_round})
         content = RecordDict({ARRAYS: arrays, CONFIG: config})
@@ -73,7 +80,9 @@ class FedPeftStrategy(Strategy):
         logger.info("round %d: sampled %d of %d sites", server_round, len(chosen), len(self.sites))
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
         accepted: list[tuple[str, dict[str, Any], float]] = []
         for msg in replies:
@@ -89,7 +98,9 @@ class FedPeftStrategy(Strategy):
                 continue
             metrics = dict(content.metric_records[METRICS])
             traffic.client_metrics[site] = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-            accepted.append((site, from_array_record(content.array_records[ARRAYS]), float(metrics.get(NUM_EXAMPLES, 0))))
+            accepted.append(
+                (site, from_array_record(content.array_records[ARRAYS]), float(metrics.get(NUM_EXAMPLES, 0)))
+            )
         if not accepted:
             return None, None
         accepted.sort(key=lambda item: item[0])
@@ -99,7 +110,9 @@ class FedPeftStrategy(Strategy):
         metrics = MetricRecord({"train-loss": train_loss, "clients": len(accepted), **agg_metrics})
         return to_array_record(state), metrics
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
+    ) -> Iterable[Message]:
         return []  # the server evaluates the global adapter on the held-out split
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -113,6 +113,7 @@ def load_labelled_table(path: str | Path, *, text_column: str, label_column: str
 
 def _label_strings(column: pd.Series) -> pd.Series:
     """Labels as stripped strings; integral floats (ints upcast by pandas around missing values) lose ".0"."""
+
     def one(value: object) -> str:
         if isinstance(value, float) and value.is_integer():
             return str(int(value))
@@ -126,7 +127,5 @@ def split_test(table: LabelledTable, *, test_fraction: float, seed: int) -> tupl
     order = np.random.default_rng(seed).permutation(len(table))
     n_test = int(round(len(table) * test_fraction))
     if n_test < 1 or n_test >= len(table):
-        raise FedPeftError(
-            f"test_fraction {test_fraction} of {len(table)} examples leaves no test or no training data"
-        )
+        raise FedPeftError(f"test_fraction {test_fraction} of {len(table)} examples leaves no test or no training data")
     return table.subset(np.sort(order[n_test:])), table.subset(np.sort(order[:n_test]))

@@ -53,7 +53,9 @@ def natural_client_count(table: LabelledTable, spec: PartitionSpec) -> int:
     return int(table.frame[spec.column].astype(str).nunique())
 
 
-def partition_indices(table: LabelledTable, spec: str | PartitionSpec, *, num_clients: int, seed: int) -> list[np.ndarray]:
+def partition_indices(
+    table: LabelledTable, spec: str | PartitionSpec, *, num_clients: int, seed: int
+) -> list[np.ndarray]:
     """Row positions of each client's partition, sorted, one array per client.
 
     Raises
@@ -91,7 +93,9 @@ def partition_indices(table: LabelledTable, spec: str | PartitionSpec, *, num_cl
         )
     else:
         partitioner = IidPartitioner(num_partitions=num_clients)
-    partitioner.dataset = Dataset.from_dict(columns).shuffle(seed=seed) if spec.kind == "iid" else Dataset.from_dict(columns)
+    partitioner.dataset = (
+        Dataset.from_dict(columns).shuffle(seed=seed) if spec.kind == "iid" else Dataset.from_dict(columns)
+    )
     try:
         parts = [np.sort(np.asarray(partitioner.load_partition(i)[_ROW], dtype=np.int64)) for i in range(num_clients)]
     except ValueError as err:
