@@ -13,8 +13,8 @@ Python start-up, imports, model loading and data tokenization count on both side
   one process, with neither Flower nor Ray imported. It loads the model once (``site.peft_model``),
   evaluates the initial adapter (round 0), then per round samples the same sites with
   :func:`strategies.sampling.sample_sites`, and for each sampled site (in site-key order) loads the
-  global adapter, runs :func:`fedpeft.training.train_local` with the client's arguments and seed
-  ``derive_seed(seed, round, partition)``, collects the adapter state and ``len(partition)`` as its
+  global adapter, runs :func:`fedpeft.site.train_client_round` (the very function the client calls, seed
+  ``derive_seed(seed, round, partition)``), collects the adapter state and ``len(partition)`` as its
   weight, aggregates with :func:`strategies.fedavg.weighted_average`, and evaluates the new global
   adapter on the test split. At the end it saves the adapter with ``save_pretrained`` as the
   federated run does.
@@ -89,7 +89,7 @@ def run_bare(cfg: Any, run_dir: Path) -> dict[str, Any]:
 
     from fedpeft import site
     from fedpeft.adapters import adapter_state, load_adapter_state
-    from fedpeft.training import evaluate, train_local
+    from fedpeft.training import evaluate
     from strategies.fedavg import weighted_average
     from strategies.sampling import sample_sites
 
@@ -126,16 +126,7 @@ def run_bare(cfg: Any, run_dir: Path) -> dict[str, Any]:
             pid = sites[key]
             load_adapter_state(model, state)  # the broadcast global adapter
             data = site.encoded_partition(cfg, pid, cfg.clients)
-            train_local(
-                model,
-                data,
-                epochs=cfg.local_epochs,
-                max_steps=cfg.max_local_steps,
-                batch_size=cfg.batch_size,
-                lr=cfg.lr,
-                weight_decay=cfg.weight_decay,
-                seed=site.derive_seed(cfg.seed, rnd, pid),
-            )
+            site.train_client_round(cfg, model, data, server_round=rnd, partition_id=pid)
             states.append(adapter_state(model))
             weights.append(float(len(data)))  # the client's num-examples
         state = weighted_average(states, weights)

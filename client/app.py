@@ -15,7 +15,6 @@ from flwr.clientapp import ClientApp
 
 from fedpeft import site
 from fedpeft.adapters import adapter_state, load_adapter_state
-from fedpeft.training import train_local
 from fedpeft.wire import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, config_from_record, from_array_record, to_array_record
 
 app = ClientApp()
@@ -57,16 +56,7 @@ def train(msg: Message, context: Context) -> Message:
     model = site.peft_model(cfg, num_labels=len(label_names))
     load_adapter_state(model, from_array_record(msg.content[ARRAYS]))
     data = site.encoded_partition(cfg, pid, num)
-    result = train_local(
-        model,
-        data,
-        epochs=cfg.local_epochs,
-        max_steps=cfg.max_local_steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        seed=site.derive_seed(cfg.seed, server_round, pid),
-    )
+    result = site.train_client_round(cfg, model, data, server_round=server_round, partition_id=pid)
     metrics = MetricRecord(
         {
             NUM_EXAMPLES: len(data),

@@ -16,7 +16,7 @@ import numpy as np
 
 from fedpeft.config import FedPeftConfig
 from fedpeft.data import DEFAULT_DATA, LabelledTable, load_labelled_table, partition_indices, split_test
-from fedpeft.training import Encoded, encode
+from fedpeft.training import Encoded, encode, train_local
 
 
 def data_path(cfg: FedPeftConfig) -> str:
@@ -82,6 +82,22 @@ def peft_model(cfg: FedPeftConfig, num_labels: int) -> Any:
 def tokenizer(cfg: FedPeftConfig) -> Any:
     """The tokenizer of the configured model (cached)."""
     return _tokenizer(cfg.model)
+
+
+def train_client_round(
+    cfg: FedPeftConfig, model: Any, data: Encoded, *, server_round: int, partition_id: int
+) -> dict[str, float]:
+    """One client-round of local training as ``cfg`` configures it, seeded by (seed, round, partition)."""
+    return train_local(
+        model,
+        data,
+        epochs=cfg.local_epochs,
+        max_steps=cfg.max_local_steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        seed=derive_seed(cfg.seed, server_round, partition_id),
+    )
 
 
 def derive_seed(*parts: int) -> int:
