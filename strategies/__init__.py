@@ -1,25 +1,19 @@
 """Aggregation strategies: pure functions over arrays, registered by name, plus a thin Flower wrapper.
 
-An aggregator takes the clients' adapter states (name → array, one mapping per client, in a stable
-order) and their weights, and returns ``(new_state, metrics)``. It does no I/O and knows nothing of
-Flower; :class:`strategies.flower.FedPeftStrategy` routes messages to it.
+Each algorithm lives in one file and registers an :class:`strategies.aggregator.Aggregator`: a rule
+for one LoRA layer, plus what clients must freeze and whether mixed client ranks are allowed. The
+shared driver (:func:`strategies.aggregator.aggregate`) pairs LoRA factors by name, averages the
+other tensors and measures the aggregation bias. Nothing here does I/O or knows Flower;
+:class:`strategies.flower.FedPeftStrategy` routes messages to it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
-
-import numpy as np
-
 from fedpeft.registry import Registry
-
-Aggregator = Callable[
-    [Sequence[Mapping[str, np.ndarray]], Sequence[float]], tuple[dict[str, np.ndarray], dict[str, Any]]
-]
+from strategies.aggregator import AggregationOptions, Aggregator
 
 AGGREGATORS: Registry[Aggregator] = Registry("strategy")
 
-from strategies import fedavg  # noqa: E402,F401  (registers "fedavg")
+from strategies import exact_svd, fedit, ffa_lora, lora_fair, lora_fair_ab  # noqa: E402,F401  (register)
 
-__all__ = ["AGGREGATORS", "Aggregator"]
+__all__ = ["AGGREGATORS", "AggregationOptions", "Aggregator"]

@@ -15,8 +15,11 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
+from fedpeft.adapters.state import without_keys
+from fedpeft.errors import FedPeftError
 from fedpeft.wire import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, from_array_record, record_nbytes, to_array_record
 from strategies import AGGREGATORS
+from strategies.aggregator import AggregationOptions, lora_layers, truncate_to_rank
 from strategies.sampling import sample_sites
 
 logger = logging.getLogger(__name__)
@@ -45,15 +48,35 @@ class FedPeftStrategy(Strategy):
         Share of sites sampled each round.
     seed : int
         Sampling seed.
+    options : AggregationOptions, optional
+        Parameters of the aggregation rule (λ, sweeps, sketch).
+    ranks : Mapping[str, int], optional
+        Site → the LoRA rank it trains, when it differs from the global adapter's (``exact-svd``).
+
+    The broadcast leaves out the tensors the aggregator freezes and tells clients which they are
+    (config ``frozen``); a site of lower rank gets the global factors truncated to its rank. The
+    aggregator sees the broadcast of the round as ``previous``.
     """
 
-    def __init__(self, *, aggregator: str, sites: Mapping[int, str], fraction: float, seed: int) -> None:
+    def __init__(
+        self,
+        *,
+        aggregator: str,
+        sites: Mapping[int, str],
+        fraction: float,
+        seed: int,
+        options: AggregationOptions | None = None,
+        ranks: Mapping[str, int] | None = None,
+    ) -> None:
         self.aggregator_name = aggregator
-        self.aggregate_fn = AGGREGATORS.get(aggregator)
+        self.aggregator = AGGREGATORS.get(aggregator)
+        self.options = options or AggregationOptions(seed=seed)
         self.sites = dict(sites)
+        self.ranks = dict(ranks or {})
         self.fraction = fraction
         self.seed = seed
         self.traffic: dict[int, RoundTraffic] = {}
+        self.previous: dict[str, Any] = {}
         self._node_of = {site: node for node, site in self.sites.items()}
 
     def summary(self) -> None:
@@ -69,13 +92,27 @@ class FedPeftStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
     ) -> Iterable[Message]:
         chosen = sample_sites(list(self.sites.values()), self.fraction, seed=self.seed, server_round=server_round)
-        config = ConfigRecord({**config, "server-round": server_round})
-        content = RecordDict({ARRAYS: arrays, CONFIG: config})
-        size = record_nbytes(content)
+        self.previous = from_array_record(arrays)
+        frozen = self.aggregator.frozen
+        config = ConfigRecord({**config, "server-round": server_round, "frozen": ",".join(frozen)})
+        broadcast = without_keys(self.previous, frozen)
+        pairs, _ = lora_layers(self.previous.keys())
+        global_rank = self.previous[pairs[0][0]].shape[0] if pairs else None
+        contents: dict[int | None, RecordDict] = {}
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
         messages = []
         for site in chosen:
-            traffic.sent[site] = size
+            rank = self.ranks.get(site, global_rank)
+            if rank != global_rank and not self.aggregator.heterogeneous_ranks:
+                raise FedPeftError(
+                    f"strategy {self.aggregator_name!r} needs every client at LoRA rank {global_rank}, "
+                    f"but {site} trains rank {rank}; use exact-svd for mixed ranks"
+                )
+            if rank not in contents:
+                state = broadcast if rank == global_rank else truncate_to_rank(broadcast, rank)
+                contents[rank] = RecordDict({ARRAYS: to_array_record(state), CONFIG: config})
+            content = contents[rank]
+            traffic.sent[site] = record_nbytes(content)
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=self._node_of[site]))
         logger.info("round %d: sampled %d of %d sites", server_round, len(chosen), len(self.sites))
         return messages
@@ -104,7 +141,9 @@ class FedPeftStrategy(Strategy):
         if not accepted:
             return None, None
         accepted.sort(key=lambda item: item[0])
-        state, agg_metrics = self.aggregate_fn([a[1] for a in accepted], [a[2] for a in accepted])
+        state, agg_metrics = self.aggregator(
+            [a[1] for a in accepted], [a[2] for a in accepted], previous=self.previous, options=self.options
+        )
         weights = [a[2] for a in accepted]
         train_loss = sum(w * traffic.client_metrics[s].get("train-loss", 0.0) for s, _, w in accepted) / sum(weights)
         metrics = MetricRecord({"train-loss": train_loss, "clients": len(accepted), **agg_metrics})

@@ -33,7 +33,7 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
         (["--partition", "natural:movie", "--clients", "3"], "pass --clients"),
         (["--fraction", "1.5"], "fraction must be in (0, 1]"),
         (["--rounds", "0"], "rounds must be >= 1"),
-        (["--strategy", "fedmagic"], "unknown strategy 'fedmagic'; known: fedavg"),
+        (["--strategy", "fedmagic"], "unknown strategy 'fedmagic'; known: exact-svd, fedavg, fedit, ffa-lora, lora-fair, lora-fair-ab"),
         (["--peft", "prefix"], "unknown PEFT method 'prefix'; known: lora"),
         (["--model", "./no-such-model"], "model path not found: ./no-such-model"),
         (["--client-cpus", "4096"], "client_cpus 4096 exceeds"),

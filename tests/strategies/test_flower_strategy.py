@@ -9,7 +9,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from fedpeft.wire import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, from_array_record, record_nbytes, to_array_record
-from strategies.fedavg import weighted_average
+from strategies.fedit import FEDIT
 from strategies.flower import FedPeftStrategy, RoundTraffic
 from strategies.sampling import sample_sites
 
@@ -27,6 +27,17 @@ def _server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
 
 
+class _Recorder:
+    frozen: tuple[str, ...] = ()
+    heterogeneous_ranks = False
+
+    def __init__(self, fn: object) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        return self.fn(*args, **kwargs)
+
+
 class _NoGrid:
     """configure_train must not touch the grid."""
 
@@ -35,7 +46,12 @@ class _NoGrid:
 
 
 def _global_state() -> dict[str, np.ndarray]:
-    return {"a.lora_A.weight": np.zeros((2, 4), np.float32), "head.weight": np.zeros((3, 4), np.float32)}
+    return {"a.lora_A.weight": np.zeros((2, 4), np.float32), "a.lora_B.weight": np.zeros((5, 2), np.float32),
+            "head.weight": np.zeros((3, 4), np.float32)}
+
+
+def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+    return FEDIT(states, weights, previous=_global_state())[0]
 
 
 def _strategy(fraction: float = 1.0, seed: int = 0, sites: dict[int, str] | None = None) -> FedPeftStrategy:
@@ -51,6 +67,7 @@ def _client_state(site: str) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(int(site.split("-")[1]))
     # magnitudes far apart, so a different summation order would change float32 results
     return {"a.lora_A.weight": (rng.normal(size=(2, 4)) * 10.0 ** rng.integers(-4, 5)).astype(np.float32),
+            "a.lora_B.weight": rng.normal(size=(5, 2)).astype(np.float32),
             "head.weight": rng.normal(size=(3, 4)).astype(np.float32)}
 
 
@@ -170,11 +187,12 @@ def test_aggregator_receives_states_and_weights_in_site_order(shuffle_seed: int)
     strategy = _strategy(fraction=0.7, seed=1)
     calls: list[tuple[list[dict[str, np.ndarray]], list[float]]] = []
 
-    def recorder(states: list[dict[str, np.ndarray]], weights: list[float]) -> tuple[dict, dict]:
+    def recorder(states: list[dict[str, np.ndarray]], weights: list[float], **kwargs: object) -> tuple[dict, dict]:
         calls.append((list(states), list(weights)))
+        assert set(kwargs["previous"]) == set(_global_state())  # the round's broadcast
         return dict(states[0]), {"extra-metric": 1.5}
 
-    strategy.aggregate_fn = recorder
+    strategy.aggregator = _Recorder(recorder)
     messages = _configure(strategy)
     replies = [_reply(m) for m in messages]
     random.Random(shuffle_seed).shuffle(replies)
@@ -295,3 +313,42 @@ def test_evaluation_is_server_side() -> None:
     strategy = _strategy()
     assert list(strategy.configure_evaluate(1, to_array_record(_global_state()), ConfigRecord({}), _NoGrid())) == []
     assert strategy.aggregate_evaluate(1, []) is None
+
+
+# --- what each strategy broadcasts ----------------------------------------------------------------
+
+def test_ffa_lora_broadcast_leaves_out_A_and_names_it_frozen() -> None:
+    strategy = FedPeftStrategy(aggregator="ffa-lora", sites=NODES, fraction=0.5, seed=0)
+    messages = _configure(strategy)
+    for msg in messages:
+        sent = from_array_record(msg.content[ARRAYS])
+        assert set(sent) == {"a.lora_B.weight", "head.weight"}
+        assert msg.content[CONFIG]["frozen"] == "lora_A"
+    assert set(strategy.previous) == set(_global_state())  # the server keeps A for aggregation
+
+
+def test_low_rank_sites_get_truncated_factors() -> None:
+    ranks = {site: 1 for site in list(NODES.values())[::2]}
+    strategy = FedPeftStrategy(aggregator="exact-svd", sites=NODES, fraction=1.0, seed=0, ranks=ranks)
+    glob = {"a.lora_A.weight": np.arange(8, dtype=np.float32).reshape(2, 4),
+            "a.lora_B.weight": np.arange(10, dtype=np.float32).reshape(5, 2), "head.weight": np.ones((3, 4), np.float32)}
+    messages = list(strategy.configure_train(1, to_array_record(glob), ConfigRecord({}), _NoGrid()))
+    for msg in messages:
+        sent = from_array_record(msg.content[ARRAYS])
+        r = ranks.get(NODES[msg.metadata.dst_node_id], 2)
+        np.testing.assert_array_equal(sent["a.lora_A.weight"], glob["a.lora_A.weight"][:r])
+        np.testing.assert_array_equal(sent["a.lora_B.weight"], glob["a.lora_B.weight"][:, :r])
+        np.testing.assert_array_equal(sent["head.weight"], glob["head.weight"])
+        assert msg.content[CONFIG]["frozen"] == ""
+    small = [strategy.traffic[1].sent[s] for s in ranks]
+    full = [v for s, v in strategy.traffic[1].sent.items() if s not in ranks]
+    assert max(small) < min(full)
+
+
+def test_equal_rank_strategy_refuses_a_low_rank_site() -> None:
+    from fedpeft.errors import FedPeftError
+
+    strategy = FedPeftStrategy(aggregator="lora-fair", sites=NODES, fraction=1.0, seed=0,
+                               ranks={"partition-00003": 1})
+    with pytest.raises(FedPeftError, match="use exact-svd"):
+        _configure(strategy)

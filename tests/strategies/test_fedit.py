@@ -1,4 +1,8 @@
-"""FedAvg: the weighted average of adapter states, checked against a brute-force numpy reference."""
+"""FedIT/FedAvg: the weighted average of adapter states, checked against a brute-force numpy reference.
+
+These states have no LoRA pairs (keys not ending in ``.lora_A.weight``), so every tensor goes through
+the driver's weighted average; LoRA layers are covered in ``test_aggregators.py``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from strategies import AGGREGATORS
-from strategies.fedavg import fedavg, weighted_average
+from strategies.fedit import FEDIT
+
+
+def weighted_average(states, weights):  # noqa: ANN001, ANN201 - the driver over non-LoRA tensors
+    states = list(states)
+    previous = {k: np.zeros_like(v) for k, v in states[0].items()} if states else {}
+    return FEDIT(states, weights, previous=previous)[0]
 
 shapes = st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple)
 
@@ -155,9 +165,9 @@ def test_count_mismatch(weights: list[float]) -> None:
         weighted_average(_two(), weights)
 
 
-def test_registered_fedavg_returns_state_and_empty_metrics() -> None:
-    assert AGGREGATORS.get("fedavg") is fedavg
+def test_registered_fedavg_is_fedit_and_without_lora_reports_no_residual() -> None:
+    assert AGGREGATORS.get("fedavg") is AGGREGATORS.get("fedit") is FEDIT
     states = [{"x": np.array([0.0, 4.0], np.float32)}, {"x": np.array([2.0, 0.0], np.float32)}]
-    state, metrics = AGGREGATORS.get("fedavg")(states, [1.0, 1.0])
+    state, metrics = AGGREGATORS.get("fedavg")(states, [1.0, 1.0], previous={"x": np.zeros(2, np.float32)})
     assert metrics == {}
     np.testing.assert_array_equal(state["x"], np.array([1.0, 2.0], np.float32))
