@@ -1,8 +1,11 @@
 """The ClientApp: receive the global adapter, train it on this site's data, reply with the adapter.
 
 Steps (see the round diagram in the README): the base model is loaded once per process and frozen;
-the adapter is set from the broadcast; local training runs on this site's partition; the reply carries
-only the adapter state (peft's adapter state dict) and metrics with ``num-examples``.
+the adapter is set from the broadcast (tensors the strategy freezes, named in the config's ``frozen``,
+are not broadcast and come from the seeded initial adapter); local training runs on this site's
+partition; the reply carries only the trained, non-frozen adapter tensors (peft's adapter state dict)
+and metrics with ``num-examples``. A client may train a lower LoRA rank than the global adapter
+(node config ``lora-r``, or ``client-ranks``); the server then sends it the truncated factors.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from flwr.clientapp import ClientApp
 
 from fedpeft import site
 from fedpeft.adapters import adapter_state, load_adapter_state
+from fedpeft.adapters.state import without_keys
+from fedpeft.config import FedPeftConfig
 from fedpeft.wire import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, config_from_record, from_array_record, to_array_record
 
 app = ClientApp()
@@ -27,6 +32,12 @@ def site_identity(context: Context, fallback_partitions: int) -> tuple[int, int,
     return pid, num, f"partition-{pid:05d}"
 
 
+def site_config(cfg: FedPeftConfig, context: Context, partition_id: int) -> FedPeftConfig:
+    """The run config as this site trains it (its own LoRA rank)."""
+    node_rank = context.node_config.get("lora-r")
+    return site.at_rank(cfg, site.client_rank(cfg, partition_id, None if node_rank is None else int(node_rank)))
+
+
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
     """Tell the server which site this node is and how much data it holds.
@@ -37,9 +48,10 @@ def identify(msg: Message, context: Context) -> Message:
     cfg = config_from_record(config)
     pid, num, key = site_identity(context, cfg.clients)
     n = len(site.client_partition(cfg, pid, num))
-    site.peft_model(cfg, num_labels=len(list(config["label-names"])))
+    local = site_config(cfg, context, pid)
+    site.peft_model(local, num_labels=len(list(config["label-names"])))
     site.encoded_partition(cfg, pid, num)
-    metrics = MetricRecord({"partition-id": pid, "num-partitions": num, NUM_EXAMPLES: n})
+    metrics = MetricRecord({"partition-id": pid, "num-partitions": num, NUM_EXAMPLES: n, "lora-r": local.lora_r})
     return Message(RecordDict({METRICS: metrics, CONFIG: ConfigRecord({"site": key})}), reply_to=msg)
 
 
@@ -50,13 +62,16 @@ def train(msg: Message, context: Context) -> Message:
     cfg = config_from_record(config)
     server_round = int(config["server-round"])
     label_names: list[Any] = list(config["label-names"])
+    frozen = tuple(c for c in str(config.get("frozen", "")).split(",") if c)
     pid, num, _ = site_identity(context, cfg.clients)
     torch.set_num_threads(cfg.client_cpus)
 
-    model = site.peft_model(cfg, num_labels=len(label_names))
-    load_adapter_state(model, from_array_record(msg.content[ARRAYS]))
+    local = site_config(cfg, context, pid)
+    model = site.peft_model(local, num_labels=len(label_names))
+    broadcast = from_array_record(msg.content[ARRAYS])
+    load_adapter_state(model, {**site.initial_adapter(local, num_labels=len(label_names)), **broadcast})
     data = site.encoded_partition(cfg, pid, num)
-    result = site.train_client_round(cfg, model, data, server_round=server_round, partition_id=pid)
+    result = site.train_client_round(local, model, data, server_round=server_round, partition_id=pid, frozen=frozen)
     metrics = MetricRecord(
         {
             NUM_EXAMPLES: len(data),
@@ -65,4 +80,5 @@ def train(msg: Message, context: Context) -> Message:
             "examples-seen": result["examples_seen"],
         }
     )
-    return Message(RecordDict({ARRAYS: to_array_record(adapter_state(model)), METRICS: metrics}), reply_to=msg)
+    update = without_keys(adapter_state(model), frozen)
+    return Message(RecordDict({ARRAYS: to_array_record(update), METRICS: metrics}), reply_to=msg)

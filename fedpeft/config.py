@@ -31,7 +31,7 @@ class FedPeftConfig:
     model: str = _f("", "HF model directory or cached hub name; empty: bundled all-MiniLM-L6-v2")
     peft: str = _f("lora", "PEFT method")
     lora_r: int = _f(8, "LoRA rank r")
-    lora_alpha: int = _f(16, "LoRA scaling alpha (update scaled by alpha/r)")
+    lora_alpha: float = _f(16.0, "LoRA scaling alpha (update scaled by alpha/r)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA input, in [0, 1)")
     lora_target_modules: str = _f("", "comma-separated module names; empty: peft's per-architecture default")
     # --- data -----------------------------------------------------------------------------------
@@ -46,6 +46,9 @@ class FedPeftConfig:
     rounds: int = _f(5, "federated rounds")
     fraction: float = _f(0.5, "share of clients sampled each round, in (0, 1]")
     strategy: str = _f("fedavg", "aggregation strategy")
+    fair_lambda: float = _f(1e-2, "lora-fair / lora-fair-ab ridge strength, relative to mean(singular(A-bar)^2)")
+    fair_iterations: int = _f(5, "alternating sweeps of lora-fair-ab")
+    client_ranks: str = _f("", "comma-separated LoRA ranks given to clients in turn (exact-svd); empty: all lora_r")
     round_timeout: float = _f(3600.0, "seconds the server waits for replies in a round")
     # --- local training -------------------------------------------------------------------------
     local_epochs: int = _f(1, "passes over the client's data per round")
@@ -63,7 +66,6 @@ class FedPeftConfig:
         _positive(
             self,
             "lora_r",
-            "lora_alpha",
             "max_length",
             "clients",
             "rounds",
@@ -71,7 +73,15 @@ class FedPeftConfig:
             "batch_size",
             "eval_batch_size",
             "client_cpus",
+            "fair_iterations",
         )
+        if not self.fair_lambda >= 0:
+            raise FedPeftError(f"fair_lambda must be >= 0, got {self.fair_lambda}")
+        ranks = parse_ranks(self.client_ranks)
+        if any(r < 1 or r > self.lora_r for r in ranks):
+            raise FedPeftError(f"client_ranks must lie in 1..lora_r={self.lora_r}, got {self.client_ranks!r}")
+        if not self.lora_alpha > 0:
+            raise FedPeftError(f"lora_alpha must be > 0, got {self.lora_alpha}")
         _in_range(self, "lora_dropout", 0.0, 1.0, lo_open=False, hi_open=True)
         _in_range(self, "test_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
         _in_range(self, "fraction", 0.0, 1.0, lo_open=True, hi_open=False)
@@ -118,6 +128,14 @@ class FedPeftConfig:
     def to_json(self) -> str:
         """The config as pretty JSON, as written to ``RUN_DIR/config.json``."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def parse_ranks(spec: str) -> list[int]:
+    """``"2,4,8"`` → ``[2, 4, 8]`` (empty → ``[]``)."""
+    try:
+        return [int(part) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        raise FedPeftError(f"client_ranks must be comma-separated integers, got {spec!r}") from None
 
 
 def field_help() -> dict[str, str]:

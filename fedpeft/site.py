@@ -9,13 +9,18 @@ keyed by every setting that changes what they hold.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
-from fedpeft.config import FedPeftConfig
+from fedpeft.adapters.state import key_matches
+from fedpeft.config import FedPeftConfig, parse_ranks
 from fedpeft.data import DEFAULT_DATA, LabelledTable, load_labelled_table, partition_indices, split_test
+from fedpeft.errors import FedPeftError
 from fedpeft.training import Encoded, encode, train_local
 
 
@@ -74,9 +79,42 @@ def peft_model(cfg: FedPeftConfig, num_labels: int) -> Any:
     The initial adapter and head are drawn from ``cfg.seed``, so every process that builds it starts
     from the same point.
     """
+    return _peft_model_and_init(cfg, num_labels)[0]
+
+
+def initial_adapter(cfg: FedPeftConfig, num_labels: int) -> dict[str, np.ndarray]:
+    """The seeded initial adapter state of :func:`peft_model` (the same in every process).
+
+    Tensors a strategy freezes (FFA-LoRA's A) are never broadcast; clients take them from here.
+    """
+    return _peft_model_and_init(cfg, num_labels)[1]
+
+
+def _peft_model_and_init(cfg: FedPeftConfig, num_labels: int) -> tuple[Any, dict[str, np.ndarray]]:
     return _peft_model(
         cfg.model, cfg.peft, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, num_labels, cfg.seed
-    )[0]
+    )
+
+
+def client_rank(cfg: FedPeftConfig, partition_id: int, node_rank: int | None = None) -> int:
+    """The LoRA rank this client trains: its node config's ``lora-r`` if set, else its turn in
+    ``cfg.client_ranks`` (cycled over partition ids), else ``cfg.lora_r``."""
+    if node_rank is not None:
+        rank = int(node_rank)
+    else:
+        ranks = parse_ranks(cfg.client_ranks)
+        rank = ranks[partition_id % len(ranks)] if ranks else cfg.lora_r
+    if not 1 <= rank <= cfg.lora_r:
+        raise FedPeftError(f"client LoRA rank {rank} must lie in 1..lora_r={cfg.lora_r}")
+    return rank
+
+
+def at_rank(cfg: FedPeftConfig, rank: int) -> FedPeftConfig:
+    """``cfg`` for a client of LoRA rank ``rank``: alpha scaled with the rank, so that alpha/r (and
+    hence the meaning of B·A) is the same for every client and for the global adapter."""
+    if rank == cfg.lora_r:
+        return cfg
+    return dataclasses.replace(cfg, lora_r=rank, lora_alpha=cfg.lora_alpha * rank / cfg.lora_r, client_ranks="")
 
 
 def tokenizer(cfg: FedPeftConfig) -> Any:
@@ -85,19 +123,45 @@ def tokenizer(cfg: FedPeftConfig) -> Any:
 
 
 def train_client_round(
-    cfg: FedPeftConfig, model: Any, data: Encoded, *, server_round: int, partition_id: int
+    cfg: FedPeftConfig,
+    model: Any,
+    data: Encoded,
+    *,
+    server_round: int,
+    partition_id: int,
+    frozen: tuple[str, ...] = (),
 ) -> dict[str, float]:
-    """One client-round of local training as ``cfg`` configures it, seeded by (seed, round, partition)."""
-    return train_local(
-        model,
-        data,
-        epochs=cfg.local_epochs,
-        max_steps=cfg.max_local_steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        seed=derive_seed(cfg.seed, server_round, partition_id),
-    )
+    """One client-round of local training as ``cfg`` configures it, seeded by (seed, round, partition).
+
+    Parameters whose names contain a ``frozen`` path component (``"lora_A"``) are not trained.
+    """
+    with frozen_parameters(model, frozen):
+        return train_local(
+            model,
+            data,
+            epochs=cfg.local_epochs,
+            max_steps=cfg.max_local_steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            seed=derive_seed(cfg.seed, server_round, partition_id),
+        )
+
+
+@contextmanager
+def frozen_parameters(model: Any, components: tuple[str, ...]) -> Iterator[None]:
+    """Turn off ``requires_grad`` of the matching trainable parameters for the block, then restore it
+    (the model is cached and shared by every strategy this process serves)."""
+    hit = [p for name, p in model.named_parameters() if p.requires_grad and key_matches(name, components)]
+    if components and not hit:
+        raise FedPeftError(f"no trainable parameter matches the frozen components {list(components)}")
+    for p in hit:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in hit:
+            p.requires_grad_(True)
 
 
 def derive_seed(*parts: int) -> int:
@@ -151,15 +215,13 @@ def _tokenizer(model: str) -> Any:
     return AutoTokenizer.from_pretrained(resolve_model_path(model), local_files_only=True)
 
 
-@lru_cache(maxsize=1)
+@lru_cache(maxsize=4)
 def _peft_model(
-    model: str, peft: str, r: int, alpha: int, dropout: float, targets: str, num_labels: int, seed: int
-) -> tuple[Any]:
-    import dataclasses
-
+    model: str, peft: str, r: int, alpha: float, dropout: float, targets: str, num_labels: int, seed: int
+) -> tuple[Any, dict[str, np.ndarray]]:
     import torch
 
-    from fedpeft.adapters import apply_peft
+    from fedpeft.adapters import adapter_state, apply_peft
     from fedpeft.models import load_classifier
 
     torch.manual_seed(seed)
@@ -175,4 +237,4 @@ def _peft_model(
     )
     wrapped = apply_peft(net, cfg)
     wrapped.eval()
-    return (wrapped,)
+    return wrapped, adapter_state(wrapped)

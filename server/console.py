@@ -9,8 +9,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-COLUMNS = ("round", "clients", "train loss", "test loss", "accuracy", "bytes up", "bytes down", "seconds")
-WIDTHS = (5, 7, 10, 9, 8, 10, 10, 7)
+COLUMNS = ("round", "clients", "train loss", "test loss", "accuracy", "agg bias", "bytes up", "bytes down", "seconds")
+WIDTHS = (5, 7, 10, 9, 8, 8, 10, 10, 7)
 
 
 def format_row(cells: tuple[str, ...]) -> str:
@@ -57,6 +57,7 @@ class RoundReporter:
             f"{record['train_loss']:.4f}" if "train_loss" in record else "-",
             f"{record['loss']:.4f}",
             f"{record['accuracy']:.4f}",
+            f"{record['agg_residual_mean']:.4f}" if "agg_residual_mean" in record else "-",
             human_bytes(record.get("bytes_up", 0)),
             human_bytes(record.get("bytes_down", 0)),
             f"{seconds:.1f}",

@@ -27,7 +27,8 @@ from fedpeft.config import FedPeftConfig
 from fedpeft.errors import FedPeftError
 from fedpeft.runlog import append_jsonl, atomic_replace_dir, atomic_write_text
 from fedpeft.training import evaluate
-from fedpeft.wire import CONFIG, NUM_EXAMPLES, config_record, from_array_record, to_array_record
+from fedpeft.wire import CONFIG, METRICS, NUM_EXAMPLES, config_record, from_array_record, to_array_record
+from strategies import AggregationOptions
 from strategies.flower import FedPeftStrategy
 
 logger = logging.getLogger(__name__)
@@ -59,8 +60,8 @@ def start_discovery(grid: Any, cfg: FedPeftConfig, nodes: list[int], *, label_na
     )
 
 
-def finish_discovery(grid: Any, message_ids: list[str], *, timeout: float) -> dict[int, str]:
-    """Collect the query replies; return node id → site key."""
+def finish_discovery(grid: Any, message_ids: list[str], *, timeout: float) -> tuple[dict[int, str], dict[str, int]]:
+    """Collect the query replies; return node id → site key, and site key → the LoRA rank it trains."""
     pending, replies = set(message_ids), []
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
@@ -72,13 +73,17 @@ def finish_discovery(grid: Any, message_ids: list[str], *, timeout: float) -> di
     if pending:
         raise FedPeftError(f"{len(pending)} clients did not answer the start-up query within {timeout:.0f} s")
     sites: dict[int, str] = {}
+    ranks: dict[str, int] = {}
     for reply in replies:
         if reply.has_error():
             raise FedPeftError(f"client {reply.metadata.src_node_id} could not start: {reply.error.reason}")
-        sites[reply.metadata.src_node_id] = str(reply.content[CONFIG]["site"])
+        key = str(reply.content[CONFIG]["site"])
+        sites[reply.metadata.src_node_id] = key
+        if "lora-r" in reply.content[METRICS]:
+            ranks[key] = int(reply.content[METRICS]["lora-r"])
     if len(set(sites.values())) != len(sites):
         raise FedPeftError("two clients reported the same site; check partition ids / site names")
-    return sites
+    return sites, ranks
 
 
 def adapter_nbytes(state: Mapping[str, np.ndarray]) -> int:
@@ -129,8 +134,11 @@ def run_federation(
         return record
 
     record = record_round(0, {"clients": 0, "bytes_up": 0, "bytes_down": 0}, time.monotonic())
-    sites = finish_discovery(grid, queries, timeout=cfg.round_timeout)
-    strategy = FedPeftStrategy(aggregator=cfg.strategy, sites=sites, fraction=cfg.fraction, seed=cfg.seed)
+    sites, ranks = finish_discovery(grid, queries, timeout=cfg.round_timeout)
+    options = AggregationOptions(lam=cfg.fair_lambda, ab_iterations=cfg.fair_iterations, seed=cfg.seed)
+    strategy = FedPeftStrategy(
+        aggregator=cfg.strategy, sites=sites, fraction=cfg.fraction, seed=cfg.seed, options=options, ranks=ranks
+    )
     strategy.summary()
 
     for rnd in range(1, cfg.rounds + 1):
@@ -155,6 +163,7 @@ def run_federation(
                 "bytes_down": int(sum(down)),
                 "bytes_up_per_client": int(np.mean(up)),
                 "bytes_down_per_client": int(np.mean(down)),
+                **{key: float(value) for key, value in agg.items() if key.startswith("agg_")},
             },
             started,
         )

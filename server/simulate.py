@@ -12,9 +12,17 @@ from fedpeft.config import FedPeftConfig
 
 def validate(cfg: FedPeftConfig) -> None:
     """Server-side checks that must fail in one line before any process starts."""
+    from fedpeft.config import parse_ranks
+    from fedpeft.errors import FedPeftError
     from strategies import AGGREGATORS
 
-    AGGREGATORS.get(cfg.strategy)
+    aggregator = AGGREGATORS.get(cfg.strategy)
+    if len(set(parse_ranks(cfg.client_ranks)) | {cfg.lora_r}) > 1 and not aggregator.heterogeneous_ranks:
+        mixed = [name for name in AGGREGATORS if AGGREGATORS.get(name).heterogeneous_ranks]
+        raise FedPeftError(
+            f"strategy {cfg.strategy!r} needs every client at rank lora_r={cfg.lora_r}; "
+            f"client_ranks {cfg.client_ranks!r} needs one of: {', '.join(mixed)}"
+        )
 
 
 def simulate(cfg: FedPeftConfig, *, verbose: bool = False) -> None:

@@ -102,3 +102,40 @@ def test_natural_partition_runs_one_client_per_site(tiny_model_dir: Path, tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["clients"] == 3  # one per distinct hospital, without --clients
+
+
+def test_ffa_lora_uploads_and_broadcasts_no_A(run: tuple[Path, list[dict]], tiny_model_dir: Path, small_data: Path,
+                                               tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    _, default = run
+    records = simulate(tmp_path / "ffa", tiny_model_dir, small_data, "--strategy", "ffa-lora")
+    saved = load_file(str(tmp_path / "ffa" / "adapter" / "adapter_model.safetensors"))
+    a_bytes = sum(v.nbytes for k, v in saved.items() if ".lora_A." in k)
+    assert a_bytes > 0
+    for ffa, full in zip(records[1:], default[1:], strict=True):
+        # the same adapter travels minus every A factor, up and down
+        assert ffa["bytes_up_per_client"] <= full["bytes_up_per_client"] - a_bytes + 512
+        assert ffa["bytes_down_per_client"] <= full["bytes_down_per_client"] - a_bytes + 512
+        assert ffa["agg_residual_max"] < 1e-3  # averaging B under a shared A is exact
+
+
+def test_exact_svd_with_mixed_client_ranks(tiny_model_dir: Path, small_data: Path, tmp_path: Path) -> None:
+    records = simulate(tmp_path / "svd", tiny_model_dir, small_data, "--strategy", "exact-svd",
+                       "--client-ranks", "2,8", "--fraction", "1")
+    assert [r["round"] for r in records] == [0, 1, 2]
+    for r in records[1:]:
+        assert r["clients"] == 3
+        assert 0.0 <= r["agg_residual_mean"] <= r["agg_residual_max"] < 1.0
+        # two sites get rank-2 factors, one the full rank-8 adapter: the mean download is below a full one
+        assert r["bytes_down_per_client"] < r["adapter_bytes"]
+
+
+def test_mixed_ranks_need_a_strategy_that_supports_them(tiny_model_dir: Path, small_data: Path,
+                                                        tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "fedpeft.cli.main", "simulate", "--model", str(tiny_model_dir), "--data",
+           str(small_data), "--strategy", "lora-fair", "--client-ranks", "2,8", "--out", str(tmp_path / "x")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "needs one of: exact-svd" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x").exists()

@@ -39,3 +39,14 @@ def load_adapter_state(model: Any, state: Mapping[str, np.ndarray]) -> None:
             raise FedPeftError(f"adapter tensor {key} has shape {array.shape}, expected {tuple(expected[key].shape)}")
         tensors[key] = torch.as_tensor(np.asarray(array), dtype=expected[key].dtype)
     set_peft_model_state_dict(model, tensors)
+
+
+def key_matches(key: str, components: tuple[str, ...] | list[str]) -> bool:
+    """Whether a dotted tensor name has one of ``components`` as a path component (``"lora_A"``)."""
+    parts = key.split(".")
+    return any(c in parts for c in components)
+
+
+def without_keys(state: Mapping[str, np.ndarray], components: tuple[str, ...] | list[str]) -> dict[str, np.ndarray]:
+    """``state`` minus the tensors whose names have one of ``components`` as a path component."""
+    return {k: v for k, v in state.items() if not key_matches(k, components)}

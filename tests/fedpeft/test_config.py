@@ -26,7 +26,7 @@ def test_every_field_has_help() -> None:
 
 
 POSITIVE_INTS = ["lora_r", "lora_alpha", "max_length", "clients", "rounds", "local_epochs", "batch_size",
-                 "eval_batch_size", "client_cpus"]
+                 "eval_batch_size", "client_cpus", "fair_iterations"]
 
 INVALID = [
     *[(name, 0) for name in POSITIVE_INTS],
@@ -47,6 +47,11 @@ INVALID = [
     ("round_timeout", -5.0),
     ("text_column", ""),
     ("label_column", ""),
+    ("fair_lambda", -1e-3),
+    ("fair_lambda", float("nan")),
+    ("client_ranks", "0,4"),
+    ("client_ranks", "4,9"),  # above lora_r = 8
+    ("client_ranks", "4,x"),
 ]
 
 
@@ -151,3 +156,11 @@ def test_frozen() -> None:
 def test_replace_validates() -> None:
     with pytest.raises(FedPeftError, match="clients"):
         dataclasses.replace(FedPeftConfig(), clients=0)
+
+
+def test_client_ranks_parse_and_fractional_alpha() -> None:
+    from fedpeft.config import parse_ranks
+
+    assert parse_ranks("") == [] and parse_ranks("2, 4,8") == [2, 4, 8]
+    cfg = FedPeftConfig.from_mapping({"client-ranks": "2,8", "lora-alpha": "0.5", "fair-lambda": "1e-4"})
+    assert cfg.client_ranks == "2,8" and cfg.lora_alpha == 0.5 and cfg.fair_lambda == 1e-4
