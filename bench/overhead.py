@@ -15,8 +15,8 @@ Python start-up, imports, model loading and data tokenization count on both side
   :func:`strategies.sampling.sample_sites`, and for each sampled site (in site-key order) loads the
   global adapter, runs :func:`fedpeft.site.train_client_round` (the very function the client calls, seed
   ``derive_seed(seed, round, partition)``), collects the adapter state and ``len(partition)`` as its
-  weight, aggregates with :func:`strategies.fedavg.weighted_average`, and evaluates the new global
-  adapter on the test split. At the end it saves the adapter with ``save_pretrained`` as the
+  weight, aggregates with the configured registered aggregator (``strategies.AGGREGATORS``), and
+  evaluates the new global adapter on the test split. At the end it saves the adapter with ``save_pretrained`` as the
   federated run does.
 
 The bare side deliberately includes the server-side evaluations (round 0 and after every round) and
@@ -78,6 +78,9 @@ KNOBS = (
     "client_cpus",
 )
 
+# bench/strategies.py would shadow the `strategies` package: drop this folder from the import path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 
 # --------------------------------------------------------------------------------------------------
 # bare: the federated computation in one process, without Flower or Ray
@@ -90,11 +93,13 @@ def run_bare(cfg: Any, run_dir: Path) -> dict[str, Any]:
     from fedpeft import site
     from fedpeft.adapters import adapter_state, load_adapter_state
     from fedpeft.training import evaluate
-    from strategies.fedavg import weighted_average
+    from strategies import AGGREGATORS, AggregationOptions
     from strategies.sampling import sample_sites
 
-    if cfg.strategy != "fedavg":
-        raise SystemExit(f"bare mode implements fedavg only, not {cfg.strategy!r}")
+    aggregator = AGGREGATORS.get(cfg.strategy)
+    if aggregator.frozen:
+        raise SystemExit(f"bare mode does not implement frozen factors ({cfg.strategy!r})")
+    options = AggregationOptions(lam=cfg.fair_lambda, ab_iterations=cfg.fair_iterations, seed=cfg.seed)
     torch.set_num_threads(cfg.client_cpus)  # as client/app.py does
 
     # --- server set-up (server/run.py) -------------------------------------------------------------
@@ -129,7 +134,7 @@ def run_bare(cfg: Any, run_dir: Path) -> dict[str, Any]:
             site.train_client_round(cfg, model, data, server_round=rnd, partition_id=pid)
             states.append(adapter_state(model))
             weights.append(float(len(data)))  # the client's num-examples
-        state = weighted_average(states, weights)
+        state, _ = aggregator(states, weights, previous=state, options=options)
         train_s += time.perf_counter() - t
         record_round(rnd)
 

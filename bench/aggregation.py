@@ -1,0 +1,133 @@
+"""Seconds and peak memory of every aggregation strategy on 100 clients × a 7B-shaped LoRA adapter.
+
+What is measured
+----------------
+The adapter is shaped like LoRA r=16 on q, k, v, o of a 32-layer model with d = n = 4096 (Llama-2-7B):
+128 layer pairs, 16.8 M parameters (67 MB in float32) per client, 6.7 GB for 100 clients — more
+than the 2 GB target, so the clients' states are *lazy*: a mapping that generates a tensor
+(seeded by client and key) only when the aggregator asks for it, as a server streaming replies
+from disk or the network would. The driver (:func:`strategies.aggregator.aggregate`) asks layer by
+layer, so only one layer of every client (100 × 1 MB) is alive at a time.
+
+Every strategy runs in its own subprocess (so ``ru_maxrss`` is its own peak) and prints the wall
+time of one whole aggregation, including the aggregation-bias metric (Gram traces). A further
+subprocess (``generate``) only generates and touches every tensor in the same order; its time is
+what data generation costs inside the others, and ``aggregate s`` = total − that.
+
+Running it::
+
+    python bench/aggregation.py                       # 100 clients, 7B shape, every strategy
+    python bench/aggregation.py --clients 20 --layers 4   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+# bench/strategies.py would shadow the `strategies` package: drop this folder from the import path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def keys(layers: int) -> list[str]:
+    out = []
+    for layer in range(layers):
+        for proj in PROJECTIONS:
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+            out += [f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"]
+    return out
+
+
+class LazyClient(Mapping[str, np.ndarray]):
+    """One client's LoRA state, generated per tensor on access (float32, seeded by client and key)."""
+
+    def __init__(self, client: int, names: list[str], *, dim: int, rank: int) -> None:
+        self.client, self.names, self.dim, self.rank = client, names, dim, rank
+        self.index = {name: i for i, name in enumerate(names)}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        rng = np.random.default_rng([self.client, self.index[key]])
+        if key.endswith("lora_A.weight"):
+            return (rng.random((self.rank, self.dim), dtype=np.float32) - 0.5) * np.float32(0.03)
+        return (rng.random((self.dim, self.rank), dtype=np.float32) - 0.5) * np.float32(0.01)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def worker(name: str, args: argparse.Namespace) -> dict:
+    from strategies import AGGREGATORS, AggregationOptions
+    from strategies.aggregator import lora_layers
+
+    names = keys(args.layers)
+    previous = dict(LazyClient(args.clients, names, dim=args.dim, rank=args.rank))  # the broadcast
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    frozen = () if name == "generate" else AGGREGATORS.get(name).frozen
+    client_names = [k for k in names if not any(c in k.split(".") for c in frozen)]
+    clients = [LazyClient(k, client_names, dim=args.dim, rank=args.rank) for k in range(args.clients)]
+    weights = np.random.default_rng(0).integers(50, 500, size=args.clients).astype(float)
+    started = time.perf_counter()
+    metrics: dict = {}
+    if name == "generate":
+        pairs, _ = lora_layers(previous.keys())
+        for a_key, b_key in pairs:
+            for c in clients:
+                if a_key in c:
+                    float(c[a_key].sum())
+                float(c[b_key].sum())
+    else:
+        _, metrics = AGGREGATORS.get(name)(clients, weights, previous=previous, options=AggregationOptions())
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"strategy": name, "seconds": seconds, "peak_rss_mb": peak, "rss_before_mb": rss_before, **metrics}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--layers", type=int, default=32, help="transformer layers (4 LoRA pairs each)")
+    parser.add_argument("--dim", type=int, default=4096)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--strategies", default="fedit,lora-fair,lora-fair-ab,ffa-lora,exact-svd")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args)))
+        return
+
+    common = ["--clients", str(args.clients), "--layers", str(args.layers), "--dim", str(args.dim),
+              "--rank", str(args.rank)]  # fmt: skip
+    results = []
+    for name in ["generate", *args.strategies.split(",")]:
+        proc = subprocess.run([sys.executable, __file__, "--worker", name, *common], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    gen = results[0]["seconds"]
+    per_client_mb = args.layers * len(PROJECTIONS) * 2 * args.dim * args.rank * 4 / 2**20
+    pairs = args.layers * len(PROJECTIONS)
+    print(f"{args.clients} clients × {pairs} LoRA pairs (d = n = {args.dim}, r = {args.rank}): "
+          f"{per_client_mb:.0f} MB per client, {per_client_mb * args.clients / 1024:.1f} GB in all")  # fmt: skip
+    print(f"{'strategy':<14}{'total s':>9}{'aggregate s':>13}{'peak RSS MB':>13}{'residual mean':>15}{'max':>8}")
+    for r in results:
+        agg = r["seconds"] - gen if r["strategy"] != "generate" else float("nan")
+        res = r.get("agg_residual_mean", float("nan"))
+        print(f"{r['strategy']:<14}{r['seconds']:>9.1f}{agg:>13.1f}{r['peak_rss_mb']:>13.0f}{res:>15.4f}"
+              f"{r.get('agg_residual_max', float('nan')):>8.4f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
