@@ -101,13 +101,14 @@ class FedPeftStrategy(Strategy):
         contents: dict[int | None, RecordDict] = {}
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
         messages = []
+        mixed = sorted(s for s, r in self.ranks.items() if r != global_rank) if global_rank else []
+        if mixed and not self.aggregator.heterogeneous_ranks:  # every site, sampled this round or not
+            raise FedPeftError(
+                f"strategy {self.aggregator_name!r} needs every client at LoRA rank {global_rank}, "
+                f"but {mixed[0]} trains rank {self.ranks[mixed[0]]}; use exact-svd for mixed ranks"
+            )
         for site in chosen:
             rank = self.ranks.get(site, global_rank)
-            if rank != global_rank and not self.aggregator.heterogeneous_ranks:
-                raise FedPeftError(
-                    f"strategy {self.aggregator_name!r} needs every client at LoRA rank {global_rank}, "
-                    f"but {site} trains rank {rank}; use exact-svd for mixed ranks"
-                )
             if rank not in contents:
                 state = broadcast if rank == global_rank else truncate_to_rank(broadcast, rank)
                 contents[rank] = RecordDict({ARRAYS: to_array_record(state), CONFIG: config})

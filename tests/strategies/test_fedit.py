@@ -1,7 +1,9 @@
-"""FedIT/FedAvg: the weighted average of adapter states, checked against a brute-force numpy reference.
+"""FedIT (registered as ``fedit`` and ``fedavg``): separate weighted averages of A and B, and of every
+other tensor, checked against brute-force float64 numpy.
 
-These states have no LoRA pairs (keys not ending in ``.lora_A.weight``), so every tensor goes through
-the driver's weighted average; LoRA layers are covered in ``test_aggregators.py``.
+The first part drives states without LoRA pairs (no key ends in ``.lora_A.weight``), so every tensor
+goes through the driver's weighted average (:func:`strategies.aggregator.weighted_sum`); the second
+part checks the LoRA factors and the residual FedIT reports.
 """
 
 from __future__ import annotations
@@ -10,15 +12,18 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lora_cases import A_KEY, B_KEY, HEAD, Problem, dense_average, make_problem, problems, relative_error
 
-from strategies import AGGREGATORS
-from strategies.fedit import FEDIT
+from strategies import AGGREGATORS, AggregationOptions
+from strategies.aggregator import normalised, weighted_sum
+from strategies.fedit import FEDIT, fedit_pair
 
 
 def weighted_average(states, weights):  # noqa: ANN001, ANN201 - the driver over non-LoRA tensors
     states = list(states)
     previous = {k: np.zeros_like(v) for k, v in states[0].items()} if states else {}
     return FEDIT(states, weights, previous=previous)[0]
+
 
 shapes = st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple)
 
@@ -171,3 +176,61 @@ def test_registered_fedavg_is_fedit_and_without_lora_reports_no_residual() -> No
     state, metrics = AGGREGATORS.get("fedavg")(states, [1.0, 1.0], previous={"x": np.zeros(2, np.float32)})
     assert metrics == {}
     np.testing.assert_array_equal(state["x"], np.array([1.0, 2.0], np.float32))
+
+
+@settings(max_examples=30, deadline=None)
+@given(states_and_weights())
+def test_weighted_sum_is_the_driver_average(case: tuple[list[dict[str, np.ndarray]], list[float]]) -> None:
+    states, weights = case
+    got = weighted_average(states, weights)
+    p = normalised(weights)
+    for key in got:
+        np.testing.assert_array_equal(got[key], weighted_sum([s[key] for s in states], p))
+
+
+# --- LoRA layers -------------------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(problems())
+def test_lora_factors_are_averaged_separately(problem: Problem) -> None:
+    out, metrics = problem.run("fedit")
+    A_bar, B_bar = dense_average(problem.As, problem.p), dense_average(problem.Bs, problem.p)
+    np.testing.assert_allclose(out[A_KEY], A_bar, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(out[B_KEY], B_bar, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(out[HEAD], dense_average(problem.heads, problem.p), rtol=1e-12, atol=1e-14)
+    want = relative_error(problem.dW, A_bar, B_bar)  # the bias of averaging factors separately
+    assert metrics["agg_residual_mean"] == pytest.approx(want, abs=1e-7)
+    assert metrics["agg_residual_max"] == metrics["agg_residual_mean"]  # one layer
+
+
+@settings(max_examples=30, deadline=None)
+@given(problems())
+def test_pair_rule_ignores_the_previous_factors(problem: Problem) -> None:
+    A, B = fedit_pair(problem.As, problem.Bs, problem.p, prev_A=problem.prev_A * 0 + 7.0,
+                      prev_B=problem.prev_B * 0 - 7.0, options=AggregationOptions())  # fmt: skip
+    np.testing.assert_allclose(A, dense_average(problem.As, problem.p), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(B, dense_average(problem.Bs, problem.p), rtol=1e-12, atol=1e-14)
+
+
+def test_one_client_is_exact_and_two_are_biased() -> None:
+    problem = make_problem(0, d=5, n=4, r=2, K=1)
+    out, metrics = problem.run("fedit")
+    np.testing.assert_allclose(out[B_KEY] @ out[A_KEY], problem.dW, rtol=1e-12)
+    assert metrics["agg_residual_max"] <= 1e-6
+    # ΔW = ½·1·1 + ½·0·0 = ½, but B̄Ā = ½·½ = ¼: a relative error of exactly ½
+    one, zero = np.ones((1, 1)), np.zeros((1, 1))
+    states = [{"l.lora_A.weight": one, "l.lora_B.weight": one}, {"l.lora_A.weight": zero, "l.lora_B.weight": zero}]
+    out, metrics = FEDIT(states, [2, 2], previous={"l.lora_A.weight": zero, "l.lora_B.weight": zero})
+    assert out["l.lora_B.weight"] @ out["l.lora_A.weight"] == pytest.approx(0.25)
+    assert metrics == {"agg_residual_mean": pytest.approx(0.5), "agg_residual_max": pytest.approx(0.5)}
+
+
+def test_fedavg_alias_runs_the_same_rule() -> None:
+    problem = make_problem(1, d=6, n=5, r=3, K=4)
+    a, ma = problem.run("fedavg")
+    b, mb = problem.run("fedit")
+    assert ma == mb
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert not FEDIT.frozen and not FEDIT.heterogeneous_ranks

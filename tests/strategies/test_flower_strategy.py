@@ -9,6 +9,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from fedpeft.wire import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, from_array_record, record_nbytes, to_array_record
+from strategies import AGGREGATORS, AggregationOptions
 from strategies.fedit import FEDIT
 from strategies.flower import FedPeftStrategy, RoundTraffic
 from strategies.sampling import sample_sites
@@ -166,6 +167,11 @@ def test_aggregate_equals_weighted_average_in_site_order(shuffle_seed: int) -> N
     assert metrics["clients"] == len(sites)
     losses = [0.1 * (int(s.split("-")[1]) + 1) for s in sites]
     assert metrics["train-loss"] == pytest.approx(np.average(losses, weights=weights))
+    ordered = sorted(zip(sites, weights, strict=True))
+    _, want_metrics = FEDIT([_client_state(s) for s, _ in ordered], [w for _, w in ordered], previous=_global_state())
+    for key in ("agg_residual_mean", "agg_residual_max"):  # the aggregator's metrics reach the round record
+        assert metrics[key] == want_metrics[key]
+    assert 0.0 < metrics["agg_residual_mean"] <= 1.5  # FedIT is biased on differing factors
 
 
 def test_aggregate_is_bitwise_independent_of_reply_order() -> None:
@@ -331,7 +337,8 @@ def test_low_rank_sites_get_truncated_factors() -> None:
     ranks = {site: 1 for site in list(NODES.values())[::2]}
     strategy = FedPeftStrategy(aggregator="exact-svd", sites=NODES, fraction=1.0, seed=0, ranks=ranks)
     glob = {"a.lora_A.weight": np.arange(8, dtype=np.float32).reshape(2, 4),
-            "a.lora_B.weight": np.arange(10, dtype=np.float32).reshape(5, 2), "head.weight": np.ones((3, 4), np.float32)}
+            "a.lora_B.weight": np.arange(10, dtype=np.float32).reshape(5, 2),
+            "head.weight": np.ones((3, 4), np.float32)}
     messages = list(strategy.configure_train(1, to_array_record(glob), ConfigRecord({}), _NoGrid()))
     for msg in messages:
         sent = from_array_record(msg.content[ARRAYS])
@@ -351,4 +358,130 @@ def test_equal_rank_strategy_refuses_a_low_rank_site() -> None:
     strategy = FedPeftStrategy(aggregator="lora-fair", sites=NODES, fraction=1.0, seed=0,
                                ranks={"partition-00003": 1})
     with pytest.raises(FedPeftError, match="use exact-svd"):
+        _configure(strategy)
+
+
+# --- real rules through the strategy: frozen A, mixed ranks ------------------------------------------------
+
+def _random_global(rank: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"a.lora_A.weight": rng.normal(size=(rank, 4)).astype(np.float32),
+            "a.lora_B.weight": rng.normal(size=(5, rank)).astype(np.float32),
+            "head.weight": rng.normal(size=(3, 4)).astype(np.float32)}  # fmt: skip
+
+
+def _trained(sent: dict[str, np.ndarray], site: str) -> dict[str, np.ndarray]:
+    """What a site sends back: every tensor it was sent, moved (shapes kept)."""
+    rng = np.random.default_rng(100 + int(site.split("-")[1]))
+    return {k: (v + rng.normal(size=v.shape)).astype(np.float32) for k, v in sent.items()}
+
+
+def _round(strategy: FedPeftStrategy, glob: dict[str, np.ndarray]) -> tuple[list[Message], list[Message]]:
+    messages = list(strategy.configure_train(1, to_array_record(glob), ConfigRecord({"lr": 0.1}), _NoGrid()))
+    replies = []
+    for m in messages:
+        site = NODES[m.metadata.dst_node_id]
+        state = _trained(from_array_record(m.content[ARRAYS]), site)
+        metrics = MetricRecord({NUM_EXAMPLES: 10 + 7 * int(site.split("-")[1]), "train-loss": 0.5})
+        replies.append(Message(RecordDict({ARRAYS: to_array_record(state), METRICS: metrics}), reply_to=m))
+    return messages, replies
+
+
+def test_ffa_lora_round_keeps_the_server_A_and_averages_B() -> None:
+    glob = _random_global(2)
+    strategy = FedPeftStrategy(aggregator="ffa-lora", sites=NODES, fraction=0.5, seed=4)
+    messages, replies = _round(strategy, glob)
+    for m in messages:
+        assert set(from_array_record(m.content[ARRAYS])) == {"a.lora_B.weight", "head.weight"}
+        assert m.content[CONFIG]["frozen"] == "lora_A" and m.content[CONFIG]["server-round"] == 1
+    random.Random(0).shuffle(replies)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    got = from_array_record(arrays)
+    assert list(got) == list(glob)  # the full adapter again, A included
+    np.testing.assert_array_equal(got["a.lora_A.weight"], glob["a.lora_A.weight"])
+    sites = sorted(NODES[m.metadata.dst_node_id] for m in messages)
+    weights = np.array([10 + 7 * int(s.split("-")[1]) for s in sites], dtype=np.float64)
+    sent = {k: v for k, v in glob.items() if "lora_A" not in k}
+    for key in ("a.lora_B.weight", "head.weight"):
+        want = np.einsum("k,k...->...", weights / weights.sum(), np.stack([_trained(sent, s)[key] for s in sites]))
+        np.testing.assert_allclose(got[key], want, rtol=1e-5, atol=1e-6)
+    assert metrics["agg_residual_max"] <= 5e-3  # exact, up to the float32 Gram-trace floor
+
+
+def test_ffa_lora_sends_fewer_bytes_than_fedit() -> None:
+    glob = _random_global(2)
+    sizes = {}
+    for name in ("ffa-lora", "fedit"):
+        strategy = FedPeftStrategy(aggregator=name, sites=NODES, fraction=1.0, seed=0)
+        list(strategy.configure_train(1, to_array_record(glob), ConfigRecord({}), _NoGrid()))
+        sizes[name] = strategy.traffic[1].sent["partition-00000"]
+    assert sizes["fedit"] - sizes["ffa-lora"] >= glob["a.lora_A.weight"].nbytes
+
+
+def test_mixed_rank_round_sends_truncations_and_aggregates_at_the_global_rank() -> None:
+    glob = _random_global(4, seed=1)
+    ranks = {site: 2 for site in list(NODES.values())[1::3]}
+    strategy = FedPeftStrategy(aggregator="exact-svd", sites=NODES, fraction=1.0, seed=0, ranks=ranks)
+    messages, replies = _round(strategy, glob)
+    states = {}
+    for m, reply in zip(messages, replies, strict=True):
+        site = NODES[m.metadata.dst_node_id]
+        sent = from_array_record(m.content[ARRAYS])
+        r = ranks.get(site, 4)
+        np.testing.assert_array_equal(sent["a.lora_A.weight"], glob["a.lora_A.weight"][:r])  # first r rows
+        np.testing.assert_array_equal(sent["a.lora_B.weight"], glob["a.lora_B.weight"][:, :r])  # first r columns
+        np.testing.assert_array_equal(sent["head.weight"], glob["head.weight"])
+        states[site] = from_array_record(reply.content[ARRAYS])
+    arrays, metrics = strategy.aggregate_train(1, replies[::-1])
+    got = from_array_record(arrays)
+    assert got["a.lora_A.weight"].shape == (4, 4) and got["a.lora_B.weight"].shape == (5, 4)
+    sites = sorted(states)
+    want, want_metrics = AGGREGATORS.get("exact-svd")([states[s] for s in sites],
+                                                      [float(10 + 7 * int(s.split("-")[1])) for s in sites],
+                                                      previous=glob)  # fmt: skip
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+    assert metrics["agg_residual_mean"] == want_metrics["agg_residual_mean"]
+
+
+@pytest.mark.parametrize("name", [n for n in AGGREGATORS.names() if not AGGREGATORS.get(n).heterogeneous_ranks])
+def test_every_equal_rank_rule_refuses_a_rank_2_site(name: str) -> None:
+    from fedpeft.errors import FedPeftError
+
+    strategy = FedPeftStrategy(aggregator=name, sites=NODES, fraction=1.0, seed=0, ranks={"partition-00004": 2})
+    match = f"{name!r} needs every client at LoRA rank 4, but partition-00004 trains rank 2"
+    with pytest.raises(FedPeftError, match=match):
+        list(strategy.configure_train(1, to_array_record(_random_global(4)), ConfigRecord({}), _NoGrid()))
+
+
+@pytest.mark.parametrize("name", AGGREGATORS.names())
+def test_a_site_at_the_global_rank_is_fine_for_every_rule(name: str) -> None:
+    strategy = FedPeftStrategy(aggregator=name, sites=NODES, fraction=1.0, seed=0, ranks={"partition-00004": 4})
+    messages = list(strategy.configure_train(1, to_array_record(_random_global(4)), ConfigRecord({}), _NoGrid()))
+    assert len(messages) == len(NODES)
+    frozen = ",".join(AGGREGATORS.get(name).frozen)
+    assert all(m.content[CONFIG]["frozen"] == frozen for m in messages)
+
+
+def test_strategy_passes_its_options_to_the_rule() -> None:
+    glob = _random_global(2, seed=3)
+    results = []
+    for lam in (1e-3, 10.0):
+        strategy = FedPeftStrategy(aggregator="lora-fair", sites=NODES, fraction=0.5, seed=1,
+                                   options=AggregationOptions(lam=lam))  # fmt: skip
+        _, replies = _round(strategy, glob)
+        arrays, _ = strategy.aggregate_train(1, replies)
+        results.append(from_array_record(arrays)["a.lora_B.weight"])
+    assert not np.allclose(results[0], results[1])
+    assert FedPeftStrategy(aggregator="fedit", sites=NODES, fraction=1.0, seed=9).options == AggregationOptions(seed=9)
+
+
+def test_low_rank_site_refused_even_when_not_sampled() -> None:
+    from fedpeft.errors import FedPeftError
+
+    strategy = FedPeftStrategy(aggregator="fedit", sites=NODES, fraction=0.1, seed=0)
+    chosen = {NODES[m.metadata.dst_node_id] for m in _configure(strategy)}
+    other = next(s for s in NODES.values() if s not in chosen)
+    strategy = FedPeftStrategy(aggregator="fedit", sites=NODES, fraction=0.1, seed=0, ranks={other: 1})
+    with pytest.raises(FedPeftError, match=other):
         _configure(strategy)
