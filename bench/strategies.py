@@ -127,8 +127,9 @@ def main() -> None:
         cells = "".join(f"{m:.3f}±{h:.3f}".ljust(14) for m, h in pairs)
         print(f"{row['strategy']:<34}{cells}{row['residual_mean']:.4f}")
     if args.json:
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json)}, "summary": rows,
+        args.json.write_text(json.dumps({"settings": settings, "summary": rows,
                                          "runs": runs}, indent=1) + "\n")  # fmt: skip
 
 

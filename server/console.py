@@ -31,7 +31,7 @@ class RoundReporter:
     """Prints one table row per round under a live progress bar."""
 
     def __init__(self, rounds: int, console: Console | None = None) -> None:
-        self.console = console or Console(stderr=False)
+        self.console = console or Console(stderr=False, soft_wrap=True)  # rows never wrap in a pipe
         self.progress = Progress(
             TextColumn("[bold]federated rounds"),
             BarColumn(),

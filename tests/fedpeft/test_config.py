@@ -13,7 +13,7 @@ from fedpeft.errors import FedPeftError
 def test_defaults_are_valid() -> None:
     cfg = FedPeftConfig()
     assert cfg.peft == "lora"
-    assert cfg.strategy == "fedavg"
+    assert cfg.strategy == "fedit"
     assert cfg.partition == "iid"
     assert 0 < cfg.fraction <= 1
     assert 0 < cfg.test_fraction < 1
