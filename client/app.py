@@ -20,7 +20,20 @@ from fedpeft import site
 from fedpeft.adapters import adapter_state, load_adapter_state
 from fedpeft.adapters.state import without_keys
 from fedpeft.config import FedPeftConfig
-from fedpeft.wire import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, config_from_record, from_array_record, to_array_record
+from fedpeft.wire import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    PRIVACY,
+    REFUSED,
+    TRAINED,
+    config_from_record,
+    from_array_record,
+    privacy_record,
+    to_array_record,
+)
+from privacy.central import clipping_mod
 
 app = ClientApp()
 
@@ -55,15 +68,15 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS: metrics, CONFIG: ConfigRecord({"site": key})}), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[clipping_mod])  # clips the update only when the server asks (central DP)
 def train(msg: Message, context: Context) -> Message:
-    """One client-round of local training on the broadcast adapter."""
+    """One client-round of local training on the broadcast adapter (with DP-SGD under local DP)."""
     config = msg.content[CONFIG]
     cfg = config_from_record(config)
     server_round = int(config["server-round"])
     label_names: list[Any] = list(config["label-names"])
     frozen = tuple(c for c in str(config.get("frozen", "")).split(",") if c)
-    pid, num, _ = site_identity(context, cfg.clients)
+    pid, num, key = site_identity(context, cfg.clients)
     torch.set_num_threads(cfg.client_cpus)
 
     local = site_config(cfg, context, pid)
@@ -71,14 +84,49 @@ def train(msg: Message, context: Context) -> Message:
     broadcast = from_array_record(msg.content[ARRAYS])
     load_adapter_state(model, {**site.initial_adapter(local, num_labels=len(label_names)), **broadcast})
     data = site.encoded_partition(cfg, pid, num)
-    result = site.train_client_round(local, model, data, server_round=server_round, partition_id=pid, frozen=frozen)
-    metrics = MetricRecord(
-        {
-            NUM_EXAMPLES: len(data),
-            "train-loss": result["train_loss"],
-            "steps": result["steps"],
-            "examples-seen": result["examples_seen"],
-        }
-    )
-    update = without_keys(adapter_state(model), frozen)
-    return Message(RecordDict({ARRAYS: to_array_record(update), METRICS: metrics}), reply_to=msg)
+    content = RecordDict()
+    if cfg.dp == "local":
+        report = private_round(local, context, model, data, key=key, server_round=server_round, frozen=frozen)
+        status = TRAINED if report.trained else REFUSED
+        content[PRIVACY] = privacy_record(
+            status=status, entry=report.entry, signature=report.signature, public_key=report.public_key,
+            reason=report.reason,
+        )
+        result = report.metrics
+    else:
+        result = site.train_client_round(local, model, data, server_round=server_round, partition_id=pid, frozen=frozen)
+    trained = cfg.dp != "local" or report.trained
+    metrics = {
+        NUM_EXAMPLES: len(data) if trained else 0,
+        "train-loss": result.get("train_loss", 0.0),
+        "steps": result.get("steps", 0),
+        "examples-seen": result.get("examples_seen", 0),
+        **{k: v for k, v in result.items() if k.startswith("dp-")},
+    }
+    update = without_keys(adapter_state(model), frozen) if trained else {}
+    content[ARRAYS] = to_array_record(update)
+    content[METRICS] = MetricRecord(metrics)
+    return Message(content, reply_to=msg)
+
+
+def private_round(
+    cfg: FedPeftConfig, context: Context, model: Any, data: Any, *, key: str, server_round: int, frozen: tuple[str, ...]
+) -> Any:
+    """Local DP: the site's own budget (node config ``dp-epsilon``) and state directory apply."""
+    from privacy.local import LocalPolicy
+    from privacy.local import private_round as run_private_round
+
+    budget = context.node_config.get("dp-epsilon")
+    policy = LocalPolicy.from_config(cfg, site_budget=None if budget is None else float(budget))
+    train_settings = {
+        "epochs": cfg.local_epochs,
+        "max_steps": cfg.max_local_steps,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+    }
+    with site.frozen_parameters(model, frozen):
+        return run_private_round(
+            policy, model, data, train=train_settings, site=key, run_id=cfg.run_id, server_round=server_round,
+            state_dir=site.state_dir(context.node_config),
+        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -59,6 +60,15 @@ class FedPeftConfig:
     eval_batch_size: int = _f(64, "examples per evaluation batch")
     client_cpus: int = _f(2, "CPU threads each simulated client uses")
     seed: int = _f(0, "seed for data split, sampling, initialisation and training")
+    # --- privacy --------------------------------------------------------------------------------
+    dp: str = _f("off", "off | local (DP-SGD at each site: sample-level) | central (clipped updates + server noise: user-level)")
+    dp_epsilon: float = _f(0.0, "epsilon budget per site (local) or per client (central); sigma is calibrated to it; 0: none")
+    dp_delta: float = _f(0.0, "delta of every epsilon, in (0, 1); required with --dp (e.g. 1e-5, below 1/examples)")
+    dp_noise_multiplier: float = _f(0.0, "noise multiplier sigma; 0: calibrated once to dp_epsilon over the planned rounds")
+    dp_max_grad_norm: float = _f(1.0, "clipping norm C: per example (local) or per client update (central)")
+    dp_clipping: str = _f("hooks", "Opacus clipping for local DP: hooks (per-sample gradients) | ghost (fast clipping)")
+    dp_accountant: str = _f("prv", "accountant sites count with: prv (near-tight) | rdp (Opacus)")
+    run_id: str = _f("", "run identifier; sites account privacy per run id (reuse one to share a budget); empty: random")
     # --- output ---------------------------------------------------------------------------------
     out: str = _f("", "run directory; empty: runs/<timestamp>")
 
@@ -98,6 +108,7 @@ class FedPeftConfig:
                 raise FedPeftError(f"{name} must not be empty")
         if self.text_column == self.label_column:
             raise FedPeftError("text_column and label_column must differ")
+        _check_privacy(self)
 
     # --- conversions ----------------------------------------------------------------------------
     @classmethod
@@ -128,6 +139,68 @@ class FedPeftConfig:
     def to_json(self) -> str:
         """The config as pretty JSON, as written to ``RUN_DIR/config.json``."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+# What `--dp` (local) means when the user sets nothing else: the regime where privacy and accuracy
+# both held on the default data (README, "Differential privacy"; bench/dp_accuracy.py).
+DP_DEFAULTS: dict[str, Any] = {
+    "dp_epsilon": 8.0,
+    "dp_delta": 1e-5,
+    "strategy": "ffa-lora",
+    "lora_r": 4,
+    "lora_alpha": 8.0,
+    "batch_size": 256,
+    "max_local_steps": 5,
+    "fraction": 1.0,
+    "lr": 5e-3,
+}
+
+
+def describe_dp(cfg: FedPeftConfig) -> str:
+    """One line naming the privacy guarantee a run is set up for."""
+    if cfg.dp == "off":
+        return "no differential privacy"
+    budget = f"epsilon {cfg.dp_epsilon:g}" if cfg.dp_epsilon > 0 else "no epsilon budget"
+    sigma = f"sigma {cfg.dp_noise_multiplier:g}" if cfg.dp_noise_multiplier > 0 else "sigma calibrated to the budget"
+    if cfg.dp == "local":
+        return (
+            f"local DP-SGD at every site: {budget} at delta {cfg.dp_delta:g} per site, clip {cfg.dp_max_grad_norm:g} "
+            f"per example, {sigma}, {cfg.dp_clipping} clipping, {cfg.dp_accountant} accounting"
+        )
+    return (
+        f"central DP: {budget} at delta {cfg.dp_delta:g} per client (user level), clip {cfg.dp_max_grad_norm:g} "
+        f"per client update, {sigma}"
+    )
+
+
+DP_MODES = ("off", "local", "central")
+DP_CLIPPING = ("hooks", "ghost")
+DP_ACCOUNTANTS = ("prv", "rdp")
+
+
+def _check_privacy(cfg: FedPeftConfig) -> None:
+    if cfg.dp not in DP_MODES:
+        raise FedPeftError(f"dp must be one of {', '.join(DP_MODES)}, got {cfg.dp!r}")
+    if cfg.dp_clipping not in DP_CLIPPING:
+        raise FedPeftError(f"dp_clipping must be one of {', '.join(DP_CLIPPING)}, got {cfg.dp_clipping!r}")
+    if cfg.dp_accountant not in DP_ACCOUNTANTS:
+        raise FedPeftError(f"dp_accountant must be one of {', '.join(DP_ACCOUNTANTS)}, got {cfg.dp_accountant!r}")
+    for name in ("dp_epsilon", "dp_noise_multiplier"):
+        value = getattr(cfg, name)
+        if not (value >= 0 and math.isfinite(value)):
+            raise FedPeftError(f"{name} must be a finite number >= 0, got {value}")
+    if not (cfg.dp_max_grad_norm > 0 and math.isfinite(cfg.dp_max_grad_norm)):
+        raise FedPeftError(f"dp_max_grad_norm must be a finite number > 0, got {cfg.dp_max_grad_norm}")
+    if cfg.dp == "off":
+        changed = [f.name for f in dataclasses.fields(cfg) if f.name.startswith("dp_") and getattr(cfg, f.name) != f.default]
+        if changed:
+            raise FedPeftError(f"{changed[0]} is set but dp is off; add --dp local or --dp central")
+        return
+    if not 0 < cfg.dp_delta < 1:
+        what = "dp_epsilon needs dp_delta" if cfg.dp_epsilon > 0 else "dp needs dp_delta"
+        raise FedPeftError(f"{what} in (0, 1), got {cfg.dp_delta:g}; add --dp-delta (e.g. 1e-5, below 1/examples)")
+    if cfg.dp_epsilon == 0 and cfg.dp_noise_multiplier == 0:
+        raise FedPeftError("dp needs a budget or a noise level: add --dp-epsilon (e.g. 8) or --dp-noise-multiplier")
 
 
 def parse_ranks(spec: str) -> list[int]:

@@ -10,9 +10,11 @@ keyed by every setting that changes what they hold.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +24,18 @@ from fedpeft.config import FedPeftConfig, parse_ranks
 from fedpeft.data import DEFAULT_DATA, LabelledTable, load_labelled_table, partition_indices, split_test
 from fedpeft.errors import FedPeftError
 from fedpeft.training import Encoded, encode, train_local
+
+
+STATE_DIR_ENV = "FEDPEFT_STATE_DIR"
+
+
+def state_dir(node_config: Mapping[str, Any] | None = None) -> Path:
+    """Where this process keeps state that must outlive it (privacy accounts, ledger keys).
+
+    A node's ``state-dir`` node config, else ``$FEDPEFT_STATE_DIR``, else ``~/.fedpeft/state``.
+    """
+    configured = (node_config or {}).get("state-dir") or os.environ.get(STATE_DIR_ENV)
+    return Path(str(configured)).expanduser() if configured else Path.home() / ".fedpeft" / "state"
 
 
 def data_path(cfg: FedPeftConfig) -> str:

@@ -33,7 +33,8 @@ def encode(tokenizer: Any, texts: Sequence[str], labels: np.ndarray, *, max_leng
     return Encoded(input_ids=ids, labels=np.asarray(labels, dtype=np.int64), pad_id=pad)
 
 
-def _batch(data: Encoded, rows: np.ndarray) -> dict[str, torch.Tensor]:
+def padded_batch(data: Encoded, rows: np.ndarray) -> dict[str, torch.Tensor]:
+    """The examples at ``rows`` padded to the longest one: ``input_ids``, ``attention_mask``, ``labels``."""
     width = max(len(data.input_ids[i]) for i in rows)
     ids = torch.full((len(rows), width), data.pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -47,7 +48,7 @@ def _batch(data: Encoded, rows: np.ndarray) -> dict[str, torch.Tensor]:
 def batches(data: Encoded, order: np.ndarray, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
     """Padded batches of the rows in ``order``."""
     for start in range(0, len(order), batch_size):
-        yield _batch(data, order[start : start + batch_size])
+        yield padded_batch(data, order[start : start + batch_size])
 
 
 def train_local(

@@ -7,6 +7,7 @@ record *types* from ``flwr.app`` are used here; sending and receiving stay in ``
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,8 @@ ARRAYS = "arrays"
 METRICS = "metrics"
 CONFIG = "config"
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key; every reply carries it
+PRIVACY = "privacy"  # ConfigRecord of a DP reply: round status and the site's signed ledger entry
+TRAINED, REFUSED = "trained", "refused"
 
 
 def to_array_record(state: Mapping[str, np.ndarray]) -> Any:
@@ -56,3 +59,45 @@ def record_nbytes(content: Any) -> int:
     from flwr.common.serde import recorddict_to_proto
 
     return int(recorddict_to_proto(content).ByteSize())
+
+
+def privacy_record(*, status: str, entry: Mapping[str, Any], signature: str, public_key: str, reason: str = "") -> Any:
+    """A site's privacy report for one round: ``status`` (trained/refused), the signed entry, why."""
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord(
+        {
+            "status": status,
+            "entry": json.dumps(dict(entry), sort_keys=True),
+            "signature": signature,
+            "public-key": public_key,
+            "reason": reason,
+        }
+    )
+
+
+def read_privacy(content: Any) -> dict[str, Any] | None:
+    """Inverse of :func:`privacy_record` for a reply's RecordDict; None when the reply has none.
+
+    Raises
+    ------
+    ValueError
+        A privacy record that is not well formed.
+    """
+    if PRIVACY not in content.config_records:
+        return None
+    record = content.config_records[PRIVACY]
+    try:
+        entry = json.loads(str(record["entry"]))
+        out = {
+            "status": str(record["status"]),
+            "entry": entry,
+            "signature": str(record["signature"]),
+            "public_key": str(record["public-key"]),
+            "reason": str(record.get("reason", "")),
+        }
+    except (KeyError, json.JSONDecodeError) as err:
+        raise ValueError(f"malformed privacy record: {err}") from None
+    if not isinstance(entry, dict) or out["status"] not in (TRAINED, REFUSED):
+        raise ValueError("malformed privacy record")
+    return out

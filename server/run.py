@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import secrets
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from fedpeft.errors import FedPeftError
 from fedpeft.runlog import append_jsonl, atomic_replace_dir, atomic_write_text
 from fedpeft.training import evaluate
 from fedpeft.wire import CONFIG, METRICS, NUM_EXAMPLES, config_record, from_array_record, to_array_record
+from privacy.server import RunPrivacy
 from strategies import AggregationOptions
 from strategies.flower import FedPeftStrategy
 
@@ -102,6 +105,8 @@ def run_federation(
     nodes = wait_for_nodes(grid, 1 if clients_from_federation else cfg.clients)
     if clients_from_federation:
         cfg = dataclasses.replace(cfg, clients=len(nodes))
+    if not cfg.run_id:
+        cfg = dataclasses.replace(cfg, run_id=uuid.uuid4().hex[:16])
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
@@ -135,35 +140,62 @@ def run_federation(
 
     record = record_round(0, {"clients": 0, "bytes_up": 0, "bytes_down": 0}, time.monotonic())
     sites, ranks = finish_discovery(grid, queries, timeout=cfg.round_timeout)
+    privacy = RunPrivacy(cfg, run_dir, num_sites=len(sites), key_dir=site.state_dir() / "coordinator")
     options = AggregationOptions(lam=cfg.fair_lambda, ab_iterations=cfg.fair_iterations, seed=cfg.seed)
     strategy = FedPeftStrategy(
-        aggregator=cfg.strategy, sites=sites, fraction=cfg.fraction, seed=cfg.seed, options=options, ranks=ranks
+        aggregator=cfg.strategy,
+        sites=sites,
+        fraction=cfg.fraction,
+        seed=secrets.randbits(32) if privacy.secret_sampling else cfg.seed,
+        options=options,
+        ranks=ranks,
+        checks=privacy.checks,
+        uniform_weights=privacy.uniform_weights,
     )
+    flower_strategy = privacy.wrap(strategy)
     strategy.summary()
+    logger.info("privacy: %s", privacy.describe())
 
     for rnd in range(1, cfg.rounds + 1):
+        stop = privacy.stop_reason()
+        if stop is not None:
+            logger.warning("stopping before round %d: %s", rnd, stop)
+            break
         started = time.monotonic()
-        messages = strategy.configure_train(rnd, to_array_record(state), base_config, grid)
+        messages = flower_strategy.configure_train(rnd, to_array_record(state), base_config, grid)
         replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
-        arrays, agg = strategy.aggregate_train(rnd, replies)
+        arrays, agg = flower_strategy.aggregate_train(rnd, replies)
         traffic = strategy.traffic[rnd]
-        if arrays is None:
+        if arrays is None and not traffic.refused:
             reasons = "; ".join(f"{s}: {r}" for s, r in sorted(traffic.failures.items())) or "no replies"
             raise FedPeftError(f"round {rnd}: no client replied successfully ({reasons})")
-        state = from_array_record(arrays)
+        if arrays is not None:
+            state = {**state, **from_array_record(arrays)}
+        clients = int(agg["clients"]) if agg is not None else 0
+        dp_metrics = privacy.after_round(rnd, clients=clients)
+        if dp_metrics:
+            logger.info(
+                "round %d: max epsilon %.4f at delta %g across sites; ledger head %s",
+                rnd,
+                dp_metrics["epsilon_max"],
+                dp_metrics["delta"],
+                dp_metrics["ledger_head"][:12],
+            )
         up, down = list(traffic.received.values()), list(traffic.sent.values())
         record = record_round(
             rnd,
             {
-                "clients": int(agg["clients"]),
+                "clients": clients,
                 "failures": len(traffic.failures),
-                "train_loss": float(agg["train-loss"]),
+                "refused": len(traffic.refused),
+                **({"train_loss": float(agg["train-loss"])} if agg is not None else {}),
                 "num_examples": int(sum(m.get(NUM_EXAMPLES, 0) for m in traffic.client_metrics.values())),
                 "bytes_up": int(sum(up)),
                 "bytes_down": int(sum(down)),
-                "bytes_up_per_client": int(np.mean(up)),
-                "bytes_down_per_client": int(np.mean(down)),
-                **{key: float(value) for key, value in agg.items() if key.startswith("agg_")},
+                "bytes_up_per_client": int(np.mean(up)) if up else 0,
+                "bytes_down_per_client": int(np.mean(down)) if down else 0,
+                **{key: float(value) for key, value in (agg or {}).items() if key.startswith("agg_")},
+                **dp_metrics,
             },
             started,
         )

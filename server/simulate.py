@@ -7,7 +7,10 @@ import os
 import warnings
 from typing import Any
 
+from pathlib import Path
+
 from fedpeft.config import FedPeftConfig
+from fedpeft.site import STATE_DIR_ENV
 
 
 def validate(cfg: FedPeftConfig) -> None:
@@ -17,6 +20,10 @@ def validate(cfg: FedPeftConfig) -> None:
     from strategies import AGGREGATORS
 
     aggregator = AGGREGATORS.get(cfg.strategy)
+    if cfg.dp == "central":
+        from privacy.central import check_composes
+
+        check_composes(aggregator)
     if len(set(parse_ranks(cfg.client_ranks)) | {cfg.lora_r}) > 1 and not aggregator.heterogeneous_ranks:
         mixed = [name for name in AGGREGATORS if AGGREGATORS.get(name).heterogeneous_ranks]
         raise FedPeftError(
@@ -31,6 +38,8 @@ def simulate(cfg: FedPeftConfig, *, verbose: bool = False) -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Simulated sites keep their privacy accounts and ledger keys beside the run unless told otherwise.
+    os.environ.setdefault(STATE_DIR_ENV, str(Path(cfg.out).resolve() / "sites"))
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app

@@ -100,6 +100,10 @@ class Aggregator:
     heterogeneous_ranks : bool
         Whether clients may train LoRA of a lower rank than the global adapter (they get the
         global factors truncated to their rank, so the rule must keep components sorted by importance).
+    linear : bool
+        Whether the result is the weighted average of the clients' tensors and nothing else, so that
+        noise added to it (central DP) covers the whole output: the rule is post-processing of the
+        noised average. Rules that read each client's factors non-linearly are not.
     summary : str
         One line for ``--help`` and the README.
     """
@@ -108,6 +112,7 @@ class Aggregator:
     pair: PairRule
     frozen: tuple[str, ...] = ()
     heterogeneous_ranks: bool = False
+    linear: bool = False
     summary: str = ""
 
     def __call__(

@@ -38,6 +38,7 @@ AGGREGATORS.register("ffa-lora")(
         name="ffa-lora",
         pair=ffa_lora_pair,
         frozen=("lora_A",),
+        linear=True,
         summary="A frozen at the shared init, only B trained and sent; exact average (FFA-LoRA)",
     )
 )

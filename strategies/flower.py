@@ -8,7 +8,7 @@ the wire for every message, and per-client records for the run log. It does no f
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,17 @@ from flwr.serverapp.strategy import Strategy
 
 from fedpeft.adapters.state import without_keys
 from fedpeft.errors import FedPeftError
-from fedpeft.wire import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, from_array_record, record_nbytes, to_array_record
+from fedpeft.wire import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    REFUSED,
+    from_array_record,
+    read_privacy,
+    record_nbytes,
+    to_array_record,
+)
 from strategies import AGGREGATORS
 from strategies.aggregator import AggregationOptions, lora_layers, truncate_to_rank
 from strategies.sampling import sample_sites
@@ -33,6 +43,11 @@ class RoundTraffic:
     received: dict[str, int] = field(default_factory=dict)  # site → bytes up
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)  # site → reason
+    refused: dict[str, str] = field(default_factory=dict)  # site → why it did not train (its privacy budget)
+
+
+ReplyCheck = Callable[[str, int, Any], "str | None"]
+"""``check(site, server_round, content)``: a reason to reject the reply, or None to accept it."""
 
 
 class FedPeftStrategy(Strategy):
@@ -52,6 +67,11 @@ class FedPeftStrategy(Strategy):
         Parameters of the aggregation rule (λ, sweeps, sketch).
     ranks : Mapping[str, int], optional
         Site → the LoRA rank it trains, when it differs from the global adapter's (``exact-svd``).
+    checks : sequence of ReplyCheck, optional
+        Run on every reply before it is used (e.g. the privacy ledger's signature check); a reply
+        with a reason is counted as a failure and never reaches the aggregate.
+    uniform_weights : bool
+        Weight every accepted reply equally instead of by its ``num-examples`` (central DP).
 
     The broadcast leaves out the tensors the aggregator freezes and tells clients which they are
     (config ``frozen``); a site of lower rank gets the global factors truncated to its rank. The
@@ -67,6 +87,8 @@ class FedPeftStrategy(Strategy):
         seed: int,
         options: AggregationOptions | None = None,
         ranks: Mapping[str, int] | None = None,
+        checks: Sequence[ReplyCheck] = (),
+        uniform_weights: bool = False,
     ) -> None:
         self.aggregator_name = aggregator
         self.aggregator = AGGREGATORS.get(aggregator)
@@ -75,6 +97,8 @@ class FedPeftStrategy(Strategy):
         self.ranks = dict(ranks or {})
         self.fraction = fraction
         self.seed = seed
+        self.checks = list(checks)
+        self.uniform_weights = uniform_weights
         self.traffic: dict[int, RoundTraffic] = {}
         self.previous: dict[str, Any] = {}
         self._node_of = {site: node for node, site in self.sites.items()}
@@ -131,14 +155,20 @@ class FedPeftStrategy(Strategy):
                 continue
             content = msg.content
             traffic.received[site] = record_nbytes(content)
-            if ARRAYS not in content.array_records or METRICS not in content.metric_records:
-                traffic.failures[site] = "reply lacks arrays or metrics"
+            reason = self._rejection(site, server_round, content)
+            if reason is not None:
+                traffic.failures[site] = reason
+                logger.warning("round %d: rejected the reply of %s: %s", server_round, site, reason)
                 continue
             metrics = dict(content.metric_records[METRICS])
             traffic.client_metrics[site] = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-            accepted.append(
-                (site, from_array_record(content.array_records[ARRAYS]), float(metrics.get(NUM_EXAMPLES, 0)))
-            )
+            privacy = read_privacy(content)
+            if privacy is not None and privacy["status"] == REFUSED:
+                traffic.refused[site] = privacy["reason"]
+                logger.warning("round %d: %s did not train: %s", server_round, site, privacy["reason"])
+                continue
+            weight = 1.0 if self.uniform_weights else float(metrics.get(NUM_EXAMPLES, 0))
+            accepted.append((site, from_array_record(content.array_records[ARRAYS]), weight))
         if not accepted:
             return None, None
         accepted.sort(key=lambda item: item[0])
@@ -149,6 +179,20 @@ class FedPeftStrategy(Strategy):
         train_loss = sum(w * traffic.client_metrics[s].get("train-loss", 0.0) for s, _, w in accepted) / sum(weights)
         metrics = MetricRecord({"train-loss": train_loss, "clients": len(accepted), **agg_metrics})
         return to_array_record(state), metrics
+
+    def _rejection(self, site: str, server_round: int, content: Any) -> str | None:
+        """Why a reply cannot be used, or None."""
+        if ARRAYS not in content.array_records or METRICS not in content.metric_records:
+            return "reply lacks arrays or metrics"
+        try:
+            read_privacy(content)
+        except ValueError as err:
+            return str(err)
+        for check in self.checks:
+            reason = check(site, server_round, content)
+            if reason is not None:
+                return reason
+        return None
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedpeft.config import FedPeftConfig, field_help
+from fedpeft.config import DP_DEFAULTS, FedPeftConfig, describe_dp, field_help
 from fedpeft.errors import FedPeftError
 
 # Flags shown first in --help, in this order; every other config field follows.
@@ -46,15 +46,44 @@ def build_parser() -> argparse.ArgumentParser:
     for name in names:
         default = getattr(defaults, name)
         group = main if name in _MAIN_FLAGS else more
+        extra: dict = {"nargs": "?", "const": "local", "metavar": "MODE"} if name == "dp" else {}
         group.add_argument(
             f"--{name.replace('_', '-')}",
             dest=name,
             type=type(default),
             default=None,
-            metavar=type(default).__name__.upper() if name != "out" else "RUN_DIR",
-            help=f"{helps[name]} (default: {default!r})",
+            **({"metavar": type(default).__name__.upper() if name != "out" else "RUN_DIR"} | extra),
+            help=f"{helps[name]} (default: {default!r})"
+            + ("; --dp alone: local, with the DP defaults below" if name == "dp" else ""),
         )
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    sim.epilog = "With --dp local and no value of your own, these apply: " + ", ".join(
+        f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+        for k, v in DP_DEFAULTS.items()
+    )
+
+    audit = sub.add_parser(
+        "audit",
+        help="verify a run's privacy ledger and recompute every epsilon",
+        description="Verify RUN_DIR/privacy_ledger.jsonl (hash chain, signatures, per-site counts), recompute each "
+        "site's epsilon from its logged (sigma, q, steps) with its own accountant and with dp-accounting's PLD, and "
+        "check every budget. Exit status 1 on any violation.",
+    )
+    audit.add_argument("run_dir", metavar="RUN_DIR", help="directory of a run made with --dp")
+    audit.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    audit.add_argument("--keys", metavar="FILE", help="JSON {site: base64 Ed25519 public key} obtained from the sites")
+    audit.add_argument(
+        "--tolerance", type=float, default=0.05, help="relative gap allowed between accountants (default: 0.05)"
+    )
+    audit.add_argument("--plot", metavar="PNG", help="where to draw epsilon vs round (default: RUN_DIR/privacy_epsilon.png)")
+    key = sub.add_parser(
+        "site-key",
+        help="print a site's ledger public key (creating the key if needed)",
+        description="Print the base64 Ed25519 public key a site signs its privacy ledger entries with, "
+        "for an auditor's --keys file.",
+    )
+    key.add_argument("site", help="the site's name (simulation: partition-00000, ...)")
+    key.add_argument("--state-dir", default=None, help="the site's state directory (default: $FEDPEFT_STATE_DIR or ~/.fedpeft/state)")
     return parser
 
 
@@ -64,6 +93,8 @@ def _simulate(args: argparse.Namespace) -> int:
     given = {
         f.name: getattr(args, f.name) for f in dataclasses.fields(FedPeftConfig) if getattr(args, f.name) is not None
     }
+    if given.get("dp") == "local":
+        given = {**DP_DEFAULTS, **given}
     cfg = FedPeftConfig(**given).with_default_out()
     cfg = check_run(cfg, clients_given="clients" in given)
 
@@ -71,6 +102,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
     validate(cfg)
     print(f"fedpeft: {cfg.clients} clients, {cfg.rounds} rounds, partition {cfg.partition}, writing {cfg.out}")
+    if cfg.dp != "off":
+        print(f"fedpeft: {describe_dp(cfg)}")
 
     simulate(cfg, verbose=args.verbose)
     lines = (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()
@@ -88,6 +121,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return _simulate(args)
+        if args.command == "audit":
+            from fedpeft.cli.audit import run_audit
+
+            return run_audit(args)
+        if args.command == "site-key":
+            from fedpeft.cli.audit import print_site_key
+
+            return print_site_key(args)
     except FedPeftError as err:
         print(f"fedpeft: error: {err}", file=sys.stderr)
         return 2

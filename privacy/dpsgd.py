@@ -1,0 +1,224 @@
+"""DP-SGD for one client-round, through Opacus (Abadi et al., CCS 2016, arXiv 1607.00133).
+
+Each local step:
+
+1. **sample** — Poisson: every example of the site joins the batch independently with probability
+   q = 1 / ⌈n / B⌉ (Opacus ``DPDataLoader``), so batch sizes vary around B;
+2. **clip** — each example's gradient of the trainable tensors (adapter + head) to L2 norm C:
+   ``hooks`` computes per-sample gradients with module hooks, ``ghost`` uses Opacus's fast gradient
+   clipping, which clips *only* through the criterion it returns (a second backward pass);
+3. **noise** — add N(0, σ²C²) to the sum of clipped gradients and divide by the expected batch qn;
+4. **account** — the optimizer's step hook records (σ, q) in the round's accountant.
+
+An empty Poisson batch still takes a step: the clipped sum is zero, noise is added and the step is
+accounted (skipping it would drop the noise *and* under-count the privacy cost; running BERT on an
+empty batch crashes, so the step is taken without a forward pass).
+
+Randomness: the batch sampling and the noise come from a generator seeded from the operating
+system's entropy pool, never from the run seed that the coordinator knows (a server that could
+replay the noise could subtract it). Tests pass an explicit ``generator_seed``.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpeft.training import Encoded, padded_batch
+
+CLIPPING_MODES = ("hooks", "ghost")
+
+
+@dataclass(frozen=True)
+class DPSGD:
+    """The DP-SGD mechanism of one client-round.
+
+    Parameters
+    ----------
+    noise_multiplier : float
+        σ: noise standard deviation over the clipping norm (0 clips without noise: no privacy).
+    max_grad_norm : float
+        C: per-sample gradient L2 bound.
+    clipping : str
+        ``hooks`` (per-sample gradients via hooks) or ``ghost`` (fast gradient clipping).
+    accountant : str
+        Opacus accountant counting this round's steps (``rdp``, ``prv``).
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float
+    clipping: str = "hooks"
+    accountant: str = "rdp"
+
+    def __post_init__(self) -> None:
+        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
+            raise ValueError(f"noise_multiplier must be finite and >= 0, got {self.noise_multiplier}")
+        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            raise ValueError(f"max_grad_norm must be finite and > 0, got {self.max_grad_norm}")
+        if self.clipping not in CLIPPING_MODES:
+            raise ValueError(f"clipping must be one of {', '.join(CLIPPING_MODES)}, got {self.clipping!r}")
+
+
+def poisson_plan(num_examples: int, *, batch_size: int, epochs: int, max_steps: int) -> tuple[float, int]:
+    """``(q, steps)`` of one client-round: the sampling rate and the number of DP-SGD steps.
+
+    An epoch is ⌈n / B⌉ Poisson steps at rate q = 1 / ⌈n / B⌉ (expected batch n·q ≈ B); the round
+    takes ``epochs`` of them, capped at ``max_steps`` when that is > 0. The count is fixed before
+    training, so the budget check and the accountant agree on it exactly.
+    """
+    if num_examples < 1:
+        raise ValueError("a site needs at least one example for DP-SGD")
+    per_epoch = math.ceil(num_examples / batch_size)
+    steps = epochs * per_epoch
+    if max_steps > 0:
+        steps = min(steps, max_steps)
+    return 1.0 / per_epoch, steps
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Row positions 0..n-1; batches are built from them by :func:`fedpeft.training.padded_batch`."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor]:
+        return (torch.tensor(i, dtype=torch.long),)  # Opacus reads the sample structure from item 0
+
+
+def _rows_tensor(rows: list[tuple[torch.Tensor]]) -> torch.Tensor:
+    return torch.stack([r[0] for r in rows])
+
+
+def _as_rows(batch: Any) -> torch.Tensor:
+    """Row positions of a batch; an empty first batch arrives as Opacus's list of empty tensors."""
+    return batch[0] if isinstance(batch, list | tuple) else batch
+
+
+def dp_train_local(
+    model: torch.nn.Module,
+    data: Encoded,
+    *,
+    dp: DPSGD,
+    epochs: int,
+    max_steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    optimizer: str = "adamw",
+    generator_seed: int | None = None,
+) -> tuple[dict[str, float], list[tuple[float, float, int]]]:
+    """Train the trainable parameters of ``model`` on ``data`` with DP-SGD for one client-round.
+
+    Returns
+    -------
+    metrics : dict
+        ``train_loss`` (mean over non-empty steps), ``steps``, ``empty_steps``, ``examples_seen``.
+    history : list of (σ, q, steps)
+        What this round's accountant recorded, in Opacus's history format.
+    """
+    from opacus import PrivacyEngine
+
+    q, planned = poisson_plan(len(data), batch_size=batch_size, epochs=epochs, max_steps=max_steps)
+    seed = secrets.randbits(63) if generator_seed is None else int(generator_seed)
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    if optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer must be adamw or sgd, got {optimizer!r}")
+    loader = torch.utils.data.DataLoader(
+        _Rows(len(data)), batch_size=math.ceil(len(data) * q), collate_fn=_rows_tensor, generator=generator
+    )
+    model.train()  # Opacus needs train mode for its hooks
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # secure-RNG advice; our choice of generator is documented above
+        engine = PrivacyEngine(accountant=dp.accountant)
+        made = engine.make_private(
+            module=model,
+            optimizer=opt,
+            criterion=torch.nn.CrossEntropyLoss(),
+            data_loader=loader,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=generator,
+            grad_sample_mode=dp.clipping,
+            wrap_model=False,
+        )
+    if dp.clipping == "ghost":
+        hooks, dp_opt, criterion, dp_loader = made
+    else:
+        (hooks, dp_opt, dp_loader), criterion = made, torch.nn.CrossEntropyLoss()
+    if abs(dp_opt.expected_batch_size - len(data) * q) > 1 and dp_opt.expected_batch_size != int(len(data) * q):
+        raise RuntimeError("Opacus sample rate differs from the planned one")  # pragma: no cover
+    try:
+        with warnings.catch_warnings():
+            # Frozen embeddings: no input needs a gradient, and Opacus's full backward hooks say so each step.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            losses, steps, empty, seen = _steps(model, data, dp_loader, dp_opt, criterion, params, planned, dp.clipping)
+        history = [tuple(h) for h in engine.accountant.history]
+    finally:
+        hooks.cleanup()
+        for p in params:
+            for attr in ("grad_sample", "summed_grad", "_forward_counter"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+            p.grad = None
+        model.eval()
+    metrics = {
+        "train_loss": float(np.mean(losses)) if losses else 0.0,
+        "steps": steps,
+        "empty_steps": empty,
+        "examples_seen": seen,
+    }
+    return metrics, [(float(s), float(r), int(n)) for s, r, n in history]
+
+
+def _steps(
+    model: Any, data: Encoded, loader: Any, optimizer: Any, criterion: Any, params: list, planned: int, clipping: str
+) -> tuple[list[float], int, int, int]:
+    """Take ``planned`` DP-SGD steps; return (losses of non-empty steps, steps, empty steps, examples)."""
+    losses: list[float] = []
+    steps = empty = seen = 0
+    while steps < planned:
+        for sampled in loader:
+            rows = _as_rows(sampled)
+            if len(rows) == 0:
+                _noise_only_step(optimizer, params, ghost=clipping == "ghost")
+                empty += 1
+            else:
+                batch = padded_batch(data, rows.numpy())
+                labels = batch.pop("labels")
+                loss = criterion(model(**batch).logits, labels)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                seen += len(rows)
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+            if steps >= planned:
+                break
+    return losses, steps, empty, seen
+
+
+def _noise_only_step(optimizer: Any, params: list[torch.nn.Parameter], *, ghost: bool) -> None:
+    """A step on an empty Poisson batch: zero clipped sum + noise, accounted like any other step."""
+    for p in params:
+        if ghost:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    optimizer.step()

@@ -1,0 +1,203 @@
+"""Local (sample-level) differential privacy at a site: budget check → DP-SGD → account → sign.
+
+One client-round, as the ClientApp runs it:
+
+1. **open the account** for this run from the site's own disk (:mod:`privacy.state`); on the site's
+   first round, σ is fixed once for the *whole planned run*: calibrated so that ``rounds`` rounds of
+   this round's (q, steps) spend at most the budget — the site plans for being sampled every round,
+   because it cannot know that it will not be;
+2. **plan** the round's (q, steps) (:func:`privacy.dpsgd.poisson_plan`) and compute the ε the site
+   would have spent after it;
+3. **refuse** if that exceeds the budget: no training, nothing spent, a signed ``refused`` entry;
+4. otherwise **train** with DP-SGD (:mod:`privacy.dpsgd`) and **persist** the account atomically
+   *before* anything leaves the site;
+5. **sign** the ledger entry (:mod:`privacy.ledger`) that travels with the reply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedpeft.config import FedPeftConfig
+from fedpeft.training import Encoded
+from privacy.accounting import epsilon, noise_for_budget
+from privacy.dpsgd import DPSGD, dp_train_local, poisson_plan
+from privacy.ledger import ENTRY_VERSION, load_or_create_key, public_key_b64, sign_entry
+from privacy.state import RoundSpend, SiteAccount, account_path, load_account, save_account
+
+# Budgets are compared with this slack: calibration lands within 0.01 below, never above.
+BUDGET_SLACK = 1e-9
+
+
+@dataclass(frozen=True)
+class LocalPolicy:
+    """What a site promises about its data in one run.
+
+    Parameters
+    ----------
+    budget : float
+        ε the site never exceeds (``inf``: no limit, only accounted).
+    delta : float
+        δ of every ε the site reports.
+    noise_multiplier : float
+        σ; 0 means: calibrate σ to ``budget`` over ``planned_rounds`` rounds.
+    max_grad_norm : float
+        Per-example clipping norm C.
+    clipping : str
+        Opacus clipping mode (``hooks`` or ``ghost``).
+    accountant : str
+        ``rdp`` or ``prv``.
+    planned_rounds : int
+        Rounds of the run (the site assumes it takes part in all of them).
+    """
+
+    budget: float
+    delta: float
+    noise_multiplier: float
+    max_grad_norm: float
+    clipping: str
+    accountant: str
+    planned_rounds: int
+
+    @classmethod
+    def from_config(cls, cfg: FedPeftConfig, *, site_budget: float | None = None) -> LocalPolicy:
+        """The policy of ``cfg`` (its ``dp_*`` fields); a site's own budget overrides the run's."""
+        budget = cfg.dp_epsilon if site_budget is None else float(site_budget)
+        return cls(
+            budget=budget if budget > 0 else math.inf,
+            delta=cfg.dp_delta,
+            noise_multiplier=cfg.dp_noise_multiplier,
+            max_grad_norm=cfg.dp_max_grad_norm,
+            clipping=cfg.dp_clipping,
+            accountant=cfg.dp_accountant,
+            planned_rounds=cfg.rounds,
+        )
+
+
+@dataclass(frozen=True)
+class PrivateRound:
+    """What a site reports after a round: whether it trained, its metrics, and its signed entry."""
+
+    trained: bool
+    metrics: dict[str, float]
+    entry: dict[str, Any]
+    signature: str
+    public_key: str
+    reason: str = ""
+
+
+def open_account(policy: LocalPolicy, *, site: str, run_id: str, q: float, steps: int) -> SiteAccount:
+    """A new account: σ as given, or calibrated to the budget over the planned run."""
+    sigma = policy.noise_multiplier
+    if sigma <= 0:
+        sigma = noise_for_budget(
+            epsilon_budget=policy.budget,
+            delta=policy.delta,
+            sample_rate=q,
+            steps=steps * policy.planned_rounds,
+            accountant=policy.accountant,
+        )
+    return SiteAccount(
+        run_id=run_id,
+        site=site,
+        accountant=policy.accountant,
+        delta=policy.delta,
+        budget=policy.budget,
+        noise_multiplier=sigma,
+        max_grad_norm=policy.max_grad_norm,
+    )
+
+
+def private_round(
+    policy: LocalPolicy,
+    model: Any,
+    data: Encoded,
+    *,
+    train: Mapping[str, Any],
+    site: str,
+    run_id: str,
+    server_round: int,
+    state_dir: str | Path,
+    generator_seed: int | None = None,
+) -> PrivateRound:
+    """Run one client-round under ``policy`` (see the module docstring).
+
+    ``train`` holds :func:`privacy.dpsgd.dp_train_local`'s training settings (``epochs``,
+    ``max_steps``, ``batch_size``, ``lr``, ``weight_decay``).
+    """
+    path = account_path(state_dir, site, run_id)
+    q, steps = poisson_plan(
+        len(data), batch_size=train["batch_size"], epochs=train["epochs"], max_steps=train["max_steps"]
+    )
+    account = load_account(path) or open_account(policy, site=site, run_id=run_id, q=q, steps=steps)
+    account = dataclasses.replace(account, budget=policy.budget)  # the site's current budget applies
+    planned = RoundSpend(server_round, account.noise_multiplier, q, steps)
+    after = epsilon(account.spend(planned).history, delta=account.delta, accountant=account.accountant)
+
+    if after > account.budget + BUDGET_SLACK:
+        spent = epsilon(account.history, delta=account.delta, accountant=account.accountant)
+        reason = (
+            f"budget: this round would spend epsilon to {after:.3f} > budget {account.budget:g} "
+            f"(delta {account.delta:g}); {spent:.3f} spent so far"
+        )
+        account = account.counted()
+        entry = _entry(account, server_round, "refused", RoundSpend(server_round, account.noise_multiplier, q, 0), spent)
+        save_account(path, account)
+        return _signed(state_dir, site, False, {"dp-epsilon": spent}, entry, reason)
+
+    mechanism = DPSGD(account.noise_multiplier, account.max_grad_norm, policy.clipping, account.accountant)
+    metrics, history = dp_train_local(model, data, dp=mechanism, generator_seed=generator_seed, **train)
+    taken = sum(n for _, _, n in history)
+    if taken != steps or any(abs(r - q) > 1e-12 for _, r, _ in history):
+        raise RuntimeError(f"accountant recorded {history}, planned {steps} steps at q={q}")  # never silently
+    account = account.spend(planned).counted()
+    save_account(path, account)  # before the reply leaves the site
+    entry = _entry(account, server_round, "trained", planned, after)
+    dp_metrics = {
+        "dp-epsilon": after,
+        "dp-delta": account.delta,
+        "dp-noise-multiplier": account.noise_multiplier,
+        "dp-sample-rate": q,
+        "dp-steps": float(steps),
+        "dp-empty-steps": float(metrics["empty_steps"]),
+    }
+    return _signed(state_dir, site, True, {**metrics, **dp_metrics}, entry)
+
+
+def _entry(account: SiteAccount, server_round: int, status: str, spent: RoundSpend, eps: float) -> dict[str, Any]:
+    return {
+        "version": ENTRY_VERSION,
+        "mechanism": "dp-sgd",
+        "run_id": account.run_id,
+        "site": account.site,
+        "round": server_round,
+        "site_seq": account.entries,
+        "status": status,
+        "accountant": account.accountant,
+        "noise_multiplier": spent.noise_multiplier,
+        "sample_rate": spent.sample_rate,
+        "steps": spent.steps,
+        "max_grad_norm": account.max_grad_norm,
+        "delta": account.delta,
+        "epsilon": eps,
+        "budget": None if math.isinf(account.budget) else account.budget,
+    }
+
+
+def _signed(
+    state_dir: str | Path, site: str, trained: bool, metrics: dict[str, float], entry: dict[str, Any], reason: str = ""
+) -> PrivateRound:
+    key = load_or_create_key(account_path(state_dir, site, "x").parent)
+    return PrivateRound(
+        trained=trained,
+        metrics=metrics,
+        entry=entry,
+        signature=sign_entry(key, entry),
+        public_key=public_key_b64(key),
+        reason=reason,
+    )

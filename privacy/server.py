@@ -1,0 +1,189 @@
+"""The coordinator's side of privacy: admit signed entries to the ledger, follow ε, central DP rounds.
+
+- **Local DP** (:class:`LedgerCheck`): every reply of a DP round must carry the site's signed entry;
+  the check verifies it (signature, run, round, site, the site's entry count) and appends it to
+  ``RUN_DIR/privacy_ledger.jsonl`` before the strategy may use the reply. A reply whose entry does not
+  verify is rejected and never reaches the aggregate. Refused rounds are ledgered too.
+- **Central DP** (:class:`CentralLedger`): the coordinator adds the noise, so it signs one entry per
+  release with its own key.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from fedpeft.wire import read_privacy
+from privacy.central import CentralAccountant
+from privacy.ledger import ENTRY_VERSION, Ledger, LedgerError, load_or_create_key, public_key_b64, sign_entry
+
+LEDGER_FILE = "privacy_ledger.jsonl"
+COORDINATOR = "coordinator"
+
+
+class LedgerCheck:
+    """A :data:`strategies.flower.ReplyCheck` that ledgers each reply's signed privacy entry.
+
+    Parameters
+    ----------
+    ledger : Ledger
+        The run's ledger.
+    run_id : str
+        Entries of other runs are rejected.
+    """
+
+    def __init__(self, ledger: Ledger, *, run_id: str) -> None:
+        self.ledger = ledger
+        self.run_id = run_id
+        self.epsilon: dict[str, float] = {}  # site → ε spent so far, from its latest entry
+        self.delta: float | None = None
+
+    def __call__(self, site: str, server_round: int, content: Any) -> str | None:
+        report = read_privacy(content)
+        if report is None:
+            return "reply of a DP run carries no privacy entry"
+        entry = report["entry"]
+        for name, want in (("run_id", self.run_id), ("round", server_round), ("site", site)):
+            if entry.get(name) != want:
+                return f"privacy entry names {name} {entry.get(name)!r}, expected {want!r}"
+        if entry.get("status") != report["status"]:
+            return "privacy entry status differs from the reply's"
+        try:
+            self.ledger.admit(entry, report["signature"], report["public_key"])
+        except LedgerError as err:
+            return str(err)
+        self.epsilon[site] = float(entry["epsilon"])
+        self.delta = float(entry["delta"])
+        return None
+
+    def max_epsilon(self) -> float:
+        """The largest ε any site has reported so far (0 before any)."""
+        return max(self.epsilon.values(), default=0.0)
+
+
+class CentralLedger:
+    """Ledger entries for central DP releases, signed by the coordinator's key."""
+
+    def __init__(self, ledger: Ledger, *, run_id: str, key_dir: str | Path, clipping_norm: float) -> None:
+        self.ledger = ledger
+        self.run_id = run_id
+        self.key = load_or_create_key(key_dir)
+        self.clipping_norm = clipping_norm
+
+    def record(self, accountant: CentralAccountant, *, server_round: int, replies: int) -> dict[str, Any]:
+        """Ledger the release just composed into ``accountant``; return the entry."""
+        entry = {
+            "version": ENTRY_VERSION,
+            "mechanism": "central-gaussian",
+            "run_id": self.run_id,
+            "site": COORDINATOR,
+            "round": server_round,
+            "site_seq": self.ledger.site_seq.get(COORDINATOR, 0) + 1,
+            "status": "released",
+            "accountant": "rdp",
+            "noise_multiplier": accountant.releases[-1],
+            "sample_size": accountant.sample_size,
+            "population": accountant.population,
+            "replies": replies,
+            "sampling": accountant.sampling,
+            "max_grad_norm": self.clipping_norm,
+            "delta": accountant.delta,
+            "epsilon": accountant.epsilon(),
+            "budget": None if math.isinf(accountant.budget) else accountant.budget,
+        }
+        self.ledger.admit(entry, sign_entry(self.key, entry), public_key_b64(self.key))
+        return entry
+
+
+class RunPrivacy:
+    """Everything privacy adds to a run on the coordinator, behind four calls for the round loop.
+
+    Build it with :meth:`for_run`; then ``checks`` and ``uniform_weights`` go to the strategy,
+    :meth:`wrap` wraps it (central DP), :meth:`stop_reason` is asked before each round and
+    :meth:`after_round` gives the round's privacy metrics.
+    """
+
+    def __init__(self, cfg: Any, run_dir: Path, *, num_sites: int, key_dir: Path) -> None:
+        from strategies.sampling import sample_count
+
+        self.mode = cfg.dp
+        self.ledger = Ledger(run_dir / LEDGER_FILE) if cfg.dp != "off" else None
+        self.local = LedgerCheck(self.ledger, run_id=cfg.run_id) if cfg.dp == "local" else None
+        self.central: CentralAccountant | None = None
+        self.central_ledger: CentralLedger | None = None
+        self.clipping_norm = cfg.dp_max_grad_norm
+        if cfg.dp == "central":
+            from privacy.central import calibrate_central_sigma
+
+            m = sample_count(num_sites, cfg.fraction)
+            sigma = cfg.dp_noise_multiplier or calibrate_central_sigma(
+                budget=cfg.dp_epsilon, delta=cfg.dp_delta, population=num_sites, sample_size=m, rounds=cfg.rounds
+            )
+            budget = cfg.dp_epsilon if cfg.dp_epsilon > 0 else math.inf
+            self.central = CentralAccountant(
+                population=num_sites, sample_size=m, delta=cfg.dp_delta, budget=budget, noise_multiplier=sigma
+            )
+            assert self.ledger is not None
+            self.central_ledger = CentralLedger(
+                self.ledger, run_id=cfg.run_id, key_dir=key_dir, clipping_norm=cfg.dp_max_grad_norm
+            )
+
+    @property
+    def checks(self) -> list[Any]:
+        return [self.local] if self.local is not None else []
+
+    @property
+    def uniform_weights(self) -> bool:
+        return self.central is not None
+
+    @property
+    def secret_sampling(self) -> bool:
+        """Central DP amplified by sampling needs a draw the run seed does not reveal."""
+        return self.central is not None and self.central.sampling != "none"
+
+    def wrap(self, strategy: Any) -> Any:
+        if self.central is None:
+            return strategy
+        from privacy.central import wrap_strategy
+
+        return wrap_strategy(
+            strategy,
+            noise_multiplier=self.central.noise_multiplier,
+            clipping_norm=self.clipping_norm,
+            sample_size=self.central.sample_size,
+        )
+
+    def stop_reason(self) -> str | None:
+        """Why no further round may run (the central budget), or None."""
+        if self.central is not None and self.central.would_exceed():
+            return (
+                f"central DP budget: another round would take epsilon past {self.central.budget:g} "
+                f"(spent {self.central.epsilon():.3f} at delta {self.central.delta:g})"
+            )
+        return None
+
+    def after_round(self, server_round: int, *, clients: int) -> dict[str, Any]:
+        """Account a central release and return the round's privacy metrics for ``metrics.jsonl``."""
+        if self.ledger is None:
+            return {}
+        if self.central is not None and self.central_ledger is not None:
+            if clients > 0:
+                self.central.compose(clients)
+                self.central_ledger.record(self.central, server_round=server_round, replies=clients)
+            eps, delta = self.central.epsilon(), self.central.delta
+        else:
+            assert self.local is not None
+            eps, delta = self.local.max_epsilon(), self.local.delta
+        return {"epsilon_max": eps, "delta": delta, "ledger_head": self.ledger.head}
+
+    def describe(self) -> str:
+        """One line for the log: the mechanism and its parameters."""
+        if self.central is not None:
+            c = self.central
+            return (
+                f"central DP: clip {self.clipping_norm:g}, sigma {c.noise_multiplier:.3f}, {c.sample_size} of "
+                f"{c.population} sites per round (amplification: {c.sampling}), budget epsilon {c.budget:g} "
+                f"at delta {c.delta:g}"
+            )
+        return "local DP-SGD at every site; signed entries in " + LEDGER_FILE if self.local else "no DP"
