@@ -23,7 +23,7 @@ def make_server_app(
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg if cfg is not None else FedPeftConfig.from_mapping(context.run_config).with_default_out()
         try:
-            with RoundReporter(run_cfg.rounds) as reporter:
+            with RoundReporter(run_cfg.rounds, dp=run_cfg.dp != "off") as reporter:
                 run_federation(grid, run_cfg, on_round=reporter, clients_from_federation=cfg is None)
         except BaseException as err:  # handed to the CLI, which prints one line
             if on_error is None:

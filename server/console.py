@@ -11,11 +11,13 @@ from rich.table import Table
 
 COLUMNS = ("round", "clients", "train loss", "test loss", "accuracy", "agg bias", "bytes up", "bytes down", "seconds")
 WIDTHS = (5, 7, 10, 9, 8, 8, 10, 10, 7)
+DP_COLUMN, DP_WIDTH = "eps max", 8  # shown only in DP runs: the largest epsilon any site has spent
 
 
 def format_row(cells: tuple[str, ...]) -> str:
-    """Cells right-aligned in the table's fixed widths."""
-    return "  ".join(c.rjust(w) for c, w in zip(cells, WIDTHS, strict=True))
+    """Cells right-aligned in the table's fixed widths (plus the DP column when there is one)."""
+    widths = WIDTHS + (DP_WIDTH,) * (len(cells) - len(WIDTHS))
+    return "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))
 
 
 def human_bytes(n: float) -> str:
@@ -30,7 +32,8 @@ def human_bytes(n: float) -> str:
 class RoundReporter:
     """Prints one table row per round under a live progress bar."""
 
-    def __init__(self, rounds: int, console: Console | None = None) -> None:
+    def __init__(self, rounds: int, console: Console | None = None, *, dp: bool = False) -> None:
+        self.dp = dp
         self.console = console or Console(stderr=False, soft_wrap=True)  # rows never wrap in a pipe
         self.progress = Progress(
             TextColumn("[bold]federated rounds"),
@@ -62,16 +65,19 @@ class RoundReporter:
             human_bytes(record.get("bytes_down", 0)),
             f"{seconds:.1f}",
         )
+        if self.dp:
+            row += (f"{record['epsilon_max']:.3f}" if "epsilon_max" in record else "-",)
         self.rows.append(row)
         if len(self.rows) == 1:
-            self.progress.console.print(format_row(COLUMNS), style="bold", highlight=False)
+            header = COLUMNS + ((DP_COLUMN,) if self.dp else ())
+            self.progress.console.print(format_row(header), style="bold", highlight=False)
         self.progress.console.print(format_row(row), highlight=False)
         if record["round"] > 0:
             self.progress.advance(self.task)
 
     def table(self) -> Table:
         """All rows so far as a rich table."""
-        table = Table(*COLUMNS, title="fedpeft run")
+        table = Table(*(COLUMNS + ((DP_COLUMN,) if self.dp else ())), title="fedpeft run")
         for row in self.rows:
             table.add_row(*row)
         return table

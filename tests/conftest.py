@@ -51,3 +51,14 @@ def copy_of_default_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("default") / DEFAULT_DATA.name
     shutil.copy(DEFAULT_DATA, out)
     return out
+
+
+@pytest.fixture()
+def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower stamps instruction messages with the running task's identity; a ServerApp sets it."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 77)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)

@@ -37,6 +37,16 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
         (["--peft", "prefix"], "unknown PEFT method 'prefix'; known: lora"),
         (["--model", "./no-such-model"], "model path not found: ./no-such-model"),
         (["--client-cpus", "4096"], "client_cpus 4096 exceeds"),
+        (["--dp-epsilon", "3"], "dp_epsilon is set but dp is off; add --dp local or --dp central"),
+        (["--dp", "local", "--dp-epsilon", "3"], "dp_epsilon needs dp_delta in (0, 1), got 0; add --dp-delta"),
+        (["--dp", "--dp-delta", "2"], "dp_epsilon needs dp_delta in (0, 1), got 2"),
+        (["--dp", "central", "--dp-delta", "1e-5"], "dp needs a budget or a noise level"),
+        (["--dp", "secret"], "dp must be one of off, local, central, got 'secret'"),
+        (["--dp", "--dp-clipping", "flat"], "dp_clipping must be one of hooks, ghost"),
+        (["--dp", "--dp-accountant", "gdp"], "dp_accountant must be one of prv, rdp"),
+        (["--dp", "--dp-max-grad-norm", "0"], "dp_max_grad_norm must be a finite number > 0"),
+        (["--dp", "central", "--dp-epsilon", "8", "--dp-delta", "1e-5", "--strategy", "exact-svd"],
+         "strategy 'exact-svd' is not post-processing of the noised average"),
     ],
 )
 def test_bad_input_is_one_line(capsys: pytest.CaptureFixture[str], small_data: Path, tmp_path: Path,
@@ -67,6 +77,16 @@ def test_wrong_flags_print_usage_not_traceback(args: list[str]) -> None:
     proc = subprocess.run([sys.executable, "-m", "fedpeft.cli.main", *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "usage: fedpeft" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_dp_flag_alone_means_local_with_the_dp_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    from fedpeft.cli.main import build_parser
+    from fedpeft.config import DP_DEFAULTS
+
+    args = build_parser().parse_args(["simulate", "--dp", "--rounds", "2"])
+    assert args.dp == "local" and args.rounds == 2
+    assert DP_DEFAULTS["dp_delta"] > 0 and DP_DEFAULTS["dp_epsilon"] > 0  # epsilon never without delta
+    assert build_parser().parse_args(["simulate", "--dp", "central"]).dp == "central"
 
 
 def test_help_lists_the_main_flags() -> None:

@@ -87,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def dp_defaults(given: dict) -> dict:
+    """The ``--dp`` defaults that apply: epsilon and delta come only as a pair, never one alone."""
+    privacy = ("dp_epsilon", "dp_delta", "dp_noise_multiplier")
+    if any(name in given for name in privacy):
+        return {k: v for k, v in DP_DEFAULTS.items() if k not in privacy}
+    return dict(DP_DEFAULTS)
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from fedpeft.preflight import check_run
 
@@ -94,7 +102,7 @@ def _simulate(args: argparse.Namespace) -> int:
         f.name: getattr(args, f.name) for f in dataclasses.fields(FedPeftConfig) if getattr(args, f.name) is not None
     }
     if given.get("dp") == "local":
-        given = {**DP_DEFAULTS, **given}
+        given = {**dp_defaults(given), **given}
     cfg = FedPeftConfig(**given).with_default_out()
     cfg = check_run(cfg, clients_given="clients" in given)
 

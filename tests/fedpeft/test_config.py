@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -164,3 +165,35 @@ def test_client_ranks_parse_and_fractional_alpha() -> None:
     assert parse_ranks("") == [] and parse_ranks("2, 4,8") == [2, 4, 8]
     cfg = FedPeftConfig.from_mapping({"client-ranks": "2,8", "lora-alpha": "0.5", "fair-lambda": "1e-4"})
     assert cfg.client_ranks == "2,8" and cfg.lora_alpha == 0.5 and cfg.fair_lambda == 1e-4
+
+
+# --- privacy fields -----------------------------------------------------------------------------------
+
+def test_dp_config_from_flower_run_config_keys() -> None:
+    cfg = FedPeftConfig.from_mapping({"dp": "local", "dp-epsilon": 3, "dp-delta": 1e-5, "dp-clipping": "ghost",
+                                      "run-id": "study-7"})
+    assert (cfg.dp, cfg.dp_epsilon, cfg.dp_delta, cfg.dp_clipping, cfg.run_id) == ("local", 3.0, 1e-5, "ghost",
+                                                                                     "study-7")
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"dp": "local", "dp_epsilon": 1.0}, "dp_epsilon needs dp_delta"),
+    ({"dp": "central", "dp_epsilon": 1.0, "dp_delta": 1.5}, "dp_epsilon needs dp_delta in (0, 1)"),
+    ({"dp": "local", "dp_delta": 1e-5}, "dp needs a budget or a noise level"),
+    ({"dp_delta": 1e-5}, "dp_delta is set but dp is off"),
+    ({"dp_clipping": "ghost"}, "dp_clipping is set but dp is off"),
+    ({"dp": "local", "dp_epsilon": -1.0, "dp_delta": 1e-5}, "dp_epsilon must be a finite number >= 0"),
+    ({"dp": "local", "dp_epsilon": float("inf"), "dp_delta": 1e-5}, "dp_epsilon must be a finite number >= 0"),
+    ({"dp": "local", "dp_noise_multiplier": -0.5, "dp_delta": 1e-5}, "dp_noise_multiplier must be"),
+])
+def test_dp_config_errors_name_the_field(kwargs: dict, message: str) -> None:
+    with pytest.raises(FedPeftError, match=re.escape(message)):
+        FedPeftConfig(**kwargs)
+
+
+def test_dp_with_only_a_noise_level_has_no_budget() -> None:
+    from fedpeft.config import describe_dp
+
+    cfg = FedPeftConfig(dp="local", dp_noise_multiplier=1.2, dp_delta=1e-5)
+    assert "no epsilon budget" in describe_dp(cfg) and "sigma 1.2" in describe_dp(cfg)
+    assert describe_dp(FedPeftConfig()) == "no differential privacy"

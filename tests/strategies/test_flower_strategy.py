@@ -17,15 +17,7 @@ from strategies.sampling import sample_sites
 NODES = {1000 + 37 * i: f"partition-{i:05d}" for i in range(10)}  # node id -> site key
 
 
-@pytest.fixture(autouse=True)
-def _server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flower stamps instruction messages with the running task's identity; a ServerApp sets it."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 77)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 class _Recorder:
@@ -485,3 +477,67 @@ def test_low_rank_site_refused_even_when_not_sampled() -> None:
     strategy = FedPeftStrategy(aggregator="fedit", sites=NODES, fraction=0.1, seed=0, ranks={other: 1})
     with pytest.raises(FedPeftError, match=other):
         _configure(strategy)
+
+
+# --- reply checks, refused rounds and uniform weights (privacy) --------------------------------------
+
+def _privacy_reply(out: Message, status: str) -> Message:
+    from fedpeft.wire import PRIVACY, privacy_record
+
+    reply = _reply(out) if status == "trained" else Message(
+        RecordDict({ARRAYS: ArrayRecord(), METRICS: MetricRecord({NUM_EXAMPLES: 0})}), reply_to=out)
+    reply.content[PRIVACY] = privacy_record(status=status, entry={"site": NODES[out.metadata.dst_node_id]},
+                                            signature="sig", public_key="key", reason="budget spent")
+    return reply
+
+
+def test_a_failed_check_keeps_the_reply_out_of_the_aggregate() -> None:
+    seen: list[tuple[str, int]] = []
+
+    def check(site: str, server_round: int, content: RecordDict) -> str | None:
+        seen.append((site, server_round))
+        return "bad signature" if site.endswith("3") else None
+
+    strategy = FedPeftStrategy(aggregator="fedit", sites=NODES, fraction=1.0, seed=0, checks=[check])
+    messages = _configure(strategy)
+    arrays, metrics = strategy.aggregate_train(1, [_reply(m) for m in messages])
+    assert sorted(seen) == sorted((NODES[m.metadata.dst_node_id], 1) for m in messages)
+    assert strategy.traffic[1].failures == {"partition-00003": "bad signature"}
+    ok = [s for s in sorted(NODES.values()) if s != "partition-00003"]
+    want = _expected(ok, [10 + 7 * int(s.split("-")[1]) for s in ok])
+    for key, value in from_array_record(arrays).items():
+        np.testing.assert_allclose(value, want[key], rtol=1e-6)
+    assert metrics["clients"] == 9
+
+
+def test_refused_rounds_are_counted_not_aggregated_and_not_failures() -> None:
+    strategy = FedPeftStrategy(aggregator="fedit", sites=NODES, fraction=1.0, seed=0)
+    messages = _configure(strategy)
+    replies = [_privacy_reply(m, "refused" if i < 4 else "trained") for i, m in enumerate(messages)]
+    _, metrics = strategy.aggregate_train(1, replies)
+    traffic = strategy.traffic[1]
+    assert len(traffic.refused) == 4 and set(traffic.refused.values()) == {"budget spent"}
+    assert not traffic.failures and metrics["clients"] == 6
+    every = [_privacy_reply(m, "refused") for m in messages]
+    assert strategy.aggregate_train(2, every) == (None, None) and len(strategy.traffic[2].refused) == 10
+
+
+def test_malformed_privacy_record_is_rejected() -> None:
+    from fedpeft.wire import PRIVACY
+
+    strategy = FedPeftStrategy(aggregator="fedit", sites=NODES, fraction=1.0, seed=0)
+    messages = _configure(strategy)
+    reply = _reply(messages[0])
+    reply.content[PRIVACY] = ConfigRecord({"status": "trained"})
+    strategy.aggregate_train(1, [reply, *(_reply(m) for m in messages[1:])])
+    assert "malformed privacy record" in strategy.traffic[1].failures[NODES[messages[0].metadata.dst_node_id]]
+
+
+def test_uniform_weights_ignore_num_examples() -> None:
+    strategy = FedPeftStrategy(aggregator="fedit", sites=NODES, fraction=1.0, seed=0, uniform_weights=True)
+    messages = _configure(strategy)
+    arrays, _ = strategy.aggregate_train(1, [_reply(m) for m in messages])
+    sites = sorted(NODES.values())
+    want = _expected(sites, [1.0] * len(sites))
+    for key, value in from_array_record(arrays).items():
+        np.testing.assert_allclose(value, want[key], rtol=1e-6)
