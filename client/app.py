@@ -34,6 +34,7 @@ from fedpeft.wire import (
     to_array_record,
 )
 from privacy.central import clipping_mod
+from privacy.local import configured_private_round
 
 app = ClientApp()
 
@@ -86,7 +87,9 @@ def train(msg: Message, context: Context) -> Message:
     data = site.encoded_partition(cfg, pid, num)
     content = RecordDict()
     if cfg.dp == "local":
-        report = private_round(local, context, model, data, key=key, server_round=server_round, frozen=frozen)
+        with site.frozen_parameters(model, frozen):
+            report = configured_private_round(local, model, data, node_config=context.node_config, site=key,
+                                              server_round=server_round)
         status = TRAINED if report.trained else REFUSED
         content[PRIVACY] = privacy_record(
             status=status, entry=report.entry, signature=report.signature, public_key=report.public_key,
@@ -98,35 +101,12 @@ def train(msg: Message, context: Context) -> Message:
     trained = cfg.dp != "local" or report.trained
     metrics = {
         NUM_EXAMPLES: len(data) if trained else 0,
-        "train-loss": result.get("train_loss", 0.0),
         "steps": result.get("steps", 0),
-        "examples-seen": result.get("examples_seen", 0),
         **{k: v for k, v in result.items() if k.startswith("dp-")},
     }
+    if cfg.dp == "off":  # a loss on private data, and the examples seen, are not covered by any epsilon
+        metrics |= {"train-loss": result["train_loss"], "examples-seen": result["examples_seen"]}
     update = without_keys(adapter_state(model), frozen) if trained else {}
     content[ARRAYS] = to_array_record(update)
     content[METRICS] = MetricRecord(metrics)
     return Message(content, reply_to=msg)
-
-
-def private_round(
-    cfg: FedPeftConfig, context: Context, model: Any, data: Any, *, key: str, server_round: int, frozen: tuple[str, ...]
-) -> Any:
-    """Local DP: the site's own budget (node config ``dp-epsilon``) and state directory apply."""
-    from privacy.local import LocalPolicy
-    from privacy.local import private_round as run_private_round
-
-    budget = context.node_config.get("dp-epsilon")
-    policy = LocalPolicy.from_config(cfg, site_budget=None if budget is None else float(budget))
-    train_settings = {
-        "epochs": cfg.local_epochs,
-        "max_steps": cfg.max_local_steps,
-        "batch_size": cfg.batch_size,
-        "lr": cfg.lr,
-        "weight_decay": cfg.weight_decay,
-    }
-    with site.frozen_parameters(model, frozen):
-        return run_private_round(
-            policy, model, data, train=train_settings, site=key, run_id=cfg.run_id, server_round=server_round,
-            state_dir=site.state_dir(context.node_config),
-        )

@@ -1,4 +1,5 @@
-"""Privacy: DP-SGD wiring (Opacus), accountants, the per-client privacy ledger and audits.
+"""Privacy: DP-SGD wiring (Opacus), accountants, a site's persisted account, the signed privacy ledger,
+central DP around Flower's wrapper, and the audit.
 
-Empty until the privacy work lands; nothing here is imported by the non-private path.
+Nothing here is imported by the non-private path except the client's pass-through clipping mod.
 """

@@ -91,6 +91,28 @@ class PrivateRound:
     reason: str = ""
 
 
+def configured_private_round(
+    cfg: FedPeftConfig, model: Any, data: Encoded, *, node_config: Mapping[str, Any], site: str, server_round: int
+) -> PrivateRound:
+    """:func:`private_round` as a site runs it from the run config and its own node config: the site's
+    budget (``dp-epsilon``) overrides the run's, and its ``state-dir`` holds its accounts and key."""
+    from fedpeft.site import state_dir
+
+    budget = node_config.get("dp-epsilon")
+    policy = LocalPolicy.from_config(cfg, site_budget=None if budget is None else float(budget))
+    train = {
+        "epochs": cfg.local_epochs,
+        "max_steps": cfg.max_local_steps,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+    }
+    return private_round(
+        policy, model, data, train=train, site=site, run_id=cfg.run_id, server_round=server_round,
+        state_dir=state_dir(node_config),
+    )
+
+
 def open_account(policy: LocalPolicy, *, site: str, run_id: str, q: float, steps: int) -> SiteAccount:
     """A new account: σ as given, or calibrated to the budget over the planned run."""
     sigma = policy.noise_multiplier

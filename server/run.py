@@ -188,7 +188,7 @@ def run_federation(
                 "clients": clients,
                 "failures": len(traffic.failures),
                 "refused": len(traffic.refused),
-                **({"train_loss": float(agg["train-loss"])} if agg is not None else {}),
+                **({"train_loss": float(agg["train-loss"])} if agg is not None and "train-loss" in agg else {}),
                 "num_examples": int(sum(m.get(NUM_EXAMPLES, 0) for m in traffic.client_metrics.values())),
                 "bytes_up": int(sum(up)),
                 "bytes_down": int(sum(down)),

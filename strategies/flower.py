@@ -175,9 +175,10 @@ class FedPeftStrategy(Strategy):
         state, agg_metrics = self.aggregator(
             [a[1] for a in accepted], [a[2] for a in accepted], previous=self.previous, options=self.options
         )
-        weights = [a[2] for a in accepted]
-        train_loss = sum(w * traffic.client_metrics[s].get("train-loss", 0.0) for s, _, w in accepted) / sum(weights)
-        metrics = MetricRecord({"train-loss": train_loss, "clients": len(accepted), **agg_metrics})
+        metrics = MetricRecord({"clients": len(accepted), **agg_metrics})
+        losses = [(w, traffic.client_metrics[s]["train-loss"]) for s, _, w in accepted if "train-loss" in traffic.client_metrics[s]]
+        if losses:  # DP sites do not report it: a loss on private data is not covered by their epsilon
+            metrics["train-loss"] = sum(w * loss for w, loss in losses) / sum(w for w, _ in losses)
         return to_array_record(state), metrics
 
     def _rejection(self, site: str, server_round: int, content: Any) -> str | None:

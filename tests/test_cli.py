@@ -39,7 +39,7 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
         (["--client-cpus", "4096"], "client_cpus 4096 exceeds"),
         (["--dp-epsilon", "3"], "dp_epsilon is set but dp is off; add --dp local or --dp central"),
         (["--dp", "local", "--dp-epsilon", "3"], "dp_epsilon needs dp_delta in (0, 1), got 0; add --dp-delta"),
-        (["--dp", "--dp-delta", "2"], "dp_epsilon needs dp_delta in (0, 1), got 2"),
+        (["--dp", "--dp-delta", "2"], "dp needs dp_delta in (0, 1), got 2"),
         (["--dp", "central", "--dp-delta", "1e-5"], "dp needs a budget or a noise level"),
         (["--dp", "secret"], "dp must be one of off, local, central, got 'secret'"),
         (["--dp", "--dp-clipping", "flat"], "dp_clipping must be one of hooks, ghost"),

@@ -116,3 +116,15 @@ def test_an_unreadable_account_stops_training(tmp_path: Path) -> None:
     path.write_text("{")
     with pytest.raises(ValueError, match="refusing to train"):
         one_round(policy(), tmp_path, 1)
+
+
+def test_a_site_applies_its_own_budget_and_state_dir(tmp_path: Path) -> None:
+    from privacy.local import configured_private_round
+
+    cfg = FedPeftConfig(dp="local", dp_epsilon=8.0, dp_delta=1e-5, rounds=2, max_local_steps=2, batch_size=8,
+                        dp_accountant="rdp", run_id="study")
+    report = configured_private_round(cfg, tiny_lora_bert(), toy_task(40, seed=0),
+                                      node_config={"dp-epsilon": "2.5", "state-dir": str(tmp_path / "site")},
+                                      site="hospital-a", server_round=1)
+    assert report.trained and report.entry["budget"] == 2.5 and report.entry["epsilon"] <= 2.5
+    assert load_account(account_path(tmp_path / "site", "hospital-a", "study")).budget == 2.5
