@@ -1,7 +1,7 @@
 """DP-SGD step time ÷ non-DP step time: same model, same adapter, same (expected) batch, one process.
 
     python bench/dp_step.py                    # all-MiniLM-L6-v2 + LoRA r=8 (the default run's model)
-    python bench/dp_step.py --batch-size 64 --repeats 5
+    python bench/dp_step.py --batch-size 64 --lora-r 1 --ffa   # the --dp regime's shape
 
 For each mode — plain (fedpeft.training.train_local), DP hooks, DP ghost — it times a client-round of
 ``--long`` steps and one of ``--short`` steps, alternating modes within each repeat so that machine
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--ffa", action="store_true", help="freeze LoRA A, as ffa-lora (and the --dp regime) do")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -49,12 +50,16 @@ def main() -> None:
     init = adapter_state(model)
     settings = {"epochs": 100, "batch_size": args.batch_size, "lr": 1e-3, "weight_decay": 0.0}
 
+    frozen = ("lora_A",) if args.ffa else ()
+
     def plain(steps: int) -> None:
-        train_local(model, data, max_steps=steps, seed=0, **settings)
+        with site.frozen_parameters(model, frozen):
+            train_local(model, data, max_steps=steps, seed=0, **settings)
 
     def private(mode: str):
         def run(steps: int) -> None:
-            dp_train_local(model, data, dp=DPSGD(1.0, 1.0, mode), max_steps=steps, generator_seed=0, **settings)
+            with site.frozen_parameters(model, frozen):
+                dp_train_local(model, data, dp=DPSGD(1.0, 1.0, mode), max_steps=steps, generator_seed=0, **settings)
 
         return run
 
@@ -67,8 +72,11 @@ def main() -> None:
                 start = time.perf_counter()
                 fn(steps)
                 times[name][steps].append(time.perf_counter() - start)
-    print(f"model all-MiniLM-L6-v2 + LoRA r={args.lora_r}, batch {args.batch_size}, {args.threads} threads, "
-          f"{args.repeats} repeats (median)")
+    print(
+        f"model all-MiniLM-L6-v2 + LoRA r={args.lora_r}{' (A frozen)' if args.ffa else ''}, "
+        f"batch {args.batch_size}, {args.threads} threads, "
+        f"{args.repeats} repeats (median)"
+    )
     base_step = base_round = None
     print(f"{'mode':10} {'s/step':>8} {'÷ plain':>8} {'round s':>8} {'÷ plain':>8}")
     for name in modes:

@@ -25,7 +25,6 @@ from fedpeft.data import DEFAULT_DATA, LabelledTable, load_labelled_table, parti
 from fedpeft.errors import FedPeftError
 from fedpeft.training import Encoded, encode, train_local
 
-
 STATE_DIR_ENV = "FEDPEFT_STATE_DIR"
 
 
@@ -157,6 +156,7 @@ def train_client_round(
             max_steps=cfg.max_local_steps,
             batch_size=cfg.batch_size,
             lr=cfg.lr,
+            head_lr=cfg.head_lr,
             weight_decay=cfg.weight_decay,
             seed=derive_seed(cfg.seed, server_round, partition_id),
         )

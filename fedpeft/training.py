@@ -51,6 +51,18 @@ def batches(data: Encoded, order: np.ndarray, batch_size: int) -> Iterator[dict[
         yield padded_batch(data, order[start : start + batch_size])
 
 
+def param_groups(model: torch.nn.Module, *, lr: float, head_lr: float = 0.0) -> list[dict[str, Any]]:
+    """Optimizer groups of the trainable parameters: the adapter at ``lr``, the classification head
+    (peft's ``modules_to_save`` copy) at ``head_lr`` (0: ``lr``)."""
+    adapter, head = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (head if "modules_to_save" in name else adapter).append(p)
+    if not adapter and not head:
+        raise ValueError("the model has no trainable parameters")
+    return [{"params": ps, "lr": rate} for ps, rate in ((adapter, lr), (head, head_lr or lr)) if ps]
+
+
 def train_local(
     model: torch.nn.Module,
     data: Encoded,
@@ -61,6 +73,7 @@ def train_local(
     lr: float,
     weight_decay: float,
     seed: int,
+    head_lr: float = 0.0,
 ) -> dict[str, float]:
     """Train the trainable parameters of ``model`` on ``data``; return metrics.
 
@@ -71,8 +84,7 @@ def train_local(
     """
     torch.manual_seed(seed)  # dropout
     rng = np.random.default_rng(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, lr=lr, head_lr=head_lr), lr=lr, weight_decay=weight_decay)
     model.train()
     losses: list[float] = []
     seen = 0

@@ -130,7 +130,8 @@ def noise_for_budget(
         low, high = high, 2 * high
         if high > 1e6:
             raise ValueError(
-                f"no noise level meets epsilon {epsilon_budget} at delta {delta} over {steps} steps at rate {sample_rate:.4g}"
+                f"no noise level meets epsilon {epsilon_budget} at delta {delta} "
+                f"over {steps} steps at rate {sample_rate:.4g}"
             )
     while True:
         spent = eps(high)

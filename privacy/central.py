@@ -33,10 +33,10 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM  # the train config's clipping-norm key
+
 from fedpeft.adapters.state import key_matches
 from fedpeft.errors import FedPeftError
-
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM  # the train config's clipping-norm key
 
 
 def clipping_mod(msg: Any, ctxt: Any, call_next: Any) -> Any:
@@ -88,7 +88,9 @@ class CentralAccountant:
         config = PrivacyConfig(
             target_delta=self.delta,
             population_size=self.population,
-            neighboring_relation=NeighboringRelation.REPLACE_ONE if amplified else NeighboringRelation.ADD_OR_REMOVE_ONE,
+            neighboring_relation=NeighboringRelation.REPLACE_ONE
+            if amplified
+            else NeighboringRelation.ADD_OR_REMOVE_ONE,
             sampling_method=SamplingMethod.WITHOUT_REPLACEMENT if amplified else SamplingMethod.NO_AMPLIFICATION,
         )
         self._accountant = RdpAccountant(config)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedpeft.training import Encoded, padded_batch
+from fedpeft.training import Encoded, padded_batch, param_groups
 
 CLIPPING_MODES = ("hooks", "ghost")
 
@@ -113,6 +113,7 @@ def dp_train_local(
     batch_size: int,
     lr: float,
     weight_decay: float,
+    head_lr: float = 0.0,
     optimizer: str = "adamw",
     generator_seed: int | None = None,
 ) -> tuple[dict[str, float], list[tuple[float, float, int]]]:
@@ -133,10 +134,11 @@ def dp_train_local(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
+    groups = param_groups(model, lr=lr, head_lr=head_lr)
     if optimizer == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     elif optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+        opt = torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay)
     else:
         raise ValueError(f"optimizer must be adamw or sgd, got {optimizer!r}")
     loader = torch.utils.data.DataLoader(

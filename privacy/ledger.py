@@ -71,9 +71,7 @@ def load_or_create_key(directory: str | Path) -> Any:
         return key
     path.parent.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -234,10 +232,13 @@ def verify_chain(
             problems.append((number, f"signature of {site} does not verify (entry edited or forged)"))
         key = keys.setdefault(site, str(line["public_key"]))
         if key != line["public_key"]:
-            problems.append((number, f"{site} signed with a key other than its {'pinned' if pinned_keys and site in pinned_keys else 'first'} one"))
+            which = "pinned" if pinned_keys and site in pinned_keys else "first"
+            problems.append((number, f"{site} signed with a key other than its {which} one"))
         expected = site_seq.get(site, 0) + 1
         if entry.get("site_seq") != expected:
-            problems.append((number, f"{site} entry number {entry.get('site_seq')}, expected {expected} (entry missing)"))
+            problems.append(
+                (number, f"{site} entry number {entry.get('site_seq')}, expected {expected} (entry missing)")
+            )
         site_seq[site] = int(entry.get("site_seq") or 0) if isinstance(entry.get("site_seq"), int) else expected
         prev = str(line["hash"])
     return problems

@@ -105,10 +105,17 @@ def configured_private_round(
         "max_steps": cfg.max_local_steps,
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
+        "head_lr": cfg.head_lr,
         "weight_decay": cfg.weight_decay,
     }
     return private_round(
-        policy, model, data, train=train, site=site, run_id=cfg.run_id, server_round=server_round,
+        policy,
+        model,
+        data,
+        train=train,
+        site=site,
+        run_id=cfg.run_id,
+        server_round=server_round,
         state_dir=state_dir(node_config),
     )
 
@@ -150,7 +157,7 @@ def private_round(
     """Run one client-round under ``policy`` (see the module docstring).
 
     ``train`` holds :func:`privacy.dpsgd.dp_train_local`'s training settings (``epochs``,
-    ``max_steps``, ``batch_size``, ``lr``, ``weight_decay``).
+    ``max_steps``, ``batch_size``, ``lr``, ``head_lr``, ``weight_decay``).
     """
     path = account_path(state_dir, site, run_id)
     q, steps = poisson_plan(
@@ -168,7 +175,9 @@ def private_round(
             f"(delta {account.delta:g}); {spent:.3f} spent so far"
         )
         account = account.counted()
-        entry = _entry(account, server_round, "refused", RoundSpend(server_round, account.noise_multiplier, q, 0), spent)
+        entry = _entry(
+            account, server_round, "refused", RoundSpend(server_round, account.noise_multiplier, q, 0), spent
+        )
         save_account(path, account)
         return _signed(state_dir, site, False, {"dp-epsilon": spent}, entry, reason)
 

@@ -32,8 +32,14 @@ def plot_epsilon(report: AuditReport, path: str | Path) -> Path:
             budgets.add(float(s.budget))
     for b in sorted(budgets):
         ax.axhline(b, color="crimson", ls="--", lw=1)
-        ax.annotate(f"budget {b:g}", (ax.get_xlim()[0], b), textcoords="offset points", xytext=(4, 3),
-                    color="crimson", fontsize=8)
+        ax.annotate(
+            f"budget {b:g}",
+            (ax.get_xlim()[0], b),
+            textcoords="offset points",
+            xytext=(4, 3),
+            color="crimson",
+            fontsize=8,
+        )
     delta = report.sites[0].delta if report.sites else None
     from matplotlib.ticker import MaxNLocator
 

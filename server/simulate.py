@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 from fedpeft.config import FedPeftConfig
 from fedpeft.site import STATE_DIR_ENV

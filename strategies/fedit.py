@@ -29,6 +29,8 @@ def fedit_pair(
     return weighted_sum(As, p), weighted_sum(Bs, p)
 
 
-FEDIT = Aggregator(name="fedit", pair=fedit_pair, linear=True, summary="average A and B separately (FedIT; biased baseline)")
+FEDIT = Aggregator(
+    name="fedit", pair=fedit_pair, linear=True, summary="average A and B separately (FedIT; biased baseline)"
+)
 AGGREGATORS.register("fedit")(FEDIT)
 AGGREGATORS.register("fedavg")(FEDIT)

@@ -176,7 +176,11 @@ class FedPeftStrategy(Strategy):
             [a[1] for a in accepted], [a[2] for a in accepted], previous=self.previous, options=self.options
         )
         metrics = MetricRecord({"clients": len(accepted), **agg_metrics})
-        losses = [(w, traffic.client_metrics[s]["train-loss"]) for s, _, w in accepted if "train-loss" in traffic.client_metrics[s]]
+        losses = [
+            (w, traffic.client_metrics[s]["train-loss"])
+            for s, _, w in accepted
+            if "train-loss" in traffic.client_metrics[s]
+        ]
         if losses:  # DP sites do not report it: a loss on private data is not covered by their epsilon
             metrics["train-loss"] = sum(w * loss for w, loss in losses) / sum(w for w, _ in losses)
         return to_array_record(state), metrics

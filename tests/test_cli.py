@@ -89,6 +89,20 @@ def test_dp_flag_alone_means_local_with_the_dp_defaults(capsys: pytest.CaptureFi
     assert build_parser().parse_args(["simulate", "--dp", "central"]).dp == "central"
 
 
+def test_dp_defaults_fill_only_what_the_user_left_unset() -> None:
+    from fedpeft.cli.main import dp_defaults
+    from fedpeft.config import DP_DEFAULTS, FedPeftConfig
+
+    given = {"dp": "local", "rounds": 2, "lr": 5e-4}
+    merged = {**dp_defaults(given), **given}
+    assert merged["rounds"] == 2 and merged["lr"] == 5e-4
+    assert merged["head_lr"] == DP_DEFAULTS["head_lr"] and merged["dp_epsilon"] == DP_DEFAULTS["dp_epsilon"]
+    # a privacy setting of the user's own takes none of the preset's: epsilon and delta only come as a pair
+    own = {"dp": "local", "dp_noise_multiplier": 1.0}
+    assert not {"dp_epsilon", "dp_delta"} & set(dp_defaults(own))
+    assert FedPeftConfig(dp="local", **DP_DEFAULTS).head_lr == DP_DEFAULTS["head_lr"]  # the preset validates
+
+
 def test_help_lists_the_main_flags() -> None:
     proc = subprocess.run([sys.executable, "-m", "fedpeft.cli.main", "simulate", "--help"], capture_output=True,
                           text=True, timeout=120)

@@ -61,7 +61,9 @@ def _print_table(report, plot: Path | None) -> None:  # noqa: ANN001 - an AuditR
         )
     console.print(table)
     if report.ok:
-        console.print(f"audit: OK — chain, signatures and budgets verify; accountants agree within {report.tolerance:.0%}")
+        console.print(
+            f"audit: OK — chain, signatures and budgets verify; accountants agree within {report.tolerance:.0%}"
+        )
     else:
         console.print(f"audit: {len(report.violations)} violation(s):", style="bold red")
         for v in report.violations:

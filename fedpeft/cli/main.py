@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument(
         "--tolerance", type=float, default=0.05, help="relative gap allowed between accountants (default: 0.05)"
     )
-    audit.add_argument("--plot", metavar="PNG", help="where to draw epsilon vs round (default: RUN_DIR/privacy_epsilon.png)")
+    audit.add_argument(
+        "--plot", metavar="PNG", help="where to draw epsilon vs round (default: RUN_DIR/privacy_epsilon.png)"
+    )
     key = sub.add_parser(
         "site-key",
         help="print a site's ledger public key (creating the key if needed)",
@@ -83,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         "for an auditor's --keys file.",
     )
     key.add_argument("site", help="the site's name (simulation: partition-00000, ...)")
-    key.add_argument("--state-dir", default=None, help="the site's state directory (default: $FEDPEFT_STATE_DIR or ~/.fedpeft/state)")
+    key.add_argument(
+        "--state-dir", default=None, help="the site's state directory (default: $FEDPEFT_STATE_DIR or ~/.fedpeft/state)"
+    )
     return parser
 
 

@@ -44,6 +44,8 @@ INVALID = [
     ("lr", 0.0),
     ("lr", -1e-3),
     ("weight_decay", -0.01),
+    ("head_lr", -0.1),
+    ("head_lr", float("inf")),
     ("round_timeout", 0.0),
     ("round_timeout", -5.0),
     ("text_column", ""),
@@ -70,6 +72,7 @@ VALID_EDGES = [
     ("test_fraction", 0.999),
     ("max_local_steps", 0),
     ("weight_decay", 0.0),
+    ("head_lr", 0.0),
     ("clients", 1),
 ]
 

@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from toy_models import tiny_lora_bert, toy_task
 
 from fedpeft.adapters import adapter_state
-from fedpeft.training import Encoded, batches, encode, evaluate, train_local
-from toy_models import MARK, tiny_lora_bert, toy_task
+from fedpeft.training import Encoded, batches, encode, evaluate, param_groups, train_local
 
 
 @pytest.fixture(autouse=True)
@@ -159,3 +159,30 @@ def test_encode(pad: int | None, expected_pad: int) -> None:
     assert enc.labels.dtype == np.int64 and enc.labels.tolist() == [1, 0]
     assert enc.pad_id == expected_pad
     assert len(enc) == 2
+
+
+def test_param_groups_split_head_from_adapter() -> None:
+    model = tiny_lora_bert()
+    groups = param_groups(model, lr=1e-3, head_lr=0.5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    adapter, head = ({names[id(p)] for p in g["params"]} for g in groups)
+    assert [g["lr"] for g in groups] == [1e-3, 0.5]
+    assert adapter and all("lora_" in n for n in adapter)
+    assert head and all("modules_to_save" in n for n in head)
+    assert adapter | head == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert [g["lr"] for g in param_groups(model, lr=1e-3)] == [1e-3, 1e-3]  # head_lr 0: the same as lr
+
+
+def test_head_lr_moves_the_head_alone_when_the_adapter_lr_is_negligible() -> None:
+    def moved(head_lr: float) -> tuple[float, float]:
+        model = tiny_lora_bert()
+        before = adapter_state(model)
+        _train(model, toy_task(32, seed=2), lr=1e-9, head_lr=head_lr, max_steps=2)
+        after = adapter_state(model)
+        delta = {k: float(np.abs(after[k] - before[k]).max()) for k in before}
+        return (max(v for k, v in delta.items() if "lora_" in k), max(v for k, v in delta.items() if "lora_" not in k))
+
+    adapter, head = moved(0.05)
+    assert adapter < 1e-6 and head > 1e-2
+    adapter, head = moved(0.0)  # everything at lr 1e-9
+    assert adapter < 1e-6 and head < 1e-6

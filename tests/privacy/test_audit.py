@@ -18,8 +18,14 @@ from privacy.server import LEDGER_FILE
 SIGMA, Q, STEPS, DELTA = 1.1, 0.1, 5, 1e-5
 
 
-def make_run(tmp_path: Path, *, rounds: int = 3, sites: tuple[str, ...] = ("partition-00000", "partition-00001"),
-             budget: float | None = 8.0, claim=None) -> Path:  # noqa: ANN001
+def make_run(
+    tmp_path: Path,
+    *,
+    rounds: int = 3,
+    sites: tuple[str, ...] = ("partition-00000", "partition-00001"),
+    budget: float | None = 8.0,
+    claim=None,
+) -> Path:  # noqa: ANN001
     """A run directory with a real ledger and metrics.jsonl, as a DP run writes them (no training)."""
     run = tmp_path / "run"
     run.mkdir()
@@ -30,10 +36,23 @@ def make_run(tmp_path: Path, *, rounds: int = 3, sites: tuple[str, ...] = ("part
             for site in sites:
                 history[site].append((SIGMA, Q, STEPS))
                 eps = epsilon(history[site], delta=DELTA, accountant="prv")
-                entry = {"version": 1, "mechanism": "dp-sgd", "run_id": "r", "site": site, "round": rnd,
-                         "site_seq": rnd, "status": "trained", "accountant": "prv", "noise_multiplier": SIGMA,
-                         "sample_rate": Q, "steps": STEPS, "max_grad_norm": 1.0, "delta": DELTA,
-                         "epsilon": claim(eps) if claim else eps, "budget": budget}
+                entry = {
+                    "version": 1,
+                    "mechanism": "dp-sgd",
+                    "run_id": "r",
+                    "site": site,
+                    "round": rnd,
+                    "site_seq": rnd,
+                    "status": "trained",
+                    "accountant": "prv",
+                    "noise_multiplier": SIGMA,
+                    "sample_rate": Q,
+                    "steps": STEPS,
+                    "max_grad_norm": 1.0,
+                    "delta": DELTA,
+                    "epsilon": claim(eps) if claim else eps,
+                    "budget": budget,
+                }
                 key = load_or_create_key(tmp_path / "sites" / site)
                 ledger.admit(entry, sign_entry(key, entry), public_key_b64(key))
             metrics.write(json.dumps({"round": rnd, "ledger_head": ledger.head}) + "\n")
@@ -149,7 +168,9 @@ def test_cli_exit_codes_json_and_plot(clean: Path, tmp_path: Path) -> None:
     assert bad.returncode == 1 and "violation" in bad.stdout and "Traceback" not in bad.stderr
 
     missing = subprocess.run([*cmd[:-1], str(tmp_path / "nope")], capture_output=True, text=True, timeout=300)
-    assert missing.returncode == 2 and missing.stderr.startswith("fedpeft: error:") and "Traceback" not in missing.stderr
+    assert (
+        missing.returncode == 2 and missing.stderr.startswith("fedpeft: error:") and "Traceback" not in missing.stderr
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
     no_ledger = subprocess.run([*cmd[:-1], str(empty)], capture_output=True, text=True, timeout=300)

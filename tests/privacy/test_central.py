@@ -58,8 +58,9 @@ def client_reply(instruction: Message, scale: float) -> Message:
 
 def central_round(aggregator: str, *, sigma: float, clip: float, scale: float, m: int = 5):
     glob = global_state()
-    strategy = FedPeftStrategy(aggregator=aggregator, sites=NODES, fraction=m / len(NODES), seed=3,
-                               uniform_weights=True)
+    strategy = FedPeftStrategy(
+        aggregator=aggregator, sites=NODES, fraction=m / len(NODES), seed=3, uniform_weights=True
+    )
     wrapped = wrap_strategy(strategy, noise_multiplier=sigma, clipping_norm=clip, sample_size=m)
     messages = list(wrapped.configure_train(1, to_array_record(glob), ConfigRecord({"lr": 0.1}), _NoGrid()))
     replies = [client_reply(msg, scale) for msg in messages]

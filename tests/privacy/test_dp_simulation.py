@@ -13,10 +13,35 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
+CENTRAL = ("--dp", "central", "--dp-delta", "1e-5")
+
+
 def simulate(out: Path, model: Path, data: Path, *extra: str, expect: int = 0) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "fedpeft.cli.main", "simulate", "--model", str(model), "--data", str(data),
-           "--clients", "3", "--rounds", "2", "--fraction", "1", "--batch-size", "16", "--max-local-steps", "3",
-           "--client-cpus", "1", "--out", str(out), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedpeft.cli.main",
+        "simulate",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--clients",
+        "3",
+        "--rounds",
+        "2",
+        "--fraction",
+        "1",
+        "--batch-size",
+        "16",
+        "--max-local-steps",
+        "3",
+        "--client-cpus",
+        "1",
+        "--out",
+        str(out),
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
@@ -28,14 +53,19 @@ def records(out: Path) -> list[dict]:
 
 
 def audit(out: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "fedpeft.cli.main", "audit", str(out), "--json"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedpeft.cli.main", "audit", str(out), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode in (0, 1), proc.stderr
     return json.loads(proc.stdout)
 
 
-def test_local_dp_run_ledgers_every_client_round_and_audits_clean(tmp_path: Path, tiny_model_dir: Path,
-                                                                  small_data: Path) -> None:
+def test_local_dp_run_ledgers_every_client_round_and_audits_clean(
+    tmp_path: Path, tiny_model_dir: Path, small_data: Path
+) -> None:
     out = tmp_path / "local"
     proc = simulate(out, tiny_model_dir, small_data, "--dp", "--dp-epsilon", "4", "--dp-delta", "1e-5")
     assert "local DP-SGD at every site: epsilon 4 at delta 1e-05" in proc.stdout
@@ -57,11 +87,23 @@ def test_local_dp_run_ledgers_every_client_round_and_audits_clean(tmp_path: Path
     assert max(s["epsilon"] for s in report["sites"]) == pytest.approx(rs[-1]["epsilon_max"])
 
 
-def test_exhausted_budget_refuses_every_round_and_spends_nothing(tmp_path: Path, tiny_model_dir: Path,
-                                                                 small_data: Path) -> None:
+def test_exhausted_budget_refuses_every_round_and_spends_nothing(
+    tmp_path: Path, tiny_model_dir: Path, small_data: Path
+) -> None:
     out = tmp_path / "refused"
-    simulate(out, tiny_model_dir, small_data, "--dp", "local", "--dp-epsilon", "0.5", "--dp-delta", "1e-5",
-             "--dp-noise-multiplier", "0.3")
+    simulate(
+        out,
+        tiny_model_dir,
+        small_data,
+        "--dp",
+        "local",
+        "--dp-epsilon",
+        "0.5",
+        "--dp-delta",
+        "1e-5",
+        "--dp-noise-multiplier",
+        "0.3",
+    )
     rs = records(out)
     assert [r["refused"] for r in rs[1:]] == [3, 3] and [r["clients"] for r in rs[1:]] == [0, 0]
     assert rs[1]["accuracy"] == rs[0]["accuracy"] == rs[2]["accuracy"]  # nothing trained, nothing changed
@@ -72,8 +114,7 @@ def test_exhausted_budget_refuses_every_round_and_spends_nothing(tmp_path: Path,
 
 def test_central_dp_run(tmp_path: Path, tiny_model_dir: Path, small_data: Path) -> None:
     out = tmp_path / "central"
-    proc = simulate(out, tiny_model_dir, small_data, "--dp", "central", "--dp-epsilon", "50", "--dp-delta", "1e-5",
-                    "--dp-max-grad-norm", "0.5")
+    proc = simulate(out, tiny_model_dir, small_data, *CENTRAL, "--dp-epsilon", "50", "--dp-max-grad-norm", "0.5")
     assert "central DP" in proc.stdout
     rs = records(out)
     assert [r["clients"] for r in rs[1:]] == [3, 3]
@@ -87,7 +128,6 @@ def test_central_dp_run(tmp_path: Path, tiny_model_dir: Path, small_data: Path) 
 
 def test_central_dp_refuses_a_non_linear_strategy(tmp_path: Path, tiny_model_dir: Path, small_data: Path) -> None:
     out = tmp_path / "x"
-    proc = simulate(out, tiny_model_dir, small_data, "--dp", "central", "--dp-epsilon", "8", "--dp-delta", "1e-5",
-                    "--strategy", "lora-fair", expect=2)
+    proc = simulate(out, tiny_model_dir, small_data, *CENTRAL, "--dp-epsilon", "8", "--strategy", "lora-fair", expect=2)
     assert "not post-processing" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists()

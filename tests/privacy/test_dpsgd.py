@@ -8,12 +8,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from toy_models import tiny_lora_bert, toy_task
 
 import privacy.dpsgd as dpsgd
 from fedpeft.adapters import adapter_state, load_adapter_state
 from fedpeft.training import padded_batch
 from privacy.dpsgd import DPSGD, dp_train_local, poisson_plan
-from toy_models import tiny_lora_bert, toy_task
 
 
 def flat(state: dict[str, np.ndarray]) -> np.ndarray:
@@ -21,8 +21,14 @@ def flat(state: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def run(model: Any, data: Any, *, sigma: float, clip: float, mode: str = "hooks", **kw: Any) -> tuple[dict, list]:
-    settings: dict[str, Any] = {"epochs": 1, "max_steps": 0, "batch_size": 8, "lr": 1e-2, "weight_decay": 0.0,
-                                "generator_seed": 7}
+    settings: dict[str, Any] = {
+        "epochs": 1,
+        "max_steps": 0,
+        "batch_size": 8,
+        "lr": 1e-2,
+        "weight_decay": 0.0,
+        "generator_seed": 7,
+    }
     settings.update(kw)
     return dp_train_local(model, data, dp=DPSGD(sigma, clip, mode), **settings)
 
@@ -35,9 +41,14 @@ def test_poisson_plan() -> None:
         poisson_plan(0, batch_size=8, epochs=1, max_steps=0)
 
 
-@pytest.mark.parametrize("kwargs", [{"noise_multiplier": -1, "max_grad_norm": 1},
-                                    {"noise_multiplier": 1, "max_grad_norm": 0},
-                                    {"noise_multiplier": 1, "max_grad_norm": 1, "clipping": "flat"}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"noise_multiplier": -1, "max_grad_norm": 1},
+        {"noise_multiplier": 1, "max_grad_norm": 0},
+        {"noise_multiplier": 1, "max_grad_norm": 1, "clipping": "flat"},
+    ],
+)
 def test_mechanism_rejects_bad_parameters(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         DPSGD(**kwargs)
@@ -115,8 +126,9 @@ def test_empty_batches_are_noise_only_steps() -> None:
     for mode in ("hooks", "ghost"):
         model = tiny_lora_bert()
         before = flat(adapter_state(model))
-        metrics, history = run(model, data, sigma=1.0, clip=1.0, mode=mode, batch_size=1, max_steps=12,
-                               optimizer="sgd", generator_seed=3)
+        metrics, history = run(
+            model, data, sigma=1.0, clip=1.0, mode=mode, batch_size=1, max_steps=12, optimizer="sgd", generator_seed=3
+        )
         assert metrics["steps"] == 12 and history == [(1.0, 1 / 50, 12)]
         assert metrics["empty_steps"] >= 1, metrics
         assert not np.allclose(flat(adapter_state(model)), before)
@@ -132,8 +144,9 @@ def test_empty_batch_alone_moves_the_adapter_by_noise() -> None:
         if not (torch.rand(50, generator=g) < 1 / 50).any():
             break
     load_adapter_state(model, state)
-    metrics, _ = run(model, data, sigma=1.0, clip=1.0, batch_size=1, max_steps=1, optimizer="sgd", lr=1.0,
-                     generator_seed=seed)
+    metrics, _ = run(
+        model, data, sigma=1.0, clip=1.0, batch_size=1, max_steps=1, optimizer="sgd", lr=1.0, generator_seed=seed
+    )
     assert metrics["empty_steps"] == 1
     moved = flat(adapter_state(model)) - flat(state)
     assert np.std(moved) == pytest.approx(1.0, rel=0.1)  # σC / (n·q) = 1 / 1
@@ -164,3 +177,14 @@ def test_model_is_clean_after_a_private_round() -> None:
     hooks = sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
     assert hooks == 0
     train_local(model, toy_task(16, seed=7), epochs=1, max_steps=0, batch_size=8, lr=1e-3, weight_decay=0.0, seed=0)
+
+
+def test_head_lr_applies_under_dp() -> None:
+    """The head's own learning rate reaches the DP optimizer: at adapter lr ~0 only the head moves."""
+    model = tiny_lora_bert()
+    before = adapter_state(model)
+    run(model, toy_task(40, seed=3), sigma=1.0, clip=1.0, lr=1e-9, head_lr=0.05, max_steps=2)
+    after = adapter_state(model)
+    lora = max(float(np.abs(after[k] - before[k]).max()) for k in before if "lora_" in k)
+    head = max(float(np.abs(after[k] - before[k]).max()) for k in before if "lora_" not in k)
+    assert lora < 1e-6 and head > 1e-2

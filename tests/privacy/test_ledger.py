@@ -41,7 +41,8 @@ def test_a_file_that_is_not_an_ed25519_key_is_refused(tmp_path: Path) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     (tmp_path / "ledger_ed25519.pem").write_bytes(pem)
     with pytest.raises(LedgerError):
         load_or_create_key(tmp_path)
@@ -145,4 +146,4 @@ def test_malformed_lines(tmp_path: Path) -> None:
     with pytest.raises(LedgerError, match="object"):
         read_lines(path)
     assert verify_chain([{"seq": 1}]) == [(1, "malformed line (missing prev, entry, signature, public_key, hash)")]
-    assert json.loads(json.dumps(verify_chain([])) ) == []
+    assert json.loads(json.dumps(verify_chain([]))) == []

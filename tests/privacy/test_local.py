@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from toy_models import tiny_lora_bert, toy_task
 
 from fedpeft.adapters import adapter_state
 from fedpeft.config import FedPeftConfig
@@ -19,21 +20,36 @@ from privacy.accounting import epsilon
 from privacy.ledger import verify_signature
 from privacy.local import LocalPolicy, private_round
 from privacy.state import account_path, load_account
-from toy_models import tiny_lora_bert, toy_task
 
 TRAIN = {"epochs": 1, "max_steps": 3, "batch_size": 8, "lr": 1e-2, "weight_decay": 0.0}
 
 
 def policy(**kw: Any) -> LocalPolicy:
-    base = dict(budget=4.0, delta=1e-5, noise_multiplier=0.0, max_grad_norm=1.0, clipping="hooks", accountant="rdp",
-                planned_rounds=3)
+    base = dict(
+        budget=4.0,
+        delta=1e-5,
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
+        clipping="hooks",
+        accountant="rdp",
+        planned_rounds=3,
+    )
     return LocalPolicy(**{**base, **kw})  # type: ignore[arg-type]
 
 
 def one_round(pol: LocalPolicy, state_dir: Path, rnd: int, model: Any = None, **kw: Any) -> Any:
-    return private_round(pol, model if model is not None else tiny_lora_bert(), toy_task(40, seed=0), train=TRAIN,
-                         site="partition-00000", run_id="run1", server_round=rnd, state_dir=state_dir,
-                         generator_seed=rnd, **kw)
+    return private_round(
+        pol,
+        model if model is not None else tiny_lora_bert(),
+        toy_task(40, seed=0),
+        train=TRAIN,
+        site="partition-00000",
+        run_id="run1",
+        server_round=rnd,
+        state_dir=state_dir,
+        generator_seed=rnd,
+        **kw,
+    )
 
 
 def test_policy_from_config_and_a_sites_own_budget() -> None:
@@ -82,8 +98,18 @@ def test_entries_are_signed_with_the_sites_key(tmp_path: Path) -> None:
     for r in (first, second):
         assert verify_signature(r.public_key, r.entry, r.signature)
     assert [first.entry["site_seq"], second.entry["site_seq"]] == [1, 2]
-    assert set(first.entry) >= {"run_id", "site", "round", "noise_multiplier", "sample_rate", "steps", "delta",
-                                "epsilon", "budget", "accountant"}
+    assert set(first.entry) >= {
+        "run_id",
+        "site",
+        "round",
+        "noise_multiplier",
+        "sample_rate",
+        "steps",
+        "delta",
+        "epsilon",
+        "budget",
+        "accountant",
+    }
     assert first.metrics["dp-epsilon"] == first.entry["epsilon"]
 
 
@@ -121,10 +147,23 @@ def test_an_unreadable_account_stops_training(tmp_path: Path) -> None:
 def test_a_site_applies_its_own_budget_and_state_dir(tmp_path: Path) -> None:
     from privacy.local import configured_private_round
 
-    cfg = FedPeftConfig(dp="local", dp_epsilon=8.0, dp_delta=1e-5, rounds=2, max_local_steps=2, batch_size=8,
-                        dp_accountant="rdp", run_id="study")
-    report = configured_private_round(cfg, tiny_lora_bert(), toy_task(40, seed=0),
-                                      node_config={"dp-epsilon": "2.5", "state-dir": str(tmp_path / "site")},
-                                      site="hospital-a", server_round=1)
+    cfg = FedPeftConfig(
+        dp="local",
+        dp_epsilon=8.0,
+        dp_delta=1e-5,
+        rounds=2,
+        max_local_steps=2,
+        batch_size=8,
+        dp_accountant="rdp",
+        run_id="study",
+    )
+    report = configured_private_round(
+        cfg,
+        tiny_lora_bert(),
+        toy_task(40, seed=0),
+        node_config={"dp-epsilon": "2.5", "state-dir": str(tmp_path / "site")},
+        site="hospital-a",
+        server_round=1,
+    )
     assert report.trained and report.entry["budget"] == 2.5 and report.entry["epsilon"] <= 2.5
     assert load_account(account_path(tmp_path / "site", "hospital-a", "study")).budget == 2.5

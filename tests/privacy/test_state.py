@@ -11,8 +11,15 @@ from privacy.state import RoundSpend, SiteAccount, account_path, load_account, s
 
 
 def account(**kw: object) -> SiteAccount:
-    base = dict(run_id="run1", site="partition-00001", accountant="prv", delta=1e-5, budget=8.0,
-                noise_multiplier=1.1, max_grad_norm=1.0)
+    base = dict(
+        run_id="run1",
+        site="partition-00001",
+        accountant="prv",
+        delta=1e-5,
+        budget=8.0,
+        noise_multiplier=1.1,
+        max_grad_norm=1.0,
+    )
     return SiteAccount(**{**base, **kw})  # type: ignore[arg-type]
 
 
