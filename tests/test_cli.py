@@ -33,7 +33,10 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
         (["--partition", "natural:movie", "--clients", "3"], "pass --clients"),
         (["--fraction", "1.5"], "fraction must be in (0, 1]"),
         (["--rounds", "0"], "rounds must be >= 1"),
-        (["--strategy", "fedmagic"], "unknown strategy 'fedmagic'; known: exact-svd, fedavg, fedit, ffa-lora, lora-fair, lora-fair-ab"),
+        (
+            ["--strategy", "fedmagic"],
+            "unknown strategy 'fedmagic'; known: exact-svd, fedavg, fedit, ffa-lora, lora-fair, lora-fair-ab",
+        ),
         (["--peft", "prefix"], "unknown PEFT method 'prefix'; known: lora"),
         (["--model", "./no-such-model"], "model path not found: ./no-such-model"),
         (["--client-cpus", "4096"], "client_cpus 4096 exceeds"),
@@ -65,7 +68,9 @@ def test_single_class_labels(capsys: pytest.CaptureFixture[str], one_class_data:
     assert code == 2 and "needs at least 2 classes, found one (good)" in err
 
 
-def test_existing_run_dir_is_not_overwritten(capsys: pytest.CaptureFixture[str], small_data: Path, tmp_path: Path) -> None:
+def test_existing_run_dir_is_not_overwritten(
+    capsys: pytest.CaptureFixture[str], small_data: Path, tmp_path: Path
+) -> None:
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     code, err = run_cli(capsys, "--data", str(small_data), "--out", str(tmp_path))
     assert code == 2 and "already holds a run" in err
@@ -74,7 +79,8 @@ def test_existing_run_dir_is_not_overwritten(capsys: pytest.CaptureFixture[str],
 
 @pytest.mark.parametrize("args", [["simulate", "--no-such-flag"], ["simulate", "--rounds", "three"], ["launch"]])
 def test_wrong_flags_print_usage_not_traceback(args: list[str]) -> None:
-    proc = subprocess.run([sys.executable, "-m", "fedpeft.cli.main", *args], capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, "-m", "fedpeft.cli.main", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "usage: fedpeft" in proc.stderr and "Traceback" not in proc.stderr
 

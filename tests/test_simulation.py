@@ -45,7 +45,8 @@ def test_run_directory(run: tuple[Path, list[dict]]) -> None:
     assert all(r["clients"] == 2 for r in records[1:])  # floor(3 * 0.67) = 2
     config = json.loads((out / "config.json").read_text())
     assert config["rounds"] == 2 and config["clients"] == 3
-    assert {"adapter_config.json", "adapter_model.safetensors", "fedpeft.json"} <= {p.name for p in (out / "adapter").iterdir()}
+    saved = {p.name for p in (out / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "fedpeft.json"} <= saved
 
 
 def test_only_the_adapter_travels(run: tuple[Path, list[dict]], tiny_model_dir: Path) -> None:
@@ -93,7 +94,9 @@ def test_same_seed_same_metrics(run: tuple[Path, list[dict]], tiny_model_dir: Pa
 
 def test_natural_partition_runs_one_client_per_site(tiny_model_dir: Path, tmp_path: Path) -> None:
     data = tmp_path / "sites.csv"
-    rows = [f"great film {i},fresh,site{i % 3}\n" if i % 2 else f"dull film {i},rotten,site{i % 3}\n" for i in range(90)]
+    rows = [
+        f"great film {i},fresh,site{i % 3}\n" if i % 2 else f"dull film {i},rotten,site{i % 3}\n" for i in range(90)
+    ]
     data.write_text("text,label,hospital\n" + "".join(rows))
     cmd = [sys.executable, "-m", "fedpeft.cli.main", "simulate", "--model", str(tiny_model_dir), "--data", str(data),
            "--partition", "natural:hospital", "--rounds", "1", "--fraction", "1.0", "--max-local-steps", "2",
