@@ -24,9 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedpeft.config import DP_DEFAULTS  # noqa: E402
-
-PRIVACY_KEYS = ("dp_epsilon", "dp_delta", "dp_noise_multiplier")
+from fedpeft.config import DP_DEFAULTS, DP_PRIVACY_KEYS  # noqa: E402
 
 
 def regime_flags(*, private: bool) -> list[str]:
@@ -35,7 +33,7 @@ def regime_flags(*, private: bool) -> list[str]:
     ``head_lr``; without noise the same ``head_lr`` takes full steps and oscillates (0.43 at round 3)."""
     flags = []
     for key, value in DP_DEFAULTS.items():
-        if key not in PRIVACY_KEYS and key != "strategy" and (private or key != "head_lr"):
+        if key not in DP_PRIVACY_KEYS and key != "strategy" and (private or key != "head_lr"):
             flags += [f"--{key.replace('_', '-')}", str(value)]
     return flags
 

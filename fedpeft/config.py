@@ -146,6 +146,9 @@ class FedPeftConfig:
 
 # What `--dp` (local) means when the user sets nothing else: the regime where privacy and accuracy
 # both held on the default data (README, "Differential privacy"; bench/dp_accuracy.py).
+# The privacy settings proper: the preset supplies them only as a set (never ε without its δ).
+DP_PRIVACY_KEYS = ("dp_epsilon", "dp_delta", "dp_noise_multiplier")
+
 DP_DEFAULTS: dict[str, Any] = {
     "dp_epsilon": 8.0,
     "dp_delta": 1e-5,

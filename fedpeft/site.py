@@ -149,17 +149,19 @@ def train_client_round(
     Parameters whose names contain a ``frozen`` path component (``"lora_A"``) are not trained.
     """
     with frozen_parameters(model, frozen):
-        return train_local(
-            model,
-            data,
-            epochs=cfg.local_epochs,
-            max_steps=cfg.max_local_steps,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            head_lr=cfg.head_lr,
-            weight_decay=cfg.weight_decay,
-            seed=derive_seed(cfg.seed, server_round, partition_id),
-        )
+        return train_local(model, data, **train_settings(cfg), seed=derive_seed(cfg.seed, server_round, partition_id))
+
+
+def train_settings(cfg: FedPeftConfig) -> dict[str, Any]:
+    """The local-training keywords ``cfg`` sets, shared by plain and DP-SGD client-rounds."""
+    return {
+        "epochs": cfg.local_epochs,
+        "max_steps": cfg.max_local_steps,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "head_lr": cfg.head_lr,
+        "weight_decay": cfg.weight_decay,
+    }
 
 
 @contextmanager

@@ -131,10 +131,8 @@ def dp_train_local(
     q, planned = poisson_plan(len(data), batch_size=batch_size, epochs=epochs, max_steps=max_steps)
     seed = secrets.randbits(63) if generator_seed is None else int(generator_seed)
     generator = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    groups = param_groups(model, lr=lr, head_lr=head_lr)
+    groups = param_groups(model, lr=lr, head_lr=head_lr)  # raises if nothing is trainable
+    params = [p for group in groups for p in group["params"]]
     if optimizer == "adamw":
         opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     elif optimizer == "sgd":

@@ -96,23 +96,15 @@ def configured_private_round(
 ) -> PrivateRound:
     """:func:`private_round` as a site runs it from the run config and its own node config: the site's
     budget (``dp-epsilon``) overrides the run's, and its ``state-dir`` holds its accounts and key."""
-    from fedpeft.site import state_dir
+    from fedpeft.site import state_dir, train_settings
 
     budget = node_config.get("dp-epsilon")
     policy = LocalPolicy.from_config(cfg, site_budget=None if budget is None else float(budget))
-    train = {
-        "epochs": cfg.local_epochs,
-        "max_steps": cfg.max_local_steps,
-        "batch_size": cfg.batch_size,
-        "lr": cfg.lr,
-        "head_lr": cfg.head_lr,
-        "weight_decay": cfg.weight_decay,
-    }
     return private_round(
         policy,
         model,
         data,
-        train=train,
+        train=train_settings(cfg),
         site=site,
         run_id=cfg.run_id,
         server_round=server_round,

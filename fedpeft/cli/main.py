@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedpeft.config import DP_DEFAULTS, FedPeftConfig, describe_dp, field_help
+from fedpeft.config import DP_DEFAULTS, DP_PRIVACY_KEYS, FedPeftConfig, describe_dp, field_help
 from fedpeft.errors import FedPeftError
 
 # Flags shown first in --help, in this order; every other config field follows.
@@ -93,9 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def dp_defaults(given: dict) -> dict:
     """The ``--dp`` defaults that apply: epsilon and delta come only as a pair, never one alone."""
-    privacy = ("dp_epsilon", "dp_delta", "dp_noise_multiplier")
-    if any(name in given for name in privacy):
-        return {k: v for k, v in DP_DEFAULTS.items() if k not in privacy}
+    if any(name in given for name in DP_PRIVACY_KEYS):
+        return {k: v for k, v in DP_DEFAULTS.items() if k not in DP_PRIVACY_KEYS}
     return dict(DP_DEFAULTS)
 
 
