@@ -6,6 +6,9 @@ are not broadcast and come from the seeded initial adapter); local training runs
 partition; the reply carries only the trained, non-frozen adapter tensors (peft's adapter state dict)
 and metrics with ``num-examples``. A client may train a lower LoRA rank than the global adapter
 (node config ``lora-r``, or ``client-ranks``); the server then sends it the truncated factors.
+Adapters travel encoded (:mod:`client.transport`): the broadcast is decoded before the handler runs,
+and the reply carries the update encoded with the site's codec (node config ``codec``, else the
+run's) and error feedback.
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.transport import codec_mod, frozen_components, site_config, site_identity
 from fedpeft import site
 from fedpeft.adapters import adapter_state, load_adapter_state
 from fedpeft.adapters.state import without_keys
-from fedpeft.config import FedPeftConfig
 from fedpeft.wire import (
     ARRAYS,
     CONFIG,
@@ -39,19 +42,6 @@ from privacy.local import configured_private_round
 app = ClientApp()
 
 
-def site_identity(context: Context, fallback_partitions: int) -> tuple[int, int, str]:
-    """``(partition_id, num_partitions, site_key)`` of this node."""
-    pid = int(context.node_config.get("partition-id", 0))
-    num = int(context.node_config.get("num-partitions", fallback_partitions))
-    return pid, num, f"partition-{pid:05d}"
-
-
-def site_config(cfg: FedPeftConfig, context: Context, partition_id: int) -> FedPeftConfig:
-    """The run config as this site trains it (its own LoRA rank)."""
-    node_rank = context.node_config.get("lora-r")
-    return site.at_rank(cfg, site.client_rank(cfg, partition_id, None if node_rank is None else int(node_rank)))
-
-
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
     """Tell the server which site this node is and how much data it holds.
@@ -69,14 +59,15 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS: metrics, CONFIG: ConfigRecord({"site": key})}), reply_to=msg)
 
 
-@app.train(mods=[clipping_mod])  # clips the update only when the server asks (central DP)
+# codec_mod outermost: it encodes what the clipping mod (central DP, only when asked) has clipped
+@app.train(mods=[codec_mod, clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """One client-round of local training on the broadcast adapter (with DP-SGD under local DP)."""
     config = msg.content[CONFIG]
     cfg = config_from_record(config)
     server_round = int(config["server-round"])
     label_names: list[Any] = list(config["label-names"])
-    frozen = tuple(c for c in str(config.get("frozen", "")).split(",") if c)
+    frozen = frozen_components(config)
     pid, num, key = site_identity(context, cfg.clients)
     torch.set_num_threads(cfg.client_cpus)
 
@@ -106,7 +97,7 @@ def train(msg: Message, context: Context) -> Message:
     }
     if cfg.dp == "off":  # a loss on private data, and the examples seen, are not covered by any epsilon
         metrics |= {"train-loss": result["train_loss"], "examples-seen": result["examples_seen"]}
-    update = without_keys(adapter_state(model), frozen) if trained else {}
-    content[ARRAYS] = to_array_record(update)
+    state = without_keys(adapter_state(model), frozen) if trained else {}
+    content[ARRAYS] = to_array_record({k: state[k] for k in broadcast} if trained else {})  # the broadcast's order
     content[METRICS] = MetricRecord(metrics)
     return Message(content, reply_to=msg)

@@ -51,6 +51,13 @@ class FedPeftConfig:
     fair_iterations: int = _f(5, "alternating sweeps of lora-fair-ab")
     client_ranks: str = _f("", "comma-separated LoRA ranks given to clients in turn (exact-svd); empty: all lora_r")
     round_timeout: float = _f(3600.0, "seconds the server waits for replies in a round")
+    # --- communication --------------------------------------------------------------------------
+    codec: str = _f(
+        "none",
+        "how sites send their update: none | fp16 | int8[:row] | int4[:row] | topk:<fraction> | "
+        "ternary[:fraction], composed with + (topk:0.1+int8); lossy codecs keep error feedback",
+    )
+    downlink_codec: str = _f("none", "how the server sends the global adapter: none | fp16 | int8[:row] | int4[:row]")
     # --- local training -------------------------------------------------------------------------
     local_epochs: int = _f(1, "passes over the client's data per round")
     max_local_steps: int = _f(30, "cap on optimizer steps per client-round; 0: no cap")
@@ -112,6 +119,7 @@ class FedPeftConfig:
         if self.text_column == self.label_column:
             raise FedPeftError("text_column and label_column must differ")
         _check_privacy(self)
+        _check_codecs(self)
 
     # --- conversions ----------------------------------------------------------------------------
     @classmethod
@@ -210,6 +218,21 @@ def _check_privacy(cfg: FedPeftConfig) -> None:
         raise FedPeftError(f"{what} in (0, 1), got {cfg.dp_delta:g}; add --dp-delta (e.g. 1e-5, below 1/examples)")
     if cfg.dp_epsilon == 0 and cfg.dp_noise_multiplier == 0:
         raise FedPeftError("dp needs a budget or a noise level: add --dp-epsilon (e.g. 8) or --dp-noise-multiplier")
+
+
+def _check_codecs(cfg: FedPeftConfig) -> None:
+    from fedpeft.codecs import CodecError, parse_codec
+
+    for name in ("codec", "downlink_codec"):
+        try:
+            codec = parse_codec(getattr(cfg, name))
+        except CodecError as err:
+            raise FedPeftError(f"{name}: {err}") from None
+        if name == "downlink_codec" and codec.sparsifier is not None:
+            raise FedPeftError(
+                "downlink_codec cannot be a sparsifier: the broadcast is the whole adapter, and a server "
+                "cannot feed back what each site missed; use none, fp16, int8 or int4"
+            )
 
 
 def parse_ranks(spec: str) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -19,12 +20,17 @@ def _umask_mode(base: int) -> int:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file and an atomic rename."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, _umask_mode(0o666))  # mkstemp makes 0600; outputs are ordinary files
@@ -54,3 +60,11 @@ def atomic_replace_dir(build: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(build, final)
+
+
+def safe_name(name: str) -> str:
+    """``name`` reduced to characters safe in a file name (site keys and run ids become file names)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    if not cleaned or cleaned in (".", ".."):
+        raise ValueError(f"unusable name for a state file: {name!r}")
+    return cleaned

@@ -3,16 +3,32 @@
 Client and server both pack and unpack through these functions, so the formats cannot drift. Only
 record *types* from ``flwr.app`` are used here; sending and receiving stay in ``client/`` and
 ``server/``.
+
+**Adapter payloads** (the broadcast, and every reply's update) travel encoded by a codec
+(:mod:`fedpeft.codecs`) as two records:
+
+- ``arrays``: an ArrayRecord with one uint8 array, ``payload``: every tensor's parts back to back,
+  tensors in sorted-name order, parts in the codec's layout order, little-endian;
+- ``codec``: a ConfigRecord header: ``codec`` (the spec, e.g. ``topk:0.1+int8``), ``version``
+  (:data:`WIRE_VERSION`), ``tensors`` (a digest of the sorted tensor names: both sides know the names,
+  so they are not resent), ``shapes`` (``8x384;384x8;…`` in the same order) and ``dtype`` (float32,
+  what the tensors decode to).
+
+The receiver checks the header against the tensors it expects, cuts the payload by the codec's layout
+(the byte count must match exactly) and decodes; anything that does not fit raises
+:class:`PayloadError` with the reason.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from fedpeft.codecs import Codec, CodecError, parse_codec
 from fedpeft.config import FedPeftConfig
 
 ARRAYS = "arrays"
@@ -21,6 +37,13 @@ CONFIG = "config"
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key; every reply carries it
 PRIVACY = "privacy"  # ConfigRecord of a DP reply: round status and the site's signed ledger entry
 TRAINED, REFUSED = "trained", "refused"
+CODEC = "codec"  # ConfigRecord: the header of an encoded adapter payload
+PAYLOAD = "payload"  # the one array of an encoded payload
+WIRE_VERSION = 1
+
+
+class PayloadError(ValueError):
+    """An encoded payload that cannot be decoded into the expected tensors; the message says why."""
 
 
 def to_array_record(state: Mapping[str, np.ndarray]) -> Any:
@@ -101,3 +124,125 @@ def read_privacy(content: Any) -> dict[str, Any] | None:
     if not isinstance(entry, dict) or out["status"] not in (TRAINED, REFUSED):
         raise ValueError("malformed privacy record")
     return out
+
+
+# --- encoded adapter payloads ------------------------------------------------------------------
+
+
+def tensor_digest(names: list[str]) -> str:
+    """A short digest of the sorted tensor names (the header names the set without resending it)."""
+    return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:16]
+
+
+def _shapes_text(shapes: list[tuple[int, ...]]) -> str:
+    return ";".join("x".join(str(d) for d in shape) for shape in shapes)
+
+
+def payload_records(
+    codec: Codec, parts: Mapping[str, list[np.ndarray]], shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, Any]:
+    """``{arrays: ArrayRecord, codec: ConfigRecord}`` for tensors already encoded by ``codec``."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    names = sorted(parts)
+    chunks = []
+    for name in names:
+        layout = codec.layout(tuple(shapes[name]))
+        for part, spec in zip(parts[name], layout, strict=True):
+            chunks.append(np.ascontiguousarray(part, dtype=spec.dtype).tobytes())
+    blob = np.frombuffer(b"".join(chunks), dtype=np.uint8)
+    header = {
+        "codec": codec.spec,
+        "version": WIRE_VERSION,
+        "tensors": tensor_digest(names),
+        "shapes": _shapes_text([tuple(shapes[n]) for n in names]),
+        "dtype": "float32",
+    }
+    return {ARRAYS: ArrayRecord({PAYLOAD: Array(blob)}), CODEC: ConfigRecord(header)}
+
+
+def encode_tensors(codec: Codec, tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Encode ``tensors`` without error feedback (the broadcast); return the records and what the
+    receiver will decode from them, so that the sender can start from exactly the same numbers."""
+    parts = {k: codec.encode(v) for k, v in tensors.items()}
+    shapes = {k: tuple(np.shape(v)) for k, v in tensors.items()}
+    decoded = tensors if codec.lossless else {k: codec.decode(parts[k], shapes[k]) for k in tensors}
+    return payload_records(codec, parts, shapes), {k: np.asarray(v, dtype=np.float32) for k, v in decoded.items()}
+
+
+def decode_payload(content: Any, expected: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, np.ndarray], Codec]:
+    """The float32 tensors an encoded payload in ``content`` (a RecordDict) stands for, and its codec.
+
+    ``expected`` maps every tensor name the sender must send to its shape.
+
+    Raises
+    ------
+    PayloadError
+        A missing or unknown header, another tensor set or shape, a payload of the wrong type or
+        length, parts the codec rejects, or non-finite values.
+    """
+    if CODEC not in content.config_records:
+        raise PayloadError("no codec header (record 'codec')")
+    header = content.config_records[CODEC]
+    try:
+        version, spec = int(header["version"]), str(header["codec"])
+        digest, shapes_text, dtype = str(header["tensors"]), str(header["shapes"]), str(header["dtype"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise PayloadError(f"malformed codec header: {err}") from None
+    if version != WIRE_VERSION:
+        raise PayloadError(f"wire format version {version}; this fedpeft reads version {WIRE_VERSION}")
+    try:
+        codec = parse_codec(spec)
+    except CodecError as err:
+        raise PayloadError(str(err)) from None
+    names = sorted(expected)
+    if digest != tensor_digest(names):
+        raise PayloadError(f"payload holds another set of tensors than the {len(names)} expected")
+    if dtype != "float32":
+        raise PayloadError(f"payload tensors declared as {dtype}, expected float32")
+    want_shapes = _shapes_text([tuple(expected[n]) for n in names])
+    if shapes_text != want_shapes:
+        raise PayloadError(f"payload shapes {shapes_text[:80]!r} differ from the expected {want_shapes[:80]!r}")
+    blob = _payload_bytes(content)
+    layouts = [codec.layout(tuple(expected[n])) for n in names]
+    need = sum(part.nbytes for layout in layouts for part in layout)
+    if blob.size != need:
+        raise PayloadError(f"payload holds {blob.size} bytes; codec {spec!r} needs {need} for these shapes")
+    out: dict[str, np.ndarray] = {}
+    offset = 0
+    try:
+        for name, layout in zip(names, layouts, strict=True):
+            parts = []
+            for part in layout:
+                parts.append(np.frombuffer(blob, dtype=part.dtype, count=part.count, offset=offset).copy())
+                offset += part.nbytes
+            out[name] = codec.decode(parts, tuple(expected[name]))
+    except CodecError as err:
+        raise PayloadError(f"{name}: {err}") from None
+    bad = [n for n, v in out.items() if not np.all(np.isfinite(v))]
+    if bad:
+        raise PayloadError(f"{bad[0]} decodes to non-finite values")
+    return out, codec
+
+
+def _payload_bytes(content: Any) -> np.ndarray:
+    if ARRAYS not in content.array_records:
+        raise PayloadError("no payload (record 'arrays')")
+    record = content.array_records[ARRAYS]
+    if list(record.keys()) != [PAYLOAD]:
+        raise PayloadError(f"payload record must hold one array {PAYLOAD!r}, holds {list(record.keys())[:3]}")
+    array = record[PAYLOAD]
+    if array.dtype != "uint8" or len(array.shape) != 1:
+        raise PayloadError(f"payload array is {array.dtype} of shape {tuple(array.shape)}, expected 1-D uint8")
+    try:
+        blob = array.numpy()
+    except Exception as err:  # np.load of truncated or garbled bytes raises several types
+        raise PayloadError(f"payload array is unreadable ({type(err).__name__}: {err})") from None
+    if blob.dtype != np.uint8 or blob.ndim != 1:
+        raise PayloadError(f"payload bytes are {blob.dtype} of shape {blob.shape}, expected 1-D uint8")
+    return blob
+
+
+def raw_nbytes(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Bytes of the tensors as raw float32: the baseline of ``compression_ratio``."""
+    return int(sum(4 * int(np.prod(shape, dtype=np.int64)) for shape in shapes.values()))

@@ -5,7 +5,10 @@ DP-FedAvg (McMahan, Ramage, Talwar, Zhang, ICLR 2018, arXiv 1710.06963) with cli
 
 1. **clip** at the site: Flower's ``fixedclipping_mod`` clips the update (trained − broadcast) of
    all sent tensors to L2 norm C. :func:`clipping_mod` applies it only when the server asked for it,
-   so the same ClientApp serves runs without central DP;
+   so the same ClientApp serves runs without central DP. The site's codec encodes the clipped update
+   (with error feedback), so what arrives may exceed C slightly; the server clips every decoded
+   update to C again (:func:`clip_update`) before averaging, so the sensitivity is C/m whatever the
+   codec did;
 2. **average** uniformly on the server (every sampled client counts 1/m; weighting by examples would
    let one client move the average by more than C/m);
 3. **noise**: Flower's ``DifferentialPrivacyClientSideFixedClipping`` wrapper adds N(0, (σC/m)²) to
@@ -33,6 +36,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM  # the train config's clipping-norm key
 
 from fedpeft.adapters.state import key_matches
@@ -47,6 +51,20 @@ def clipping_mod(msg: Any, ctxt: Any, call_next: Any) -> Any:
     if len(configs) == 1 and KEY_CLIPPING_NORM in configs[0]:
         return fixedclipping_mod(msg, ctxt, call_next)
     return call_next(msg, ctxt)
+
+
+def clip_update(update: dict[str, np.ndarray], *, clipping_norm: float) -> tuple[dict[str, np.ndarray], bool]:
+    """``update`` scaled to L2 norm at most ``clipping_norm`` (over all tensors), and whether it was.
+
+    The server applies it to every decoded update: a codec and its error feedback may send a little
+    more than the clipped norm, and the noise only covers C. Excess at float rounding level (1e-6
+    relative, the site's own clip computed in float32) is left alone.
+    """
+    norm = math.sqrt(sum(float(np.sum(np.asarray(v, dtype=np.float64) ** 2)) for v in update.values()))
+    if norm <= clipping_norm * (1 + 1e-6):
+        return update, False
+    scale = np.float32(clipping_norm / norm)
+    return {k: (np.asarray(v, dtype=np.float32) * scale).astype(np.float32) for k, v in update.items()}, True
 
 
 def check_composes(aggregator: Any) -> None:

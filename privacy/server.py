@@ -138,6 +138,17 @@ class RunPrivacy:
         return self.central is not None
 
     @property
+    def bound(self) -> Any:
+        """Central DP: clip every decoded update to C on the server (see :mod:`privacy.central`)."""
+        if self.central is None:
+            return None
+        from functools import partial
+
+        from privacy.central import clip_update
+
+        return partial(clip_update, clipping_norm=self.clipping_norm)
+
+    @property
     def secret_sampling(self) -> bool:
         """Central DP amplified by sampling needs a draw the run seed does not reveal."""
         return self.central is not None and self.central.sampling != "none"

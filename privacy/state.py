@@ -9,12 +9,11 @@ lose an update, never under-count (the round is retrained and counted again).
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from fedpeft.runlog import atomic_write_text
+from fedpeft.runlog import atomic_write_text, safe_name
 
 STATE_VERSION = 1
 
@@ -78,7 +77,7 @@ class SiteAccount:
 
 def account_path(state_dir: str | Path, site: str, run_id: str) -> Path:
     """``<state_dir>/<site>/privacy-<run_id>.json`` (names reduced to safe characters)."""
-    return Path(state_dir) / _safe(site) / f"privacy-{_safe(run_id)}.json"
+    return Path(state_dir) / safe_name(site) / f"privacy-{safe_name(run_id)}.json"
 
 
 def load_account(path: str | Path) -> SiteAccount | None:
@@ -96,10 +95,3 @@ def load_account(path: str | Path) -> SiteAccount | None:
 def save_account(path: str | Path, account: SiteAccount) -> None:
     """Write the account atomically."""
     atomic_write_text(path, account.to_json())
-
-
-def _safe(name: str) -> str:
-    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name)
-    if not cleaned or cleaned in (".", ".."):
-        raise ValueError(f"unusable name for a state file: {name!r}")
-    return cleaned

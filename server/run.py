@@ -4,7 +4,9 @@ For each round: sample sites and broadcast the global adapter, aggregate the rep
 configured strategy, evaluate the new global adapter on the held-out split, append one line to
 ``metrics.jsonl``. At the end the adapter is saved with ``save_pretrained`` (loadable by plain peft).
 
-``RUN_DIR`` holds ``config.json`` (the resolved config), ``metrics.jsonl`` and ``adapter/``.
+``RUN_DIR`` holds ``config.json`` (the resolved config), ``metrics.jsonl`` (one line per round),
+``traffic.jsonl`` (one line per site per round: bytes each way, compression ratio, accepted /
+rejected with the reason) and ``adapter/``.
 """
 
 from __future__ import annotations
@@ -151,6 +153,8 @@ def run_federation(
         ranks=ranks,
         checks=privacy.checks,
         uniform_weights=privacy.uniform_weights,
+        downlink=cfg.downlink_codec,
+        bound=privacy.bound,
     )
     flower_strategy = privacy.wrap(strategy)
     strategy.summary()
@@ -181,6 +185,8 @@ def run_federation(
                 dp_metrics["delta"],
                 dp_metrics["ledger_head"][:12],
             )
+        for row in traffic.per_site():
+            append_jsonl(run_dir / "traffic.jsonl", {"round": rnd, **row})
         up, down = list(traffic.received.values()), list(traffic.sent.values())
         record = record_round(
             rnd,
@@ -194,6 +200,8 @@ def run_federation(
                 "bytes_down": int(sum(down)),
                 "bytes_up_per_client": int(np.mean(up)) if up else 0,
                 "bytes_down_per_client": int(np.mean(down)) if down else 0,
+                **traffic.compression(),
+                **({"reclipped": len(traffic.reclipped)} if cfg.dp == "central" else {}),
                 **{key: float(value) for key, value in (agg or {}).items() if key.startswith("agg_")},
                 **dp_metrics,
             },

@@ -1,8 +1,16 @@
 """The Flower ``Strategy`` that routes messages to a registered aggregator.
 
 It adds what a federated PEFT run needs around the maths: seeded sampling over stable site keys,
-replies ordered by site (so floating-point sums do not depend on arrival order), bytes measured on
-the wire for every message, and per-client records for the run log. It does no file I/O.
+the broadcast encoded with the downlink codec, every reply's update decoded with the codec its header
+names (:mod:`fedpeft.wire`), replies ordered by site (so floating-point sums do not depend on arrival
+order), bytes measured on the wire for every message, and per-client records for the run log. It
+does no file I/O.
+
+A reply is used only if, in order: it has arrays and metrics; its privacy record (if any) is well
+formed; every check passes (the privacy ledger admits its signed entry: the site spent that budget
+whether or not its update is used); it did not refuse the round; its payload decodes to exactly the
+tensors the site was sent, finite. Anything else is logged with its reason and the round goes on
+with the other replies.
 """
 
 from __future__ import annotations
@@ -16,14 +24,18 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp.strategy import Strategy
 
 from fedpeft.adapters.state import without_keys
+from fedpeft.codecs import parse_codec
 from fedpeft.errors import FedPeftError
 from fedpeft.wire import (
-    ARRAYS,
     CONFIG,
     METRICS,
     NUM_EXAMPLES,
     REFUSED,
+    PayloadError,
+    decode_payload,
+    encode_tensors,
     from_array_record,
+    raw_nbytes,
     read_privacy,
     record_nbytes,
     to_array_record,
@@ -41,6 +53,48 @@ class RoundTraffic:
 
     sent: dict[str, int] = field(default_factory=dict)  # site → bytes down
     received: dict[str, int] = field(default_factory=dict)  # site → bytes up
+    raw_sent: dict[str, int] = field(default_factory=dict)  # site → the broadcast's bytes as raw fp32
+    raw_received: dict[str, int] = field(default_factory=dict)  # site → its decoded update's bytes as raw fp32
+    reclipped: set[str] = field(default_factory=set)  # sites whose decoded update the server clipped again
+
+    def per_site(self) -> list[dict[str, Any]]:
+        """One record per site this round touched: bytes each way, compression, what became of it."""
+        rows = []
+        for site in sorted(set(self.sent) | set(self.received) | set(self.failures)):
+            up, raw_up = self.received.get(site, 0), self.raw_received.get(site, 0)
+            down, raw_down = self.sent.get(site, 0), self.raw_sent.get(site, 0)
+            if site in self.raw_received:
+                status, reason = "accepted", ""
+            elif site in self.refused:
+                status, reason = "refused", self.refused[site]
+            elif site in self.failures:
+                status, reason = ("rejected" if site in self.received else "failed"), self.failures[site]
+            else:
+                status, reason = "no reply", ""
+            rows.append({
+                "site": site,
+                "status": status,
+                **({"reason": reason} if reason else {}),
+                "bytes_down": down,
+                "bytes_up": up,
+                "compression_ratio_down": raw_down / down if down else 0.0,
+                "compression_ratio": raw_up / up if up and raw_up else 0.0,
+                **({"codec_error": self.client_metrics[site]["codec-error"]}
+                   if "codec-error" in self.client_metrics.get(site, {}) else {}),
+            })
+        return rows
+
+    def compression(self) -> dict[str, float]:
+        """Ratios of raw fp32 tensor bytes to the bytes on the wire, over accepted replies and all sends."""
+        up = sum(self.received[s] for s in self.raw_received)
+        down = sum(self.sent.values())
+        metrics = [m for s, m in self.client_metrics.items() if s in self.raw_received]
+        errors = [m["codec-error"] for m in metrics if "codec-error" in m]
+        return {
+            "compression_ratio": sum(self.raw_received.values()) / up if up else 0.0,
+            "compression_ratio_down": sum(self.raw_sent.values()) / down if down else 0.0,
+            **({"codec_error": float(sum(errors) / len(errors))} if errors else {}),
+        }
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)  # site → reason
     refused: dict[str, str] = field(default_factory=dict)  # site → why it did not train (its privacy budget)
@@ -48,6 +102,10 @@ class RoundTraffic:
 
 ReplyCheck = Callable[[str, int, Any], "str | None"]
 """``check(site, server_round, content)``: a reason to reject the reply, or None to accept it."""
+
+UpdateBound = Callable[[dict[str, Any]], "tuple[dict[str, Any], bool]"]
+"""``bound(update)``: the decoded update made safe to aggregate (central DP: clipped to C), and
+whether it had to change."""
 
 
 class FedPeftStrategy(Strategy):
@@ -72,6 +130,13 @@ class FedPeftStrategy(Strategy):
         with a reason is counted as a failure and never reaches the aggregate.
     uniform_weights : bool
         Weight every accepted reply equally instead of by its ``num-examples`` (central DP).
+    downlink : str
+        Codec spec of the broadcast (a value codec: none, fp16, int8, int4). Sites start from what
+        they decode, and so does the server: the baseline of each site's update is the decoded
+        broadcast, bit for bit.
+    bound : UpdateBound, optional
+        Applied to every decoded update before aggregation (central DP clips it to C again, so the
+        sensitivity holds whatever a codec and its error feedback did to the norm).
 
     The broadcast leaves out the tensors the aggregator freezes and tells clients which they are
     (config ``frozen``); a site of lower rank gets the global factors truncated to its rank. The
@@ -89,6 +154,8 @@ class FedPeftStrategy(Strategy):
         ranks: Mapping[str, int] | None = None,
         checks: Sequence[ReplyCheck] = (),
         uniform_weights: bool = False,
+        downlink: str = "none",
+        bound: UpdateBound | None = None,
     ) -> None:
         self.aggregator_name = aggregator
         self.aggregator = AGGREGATORS.get(aggregator)
@@ -99,6 +166,10 @@ class FedPeftStrategy(Strategy):
         self.seed = seed
         self.checks = list(checks)
         self.uniform_weights = uniform_weights
+        self.downlink = parse_codec(downlink)
+        self.bound = bound
+        self.baselines: dict[int | None, dict[str, Any]] = {}  # rank → the decoded broadcast at that rank
+        self._rank_of: dict[str, int | None] = {}
         self.traffic: dict[int, RoundTraffic] = {}
         self.previous: dict[str, Any] = {}
         self._node_of = {site: node for node, site in self.sites.items()}
@@ -131,13 +202,19 @@ class FedPeftStrategy(Strategy):
                 f"strategy {self.aggregator_name!r} needs every client at LoRA rank {global_rank}, "
                 f"but {mixed[0]} trains rank {self.ranks[mixed[0]]}; use exact-svd for mixed ranks"
             )
+        self.baselines, self._rank_of = {}, {}
+        records, self.baselines[global_rank] = encode_tensors(self.downlink, broadcast)
+        contents[global_rank] = RecordDict({**records, CONFIG: config})
+        self.previous = {**self.previous, **self.baselines[global_rank]}  # what every site starts from
         for site in chosen:
             rank = self.ranks.get(site, global_rank)
             if rank not in contents:
-                state = broadcast if rank == global_rank else truncate_to_rank(broadcast, rank)
-                contents[rank] = RecordDict({ARRAYS: to_array_record(state), CONFIG: config})
-            content = contents[rank]
+                records, self.baselines[rank] = encode_tensors(self.downlink, truncate_to_rank(broadcast, rank))
+                contents[rank] = RecordDict({**records, CONFIG: config})
+            content = RecordDict(dict(contents[rank]))  # one dict per message: a site's mods replace records
+            self._rank_of[site] = rank
             traffic.sent[site] = record_nbytes(content)
+            traffic.raw_sent[site] = raw_nbytes({k: v.shape for k, v in self.baselines[rank].items()})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=self._node_of[site]))
         logger.info("round %d: sampled %d of %d sites", server_round, len(chosen), len(self.sites))
         return messages
@@ -167,8 +244,24 @@ class FedPeftStrategy(Strategy):
                 traffic.refused[site] = privacy["reason"]
                 logger.warning("round %d: %s did not train: %s", server_round, site, privacy["reason"])
                 continue
+            baseline = self.baselines.get(self._rank_of.get(site, -1))
+            if baseline is None:
+                traffic.failures[site] = "replied to a round it was not sampled for"
+                logger.warning("round %d: rejected the reply of %s: not sampled", server_round, site)
+                continue
+            try:
+                update, _ = decode_payload(content, {k: v.shape for k, v in baseline.items()})
+            except PayloadError as err:
+                traffic.failures[site] = f"payload rejected: {err}"
+                logger.warning("round %d: rejected the payload of %s: %s", server_round, site, err)
+                continue
+            if self.bound is not None:
+                update, changed = self.bound(update)
+                if changed:
+                    traffic.reclipped.add(site)
+            traffic.raw_received[site] = raw_nbytes({k: v.shape for k, v in update.items()})
             weight = 1.0 if self.uniform_weights else float(metrics.get(NUM_EXAMPLES, 0))
-            accepted.append((site, from_array_record(content.array_records[ARRAYS]), weight))
+            accepted.append((site, {k: baseline[k] + update[k] for k in baseline}, weight))
         if not accepted:
             return None, None
         accepted.sort(key=lambda item: item[0])
@@ -187,7 +280,7 @@ class FedPeftStrategy(Strategy):
 
     def _rejection(self, site: str, server_round: int, content: Any) -> str | None:
         """Why a reply cannot be used, or None."""
-        if ARRAYS not in content.array_records or METRICS not in content.metric_records:
+        if not content.array_records or METRICS not in content.metric_records:
             return "reply lacks arrays or metrics"
         try:
             read_privacy(content)

@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedpeft.codecs import compress, parse_codec
 from fedpeft.config import FedPeftConfig
 from fedpeft.wire import (
     ARRAYS,
+    CODEC,
     CONFIG,
     METRICS,
+    PAYLOAD,
+    PayloadError,
     config_from_record,
     config_record,
+    decode_payload,
+    encode_tensors,
     from_array_record,
+    payload_records,
     record_nbytes,
     to_array_record,
 )
@@ -167,3 +175,118 @@ def test_record_nbytes_counts_every_record() -> None:
     both = RecordDict({ARRAYS: to_array_record(_state()), CONFIG: config_record(NON_DEFAULT)})
     assert record_nbytes(both) > record_nbytes(arrays) > 0
     assert record_nbytes(RecordDict({})) == 0
+
+
+# --- encoded adapter payloads -----------------------------------------------------------------------
+
+PAYLOAD_SPECS = ["none", "fp16", "int8", "int4", "topk:0.25", "topk:0.25+int8", "ternary"]
+
+
+def _update(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"z.lora_B.weight": rng.normal(size=(40, 4)).astype(np.float32),
+            "a.lora_A.weight": rng.normal(size=(4, 40)).astype(np.float32),
+            "head.bias": rng.normal(size=(2,)).astype(np.float32)}
+
+
+def _payload(spec: str = "topk:0.25+int8", update: dict[str, np.ndarray] | None = None) -> RecordDict:
+    update = update if update is not None else _update()
+    codec = parse_codec(spec)
+    parts, _, _ = compress(codec, update)
+    return RecordDict({**payload_records(codec, parts, {k: v.shape for k, v in update.items()}),
+                       METRICS: MetricRecord({"num-examples": 3})})
+
+
+def _shapes(update: dict[str, np.ndarray] | None = None) -> dict[str, tuple[int, ...]]:
+    return {k: v.shape for k, v in (update if update is not None else _update()).items()}
+
+
+@pytest.mark.parametrize("spec", PAYLOAD_SPECS)
+def test_payload_decodes_to_the_round_trip_of_every_tensor(spec: str) -> None:
+    update = _update()
+    got, codec = decode_payload(_payload(spec, update), _shapes())
+    assert codec.spec == spec and set(got) == set(update)
+    for key, value in update.items():
+        np.testing.assert_array_equal(got[key], codec.round_trip(value))
+    header = _payload(spec, update)[CODEC]
+    assert header["codec"] == spec and header["version"] == 1 and header["dtype"] == "float32"
+    assert header["shapes"] == "4x40;2;40x4"  # sorted names: a.lora_A, head.bias, z.lora_B
+
+
+def test_payload_is_one_byte_array_and_compresses() -> None:
+    content = _payload("topk:0.25+int8")
+    assert list(content[ARRAYS].keys()) == [PAYLOAD] and content[ARRAYS][PAYLOAD].dtype == "uint8"
+    assert record_nbytes(_payload("topk:0.25+int8")) * 2 < record_nbytes(_payload("none"))
+
+
+def test_encode_tensors_returns_what_the_receiver_decodes() -> None:
+    state = _update(3)
+    records, decoded = encode_tensors(parse_codec("int4"), state)
+    got, _ = decode_payload(RecordDict(records), _shapes(state))
+    for key in state:
+        np.testing.assert_array_equal(got[key], decoded[key])
+        assert not np.array_equal(decoded[key], state[key])  # int4 is lossy
+
+
+def _with_payload_bytes(content: RecordDict, data: np.ndarray) -> RecordDict:
+    content[ARRAYS] = ArrayRecord({PAYLOAD: Array(data)})
+    return content
+
+
+def _truncated_npy(content: RecordDict) -> RecordDict:
+    array = content[ARRAYS][PAYLOAD]
+    content[ARRAYS] = ArrayRecord({PAYLOAD: Array(dtype=array.dtype, shape=array.shape, stype=array.stype,
+                                                  data=array.data[:-7])})
+    return content
+
+
+def _header(**changes: object) -> Callable[[RecordDict], RecordDict]:
+    def change(content: RecordDict) -> RecordDict:
+        content[CODEC] = ConfigRecord({**content[CODEC], **changes})
+        return content
+
+    return change
+
+
+CORRUPTIONS: dict[str, tuple[Callable[[RecordDict], RecordDict], str]] = {
+    "truncated npy bytes": (_truncated_npy, "unreadable"),
+    "short payload": (lambda c: _with_payload_bytes(c, c[ARRAYS][PAYLOAD].numpy()[:-1]), "needs"),
+    "long payload": (lambda c: _with_payload_bytes(c, np.append(c[ARRAYS][PAYLOAD].numpy(), np.uint8(0))), "needs"),
+    "float payload": (lambda c: _with_payload_bytes(c, c[ARRAYS][PAYLOAD].numpy().astype(np.float32)), "uint8"),
+    "2-d payload": (lambda c: _with_payload_bytes(c, c[ARRAYS][PAYLOAD].numpy()[None, :]), "1-D uint8"),
+    "plain arrays": (lambda c: c.__setitem__(ARRAYS, to_array_record(_update())) or c, "one array"),
+    "no header": (lambda c: c.__delitem__(CODEC) or c, "no codec header"),
+    "no payload": (lambda c: c.__delitem__(ARRAYS) or c, "no payload"),
+    "unknown codec": (_header(codec="zstd"), "unknown codec 'zstd'"),
+    "unknown version": (_header(version=2), "version 2"),
+    "other codec": (_header(codec="int4"), "needs"),
+    "wrong shapes": (_header(shapes="4x40;2;4x40"), "shapes"),
+    "wrong dtype": (_header(dtype="bfloat16"), "bfloat16"),
+    "other tensors": (_header(tensors="0123456789abcdef"), "another set of tensors"),
+    "header without version": (lambda c: c.__setitem__(CODEC, ConfigRecord({"codec": "none"})) or c, "malformed"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_corrupted_payloads_are_refused_with_the_reason(name: str) -> None:
+    corrupt, reason = CORRUPTIONS[name]
+    content = corrupt(_payload("topk:0.25+int8"))
+    with pytest.raises(PayloadError, match=reason):
+        decode_payload(content, _shapes())
+
+
+def test_non_finite_values_are_refused() -> None:
+    update = _update()
+    content = _payload("none", update)
+    blob = content[ARRAYS][PAYLOAD].numpy().copy()
+    blob[:4] = np.frombuffer(np.float32(np.nan).tobytes(), np.uint8)
+    with pytest.raises(PayloadError, match="non-finite"):
+        decode_payload(_with_payload_bytes(content, blob), _shapes())
+
+
+def test_flipped_position_bits_are_refused() -> None:
+    content = _payload("topk:0.25")  # 160 entries, k 40: a 20-byte bitmask first
+    blob = content[ARRAYS][PAYLOAD].numpy().copy()
+    blob[0] ^= 0xFF
+    with pytest.raises(PayloadError, match="a.lora_A.weight: position mask"):
+        decode_payload(_with_payload_bytes(content, blob), _shapes())

@@ -6,9 +6,22 @@ import random
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from replies import reply, sent
 
-from fedpeft.wire import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, from_array_record, record_nbytes, to_array_record
+from fedpeft.codecs import parse_codec
+from fedpeft.wire import (
+    ARRAYS,
+    CODEC,
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    PAYLOAD,
+    decode_payload,
+    from_array_record,
+    record_nbytes,
+    to_array_record,
+)
 from strategies import AGGREGATORS, AggregationOptions
 from strategies.fedit import FEDIT
 from strategies.flower import FedPeftStrategy, RoundTraffic
@@ -69,7 +82,7 @@ def _reply(out: Message, *, num_examples: int | None = None, loss: float | None 
     pid = int(site.split("-")[1])
     metrics = MetricRecord({NUM_EXAMPLES: num_examples if num_examples is not None else 10 + 7 * pid,
                             "train-loss": loss if loss is not None else 0.1 * (pid + 1), "steps": 3})
-    return Message(RecordDict({ARRAYS: to_array_record(_client_state(site)), METRICS: metrics}), reply_to=out)
+    return reply(out, _client_state(site), metrics)
 
 
 def test_reply_carries_the_site_node_as_source() -> None:
@@ -116,7 +129,7 @@ def test_outgoing_messages_carry_arrays_config_and_round() -> None:
         config = msg.content.config_records[CONFIG]
         assert config["server-round"] == 4
         assert config["lr"] == 0.1
-        arrays = from_array_record(msg.content.array_records[ARRAYS])
+        arrays = sent(msg, _global_state())
         assert list(arrays) == list(_global_state())
         for key, value in _global_state().items():
             np.testing.assert_array_equal(arrays[key], value)
@@ -223,10 +236,10 @@ def test_bytes_received_recorded_per_site_and_positive() -> None:
     strategy.aggregate_train(1, replies)
     traffic = strategy.traffic[1]
     assert set(traffic.received) == set(traffic.sent) == {NODES[m.metadata.dst_node_id] for m in messages}
-    for reply in replies:
-        size = traffic.received[NODES[reply.metadata.src_node_id]]
-        assert size == record_nbytes(reply.content) > 0
-        raw = sum(v.nbytes for v in _client_state(NODES[reply.metadata.src_node_id]).values())
+    for answer in replies:
+        size = traffic.received[NODES[answer.metadata.src_node_id]]
+        assert size == record_nbytes(answer.content) > 0
+        raw = sum(v.nbytes for v in _client_state(NODES[answer.metadata.src_node_id]).values())
         assert size > raw
 
 
@@ -319,8 +332,7 @@ def test_ffa_lora_broadcast_leaves_out_A_and_names_it_frozen() -> None:
     strategy = FedPeftStrategy(aggregator="ffa-lora", sites=NODES, fraction=0.5, seed=0)
     messages = _configure(strategy)
     for msg in messages:
-        sent = from_array_record(msg.content[ARRAYS])
-        assert set(sent) == {"a.lora_B.weight", "head.weight"}
+        assert set(sent(msg, _global_state())) == {"a.lora_B.weight", "head.weight"}
         assert msg.content[CONFIG]["frozen"] == "lora_A"
     assert set(strategy.previous) == set(_global_state())  # the server keeps A for aggregation
 
@@ -333,11 +345,11 @@ def test_low_rank_sites_get_truncated_factors() -> None:
             "head.weight": np.ones((3, 4), np.float32)}
     messages = list(strategy.configure_train(1, to_array_record(glob), ConfigRecord({}), _NoGrid()))
     for msg in messages:
-        sent = from_array_record(msg.content[ARRAYS])
+        got = sent(msg, glob)
         r = ranks.get(NODES[msg.metadata.dst_node_id], 2)
-        np.testing.assert_array_equal(sent["a.lora_A.weight"], glob["a.lora_A.weight"][:r])
-        np.testing.assert_array_equal(sent["a.lora_B.weight"], glob["a.lora_B.weight"][:, :r])
-        np.testing.assert_array_equal(sent["head.weight"], glob["head.weight"])
+        np.testing.assert_array_equal(got["a.lora_A.weight"], glob["a.lora_A.weight"][:r])
+        np.testing.assert_array_equal(got["a.lora_B.weight"], glob["a.lora_B.weight"][:, :r])
+        np.testing.assert_array_equal(got["head.weight"], glob["head.weight"])
         assert msg.content[CONFIG]["frozen"] == ""
     small = [strategy.traffic[1].sent[s] for s in ranks]
     full = [v for s, v in strategy.traffic[1].sent.items() if s not in ranks]
@@ -373,9 +385,8 @@ def _round(strategy: FedPeftStrategy, glob: dict[str, np.ndarray]) -> tuple[list
     replies = []
     for m in messages:
         site = NODES[m.metadata.dst_node_id]
-        state = _trained(from_array_record(m.content[ARRAYS]), site)
-        metrics = MetricRecord({NUM_EXAMPLES: 10 + 7 * int(site.split("-")[1]), "train-loss": 0.5})
-        replies.append(Message(RecordDict({ARRAYS: to_array_record(state), METRICS: metrics}), reply_to=m))
+        state = _trained(sent(m, glob), site)
+        replies.append(reply(m, state, {NUM_EXAMPLES: 10 + 7 * int(site.split("-")[1]), "train-loss": 0.5}))
     return messages, replies
 
 
@@ -384,7 +395,7 @@ def test_ffa_lora_round_keeps_the_server_A_and_averages_B() -> None:
     strategy = FedPeftStrategy(aggregator="ffa-lora", sites=NODES, fraction=0.5, seed=4)
     messages, replies = _round(strategy, glob)
     for m in messages:
-        assert set(from_array_record(m.content[ARRAYS])) == {"a.lora_B.weight", "head.weight"}
+        assert set(sent(m, glob)) == {"a.lora_B.weight", "head.weight"}
         assert m.content[CONFIG]["frozen"] == "lora_A" and m.content[CONFIG]["server-round"] == 1
     random.Random(0).shuffle(replies)
     arrays, metrics = strategy.aggregate_train(1, replies)
@@ -393,21 +404,23 @@ def test_ffa_lora_round_keeps_the_server_A_and_averages_B() -> None:
     np.testing.assert_array_equal(got["a.lora_A.weight"], glob["a.lora_A.weight"])
     sites = sorted(NODES[m.metadata.dst_node_id] for m in messages)
     weights = np.array([10 + 7 * int(s.split("-")[1]) for s in sites], dtype=np.float64)
-    sent = {k: v for k, v in glob.items() if "lora_A" not in k}
+    broadcast = {k: v for k, v in glob.items() if "lora_A" not in k}
     for key in ("a.lora_B.weight", "head.weight"):
-        want = np.einsum("k,k...->...", weights / weights.sum(), np.stack([_trained(sent, s)[key] for s in sites]))
+        want = np.einsum("k,k...->...", weights / weights.sum(), np.stack([_trained(broadcast, s)[key] for s in sites]))
         np.testing.assert_allclose(got[key], want, rtol=1e-5, atol=1e-6)
     assert metrics["agg_residual_max"] <= 5e-3  # exact, up to the float32 Gram-trace floor
 
 
 def test_ffa_lora_sends_fewer_bytes_than_fedit() -> None:
     glob = _random_global(2)
-    sizes = {}
+    sizes, raw = {}, {}
     for name in ("ffa-lora", "fedit"):
         strategy = FedPeftStrategy(aggregator=name, sites=NODES, fraction=1.0, seed=0)
         list(strategy.configure_train(1, to_array_record(glob), ConfigRecord({}), _NoGrid()))
         sizes[name] = strategy.traffic[1].sent["partition-00000"]
-    assert sizes["fedit"] - sizes["ffa-lora"] >= glob["a.lora_A.weight"].nbytes
+        raw[name] = strategy.traffic[1].raw_sent["partition-00000"]
+    assert raw["fedit"] - raw["ffa-lora"] == glob["a.lora_A.weight"].nbytes
+    assert sizes["fedit"] - sizes["ffa-lora"] >= glob["a.lora_A.weight"].nbytes - 64  # npy pads its header to 64 B
 
 
 def test_mixed_rank_round_sends_truncations_and_aggregates_at_the_global_rank() -> None:
@@ -416,14 +429,15 @@ def test_mixed_rank_round_sends_truncations_and_aggregates_at_the_global_rank() 
     strategy = FedPeftStrategy(aggregator="exact-svd", sites=NODES, fraction=1.0, seed=0, ranks=ranks)
     messages, replies = _round(strategy, glob)
     states = {}
-    for m, reply in zip(messages, replies, strict=True):
+    for m, answer in zip(messages, replies, strict=True):
         site = NODES[m.metadata.dst_node_id]
-        sent = from_array_record(m.content[ARRAYS])
+        got = sent(m, glob)
         r = ranks.get(site, 4)
-        np.testing.assert_array_equal(sent["a.lora_A.weight"], glob["a.lora_A.weight"][:r])  # first r rows
-        np.testing.assert_array_equal(sent["a.lora_B.weight"], glob["a.lora_B.weight"][:, :r])  # first r columns
-        np.testing.assert_array_equal(sent["head.weight"], glob["head.weight"])
-        states[site] = from_array_record(reply.content[ARRAYS])
+        np.testing.assert_array_equal(got["a.lora_A.weight"], glob["a.lora_A.weight"][:r])  # first r rows
+        np.testing.assert_array_equal(got["a.lora_B.weight"], glob["a.lora_B.weight"][:, :r])  # first r columns
+        np.testing.assert_array_equal(got["head.weight"], glob["head.weight"])
+        update, _ = decode_payload(answer.content, {k: v.shape for k, v in got.items()})
+        states[site] = {k: got[k] + update[k] for k in got}  # what the server aggregates
     arrays, metrics = strategy.aggregate_train(1, replies[::-1])
     got = from_array_record(arrays)
     assert got["a.lora_A.weight"].shape == (4, 4) and got["a.lora_B.weight"].shape == (5, 4)
@@ -541,3 +555,125 @@ def test_uniform_weights_ignore_num_examples() -> None:
     want = _expected(sites, [1.0] * len(sites))
     for key, value in from_array_record(arrays).items():
         np.testing.assert_allclose(value, want[key], rtol=1e-6)
+
+
+# --- encoded payloads: codecs, corrupted replies, the downlink ---------------------------------------
+
+def _big_global(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"a.lora_A.weight": rng.normal(size=(4, 64)).astype(np.float32),
+            "a.lora_B.weight": rng.normal(size=(64, 4)).astype(np.float32) * 0.1,
+            "head.weight": rng.normal(size=(2, 64)).astype(np.float32)}  # fmt: skip
+
+
+def test_lossy_replies_aggregate_what_was_decoded() -> None:
+    glob = _big_global()
+    strategy = FedPeftStrategy(aggregator="fedit", sites=NODES, fraction=0.5, seed=1)
+    messages = list(strategy.configure_train(1, to_array_record(glob), ConfigRecord({}), _NoGrid()))
+    replies, states, weights = [], {}, {}
+    for m in messages:
+        site = NODES[m.metadata.dst_node_id]
+        trained = _trained(glob, site)
+        weights[site] = 10.0 + int(site.split("-")[1])
+        replies.append(reply(m, trained, {NUM_EXAMPLES: weights[site]}, codec="topk:0.2+int8"))
+        codec = parse_codec("topk:0.2+int8")
+        states[site] = {k: glob[k] + codec.round_trip(trained[k] - glob[k]) for k in glob}
+    arrays, _ = strategy.aggregate_train(1, replies)
+    sites = sorted(states)
+    want, _ = FEDIT([states[s] for s in sites], [weights[s] for s in sites], previous=glob)
+    for key, value in from_array_record(arrays).items():
+        np.testing.assert_array_equal(value, want[key])
+    rows = strategy.traffic[1].per_site()
+    assert [r["status"] for r in rows] == ["accepted"] * len(sites)
+    assert all(r["compression_ratio"] > 3 for r in rows)  # 20 % of entries at 1 byte, plus positions
+    assert strategy.traffic[1].compression()["compression_ratio"] > 3
+
+
+def test_corrupted_payloads_are_rejected_and_the_round_goes_on() -> None:
+    glob = _big_global()
+    strategy = FedPeftStrategy(aggregator="fedit", sites=NODES, fraction=1.0, seed=1)
+    messages = list(strategy.configure_train(1, to_array_record(glob), ConfigRecord({}), _NoGrid()))
+    replies = [reply(m, _trained(glob, NODES[m.metadata.dst_node_id]), {NUM_EXAMPLES: 5}) for m in messages]
+    bad = {NODES[messages[i].metadata.dst_node_id] for i in (2, 5, 7)}
+    truncated = replies[2].content[ARRAYS][PAYLOAD]
+    replies[2].content[ARRAYS] = ArrayRecord({PAYLOAD: Array(dtype="uint8", shape=truncated.shape,
+                                                             stype=truncated.stype, data=truncated.data[:-9])})
+    replies[5].content[CODEC] = ConfigRecord({**replies[5].content[CODEC], "codec": "zstd"})
+    replies[7].content[CODEC] = ConfigRecord({**replies[7].content[CODEC], "version": 9})
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    traffic = strategy.traffic[1]
+    assert set(traffic.failures) == bad
+    assert "unreadable" in traffic.failures[NODES[messages[2].metadata.dst_node_id]]
+    assert "unknown codec 'zstd'" in traffic.failures[NODES[messages[5].metadata.dst_node_id]]
+    assert "version 9" in traffic.failures[NODES[messages[7].metadata.dst_node_id]]
+    assert all(reason.startswith("payload rejected: ") for reason in traffic.failures.values())
+    assert metrics["clients"] == len(NODES) - 3
+    good = sorted(set(NODES.values()) - bad)
+    got = from_array_record(arrays)
+    for key in glob:  # equal weights: the plain mean of the good sites
+        want = np.mean([_trained(glob, s)[key] for s in good], axis=0)
+        np.testing.assert_allclose(got[key], want, rtol=1e-5, atol=1e-6)
+    rows = {r["site"]: r for r in traffic.per_site()}
+    assert {s for s, r in rows.items() if r["status"] == "rejected"} == bad
+    assert all(rows[s]["reason"] == traffic.failures[s] and rows[s]["bytes_up"] > 0 for s in bad)
+
+
+def test_a_reply_from_a_site_not_sampled_is_rejected() -> None:
+    glob = _big_global()
+    strategy = FedPeftStrategy(aggregator="fedit", sites=NODES, fraction=0.3, seed=1)
+    first = list(strategy.configure_train(1, to_array_record(glob), ConfigRecord({}), _NoGrid()))
+    second = list(strategy.configure_train(2, to_array_record(glob), ConfigRecord({}), _NoGrid()))
+    stale = next(m for m in first if m.metadata.dst_node_id not in {n.metadata.dst_node_id for n in second})
+    replies = [reply(m, _trained(glob, NODES[m.metadata.dst_node_id]), {NUM_EXAMPLES: 5}) for m in [*second, stale]]
+    _, metrics = strategy.aggregate_train(2, replies)
+    reason = "replied to a round it was not sampled for"
+    assert strategy.traffic[2].failures == {NODES[stale.metadata.dst_node_id]: reason}
+    assert metrics["clients"] == len(second)
+
+
+def test_downlink_codec_sites_and_server_start_from_the_same_numbers() -> None:
+    glob = _big_global(2)
+    plain = FedPeftStrategy(aggregator="fedit", sites=NODES, fraction=0.5, seed=1)
+    strategy = FedPeftStrategy(aggregator="fedit", sites=NODES, fraction=0.5, seed=1, downlink="int8")
+    list(plain.configure_train(1, to_array_record(glob), ConfigRecord({}), _NoGrid()))
+    messages = list(strategy.configure_train(1, to_array_record(glob), ConfigRecord({}), _NoGrid()))
+    int8 = parse_codec("int8")
+    for m in messages:
+        got = sent(m, glob)
+        for key in glob:
+            np.testing.assert_array_equal(got[key], int8.round_trip(glob[key]))
+            np.testing.assert_array_equal(strategy.previous[key], got[key])  # the aggregator's `previous`
+    site = NODES[messages[0].metadata.dst_node_id]
+    assert strategy.traffic[1].sent[site] * 2.5 < plain.traffic[1].sent[site]  # 2.5 KB of floats + framing
+    assert strategy.traffic[1].per_site()[0]["compression_ratio_down"] > 2.5
+    # a site that did not move sends a zero update: the server gets back exactly what it sent
+    replies = [reply(m, sent(m, glob), {NUM_EXAMPLES: 5}) for m in messages]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    for key, value in from_array_record(arrays).items():
+        np.testing.assert_array_equal(value, int8.round_trip(glob[key]))
+
+
+def test_server_bound_is_applied_to_decoded_updates() -> None:
+    glob = _big_global()
+    seen = []
+
+    def halve(update: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], bool]:
+        seen.append(update)
+        return {k: v / 2 for k, v in update.items()}, True
+
+    strategy = FedPeftStrategy(aggregator="fedit", sites=NODES, fraction=0.2, seed=1, bound=halve)
+    messages = list(strategy.configure_train(1, to_array_record(glob), ConfigRecord({}), _NoGrid()))
+    replies = [reply(m, _trained(glob, NODES[m.metadata.dst_node_id]), {NUM_EXAMPLES: 5}) for m in messages]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert len(seen) == 2 and strategy.traffic[1].reclipped == {NODES[m.metadata.dst_node_id] for m in messages}
+    sites = sorted(NODES[m.metadata.dst_node_id] for m in messages)
+    for key, value in from_array_record(arrays).items():
+        want = np.mean([glob[key] + (_trained(glob, s)[key] - glob[key]) / 2 for s in sites], axis=0)
+        np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6)
+
+
+def test_downlink_must_be_a_known_codec() -> None:
+    from fedpeft.errors import FedPeftError
+
+    with pytest.raises(FedPeftError, match="unknown codec"):
+        FedPeftStrategy(aggregator="fedit", sites=NODES, fraction=0.5, seed=0, downlink="gzip")

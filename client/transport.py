@@ -1,0 +1,117 @@
+"""The site's side of the wire: which site this node is, and the codec mod around the train handler.
+
+``codec_mod`` is the outermost mod of the train handler (``mods=[codec_mod, clipping_mod]``):
+
+1. on the way in it decodes the broadcast payload into plain adapter tensors (so the central-DP
+   clipping mod and the handler see an ordinary ArrayRecord);
+2. on the way out it turns the handler's trained adapter into the update (trained − broadcast, after
+   any clipping), adds the carried error-feedback residual, encodes it with the site's codec, saves
+   the new residual atomically, and replaces the reply's arrays with the payload and its header.
+
+Under local DP the update is already a DP-SGD output, so the codec and its residual are
+post-processing and cost no privacy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Message, MetricRecord
+
+from fedpeft import site
+from fedpeft.adapters.state import without_keys
+from fedpeft.codecs import compress, parse_codec
+from fedpeft.config import FedPeftConfig
+from fedpeft.errors import FedPeftError
+from fedpeft.feedback_state import load_residual, residual_path, save_residual
+from fedpeft.wire import (
+    ARRAYS,
+    CODEC,
+    CONFIG,
+    METRICS,
+    config_from_record,
+    decode_payload,
+    from_array_record,
+    payload_records,
+    to_array_record,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def site_identity(context: Context, fallback_partitions: int) -> tuple[int, int, str]:
+    """``(partition_id, num_partitions, site_key)`` of this node."""
+    pid = int(context.node_config.get("partition-id", 0))
+    num = int(context.node_config.get("num-partitions", fallback_partitions))
+    return pid, num, f"partition-{pid:05d}"
+
+
+def site_config(cfg: FedPeftConfig, context: Context, partition_id: int) -> FedPeftConfig:
+    """The run config as this site trains it (its own LoRA rank)."""
+    node_rank = context.node_config.get("lora-r")
+    return site.at_rank(cfg, site.client_rank(cfg, partition_id, None if node_rank is None else int(node_rank)))
+
+
+def frozen_components(config: Any) -> tuple[str, ...]:
+    """The tensor names the strategy freezes (never broadcast, never sent back)."""
+    return tuple(c for c in str(config.get("frozen", "")).split(",") if c)
+
+
+def codec_mod(msg: Message, context: Context, call_next: Any) -> Message:
+    """Decode the broadcast, run the handler, send back the encoded update (see the module doc)."""
+    config = msg.content[CONFIG]
+    cfg = config_from_record(config)
+    pid, _, key = site_identity(context, cfg.clients)
+    local = site_config(cfg, context, pid)
+    initial = site.initial_adapter(local, num_labels=len(list(config["label-names"])))
+    return encoded_exchange(
+        msg,
+        context,
+        call_next,
+        expected={k: v.shape for k, v in without_keys(initial, frozen_components(config)).items()},
+        codec=str(context.node_config.get("codec") or cfg.codec),
+        residual_file=residual_path(site.state_dir(context.node_config), key, cfg.run_id),
+    )
+
+
+def encoded_exchange(
+    msg: Message,
+    context: Any,
+    call_next: Any,
+    *,
+    expected: Mapping[str, tuple[int, ...]],
+    codec: str,
+    residual_file: Path,
+) -> Message:
+    """:func:`codec_mod` once the site knows its tensors (``expected``: name → shape of what the
+    broadcast must hold), its codec spec and where its error-feedback residual lives."""
+    broadcast, _ = decode_payload(msg.content, expected)  # a PayloadError becomes the reply's error
+    del msg.content[CODEC]
+    msg.content[ARRAYS] = to_array_record(broadcast)
+
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    trained = from_array_record(reply.content[ARRAYS])
+    if trained and set(trained) != set(broadcast):
+        raise FedPeftError("the trained adapter holds other tensors than the broadcast")
+    update = {k: trained[k] - broadcast[k] for k in broadcast} if trained else {}  # empty: a refused round
+    chosen = parse_codec(codec)
+    carry = bool(update) and not chosen.lossless
+    residual = None
+    if carry:
+        try:
+            residual = load_residual(residual_file)
+        except ValueError as err:  # costs accuracy, not privacy: restart the feedback from zero
+            logger.warning("%s; starting error feedback from zero", err)
+    parts, left, metrics = compress(chosen, update, residual)
+    if carry:
+        save_residual(residual_file, left)
+    records = payload_records(chosen, parts, {k: v.shape for k, v in update.items()})
+    reply.content[ARRAYS], reply.content[CODEC] = records[ARRAYS], records[CODEC]
+    if update:
+        reply.content[METRICS] = MetricRecord({**reply.content[METRICS], **metrics})
+    return reply

@@ -1,0 +1,140 @@
+"""The site's codec exchange: decode the broadcast, encode trained − broadcast with error feedback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from client.transport import encoded_exchange
+from fedpeft.codecs import parse_codec
+from fedpeft.feedback_state import load_residual
+from fedpeft.wire import (
+    ARRAYS,
+    CODEC,
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    PayloadError,
+    decode_payload,
+    encode_tensors,
+    from_array_record,
+    to_array_record,
+)
+
+pytestmark = pytest.mark.usefixtures("server_identity")
+
+
+def broadcast(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"l.lora_A.weight": rng.normal(size=(4, 32)).astype(np.float32),
+            "l.lora_B.weight": rng.normal(size=(32, 4)).astype(np.float32),
+            "head.weight": rng.normal(size=(2, 32)).astype(np.float32)}  # fmt: skip
+
+
+SHAPES = {k: v.shape for k, v in broadcast().items()}
+
+
+def instruction(state: dict[str, np.ndarray], downlink: str = "none") -> Message:
+    records, _ = encode_tensors(parse_codec(downlink), state)
+    content = RecordDict({**records, CONFIG: ConfigRecord({"server-round": 1})})
+    return Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
+
+
+def step(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(100 + seed)
+    return {k: (0.01 * rng.normal(size=s)).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def handler_moving_by(delta: dict[str, np.ndarray], seen: list[RecordDict] | None = None):
+    def handler(msg: Message, ctxt: object) -> Message:
+        if seen is not None:
+            seen.append(msg.content)
+        state = from_array_record(msg.content[ARRAYS])
+        trained = {k: state[k] + delta[k] for k in state}
+        return Message(RecordDict({ARRAYS: to_array_record(trained), METRICS: MetricRecord({NUM_EXAMPLES: 4})}),
+                       reply_to=msg)
+
+    return handler
+
+
+def exchange(msg: Message, handler: object, codec: str, residual: Path) -> Message:
+    return encoded_exchange(msg, None, handler, expected=SHAPES, codec=codec, residual_file=residual)
+
+
+def test_handler_sees_plain_arrays_and_one_config() -> None:
+    seen: list[RecordDict] = []
+    state = broadcast()
+    exchange(instruction(state, downlink="int8"), handler_moving_by(step(0), seen), "none", Path("/nonexistent/r"))
+    (content,) = seen
+    assert CODEC not in content.config_records and list(content.config_records) == [CONFIG]  # as clipping needs
+    got = from_array_record(content[ARRAYS])
+    for key, value in state.items():
+        np.testing.assert_array_equal(got[key], parse_codec("int8").round_trip(value))
+
+
+def test_reply_carries_the_encoded_update(tmp_path: Path) -> None:
+    state, delta = broadcast(), step(0)
+    reply = exchange(instruction(state), handler_moving_by(delta), "int8", tmp_path / "r.npz")
+    assert reply.content[CODEC]["codec"] == "int8"
+    update, codec = decode_payload(reply.content, SHAPES)
+    for key in state:
+        sent = (state[key] + delta[key]) - state[key]
+        np.testing.assert_array_equal(update[key], codec.round_trip(sent))
+    metrics = reply.content[METRICS]
+    assert metrics[NUM_EXAMPLES] == 4 and 0 < metrics["codec-error"] < 0.02 and metrics["codec-residual-carried"] == 0
+
+
+def test_error_feedback_is_persisted_and_added_next_round(tmp_path: Path) -> None:
+    path = tmp_path / "site" / "residual.npz"
+    state = broadcast()
+    codec = parse_codec("topk:0.1")
+    first, second = step(1), step(2)
+    reply = exchange(instruction(state), handler_moving_by(first), "topk:0.1", path)
+    sent1, _ = decode_payload(reply.content, SHAPES)
+    saved = load_residual(path)
+    assert saved is not None
+    for key in state:
+        target = (state[key] + first[key]) - state[key]
+        np.testing.assert_allclose(saved[key], target - sent1[key], atol=1e-7)
+    # next round, a fresh process: the residual comes from disk
+    reply = exchange(instruction(state), handler_moving_by(second), "topk:0.1", path)
+    sent2, _ = decode_payload(reply.content, SHAPES)
+    for key in state:
+        target = ((state[key] + second[key]) - state[key]) + saved[key]
+        np.testing.assert_array_equal(sent2[key], codec.round_trip(target))
+    assert reply.content[METRICS]["codec-residual-carried"] > 0.5
+
+
+def test_lossless_codec_and_refused_round_keep_no_residual(tmp_path: Path) -> None:
+    path = tmp_path / "r.npz"
+    exchange(instruction(broadcast()), handler_moving_by(step(0)), "none", path)
+    assert not path.exists()
+    exchange(instruction(broadcast()), handler_moving_by(step(0)), "topk:0.1", path)
+    before = path.read_bytes()
+
+    def refuse(msg: Message, ctxt: object) -> Message:
+        return Message(RecordDict({ARRAYS: to_array_record({}), METRICS: MetricRecord({NUM_EXAMPLES: 0})}),
+                       reply_to=msg)
+
+    reply = exchange(instruction(broadcast()), refuse, "topk:0.1", path)
+    assert path.read_bytes() == before  # what the site still owes waits for a round it trains
+    assert decode_payload(reply.content, {})[0] == {}
+
+
+def test_unreadable_residual_restarts_feedback_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "r.npz"
+    path.write_bytes(b"garbage")
+    reply = exchange(instruction(broadcast()), handler_moving_by(step(0)), "topk:0.1", path)
+    assert "unreadable" in caplog.text and "from zero" in caplog.text
+    assert reply.content[METRICS]["codec-residual-carried"] == 0.0
+    assert load_residual(path) is not None  # replaced by a good one
+
+
+def test_a_broadcast_that_does_not_decode_raises() -> None:
+    msg = instruction(broadcast())
+    msg.content[CODEC] = ConfigRecord({**msg.content[CODEC], "shapes": "1x1;1x1;1x1"})
+    with pytest.raises(PayloadError, match="shapes"):
+        exchange(msg, handler_moving_by(step(0)), "none", Path("/nonexistent/r"))

@@ -1,0 +1,237 @@
+"""Every registered codec through one contract, and each one's error bound against a brute-force reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from fedpeft.codecs import CODECS, CodecError, parse_codec
+from fedpeft.codecs.int4 import pack_nibbles, unpack_nibbles
+
+SPECS = ["none", "fp16", "int8", "int8:16", "int4", "int4:7", "topk:0.1", "topk:1", "topk:0.5+int8:8",
+         "topk:0.3+int4", "topk:0.2+fp16", "topk:0.05+none", "ternary", "ternary:0.3"]
+SHAPES = [(), (0,), (1,), (7,), (3, 5), (8, 384), (384, 8), (2, 3, 40), (70000,)]
+
+finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
+arrays = hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=40), elements=finite)
+
+
+def test_every_registered_codec_is_in_the_matrix() -> None:
+    assert {s.split(":")[0].split("+")[0] for s in SPECS} == set(CODECS.names())
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_parts_follow_the_layout_and_decode_to_the_shape(spec: str, shape: tuple[int, ...]) -> None:
+    codec = parse_codec(spec)
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    parts = codec.encode(x)
+    layout = codec.layout(shape)
+    assert [(p.dtype, p.ndim, p.size) for p in parts] == [(s.dtype, 1, s.count) for s in layout]
+    assert all(s.dtype.byteorder in "<|=" for s in layout)  # little-endian on the wire
+    y = codec.decode(parts, shape)
+    assert y.shape == shape and y.dtype == np.float32
+    if codec.lossless:
+        np.testing.assert_array_equal(y, x)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_sizes_shrink_as_promised(spec: str) -> None:
+    codec = parse_codec(spec)
+    n = 8 * 384
+    size = sum(p.nbytes for p in codec.layout((8, 384)))
+    bound = {"none": 4.0, "fp16": 2.0, "int8": 1 + 4 / 256, "int4": 0.5 + 4 / 256}
+    base = spec.split(":")[0]
+    if base in bound and "+" not in spec and spec.count(":") == 0:
+        assert size == math.ceil(n * bound[base])
+    assert size <= 4 * n
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_non_finite_input_is_refused(spec: str) -> None:
+    x = np.ones(10, np.float32)
+    x[3] = np.nan
+    with pytest.raises(CodecError, match="non-finite"):
+        parse_codec(spec).encode(x)
+
+
+# --- error bounds, against brute force ------------------------------------------------------------
+
+
+def block_absmax(x: np.ndarray, block: int) -> np.ndarray:
+    """Per entry, the largest |x| of its block (brute force)."""
+    flat = x.reshape(-1)
+    out = np.empty_like(flat)
+    for start in range(0, flat.size, block):
+        out[start : start + block] = np.abs(flat[start : start + block]).max()
+    return out
+
+
+def topk_reference(flat: np.ndarray, fraction: float) -> tuple[int, np.ndarray]:
+    k = min(flat.size, max(1, math.ceil(fraction * flat.size - 1e-9)))
+    return k, np.sort(np.abs(flat))[::-1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=arrays)
+def test_fp16_error_is_half_an_ulp(x: np.ndarray) -> None:
+    y = parse_codec("fp16").round_trip(x)
+    assert np.all(np.abs(y - x) <= np.maximum(np.abs(x) * 2.0**-11, 2.0**-25))
+
+
+@pytest.mark.parametrize(("name", "levels"), [("int8", 127), ("int4", 7)])
+@pytest.mark.parametrize("block", [1, 5, 256])
+@settings(max_examples=40, deadline=None)
+@given(x=arrays)
+def test_quantisers_err_by_at_most_half_a_step_of_their_row(name: str, levels: int, block: int, x: np.ndarray) -> None:
+    y = parse_codec(f"{name}:{block}").round_trip(x).reshape(-1)
+    step = block_absmax(x, block) / levels
+    assert np.all(np.abs(y - x.reshape(-1)) <= step / 2 * (1 + 1e-5) + 1e-30)
+    assert np.all(np.abs(y) <= block_absmax(x, block) * (1 + 1e-6) + 1e-37)  # within the row's absmax
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.1, 0.5, 1.0])
+@settings(max_examples=40, deadline=None)
+@given(x=arrays)
+def test_topk_keeps_exactly_the_k_largest(fraction: float, x: np.ndarray) -> None:
+    flat = x.reshape(-1)
+    y = parse_codec(f"topk:{fraction}").round_trip(x).reshape(-1)
+    k, ordered = topk_reference(flat, fraction)
+    sent = np.flatnonzero(y != 0)
+    assert sent.size <= k
+    np.testing.assert_array_equal(y[sent], flat[sent])  # kept values exact (fp32)
+    dropped = np.setdiff1d(np.arange(flat.size), sent)
+    kth = ordered[k - 1]
+    assert np.all(np.abs(flat[dropped][np.abs(flat[dropped]) > 0]) <= kth)  # nothing bigger was dropped
+    assert np.sum(np.abs(y) > 0) == np.sum(np.abs(flat[sent]) > 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=arrays)
+def test_topk_then_int8_quantises_the_kept_values(x: np.ndarray) -> None:
+    flat = x.reshape(-1)
+    codec = parse_codec("topk:0.3+int8")
+    parts = codec.encode(x)
+    held = len(codec.sparsifier.layout(flat.size))
+    idx = codec.sparsifier.positions(parts[:held], flat.size)
+    y = codec.decode(parts, x.shape).reshape(-1)
+    kept = flat[idx]
+    step = block_absmax(kept, 256) / 127
+    assert np.all(np.abs(y[idx] - kept) <= step / 2 * (1 + 1e-5) + 1e-30)
+    assert not np.any(np.delete(y, idx))
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.1, 0.5])
+@settings(max_examples=40, deadline=None)
+@given(x=arrays)
+def test_ternary_is_mean_magnitude_times_sign_on_the_top_k(fraction: float, x: np.ndarray) -> None:
+    flat = x.reshape(-1)
+    codec = parse_codec(f"ternary:{fraction}")
+    parts = codec.encode(x)
+    idx = codec.sparsifier.positions(parts[: len(codec.sparsifier.layout(flat.size))], flat.size)
+    y = codec.decode(parts, x.shape).reshape(-1)
+    k, ordered = topk_reference(flat, fraction)
+    assert idx.size == k
+    scale = np.float32(np.abs(flat[idx]).mean())
+    np.testing.assert_allclose(np.abs(ordered[:k]).sum(), np.abs(flat[idx]).sum(), rtol=1e-5)  # the k largest
+    np.testing.assert_array_equal(y[idx], np.where(flat[idx] >= 0, scale, -scale))
+    assert not np.any(np.delete(y, idx))
+    # the scale is least-squares optimal for these signs: no other scale is closer
+    signs = np.where(flat[idx] >= 0, 1.0, -1.0)
+    err = lambda a: np.sum((flat[idx] - a * signs) ** 2)  # noqa: E731
+    assert err(float(scale)) <= min(err(float(scale) * 1.01), err(float(scale) * 0.99)) + 1e-6
+
+
+# --- int4 packing ------------------------------------------------------------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(-8, 7), max_size=301))
+def test_int4_packing_round_trips_every_representable_value(values: list[int]) -> None:
+    q = np.array(values, dtype=np.int8)
+    packed = pack_nibbles(q)
+    assert packed.dtype == np.uint8 and packed.size == math.ceil(q.size / 2)
+    np.testing.assert_array_equal(unpack_nibbles(packed, q.size), q)
+
+
+def test_int4_nibble_order_is_low_first() -> None:
+    np.testing.assert_array_equal(pack_nibbles(np.array([1, -1, 7], np.int8)), np.array([0xF1, 0x07], np.uint8))
+    with pytest.raises(CodecError, match=r"\[-8, 7\]"):
+        pack_nibbles(np.array([8], np.int8))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-7, 7), min_size=1, max_size=300), st.integers(-20, 20))
+def test_int4_round_trips_representable_values_exactly(levels: list[int], exponent: int) -> None:
+    q = np.array(levels + [7], dtype=np.float32)  # one entry at the row's absmax fixes the scale
+    x = q * np.float32(2.0**exponent)
+    np.testing.assert_array_equal(parse_codec(f"int4:{x.size}").round_trip(x), x)
+
+
+# --- specs and payloads that must be refused ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("", "empty"),
+        ("zip", "unknown codec 'zip'.*known: fp16, int4, int8, none, ternary, topk"),
+        ("topk", "needs a fraction"),
+        ("topk:0", r"fraction in \(0, 1\]"),
+        ("topk:1.5", r"fraction in \(0, 1\]"),
+        ("topk:abc", r"fraction in \(0, 1\]"),
+        ("int8:0", "row length"),
+        ("int4:x", "row length"),
+        ("fp16:2", "takes no argument"),
+        ("int8+topk:0.1", "must come first"),
+        ("ternary+int8", "'ternary' already says how values are written"),
+        ("fp16+int8", "'fp16' already says"),
+        ("topk:0.1+ternary", "must come first"),
+    ],
+)
+def test_bad_specs_are_refused_with_the_rule(spec: str, message: str) -> None:
+    with pytest.raises(CodecError, match=message):
+        parse_codec(spec)
+
+
+@pytest.mark.parametrize("spec", ["int8", "topk:0.1", "ternary", "topk:0.5+int4"])
+def test_parts_of_the_wrong_dtype_or_length_are_refused(spec: str) -> None:
+    codec = parse_codec(spec)
+    parts = codec.encode(np.random.default_rng(1).normal(size=(40, 8)).astype(np.float32))
+    short = [p.copy() for p in parts]
+    short[-1] = short[-1][:-1]
+    with pytest.raises(CodecError, match="holds"):
+        codec.decode(short, (40, 8))
+    wrong = [p.copy() for p in parts]
+    wrong[0] = wrong[0].astype(np.int32)
+    with pytest.raises(CodecError, match="dtype"):
+        codec.decode(wrong, (40, 8))
+    with pytest.raises(CodecError, match="parts"):
+        codec.decode(parts[:-1], (40, 8))
+
+
+def test_positions_that_do_not_match_k_are_refused() -> None:
+    codec = parse_codec("topk:0.1")
+    x = np.random.default_rng(2).normal(size=(64, 8)).astype(np.float32)  # 512 entries: k 52, a bitmask
+    parts = codec.encode(x)
+    assert codec.layout(x.shape)[0].name == "mask"
+    extra = [p.copy() for p in parts]
+    extra[0][0] |= 0xFF
+    with pytest.raises(CodecError, match="mask marks"):
+        codec.decode(extra, x.shape)
+    sparse = parse_codec("topk:0.01")  # 512 entries: k 6, sorted uint16 indices
+    parts = sparse.encode(x)
+    assert sparse.layout(x.shape)[0].name == "index"
+    repeated = [p.copy() for p in parts]
+    repeated[0][1] = repeated[0][0]
+    with pytest.raises(CodecError, match="increasing"):
+        sparse.decode(repeated, x.shape)
+    outside = [p.copy() for p in parts]
+    outside[0][-1] = 512
+    with pytest.raises(CodecError, match="increasing indices below 512"):
+        sparse.decode(outside, x.shape)

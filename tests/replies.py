@@ -1,0 +1,43 @@
+"""Test helpers: read a broadcast and build a site's encoded reply, as client.transport does."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import Message, MetricRecord, RecordDict
+
+from fedpeft.adapters.state import key_matches
+from fedpeft.codecs import compress, parse_codec
+from fedpeft.wire import CODEC, CONFIG, METRICS, decode_payload, payload_records
+
+
+def header_shapes(content: Any) -> list[tuple[int, ...]]:
+    text = str(content[CODEC]["shapes"])
+    return [tuple(int(d) for d in s.split("x") if d) for s in text.split(";")] if text else []
+
+
+def sent(msg: Message, names: Iterable[str]) -> dict[str, np.ndarray]:
+    """The tensors a broadcast carries; ``names`` may include tensors the config names frozen."""
+    frozen = tuple(c for c in str(msg.content[CONFIG].get("frozen", "")).split(",") if c)
+    kept = sorted(n for n in names if not key_matches(n, frozen))
+    out, _ = decode_payload(msg.content, dict(zip(kept, header_shapes(msg.content), strict=True)))
+    return out
+
+
+def reply(
+    out: Message,
+    state: Mapping[str, np.ndarray],
+    metrics: Mapping[str, Any],
+    *,
+    codec: str = "none",
+    extra: Mapping[str, Any] | None = None,
+) -> Message:
+    """The reply of a site that trained the broadcast of ``out`` into ``state``."""
+    broadcast = sent(out, state)
+    update = {k: np.asarray(state[k], dtype=np.float32) - broadcast[k] for k in broadcast}
+    chosen = parse_codec(codec)
+    parts, _, _ = compress(chosen, update)
+    records = payload_records(chosen, parts, {k: v.shape for k, v in update.items()})
+    return Message(RecordDict({**records, METRICS: MetricRecord(dict(metrics)), **(extra or {})}), reply_to=out)
