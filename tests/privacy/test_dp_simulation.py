@@ -67,7 +67,10 @@ def test_local_dp_run_ledgers_every_client_round_and_audits_clean(
     tmp_path: Path, tiny_model_dir: Path, small_data: Path
 ) -> None:
     out = tmp_path / "local"
-    proc = simulate(out, tiny_model_dir, small_data, "--dp", "--dp-epsilon", "4", "--dp-delta", "1e-5")
+    proc = simulate(out, tiny_model_dir, small_data, "--dp", "--dp-epsilon", "4", "--dp-delta", "1e-5",
+                    "--codec", "topk:0.1+int8")  # compression after the noise: post-processing
+    # topk:0.1 drops most of each update (the tiny r=1 adapter is smaller than the signed entry beside it)
+    assert all(r["codec_error"] > 0.3 and r["failures"] == 0 for r in records(out)[1:])
     assert "local DP-SGD at every site: epsilon 4 at delta 1e-05" in proc.stdout
     rs = records(out)
     assert [r["clients"] for r in rs[1:]] == [3, 3] and all(r["refused"] == 0 for r in rs[1:])
@@ -82,6 +85,7 @@ def test_local_dp_run_ledgers_every_client_round_and_audits_clean(
     for site in ("partition-00000", "partition-00001", "partition-00002"):  # each site's own account
         account = json.loads((out / "sites" / site / f"privacy-{config['run_id']}.json").read_text())
         assert len(account["rounds"]) == 2
+        assert (out / "sites" / site / f"codec-residual-{config['run_id']}.npz").exists()
     report = audit(out)
     assert report["ok"], report["violations"]
     assert max(s["epsilon"] for s in report["sites"]) == pytest.approx(rs[-1]["epsilon_max"])
@@ -114,10 +118,12 @@ def test_exhausted_budget_refuses_every_round_and_spends_nothing(
 
 def test_central_dp_run(tmp_path: Path, tiny_model_dir: Path, small_data: Path) -> None:
     out = tmp_path / "central"
-    proc = simulate(out, tiny_model_dir, small_data, *CENTRAL, "--dp-epsilon", "50", "--dp-max-grad-norm", "0.5")
+    proc = simulate(out, tiny_model_dir, small_data, *CENTRAL, "--dp-epsilon", "50", "--dp-max-grad-norm", "0.5",
+                    "--codec", "int4")
     assert "central DP" in proc.stdout
     rs = records(out)
     assert [r["clients"] for r in rs[1:]] == [3, 3]
+    assert all(r["compression_ratio"] > 2 and 0 <= r["reclipped"] <= 3 for r in rs[1:])
     assert 0 < rs[1]["epsilon_max"] < rs[2]["epsilon_max"] <= 50
     entries = [json.loads(line)["entry"] for line in (out / "privacy_ledger.jsonl").read_text().splitlines()]
     assert [e["mechanism"] for e in entries] == ["central-gaussian"] * 2
