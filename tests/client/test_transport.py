@@ -138,3 +138,32 @@ def test_a_broadcast_that_does_not_decode_raises() -> None:
     msg.content[CODEC] = ConfigRecord({**msg.content[CODEC], "shapes": "1x1;1x1;1x1"})
     with pytest.raises(PayloadError, match="shapes"):
         exchange(msg, handler_moving_by(step(0)), "none", Path("/nonexistent/r"))
+
+
+@pytest.mark.parametrize(("node_codec", "frozen"), [(None, ""), ("int8", ""), ("ternary", "lora_A")])
+def test_codec_mod_takes_the_site_codec_and_its_tensors_from_the_model(
+    node_codec: str | None, frozen: str, tiny_model_dir: Path, small_data: Path, tmp_path: Path
+) -> None:
+    from types import SimpleNamespace
+
+    from client.transport import codec_mod
+    from fedpeft import site
+    from fedpeft.adapters.state import without_keys
+    from fedpeft.config import FedPeftConfig
+    from fedpeft.wire import config_record
+
+    cfg = FedPeftConfig(model=str(tiny_model_dir), data=str(small_data), clients=3, codec="fp16", run_id="r1")
+    state = without_keys(site.initial_adapter(cfg, num_labels=2), (frozen,) if frozen else ())
+    records, _ = encode_tensors(parse_codec("none"), state)
+    config = config_record(cfg, **{"label-names": ["fresh", "rotten"], "frozen": frozen, "server-round": 1})
+    msg = Message(content=RecordDict({**records, CONFIG: config}), dst_node_id=7, message_type=MessageType.TRAIN)
+    node = {"partition-id": 1, "num-partitions": 3, "state-dir": str(tmp_path)}
+    if node_codec:
+        node["codec"] = node_codec
+    reply = codec_mod(msg, SimpleNamespace(node_config=node), handler_moving_by(
+        {k: np.full(v.shape, 0.01, np.float32) for k, v in state.items()}))
+    assert reply.content[CODEC]["codec"] == (node_codec or "fp16")
+    update, _ = decode_payload(reply.content, {k: v.shape for k, v in state.items()})
+    assert set(update) == set(state) and all("lora_A" not in k for k in update) == bool(frozen)
+    residual = tmp_path / "partition-00001" / "codec-residual-r1.npz"
+    assert residual.exists()  # fp16, int8 and ternary are all lossy
