@@ -53,11 +53,12 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--extra", default="", help="more flags for every run, e.g. '--downlink-codec int8'")
     parser.add_argument("--out-root", default="runs/bench-compression")
+    parser.add_argument("--skip-none", action="store_true", help="do not add the none baseline (no loss column)")
     args = parser.parse_args()
     root = Path(args.out_root)
     root.mkdir(parents=True, exist_ok=True)
     codecs = [c for c in args.codecs.split(",") if c]
-    if "none" not in codecs:
+    if "none" not in codecs and not args.skip_none:
         codecs.insert(0, "none")
     rows = []
     for seed in [int(s) for s in args.seeds.split(",") if s]:
@@ -73,9 +74,9 @@ def main() -> None:
     print(f"\n{'codec':16} {'seed':>4} {'B up/client':>11} {'ratio':>6} {'B down/client':>13} {'final acc':>9} "
           f"{'loss (pt)':>9} {'seconds':>7}")
     for r in rows:
-        loss = 100 * (base[r["seed"]] - r["final_accuracy"])
+        loss = f"{100 * (base[r['seed']] - r['final_accuracy']):9.2f}" if r["seed"] in base else " " * 8 + "-"
         print(f"{r['codec']:16} {r['seed']:>4} {r['bytes_up_per_client']:>11} {r['compression_ratio']:>6.2f} "
-              f"{r['bytes_down_per_client']:>13} {r['final_accuracy']:9.4f} {loss:9.2f} {r['seconds']:7.0f}")
+              f"{r['bytes_down_per_client']:>13} {r['final_accuracy']:9.4f} {loss} {r['seconds']:7.0f}")
 
 
 if __name__ == "__main__":

@@ -34,14 +34,21 @@ def positions_layout(n: int, k: int) -> Part:
     return mask if mask.nbytes <= index.nbytes else index
 
 
-class TopK:
-    """Keep ``ceil(fraction · n)`` entries of largest magnitude."""
+DENSE_BELOW = 1024
 
-    def __init__(self, fraction: float) -> None:
+
+class TopK:
+    """Keep ``ceil(fraction · n)`` entries of largest magnitude; keep all of a tensor smaller than
+    ``dense_below`` entries (a classification head, a bias)."""
+
+    def __init__(self, fraction: float, dense_below: int = DENSE_BELOW) -> None:
         self.fraction = fraction
+        self.dense_below = dense_below
 
     def kept(self, n: int) -> int:
-        return 0 if n == 0 else min(n, max(1, math.ceil(self.fraction * n - 1e-9)))
+        if n < self.dense_below:
+            return n
+        return min(n, max(1, math.ceil(self.fraction * n - 1e-9)))
 
     def layout(self, n: int) -> list[Part]:
         k = self.kept(n)

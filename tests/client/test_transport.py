@@ -29,8 +29,8 @@ pytestmark = pytest.mark.usefixtures("server_identity")
 
 def broadcast(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"l.lora_A.weight": rng.normal(size=(4, 32)).astype(np.float32),
-            "l.lora_B.weight": rng.normal(size=(32, 4)).astype(np.float32),
+    return {"l.lora_A.weight": rng.normal(size=(4, 320)).astype(np.float32),
+            "l.lora_B.weight": rng.normal(size=(320, 4)).astype(np.float32),
             "head.weight": rng.normal(size=(2, 32)).astype(np.float32)}  # fmt: skip
 
 

@@ -184,8 +184,8 @@ PAYLOAD_SPECS = ["none", "fp16", "int8", "int4", "topk:0.25", "topk:0.25+int8", 
 
 def _update(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"z.lora_B.weight": rng.normal(size=(40, 4)).astype(np.float32),
-            "a.lora_A.weight": rng.normal(size=(4, 40)).astype(np.float32),
+    return {"z.lora_B.weight": rng.normal(size=(400, 4)).astype(np.float32),
+            "a.lora_A.weight": rng.normal(size=(4, 400)).astype(np.float32),
             "head.bias": rng.normal(size=(2,)).astype(np.float32)}
 
 
@@ -210,7 +210,7 @@ def test_payload_decodes_to_the_round_trip_of_every_tensor(spec: str) -> None:
         np.testing.assert_array_equal(got[key], codec.round_trip(value))
     header = _payload(spec, update)[CODEC]
     assert header["codec"] == spec and header["version"] == 1 and header["dtype"] == "float32"
-    assert header["shapes"] == "4x40;2;40x4"  # sorted names: a.lora_A, head.bias, z.lora_B
+    assert header["shapes"] == "4x400;2;400x4"  # sorted names: a.lora_A, head.bias, z.lora_B
 
 
 def test_payload_is_one_byte_array_and_compresses() -> None:
@@ -260,7 +260,7 @@ CORRUPTIONS: dict[str, tuple[Callable[[RecordDict], RecordDict], str]] = {
     "unknown codec": (_header(codec="zstd"), "unknown codec 'zstd'"),
     "unknown version": (_header(version=2), "version 2"),
     "other codec": (_header(codec="int4"), "needs"),
-    "wrong shapes": (_header(shapes="4x40;2;4x40"), "shapes"),
+    "wrong shapes": (_header(shapes="4x400;2;4x400"), "shapes"),
     "wrong dtype": (_header(dtype="bfloat16"), "bfloat16"),
     "other tensors": (_header(tensors="0123456789abcdef"), "another set of tensors"),
     "header without version": (lambda c: c.__setitem__(CODEC, ConfigRecord({"codec": "none"})) or c, "malformed"),
@@ -285,7 +285,7 @@ def test_non_finite_values_are_refused() -> None:
 
 
 def test_flipped_position_bits_are_refused() -> None:
-    content = _payload("topk:0.25")  # 160 entries, k 40: a 20-byte bitmask first
+    content = _payload("topk:0.25")  # 1600 entries, k 400: a 200-byte bitmask first
     blob = content[ARRAYS][PAYLOAD].numpy().copy()
     blob[0] ^= 0xFF
     with pytest.raises(PayloadError, match="a.lora_A.weight: position mask"):

@@ -37,8 +37,8 @@ class _NoGrid:
 
 def global_state(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"l.lora_A.weight": rng.normal(size=(8, 64)).astype(np.float32),
-            "l.lora_B.weight": np.zeros((64, 8), np.float32),
+    return {"l.lora_A.weight": rng.normal(size=(8, 160)).astype(np.float32),
+            "l.lora_B.weight": np.zeros((160, 8), np.float32),
             "head.weight": rng.normal(size=(2, 64)).astype(np.float32)}  # fmt: skip
 
 

@@ -561,8 +561,8 @@ def test_uniform_weights_ignore_num_examples() -> None:
 
 def _big_global(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"a.lora_A.weight": rng.normal(size=(4, 64)).astype(np.float32),
-            "a.lora_B.weight": rng.normal(size=(64, 4)).astype(np.float32) * 0.1,
+    return {"a.lora_A.weight": rng.normal(size=(4, 320)).astype(np.float32),
+            "a.lora_B.weight": rng.normal(size=(320, 4)).astype(np.float32) * 0.1,
             "head.weight": rng.normal(size=(2, 64)).astype(np.float32)}  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from hypothesis.extra import numpy as hnp
 
 from fedpeft.codecs import CODECS, CodecError, parse_codec
 from fedpeft.codecs.int4 import pack_nibbles, unpack_nibbles
+from fedpeft.codecs.topk import DENSE_BELOW
 
 SPECS = ["none", "fp16", "int8", "int8:16", "int4", "int4:7", "topk:0.1", "topk:1", "topk:0.5+int8:8",
          "topk:0.3+int4", "topk:0.2+fp16", "topk:0.05+none", "ternary", "ternary:0.3"]
@@ -19,6 +20,9 @@ SHAPES = [(), (0,), (1,), (7,), (3, 5), (8, 384), (384, 8), (2, 3, 40), (70000,)
 
 finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
 arrays = hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=40), elements=finite)
+# tensors big enough to be sparsified (smaller ones are sent whole)
+large = hnp.arrays(np.float32, st.one_of(st.integers(DENSE_BELOW, 5000).map(lambda n: (n,)),
+                                         st.tuples(st.integers(32, 70), st.integers(32, 70))), elements=finite)
 
 
 def test_every_registered_codec_is_in_the_matrix() -> None:
@@ -73,7 +77,7 @@ def block_absmax(x: np.ndarray, block: int) -> np.ndarray:
 
 
 def topk_reference(flat: np.ndarray, fraction: float) -> tuple[int, np.ndarray]:
-    k = min(flat.size, max(1, math.ceil(fraction * flat.size - 1e-9)))
+    k = flat.size if flat.size < DENSE_BELOW else min(flat.size, max(1, math.ceil(fraction * flat.size - 1e-9)))
     return k, np.sort(np.abs(flat))[::-1]
 
 
@@ -97,7 +101,7 @@ def test_quantisers_err_by_at_most_half_a_step_of_their_row(name: str, levels: i
 
 @pytest.mark.parametrize("fraction", [0.01, 0.1, 0.5, 1.0])
 @settings(max_examples=40, deadline=None)
-@given(x=arrays)
+@given(x=large)
 def test_topk_keeps_exactly_the_k_largest(fraction: float, x: np.ndarray) -> None:
     flat = x.reshape(-1)
     y = parse_codec(f"topk:{fraction}").round_trip(x).reshape(-1)
@@ -112,7 +116,7 @@ def test_topk_keeps_exactly_the_k_largest(fraction: float, x: np.ndarray) -> Non
 
 
 @settings(max_examples=40, deadline=None)
-@given(x=arrays)
+@given(x=large)
 def test_topk_then_int8_quantises_the_kept_values(x: np.ndarray) -> None:
     flat = x.reshape(-1)
     codec = parse_codec("topk:0.3+int8")
@@ -128,7 +132,7 @@ def test_topk_then_int8_quantises_the_kept_values(x: np.ndarray) -> None:
 
 @pytest.mark.parametrize("fraction", [0.05, 0.1, 0.5])
 @settings(max_examples=40, deadline=None)
-@given(x=arrays)
+@given(x=large)
 def test_ternary_is_mean_magnitude_times_sign_on_the_top_k(fraction: float, x: np.ndarray) -> None:
     flat = x.reshape(-1)
     codec = parse_codec(f"ternary:{fraction}")
@@ -202,29 +206,29 @@ def test_bad_specs_are_refused_with_the_rule(spec: str, message: str) -> None:
 @pytest.mark.parametrize("spec", ["int8", "topk:0.1", "ternary", "topk:0.5+int4"])
 def test_parts_of_the_wrong_dtype_or_length_are_refused(spec: str) -> None:
     codec = parse_codec(spec)
-    parts = codec.encode(np.random.default_rng(1).normal(size=(40, 8)).astype(np.float32))
+    parts = codec.encode(np.random.default_rng(1).normal(size=(160, 8)).astype(np.float32))
     short = [p.copy() for p in parts]
     short[-1] = short[-1][:-1]
     with pytest.raises(CodecError, match="holds"):
-        codec.decode(short, (40, 8))
+        codec.decode(short, (160, 8))
     wrong = [p.copy() for p in parts]
     wrong[0] = wrong[0].astype(np.int32)
     with pytest.raises(CodecError, match="dtype"):
-        codec.decode(wrong, (40, 8))
+        codec.decode(wrong, (160, 8))
     with pytest.raises(CodecError, match="parts"):
-        codec.decode(parts[:-1], (40, 8))
+        codec.decode(parts[:-1], (160, 8))
 
 
 def test_positions_that_do_not_match_k_are_refused() -> None:
     codec = parse_codec("topk:0.1")
-    x = np.random.default_rng(2).normal(size=(64, 8)).astype(np.float32)  # 512 entries: k 52, a bitmask
+    x = np.random.default_rng(2).normal(size=(128, 16)).astype(np.float32)  # 2048 entries: k 205, a bitmask
     parts = codec.encode(x)
     assert codec.layout(x.shape)[0].name == "mask"
     extra = [p.copy() for p in parts]
     extra[0][0] |= 0xFF
     with pytest.raises(CodecError, match="mask marks"):
         codec.decode(extra, x.shape)
-    sparse = parse_codec("topk:0.01")  # 512 entries: k 6, sorted uint16 indices
+    sparse = parse_codec("topk:0.01")  # 2048 entries: k 21, sorted uint16 indices
     parts = sparse.encode(x)
     assert sparse.layout(x.shape)[0].name == "index"
     repeated = [p.copy() for p in parts]
@@ -232,6 +236,18 @@ def test_positions_that_do_not_match_k_are_refused() -> None:
     with pytest.raises(CodecError, match="increasing"):
         sparse.decode(repeated, x.shape)
     outside = [p.copy() for p in parts]
-    outside[0][-1] = 512
-    with pytest.raises(CodecError, match="increasing indices below 512"):
+    outside[0][-1] = 2048
+    with pytest.raises(CodecError, match="increasing indices below 2048"):
         sparse.decode(outside, x.shape)
+
+
+@pytest.mark.parametrize("spec", ["topk:0.01", "topk:0.1+int8", "ternary"])
+def test_tensors_below_the_dense_size_are_sent_whole(spec: str) -> None:
+    codec = parse_codec(spec)
+    small = np.random.default_rng(3).normal(size=(2, 384)).astype(np.float32)  # a 2-label head: 768 entries
+    layout = codec.layout(small.shape)
+    assert all(part.name not in ("mask", "index") for part in layout)
+    y = codec.round_trip(small)
+    assert np.count_nonzero(y) > 0.9 * small.size  # every entry moves (int8 may round a tiny one to 0)
+    big = np.random.default_rng(3).normal(size=(8, 384)).astype(np.float32)
+    assert layout != codec.layout(big.shape) and np.count_nonzero(codec.round_trip(big)) < big.size

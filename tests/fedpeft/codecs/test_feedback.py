@@ -13,7 +13,7 @@ LOSSY = ["topk:0.05", "topk:0.1+int8", "ternary", "int4", "topk:0.02+int4"]
 def updates(rounds: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """A drifting signal plus noise, like successive local updates of one site."""
     rng = np.random.default_rng(seed)
-    drift = {"a": rng.normal(size=(8, 64)), "b": rng.normal(size=(64, 8)) * 0.1, "h": rng.normal(size=(2, 64))}
+    drift = {"a": rng.normal(size=(8, 256)), "b": rng.normal(size=(256, 8)) * 0.1, "h": rng.normal(size=(2, 640))}
     return [{k: (0.01 * v + 0.02 * rng.normal(size=v.shape)).astype(np.float32) for k, v in drift.items()}
             for _ in range(rounds)]
 
