@@ -1,6 +1,6 @@
 """Bytes on the wire and final accuracy per update codec, against ``none``, on the default data and model.
 
-    python bench/compression.py                                  # the README's table (about 40 minutes, 2 cores)
+    python bench/compression.py                                  # the README's table (about 50 minutes, 2 cores)
     python bench/compression.py --codecs none,topk:0.1+int8 --seeds 0,1
     python bench/compression.py --extra "--downlink-codec int8"
 
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_CODECS = "none,fp16,int8,int4,topk:0.1,topk:0.1+int8,topk:0.05+int4,ternary"
+DEFAULT_CODECS = "none,fp16,int8,int4,topk:0.1,topk:0.5+int4,topk:0.25+int8,topk:0.3+int4,topk:0.1+int8,ternary"
 
 
 def run(out: Path, flags: list[str]) -> dict:

@@ -1,6 +1,7 @@
 """End to end: a real Flower simulation with every codec, through ``fedpeft simulate``.
 
-Tiny random BERT, 3 clients, 2 rounds each (see tests/test_simulation.py for the plain run). Checks
+Tiny random BERT, 3 clients, 2 rounds each (see tests/test_simulation.py for the plain run), LoRA rank
+32 so that each factor (32 × 32) is large enough to be sparsified (smaller tensors are sent whole). Checks
 that each codec's run completes with every reply accepted, that bytes on the wire shrink as the codec
 promises, and that lossy codecs leave an error-feedback residual at each site.
 """
@@ -15,13 +16,14 @@ from test_simulation import simulate
 
 pytestmark = pytest.mark.slow
 
-# codec → the least uplink compression it must show on the tiny adapter (8.4 KB; framing included)
+# codec → the least uplink compression it must show on the tiny adapter (33 KB; framing included)
+RANK = ("--lora-r", "32")
 CODECS = {"fp16": 1.7, "int8": 3.0, "int4": 4.5, "topk:0.2": 2.0, "topk:0.1+int8": 5.0, "ternary": 8.0}
 
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small_data: Path) -> list[dict]:
-    return simulate(tmp_path_factory.mktemp("none") / "run", tiny_model_dir, small_data)
+    return simulate(tmp_path_factory.mktemp("none") / "run", tiny_model_dir, small_data, *RANK)
 
 
 @pytest.mark.parametrize("codec", sorted(CODECS))
@@ -29,7 +31,7 @@ def test_a_federated_run_completes_with_each_codec(
     codec: str, tmp_path: Path, tiny_model_dir: Path, small_data: Path, baseline: list[dict]
 ) -> None:
     out = tmp_path / "run"
-    records = simulate(out, tiny_model_dir, small_data, "--codec", codec)
+    records = simulate(out, tiny_model_dir, small_data, *RANK, "--codec", codec)
     assert [r["round"] for r in records] == [0, 1, 2]
     for r, plain in zip(records[1:], baseline[1:], strict=True):
         assert r["clients"] == 2 and r["failures"] == 0
@@ -46,8 +48,9 @@ def test_a_federated_run_completes_with_each_codec(
 
 def test_downlink_codec_shrinks_the_broadcast(tmp_path: Path, tiny_model_dir: Path, small_data: Path,
                                               baseline: list[dict]) -> None:
-    records = simulate(tmp_path / "run", tiny_model_dir, small_data, "--codec", "int8", "--downlink-codec", "int8")
-    for r, plain in zip(records[1:], baseline[1:], strict=True):  # 8.4 KB of floats, 1.5 KB of run config
+    records = simulate(tmp_path / "run", tiny_model_dir, small_data, *RANK, "--codec", "int8",
+                       "--downlink-codec", "int8")
+    for r, plain in zip(records[1:], baseline[1:], strict=True):  # 33 KB of floats, 1.5 KB of run config
         assert r["compression_ratio_down"] >= 2.0
         assert r["bytes_down_per_client"] * 2.0 <= plain["bytes_down_per_client"]
     assert abs(records[-1]["accuracy"] - baseline[-1]["accuracy"]) <= 0.1

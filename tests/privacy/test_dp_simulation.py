@@ -68,9 +68,9 @@ def test_local_dp_run_ledgers_every_client_round_and_audits_clean(
 ) -> None:
     out = tmp_path / "local"
     proc = simulate(out, tiny_model_dir, small_data, "--dp", "--dp-epsilon", "4", "--dp-delta", "1e-5",
-                    "--codec", "topk:0.1+int8")  # compression after the noise: post-processing
-    # topk:0.1 drops most of each update (the tiny r=1 adapter is smaller than the signed entry beside it)
-    assert all(r["codec_error"] > 0.3 and r["failures"] == 0 for r in records(out)[1:])
+                    "--codec", "int8")  # compression after the noise: post-processing
+    # int8 rounds every update (the tiny r=1 adapter is smaller than the signed entry beside it)
+    assert all(0 < r["codec_error"] < 0.05 and r["failures"] == 0 for r in records(out)[1:])
     assert "local DP-SGD at every site: epsilon 4 at delta 1e-05" in proc.stdout
     rs = records(out)
     assert [r["clients"] for r in rs[1:]] == [3, 3] and all(r["refused"] == 0 for r in rs[1:])
