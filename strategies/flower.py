@@ -56,6 +56,9 @@ class RoundTraffic:
     raw_sent: dict[str, int] = field(default_factory=dict)  # site → the broadcast's bytes as raw fp32
     raw_received: dict[str, int] = field(default_factory=dict)  # site → its decoded update's bytes as raw fp32
     reclipped: set[str] = field(default_factory=set)  # sites whose decoded update the server clipped again
+    client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)  # site → reason
+    refused: dict[str, str] = field(default_factory=dict)  # site → why it did not train (its privacy budget)
 
     def per_site(self) -> list[dict[str, Any]]:
         """One record per site this round touched: bytes each way, compression, what became of it."""
@@ -95,9 +98,6 @@ class RoundTraffic:
             "compression_ratio_down": sum(self.raw_sent.values()) / down if down else 0.0,
             **({"codec_error": float(sum(errors) / len(errors))} if errors else {}),
         }
-    client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    failures: dict[str, str] = field(default_factory=dict)  # site → reason
-    refused: dict[str, str] = field(default_factory=dict)  # site → why it did not train (its privacy budget)
 
 
 ReplyCheck = Callable[[str, int, Any], "str | None"]
