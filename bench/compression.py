@@ -17,23 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from simulation import simulate
 
 DEFAULT_CODECS = "none,fp16,int8,int4,topk:0.1,topk:0.5+int4,topk:0.25+int8,topk:0.3+int4,topk:0.1+int8,ternary"
 
 
 def run(out: Path, flags: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "fedpeft.cli.main", "simulate", "--out", str(out), *flags]
-    print("$", " ".join(shlex.quote(c) for c in cmd[2:]), flush=True)
-    start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.monotonic() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    records, seconds = simulate(out, flags)
+    rounds = records[1:]
     mean = lambda key: sum(r[key] for r in rounds) / len(rounds)  # noqa: E731
     return {
         "bytes_up_per_client": round(mean("bytes_up_per_client")),

@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from simulation import simulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -39,14 +40,7 @@ def regime_flags(*, private: bool) -> list[str]:
 
 
 def run(out: Path, flags: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "fedpeft.cli.main", "simulate", "--out", str(out), *flags]
-    print("$", " ".join(shlex.quote(c) for c in cmd[2:]), flush=True)
-    start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.monotonic() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records, seconds = simulate(out, flags)
     return {
         "final_accuracy": records[-1]["accuracy"],
         "best_accuracy": max(r["accuracy"] for r in records),

@@ -22,7 +22,6 @@ from flwr.clientapp import ClientApp
 from client.transport import codec_mod, frozen_components, site_config, site_identity
 from fedpeft import site
 from fedpeft.adapters import adapter_state, load_adapter_state
-from fedpeft.adapters.state import without_keys
 from fedpeft.wire import (
     ARRAYS,
     CONFIG,
@@ -97,7 +96,7 @@ def train(msg: Message, context: Context) -> Message:
     }
     if cfg.dp == "off":  # a loss on private data, and the examples seen, are not covered by any epsilon
         metrics |= {"train-loss": result["train_loss"], "examples-seen": result["examples_seen"]}
-    state = without_keys(adapter_state(model), frozen) if trained else {}
-    content[ARRAYS] = to_array_record({k: state[k] for k in broadcast} if trained else {})  # the broadcast's order
+    state = adapter_state(model)  # sent back: the broadcast's tensors (never the frozen ones), in its order
+    content[ARRAYS] = to_array_record({k: state[k] for k in broadcast} if trained else {})
     content[METRICS] = MetricRecord(metrics)
     return Message(content, reply_to=msg)
