@@ -30,11 +30,14 @@ class FedPeftConfig:
 
     # --- model and adapter ---------------------------------------------------------------------
     model: str = _f("", "HF model directory or cached hub name; empty: bundled all-MiniLM-L6-v2")
-    peft: str = _f("lora", "PEFT method")
+    peft: str = _f("lora", "PEFT method: lora (low-rank factors, HF peft) | ssf (per-feature scale and shift)")
     lora_r: int = _f(8, "LoRA rank r")
     lora_alpha: float = _f(16.0, "LoRA scaling alpha (update scaled by alpha/r)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA input, in [0, 1)")
     lora_target_modules: str = _f("", "comma-separated module names; empty: peft's per-architecture default")
+    ssf_target_modules: str = _f(
+        "", "SSF: comma-separated nn.Linear / nn.LayerNorm names it follows; empty: every one but the head"
+    )
     # --- data -----------------------------------------------------------------------------------
     data: str = _f("", "JSONL/CSV file (optionally .gz); empty: bundled Rotten Tomatoes snippets")
     text_column: str = _f("text", "column holding the input text")
@@ -118,6 +121,7 @@ class FedPeftConfig:
                 raise FedPeftError(f"{name} must not be empty")
         if self.text_column == self.label_column:
             raise FedPeftError("text_column and label_column must differ")
+        _check_peft(self)
         _check_privacy(self)
         _check_codecs(self)
 
@@ -218,6 +222,30 @@ def _check_privacy(cfg: FedPeftConfig) -> None:
         raise FedPeftError(f"{what} in (0, 1), got {cfg.dp_delta:g}; add --dp-delta (e.g. 1e-5, below 1/examples)")
     if cfg.dp_epsilon == 0 and cfg.dp_noise_multiplier == 0:
         raise FedPeftError("dp needs a budget or a noise level: add --dp-epsilon (e.g. 8) or --dp-noise-multiplier")
+
+
+# The settings each PEFT method reads; setting another method's is a mistake worth one line.
+PEFT_FIELDS = {
+    "lora": ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "client_ranks"),
+    "ssf": ("ssf_target_modules",),
+}
+# The aggregation a PEFT method gets when no strategy is named (the CLI fills it in).
+PEFT_DEFAULT_STRATEGY = {"lora": "fedit", "ssf": "ssf-avg"}
+
+
+def _check_peft(cfg: FedPeftConfig) -> None:
+    from fedpeft.adapters import PEFT_METHODS
+
+    PEFT_METHODS.get(cfg.peft)  # unknown: lists the known ones
+    defaults = FedPeftConfig.__dataclass_fields__
+    for method, names in PEFT_FIELDS.items():
+        if method == cfg.peft:
+            continue
+        for name in names:
+            if getattr(cfg, name) != defaults[name].default:
+                raise FedPeftError(
+                    f"{name} is a {method} setting but peft is {cfg.peft}; drop it or use --peft {method}"
+                )
 
 
 def _check_codecs(cfg: FedPeftConfig) -> None:

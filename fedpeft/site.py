@@ -103,10 +103,14 @@ def initial_adapter(cfg: FedPeftConfig, num_labels: int) -> dict[str, np.ndarray
     return _peft_model_and_init(cfg, num_labels)[1]
 
 
+# The config fields that decide what the PEFT model is (the cache key).
+ADAPTER_FIELDS = ("model", "peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+                  "ssf_target_modules", "seed")
+
+
 def _peft_model_and_init(cfg: FedPeftConfig, num_labels: int) -> tuple[Any, dict[str, np.ndarray]]:
-    return _peft_model(
-        cfg.model, cfg.peft, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, num_labels, cfg.seed
-    )
+    key = dataclasses.replace(FedPeftConfig(), **{name: getattr(cfg, name) for name in ADAPTER_FIELDS})
+    return _peft_model(key, num_labels)
 
 
 def client_rank(cfg: FedPeftConfig, partition_id: int, node_rank: int | None = None) -> int:
@@ -232,25 +236,15 @@ def _tokenizer(model: str) -> Any:
 
 
 @lru_cache(maxsize=4)
-def _peft_model(
-    model: str, peft: str, r: int, alpha: float, dropout: float, targets: str, num_labels: int, seed: int
-) -> tuple[Any, dict[str, np.ndarray]]:
+def _peft_model(cfg: FedPeftConfig, num_labels: int) -> tuple[Any, dict[str, np.ndarray]]:
+    """``cfg`` holds only :data:`ADAPTER_FIELDS` (so equal settings share one model)."""
     import torch
 
     from fedpeft.adapters import adapter_state, apply_peft
     from fedpeft.models import load_classifier
 
-    torch.manual_seed(seed)
-    net, _ = load_classifier(model, num_labels=num_labels)
-    cfg = dataclasses.replace(
-        FedPeftConfig(),
-        model=model,
-        peft=peft,
-        lora_r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        lora_target_modules=targets,
-    )
+    torch.manual_seed(cfg.seed)
+    net, _ = load_classifier(cfg.model, num_labels=num_labels)
     wrapped = apply_peft(net, cfg)
     wrapped.eval()
     return wrapped, adapter_state(wrapped)

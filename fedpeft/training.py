@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedpeft.adapters.state import is_head_parameter
+
 
 @dataclass(frozen=True)
 class Encoded:
@@ -53,11 +55,11 @@ def batches(data: Encoded, order: np.ndarray, batch_size: int) -> Iterator[dict[
 
 def param_groups(model: torch.nn.Module, *, lr: float, head_lr: float = 0.0) -> list[dict[str, Any]]:
     """Optimizer groups of the trainable parameters: the adapter at ``lr``, the classification head
-    (peft's ``modules_to_save`` copy) at ``head_lr`` (0: ``lr``)."""
+    (:func:`fedpeft.adapters.state.is_head_parameter`) at ``head_lr`` (0: ``lr``)."""
     adapter, head = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (head if "modules_to_save" in name else adapter).append(p)
+            (head if is_head_parameter(name) else adapter).append(p)
     if not adapter and not head:
         raise ValueError("the model has no trainable parameters")
     return [{"params": ps, "lr": rate} for ps, rate in ((adapter, lr), (head, head_lr or lr)) if ps]

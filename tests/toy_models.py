@@ -37,3 +37,19 @@ def tiny_lora_bert(seed: int = 0, **cfg: Any) -> Any:
         BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     )
     return apply_peft(base, FedPeftConfig(lora_r=4, lora_alpha=8, **cfg))
+
+
+def tiny_ssf_bert(seed: int = 0, **cfg: Any) -> Any:
+    """A 2-layer, 32-wide random BERT with SSF after every Linear / LayerNorm and a trained head.
+
+    Initialised wider than BERT's default (std 0.1, not 0.02) so that its features vary with the input
+    as a pretrained model's do: SSF rescales and shifts features, it cannot create them (at std 0.02 the
+    [CLS] state hardly depends on the tokens, and SSF does not learn the toy task at all)."""
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    torch.manual_seed(seed)
+    base = AutoModelForSequenceClassification.from_config(
+        BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                   initializer_range=0.1)
+    )
+    return apply_peft(base, FedPeftConfig(peft="ssf", **cfg))

@@ -1,7 +1,9 @@
 """PEFT methods, registered by name, and the adapter state that travels between site and server.
 
 A PEFT method is a function ``(model, cfg) -> peft_model`` that freezes the base model and leaves only
-the adapter and the classification head trainable.
+the adapter and the classification head trainable: ``lora`` (HF peft) and ``ssf`` (fedpeft's own,
+shaped like a peft tuner). Both models offer ``save_pretrained`` (adapter only) and
+``merge_and_unload`` (a plain transformers model).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from fedpeft.registry import Registry
 
 PEFT_METHODS: Registry[Callable[..., Any]] = Registry("PEFT method")
 
-from fedpeft.adapters import lora  # noqa: E402,F401  (registers "lora")
+from fedpeft.adapters import lora, ssf  # noqa: E402,F401  (register "lora", "ssf")
 
 
 def apply_peft(model: Any, cfg: Any) -> Any:

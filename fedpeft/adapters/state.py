@@ -1,7 +1,8 @@
 """The adapter state: the only tensors that ever leave a site.
 
-``adapter_state`` is peft's adapter state dict (LoRA factors + trained head) as float32 numpy arrays;
-``load_adapter_state`` is its strict inverse.
+``adapter_state`` is the adapter state dict (LoRA factors or SSF scales and shifts, + the trained
+head) as float32 numpy arrays; ``load_adapter_state`` is its strict inverse. LoRA's state is peft's
+(``get_peft_model_state_dict``); SSF's is :meth:`fedpeft.adapters.ssf.model.SSFModel.adapter_state_dict`.
 """
 
 from __future__ import annotations
@@ -13,23 +14,34 @@ import numpy as np
 
 from fedpeft.errors import FedPeftError
 
+HEAD_MODULES = ("classifier", "score")  # sequence-classification heads (BERT-like, decoder-like)
+SSF_COMPONENT = "ssf"  # key component of SSF tensors: ``<target>.ssf.scale``, ``<target>.ssf.shift``
+LORA_COMPONENTS = ("lora_A", "lora_B")
+
+
+def _state_dict(model: Any) -> dict[str, Any]:
+    from fedpeft.adapters.ssf.model import SSFModel
+
+    if isinstance(model, SSFModel):
+        return model.adapter_state_dict()
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model)
+
 
 def adapter_state(model: Any) -> dict[str, np.ndarray]:
     """A snapshot (copies, never views) of the trainable adapter tensors of ``model``, as float32."""
-    from peft import get_peft_model_state_dict
-
     return {
         key: np.array(tensor.detach().to("cpu").float().numpy(), dtype=np.float32, order="C", copy=True)
-        for key, tensor in get_peft_model_state_dict(model).items()
+        for key, tensor in _state_dict(model).items()
     }
 
 
 def load_adapter_state(model: Any, state: Mapping[str, np.ndarray]) -> None:
     """Overwrite the adapter of ``model`` with ``state``; keys and shapes must match exactly."""
     import torch
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    expected = get_peft_model_state_dict(model)
+    expected = _state_dict(model)
     if set(state) != set(expected):
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         raise FedPeftError(f"adapter state mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
@@ -38,7 +50,12 @@ def load_adapter_state(model: Any, state: Mapping[str, np.ndarray]) -> None:
         if tuple(array.shape) != tuple(expected[key].shape):
             raise FedPeftError(f"adapter tensor {key} has shape {array.shape}, expected {tuple(expected[key].shape)}")
         tensors[key] = torch.as_tensor(np.asarray(array), dtype=expected[key].dtype)
-    set_peft_model_state_dict(model, tensors)
+    if hasattr(model, "load_adapter_state_dict"):  # SSF
+        model.load_adapter_state_dict(tensors)
+    else:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, tensors)
 
 
 def key_matches(key: str, components: tuple[str, ...] | list[str]) -> bool:
@@ -50,3 +67,20 @@ def key_matches(key: str, components: tuple[str, ...] | list[str]) -> bool:
 def without_keys(state: Mapping[str, np.ndarray], components: tuple[str, ...] | list[str]) -> dict[str, np.ndarray]:
     """``state`` minus the tensors whose names have one of ``components`` as a path component."""
     return {k: v for k, v in state.items() if not key_matches(k, components)}
+
+
+def adapter_kind(keys: Any) -> str | None:
+    """``"lora"`` or ``"ssf"`` from an adapter state's tensor names; None when it holds only a head."""
+    keys = list(keys)
+    if any(key_matches(k, LORA_COMPONENTS) for k in keys):
+        return "lora"
+    if any(key_matches(k, (SSF_COMPONENT,)) for k in keys):
+        return "ssf"
+    return None
+
+
+def is_head_parameter(name: str) -> bool:
+    """Whether a parameter name of a PEFT-wrapped model belongs to the classification head (peft's
+    ``modules_to_save`` copy; SSF's ``base_model.<head>``)."""
+    parts = name.split(".")
+    return "modules_to_save" in parts or (len(parts) > 1 and parts[0] == "base_model" and parts[1] in HEAD_MODULES)
