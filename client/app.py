@@ -54,7 +54,9 @@ def identify(msg: Message, context: Context) -> Message:
     local = site_config(cfg, context, pid)
     site.peft_model(local, num_labels=len(list(config["label-names"])))
     site.encoded_partition(cfg, pid, num)
-    metrics = MetricRecord({"partition-id": pid, "num-partitions": num, NUM_EXAMPLES: n, "lora-r": local.lora_r})
+    metrics = MetricRecord({"partition-id": pid, "num-partitions": num, NUM_EXAMPLES: n})
+    if local.peft == "lora":
+        metrics["lora-r"] = local.lora_r
     return Message(RecordDict({METRICS: metrics, CONFIG: ConfigRecord({"site": key})}), reply_to=msg)
 
 

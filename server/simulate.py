@@ -16,9 +16,15 @@ def validate(cfg: FedPeftConfig) -> None:
     """Server-side checks that must fail in one line before any process starts."""
     from fedpeft.config import parse_ranks
     from fedpeft.errors import FedPeftError
-    from strategies import AGGREGATORS
+    from strategies import AGGREGATORS, strategies_for
 
     aggregator = AGGREGATORS.get(cfg.strategy)
+    if aggregator.adapter != cfg.peft:
+        fits = [name for name in strategies_for(cfg.peft) if name != "fedavg"]
+        raise FedPeftError(
+            f"strategy {cfg.strategy!r} aggregates {aggregator.adapter.upper()} adapters, but peft is {cfg.peft}; "
+            f"use --strategy {' or '.join(fits)}"
+        )
     if cfg.dp == "central":
         from privacy.central import check_composes
 

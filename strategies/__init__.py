@@ -1,7 +1,8 @@
 """Aggregation strategies: pure functions over arrays, registered by name, plus a thin Flower wrapper.
 
 Each algorithm lives in one file and registers an :class:`strategies.aggregator.Aggregator`: a rule
-for one LoRA layer, plus what clients must freeze and whether mixed client ranks are allowed. The
+for one LoRA layer, plus what clients must freeze and whether mixed client ranks are allowed (or,
+for SSF, plain weighted averaging: ``ssf-avg``). The
 shared driver (:func:`strategies.aggregator.aggregate`) pairs LoRA factors by name, averages the
 other tensors and measures the aggregation bias. Nothing here does I/O or knows Flower;
 :class:`strategies.flower.FedPeftStrategy` routes messages to it.
@@ -14,6 +15,12 @@ from strategies.aggregator import AggregationOptions, Aggregator
 
 AGGREGATORS: Registry[Aggregator] = Registry("strategy")
 
-from strategies import exact_svd, fedit, ffa_lora, lora_fair, lora_fair_ab  # noqa: E402,F401  (register)
+from strategies import exact_svd, fedit, ffa_lora, lora_fair, lora_fair_ab, ssf_avg  # noqa: E402,F401  (register)
 
-__all__ = ["AGGREGATORS", "AggregationOptions", "Aggregator"]
+
+def strategies_for(adapter: str) -> list[str]:
+    """The registered strategies that aggregate ``adapter`` (``lora``, ``ssf``) states."""
+    return [name for name in AGGREGATORS if AGGREGATORS.get(name).adapter == adapter]
+
+
+__all__ = ["AGGREGATORS", "AggregationOptions", "Aggregator", "strategies_for"]

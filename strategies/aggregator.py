@@ -1,9 +1,11 @@
 """The aggregator interface: LoRA layers paired by name, a per-layer rule, one driver for all of them.
 
-A LoRA adapter is a set of layers, each a pair ``(A, B)`` stored under ``<prefix>.lora_A.weight`` and
-``<prefix>.lora_B.weight``; every other tensor (the classification head) is averaged by weight. An
-algorithm only says what it does to one layer: a *pair rule* maps the clients' factors and weights to
-the new global factors. :func:`aggregate` does the rest, identically for every algorithm:
+Each aggregator serves one kind of adapter (``Aggregator.adapter``: ``lora`` or ``ssf``) and refuses
+the other, naming the strategies that would fit. A LoRA adapter is a set of layers, each a pair
+``(A, B)`` stored under ``<prefix>.lora_A.weight`` and ``<prefix>.lora_B.weight``; every other
+tensor (the classification head, SSF's vectors) is averaged by weight. An algorithm only says what it
+does to one layer: a *pair rule* maps the clients' factors and weights to the new global factors.
+:func:`aggregate` does the rest, identically for every algorithm:
 
 1. normalise the weights p_k = n_k / Σ n_k;
 2. weighted-average every tensor that is not a LoRA factor;
@@ -25,7 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedpeft.adapters.state import key_matches
+from fedpeft.adapters.state import adapter_kind, key_matches
 from strategies.residual import relative_residual
 
 A_SUFFIX = ".lora_A.weight"
@@ -92,8 +94,8 @@ class Aggregator:
     ----------
     name : str
         Registry name (``--strategy``).
-    pair : PairRule
-        What happens to one LoRA layer.
+    pair : PairRule or None
+        What happens to one LoRA layer (None for aggregators of adapters without LoRA layers).
     frozen : tuple[str, ...]
         Key components (``"lora_A"``) that clients neither train nor send and the server does not
         broadcast: they stay at the seeded initial value every process builds for itself.
@@ -106,14 +108,17 @@ class Aggregator:
         noised average. Rules that read each client's factors non-linearly are not.
     summary : str
         One line for ``--help`` and the README.
+    adapter : str
+        The PEFT method whose state this aggregates (``lora``, ``ssf``); the other is refused.
     """
 
     name: str
-    pair: PairRule
+    pair: PairRule | None
     frozen: tuple[str, ...] = ()
     heterogeneous_ranks: bool = False
     linear: bool = False
     summary: str = ""
+    adapter: str = "lora"
 
     def __call__(
         self,
@@ -124,6 +129,22 @@ class Aggregator:
         options: AggregationOptions | None = None,
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return aggregate(self, states, weights, previous=previous, options=options or AggregationOptions())
+
+
+def check_adapter(agg: Aggregator, keys: Any) -> None:
+    """Raise ValueError unless the adapter with tensor names ``keys`` is of ``agg.adapter``'s kind;
+    the message names the strategies that would aggregate it."""
+    from strategies import strategies_for  # the registry is filled by the package
+
+    kind = adapter_kind(keys)
+    if kind is None or kind == agg.adapter:
+        return
+    fits = [name for name in strategies_for(kind) if name != "fedavg"]
+    hint = f"; use --strategy {' or '.join(fits)}" if fits else ""
+    raise ValueError(
+        f"strategy {agg.name!r} aggregates {agg.adapter.upper()} adapters, but this adapter holds {kind.upper()} "
+        f"tensors{hint}"
+    )
 
 
 def lora_layers(keys: Sequence[str] | Any) -> tuple[list[tuple[str, str]], list[str]]:
@@ -182,6 +203,7 @@ def aggregate(
     p = normalised(weights)
     if len(states) != len(p):
         raise ValueError(f"got {len(states)} states for {len(p)} weights")
+    check_adapter(agg, previous.keys())
     pairs, others = lora_layers(previous.keys())
     expected = {k for k in previous if not key_matches(k, agg.frozen)}
     for i, state in enumerate(states):
@@ -206,6 +228,8 @@ def aggregate(
         As = [np.asarray(s[a_key]) if a_key in s else prev_A for s in states]
         Bs = [np.asarray(s[b_key]) if b_key in s else prev_B for s in states]
         _check_ranks(agg, a_key, As, Bs, prev_A, prev_B)
+        if agg.pair is None:
+            raise ValueError(f"strategy {agg.name!r} has no rule for LoRA layers")
         new_A, new_B = agg.pair(As, Bs, p, prev_A=prev_A, prev_B=prev_B, options=options)
         out[a_key], out[b_key] = new_A.astype(prev_A.dtype), new_B.astype(prev_B.dtype)
         residuals.append(relative_residual(As, Bs, p, out[a_key], out[b_key]))

@@ -41,7 +41,7 @@ from fedpeft.wire import (
     to_array_record,
 )
 from strategies import AGGREGATORS
-from strategies.aggregator import AggregationOptions, lora_layers, truncate_to_rank
+from strategies.aggregator import AggregationOptions, check_adapter, lora_layers, truncate_to_rank
 from strategies.sampling import sample_sites
 
 logger = logging.getLogger(__name__)
@@ -188,6 +188,10 @@ class FedPeftStrategy(Strategy):
     ) -> Iterable[Message]:
         chosen = sample_sites(list(self.sites.values()), self.fraction, seed=self.seed, server_round=server_round)
         self.previous = from_array_record(arrays)
+        try:  # before any site trains: an SSF adapter under a LoRA strategy, or the reverse
+            check_adapter(self.aggregator, self.previous.keys())
+        except ValueError as err:
+            raise FedPeftError(str(err)) from None
         frozen = self.aggregator.frozen
         config = ConfigRecord({**config, "server-round": server_round, "frozen": ",".join(frozen)})
         broadcast = without_keys(self.previous, frozen)

@@ -35,9 +35,16 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
         (["--rounds", "0"], "rounds must be >= 1"),
         (
             ["--strategy", "fedmagic"],
-            "unknown strategy 'fedmagic'; known: exact-svd, fedavg, fedit, ffa-lora, lora-fair, lora-fair-ab",
+            "unknown strategy 'fedmagic'; known: exact-svd, fedavg, fedit, ffa-lora, lora-fair, lora-fair-ab, ssf-avg",
         ),
-        (["--peft", "prefix"], "unknown PEFT method 'prefix'; known: lora"),
+        (["--peft", "prefix"], "unknown PEFT method 'prefix'; known: lora, ssf"),
+        (["--peft", "ssf", "--strategy", "fedit"],
+         "strategy 'fedit' aggregates LORA adapters, but peft is ssf; use --strategy ssf-avg"),
+        (["--strategy", "ssf-avg"],
+         "strategy 'ssf-avg' aggregates SSF adapters, but peft is lora; use --strategy exact-svd or fedit or ffa-lora"),
+        (["--peft", "ssf", "--lora-r", "4"], "lora_r is a lora setting but peft is ssf; drop it or use --peft lora"),
+        (["--ssf-target-modules", "query"], "ssf_target_modules is a ssf setting but peft is lora"),
+        (["--peft", "ssf", "--client-ranks", "2,4"], "client_ranks is a lora setting but peft is ssf"),
         (["--model", "./no-such-model"], "model path not found: ./no-such-model"),
         (["--client-cpus", "4096"], "client_cpus 4096 exceeds"),
         (["--dp-epsilon", "3"], "dp_epsilon is set but dp is off; add --dp local or --dp central"),
@@ -120,3 +127,17 @@ def test_help_lists_the_main_flags() -> None:
     for flag in ("--clients", "--rounds", "--fraction", "--local-epochs", "--batch-size", "--lr", "--data",
                  "--text-column", "--label-column", "--partition", "--seed", "--out"):
         assert flag in proc.stdout
+
+
+def test_peft_ssf_brings_its_own_strategy_and_drops_the_lora_dp_preset() -> None:
+    from fedpeft.cli.main import with_defaults
+    from fedpeft.config import DP_DEFAULTS, FedPeftConfig
+
+    assert with_defaults({"peft": "ssf"})["strategy"] == "ssf-avg"
+    assert with_defaults({"peft": "ssf", "strategy": "fedavg"})["strategy"] == "fedavg"  # the user's own choice
+    assert "strategy" not in with_defaults({"rounds": 2})  # LoRA keeps the config default
+    dp = with_defaults({"peft": "ssf", "dp": "local"})
+    assert dp["strategy"] == "ssf-avg" and "lora_r" not in dp and "lora_alpha" not in dp
+    assert dp["head_lr"] == DP_DEFAULTS["head_lr"] and dp["dp_epsilon"] == DP_DEFAULTS["dp_epsilon"]
+    FedPeftConfig(**dp)  # validates
+    assert with_defaults({"dp": "local"})["strategy"] == DP_DEFAULTS["strategy"] == "ffa-lora"

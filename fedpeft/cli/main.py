@@ -9,7 +9,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedpeft.config import DP_DEFAULTS, DP_PRIVACY_KEYS, FedPeftConfig, describe_dp, field_help
+from fedpeft.config import (
+    DP_DEFAULTS,
+    DP_PRIVACY_KEYS,
+    PEFT_DEFAULT_STRATEGY,
+    PEFT_FIELDS,
+    FedPeftConfig,
+    describe_dp,
+    field_help,
+)
 from fedpeft.errors import FedPeftError
 
 # Flags shown first in --help, in this order; every other config field follows.
@@ -35,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser(
         "simulate",
         help="run a federated fine-tune with simulated clients on this machine",
-        description="Run a federated LoRA fine-tune with simulated clients; writes RUN_DIR "
+        description="Run a federated LoRA or SSF fine-tune with simulated clients; writes RUN_DIR "
         "(metrics.jsonl, config.json, adapter/).",
     )
     defaults = FedPeftConfig()
@@ -92,10 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def dp_defaults(given: dict) -> dict:
-    """The ``--dp`` defaults that apply: epsilon and delta come only as a pair, never one alone."""
+    """The ``--dp`` defaults that apply: epsilon and delta come only as a pair, never one alone; the
+    LoRA settings (and the LoRA strategy) only when the PEFT method is LoRA."""
+    defaults = dict(DP_DEFAULTS)
     if any(name in given for name in DP_PRIVACY_KEYS):
-        return {k: v for k, v in DP_DEFAULTS.items() if k not in DP_PRIVACY_KEYS}
-    return dict(DP_DEFAULTS)
+        defaults = {k: v for k, v in defaults.items() if k not in DP_PRIVACY_KEYS}
+    peft = given.get("peft", "lora")
+    if peft != "lora":
+        defaults = {k: v for k, v in defaults.items() if k not in PEFT_FIELDS["lora"] and k != "strategy"}
+    return defaults
+
+
+def with_defaults(given: dict) -> dict:
+    """The flags given plus the defaults they imply: ``--dp`` alone brings the DP preset, and a PEFT
+    method without ``--strategy`` brings its own aggregation (``--peft ssf``: ssf-avg)."""
+    if given.get("dp") == "local":
+        given = {**dp_defaults(given), **given}
+    if "strategy" not in given and given.get("peft") in PEFT_DEFAULT_STRATEGY:
+        given = {**given, "strategy": PEFT_DEFAULT_STRATEGY[given["peft"]]}
+    return given
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -104,9 +127,7 @@ def _simulate(args: argparse.Namespace) -> int:
     given = {
         f.name: getattr(args, f.name) for f in dataclasses.fields(FedPeftConfig) if getattr(args, f.name) is not None
     }
-    if given.get("dp") == "local":
-        given = {**dp_defaults(given), **given}
-    cfg = FedPeftConfig(**given).with_default_out()
+    cfg = FedPeftConfig(**with_defaults(given)).with_default_out()
     cfg = check_run(cfg, clients_given="clients" in given)
 
     from server.simulate import simulate, validate

@@ -25,8 +25,10 @@ from lora_cases import (
 )
 
 from fedpeft.adapters.state import key_matches, without_keys
-from strategies import AGGREGATORS, AggregationOptions
+from strategies import AGGREGATORS, AggregationOptions, strategies_for
 from strategies.aggregator import lora_layers, normalised, truncate_to_rank, weighted_sum
+
+LORA_NAMES = strategies_for("lora")  # the LoRA contract; SSF's aggregator has its own tests
 
 # --- lora_layers -----------------------------------------------------------------------------------
 
@@ -169,14 +171,14 @@ def test_driver_rejects_bad_weights(weights: list[float], match: str) -> None:
         AGGREGATORS.get("fedit")(states, weights, previous=previous)
 
 
-@pytest.mark.parametrize("name", [n for n in AGGREGATORS.names() if not AGGREGATORS.get(n).heterogeneous_ranks])
+@pytest.mark.parametrize("name", [n for n in LORA_NAMES if not AGGREGATORS.get(n).heterogeneous_ranks])
 def test_equal_rank_rules_reject_a_lower_rank_client(name: str) -> None:
     problem = make_problem(3, d=5, n=6, r=3, K=3, ranks=[3, 2, 3])
     with pytest.raises(ValueError, match="needs every client at rank 3; client 1 has rank 2|client 1 .*shapes"):
         problem.run(name)
 
 
-@pytest.mark.parametrize("name", AGGREGATORS.names())
+@pytest.mark.parametrize("name", LORA_NAMES)
 def test_no_rule_accepts_a_client_above_the_global_rank(name: str) -> None:
     problem = make_problem(4, d=5, n=6, r=3, K=2)
     problem.prev_A, problem.prev_B = problem.prev_A[:2], problem.prev_B[:, :2]  # global rank 2, clients rank 3
@@ -203,7 +205,7 @@ class LazyState(Mapping[str, np.ndarray]):
         return len(self._state)
 
 
-@pytest.mark.parametrize("name", AGGREGATORS.names())
+@pytest.mark.parametrize("name", LORA_NAMES)
 def test_driver_accepts_lazy_mappings(name: str) -> None:
     states, weights, previous = two_layer_problem(5)
     frozen = AGGREGATORS.get(name).frozen
@@ -274,7 +276,7 @@ def test_key_helpers_match_whole_path_components() -> None:
 
 # --- one contract for every registered rule ------------------------------------------------------------
 
-NAMES = AGGREGATORS.names()
+NAMES = LORA_NAMES
 SEEDS = [11, 12, 13]
 
 
@@ -297,6 +299,7 @@ def dW_as(name: str, problem: Problem) -> np.ndarray:
 
 def test_registry_names() -> None:
     assert NAMES == ["exact-svd", "fedavg", "fedit", "ffa-lora", "lora-fair", "lora-fair-ab"]
+    assert AGGREGATORS.names() == sorted([*NAMES, "ssf-avg"])  # SSF's: tests/strategies/test_ssf_avg.py
     for name in NAMES:
         assert AGGREGATORS.get(name).name == ("fedit" if name == "fedavg" else name)
         assert AGGREGATORS.get(name).summary

@@ -22,7 +22,7 @@ from fedpeft.wire import (
     record_nbytes,
     to_array_record,
 )
-from strategies import AGGREGATORS, AggregationOptions
+from strategies import AGGREGATORS, AggregationOptions, strategies_for
 from strategies.fedit import FEDIT
 from strategies.flower import FedPeftStrategy, RoundTraffic
 from strategies.sampling import sample_sites
@@ -34,8 +34,10 @@ pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 class _Recorder:
+    name = "recorder"
     frozen: tuple[str, ...] = ()
     heterogeneous_ranks = False
+    adapter = "lora"
 
     def __init__(self, fn: object) -> None:
         self.fn = fn
@@ -450,7 +452,7 @@ def test_mixed_rank_round_sends_truncations_and_aggregates_at_the_global_rank() 
     assert metrics["agg_residual_mean"] == want_metrics["agg_residual_mean"]
 
 
-@pytest.mark.parametrize("name", [n for n in AGGREGATORS.names() if not AGGREGATORS.get(n).heterogeneous_ranks])
+@pytest.mark.parametrize("name", [n for n in strategies_for("lora") if not AGGREGATORS.get(n).heterogeneous_ranks])
 def test_every_equal_rank_rule_refuses_a_rank_2_site(name: str) -> None:
     from fedpeft.errors import FedPeftError
 
@@ -460,7 +462,7 @@ def test_every_equal_rank_rule_refuses_a_rank_2_site(name: str) -> None:
         list(strategy.configure_train(1, to_array_record(_random_global(4)), ConfigRecord({}), _NoGrid()))
 
 
-@pytest.mark.parametrize("name", AGGREGATORS.names())
+@pytest.mark.parametrize("name", strategies_for("lora"))
 def test_a_site_at_the_global_rank_is_fine_for_every_rule(name: str) -> None:
     strategy = FedPeftStrategy(aggregator=name, sites=NODES, fraction=1.0, seed=0, ranks={"partition-00004": 4})
     messages = list(strategy.configure_train(1, to_array_record(_random_global(4)), ConfigRecord({}), _NoGrid()))
