@@ -128,6 +128,8 @@ def dp_train_local(
     """
     from opacus import PrivacyEngine
 
+    import privacy.ssf_grad_sample  # noqa: F401  (registers SSF's per-sample gradient rule)
+
     q, planned = poisson_plan(len(data), batch_size=batch_size, epochs=epochs, max_steps=max_steps)
     seed = secrets.randbits(63) if generator_seed is None else int(generator_seed)
     generator = torch.Generator().manual_seed(seed)
