@@ -20,9 +20,7 @@ LORA_COMPONENTS = ("lora_A", "lora_B")
 
 
 def _state_dict(model: Any) -> dict[str, Any]:
-    from fedpeft.adapters.ssf.model import SSFModel
-
-    if isinstance(model, SSFModel):
+    if hasattr(model, "adapter_state_dict"):  # fedpeft's own methods (SSF) keep their state themselves
         return model.adapter_state_dict()
     from peft import get_peft_model_state_dict
 
@@ -50,7 +48,7 @@ def load_adapter_state(model: Any, state: Mapping[str, np.ndarray]) -> None:
         if tuple(array.shape) != tuple(expected[key].shape):
             raise FedPeftError(f"adapter tensor {key} has shape {array.shape}, expected {tuple(expected[key].shape)}")
         tensors[key] = torch.as_tensor(np.asarray(array), dtype=expected[key].dtype)
-    if hasattr(model, "load_adapter_state_dict"):  # SSF
+    if hasattr(model, "load_adapter_state_dict"):
         model.load_adapter_state_dict(tensors)
     else:
         from peft import set_peft_model_state_dict
