@@ -49,7 +49,9 @@ class FedPeftConfig:
     clients: int = _f(10, "number of simulated clients (partitions)")
     rounds: int = _f(5, "federated rounds")
     fraction: float = _f(0.5, "share of clients sampled each round, in (0, 1]")
-    strategy: str = _f("fedit", "fedit (alias fedavg) | lora-fair | lora-fair-ab | ffa-lora | exact-svd")
+    strategy: str = _f(
+        "fedit", "LoRA: fedit (alias fedavg) | lora-fair | lora-fair-ab | ffa-lora | exact-svd; SSF: ssf-avg"
+    )
     fair_lambda: float = _f(1e-2, "lora-fair / lora-fair-ab ridge strength, relative to mean(singular(A-bar)^2)")
     fair_iterations: int = _f(5, "alternating sweeps of lora-fair-ab")
     client_ranks: str = _f("", "comma-separated LoRA ranks given to clients in turn (exact-svd); empty: all lora_r")
