@@ -3,9 +3,11 @@
 Steps (see the round diagram in the README): the base model is loaded once per process and frozen;
 the adapter is set from the broadcast (tensors the strategy freezes, named in the config's ``frozen``,
 are not broadcast and come from the seeded initial adapter); local training runs on this site's
-partition; the reply carries only the trained, non-frozen adapter tensors (peft's adapter state dict)
-and metrics with ``num-examples``. A client may train a lower LoRA rank than the global adapter
-(node config ``lora-r``, or ``client-ranks``); the server then sends it the truncated factors.
+data; the reply carries only the trained, non-frozen adapter tensors (the adapter state dict) and
+metrics with ``num-examples``. A simulated node trains its partition of the run's data; a deployed
+site (node config ``data-path``, optionally ``site``) trains on its own file, never on a partition.
+A client may train a lower LoRA rank than the global adapter (node config ``lora-r``, or
+``client-ranks``); the server then sends it the truncated factors.
 Adapters travel encoded (:mod:`client.transport`): the broadcast is decoded before the handler runs,
 and the reply carries the update encoded with the site's codec (node config ``codec``, else the
 run's) and error feedback.
@@ -50,10 +52,10 @@ def identify(msg: Message, context: Context) -> Message:
     config = msg.content[CONFIG]
     cfg = config_from_record(config)
     pid, num, key = site_identity(context, cfg.clients)
-    n = len(site.client_partition(cfg, pid, num))
+    label_names = list(config["label-names"])
     local = site_config(cfg, context, pid)
-    site.peft_model(local, num_labels=len(list(config["label-names"])))
-    site.encoded_partition(cfg, pid, num)
+    site.peft_model(local, num_labels=len(label_names))
+    n = len(site.node_data(cfg, context.node_config, label_names=label_names))
     metrics = MetricRecord({"partition-id": pid, "num-partitions": num, NUM_EXAMPLES: n})
     if local.peft == "lora":
         metrics["lora-r"] = local.lora_r
@@ -76,7 +78,7 @@ def train(msg: Message, context: Context) -> Message:
     model = site.peft_model(local, num_labels=len(label_names))
     broadcast = from_array_record(msg.content[ARRAYS])
     load_adapter_state(model, {**site.initial_adapter(local, num_labels=len(label_names)), **broadcast})
-    data = site.encoded_partition(cfg, pid, num)
+    data = site.node_data(cfg, context.node_config, label_names=label_names)
     content = RecordDict()
     if cfg.dp == "local":
         with site.frozen_parameters(model, frozen):

@@ -43,10 +43,8 @@ logger = logging.getLogger(__name__)
 
 
 def site_identity(context: Context, fallback_partitions: int) -> tuple[int, int, str]:
-    """``(partition_id, num_partitions, site_key)`` of this node."""
-    pid = int(context.node_config.get("partition-id", 0))
-    num = int(context.node_config.get("num-partitions", fallback_partitions))
-    return pid, num, f"partition-{pid:05d}"
+    """``(partition_id, num_partitions, site_key)`` of this node (:func:`fedpeft.site.node_identity`)."""
+    return site.node_identity(context.node_config, fallback_partitions)
 
 
 def site_config(cfg: FedPeftConfig, context: Context, partition_id: int) -> FedPeftConfig:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +26,8 @@ from fedpeft.errors import FedPeftError
 from fedpeft.training import Encoded, encode, train_local
 
 STATE_DIR_ENV = "FEDPEFT_STATE_DIR"
+DATA_PATH = "data-path"  # node config: this site's own data file (a deployed site); else a partition
+SITE_NAME = "site"  # node config: this site's name (default: the data file's stem)
 
 
 def state_dir(node_config: Mapping[str, Any] | None = None) -> Path:
@@ -35,6 +37,62 @@ def state_dir(node_config: Mapping[str, Any] | None = None) -> Path:
     """
     configured = (node_config or {}).get("state-dir") or os.environ.get(STATE_DIR_ENV)
     return Path(str(configured)).expanduser() if configured else Path.home() / ".fedpeft" / "state"
+
+
+def node_identity(node_config: Mapping[str, Any], fallback_partitions: int) -> tuple[int, int, str]:
+    """``(partition_id, num_partitions, site_key)`` of a node from its node config.
+
+    A deployed site (node config ``data-path``) is named by ``site`` (default: its file's stem) and
+    gets a stable pseudo partition id from its name (for seeds and rank turns); ``num_partitions`` is
+    0, meaning: it trains on its own file. A simulated node trains partition ``partition-id`` of
+    ``num-partitions``.
+    """
+    if DATA_PATH in node_config:
+        key = str(node_config.get(SITE_NAME) or Path(str(node_config[DATA_PATH])).stem)
+        if not key or any(c in key for c in "/\\\0") or key.startswith("."):
+            raise FedPeftError(f"site name {key!r} must be a plain name (no '/', not starting with '.')")
+        return derive_seed(*key.encode()) % (2**31), 0, key
+    pid = int(node_config.get("partition-id", 0))
+    num = int(node_config.get("num-partitions", fallback_partitions))
+    return pid, num, f"partition-{pid:05d}"
+
+
+def node_data(
+    cfg: FedPeftConfig, node_config: Mapping[str, Any], *, label_names: Sequence[str]
+) -> Encoded:
+    """The tokenized training data of a node: its own file (``data-path``), or its partition."""
+    if DATA_PATH in node_config:
+        return encoded_local_file(cfg, str(node_config[DATA_PATH]), label_names=label_names)
+    pid, num, _ = node_identity(node_config, cfg.clients)
+    return encoded_partition(cfg, pid, num)
+
+
+def local_table(cfg: FedPeftConfig, path: str, *, label_names: Sequence[str]) -> LabelledTable:
+    """A site's own data file, every row for training, its labels numbered as the run numbers them.
+
+    Raises
+    ------
+    FedPeftError
+        A missing or unreadable file, a missing column, or labels the run does not know.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FedPeftError(f"site data file not found: {file}")
+    table = load_labelled_table(file, text_column=cfg.text_column, label_column=cfg.label_column, min_classes=1)
+    unknown = sorted(set(table.label_names) - set(label_names))
+    if unknown:
+        raise FedPeftError(
+            f"{file.name} has labels {unknown[:5]} that the run does not know; the run's labels: {list(label_names)}"
+        )
+    ids = np.array([list(label_names).index(name) for name in table.label_names], dtype=np.int64)
+    return dataclasses.replace(table, labels=ids[table.labels], label_names=tuple(label_names))
+
+
+def encoded_local_file(cfg: FedPeftConfig, path: str, *, label_names: Sequence[str]) -> Encoded:
+    """:func:`local_table`, tokenized (cached until the file changes)."""
+    stat = Path(path).expanduser().stat() if Path(path).expanduser().is_file() else None
+    version = (stat.st_mtime_ns, stat.st_size) if stat else None
+    return _encoded_local(cfg, path, tuple(label_names), version)
 
 
 def data_path(cfg: FedPeftConfig) -> str:
@@ -224,6 +282,12 @@ def _encoded_partition(
 def _encoded_test(model: str, max_length: int, path: str, text: str, label: str, fraction: float, seed: int) -> Encoded:
     _, test = _split(path, text, label, fraction, seed)
     return encode(_tokenizer(model), test.texts, test.labels, max_length=max_length)
+
+
+@lru_cache(maxsize=4)
+def _encoded_local(cfg: FedPeftConfig, path: str, label_names: tuple[str, ...], version: Any) -> Encoded:
+    table = local_table(cfg, path, label_names=label_names)
+    return encode(_tokenizer(cfg.model), table.texts, table.labels, max_length=cfg.max_length)
 
 
 @lru_cache(maxsize=2)

@@ -60,9 +60,9 @@ def start_discovery(grid: Any, cfg: FedPeftConfig, nodes: list[int], *, label_na
     before the server loads its own model lets the two start-ups overlap.
     """
     content = RecordDict({CONFIG: config_record(cfg, **{"label-names": label_names})})
-    return list(
-        grid.push_messages(Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes)
-    )
+    # a list, not a generator: Flower's HTTP grid (deployment) reads the messages twice
+    messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+    return list(grid.push_messages(messages))
 
 
 def finish_discovery(grid: Any, message_ids: list[str], *, timeout: float) -> tuple[dict[int, str], dict[str, int]]:

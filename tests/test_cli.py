@@ -141,3 +141,42 @@ def test_peft_ssf_brings_its_own_strategy_and_drops_the_lora_dp_preset() -> None
     assert dp["head_lr"] == DP_DEFAULTS["head_lr"] and dp["dp_epsilon"] == DP_DEFAULTS["dp_epsilon"]
     FedPeftConfig(**dp)  # validates
     assert with_defaults({"dp": "local"})["strategy"] == DP_DEFAULTS["strategy"] == "ffa-lora"
+
+
+# --- deployment commands ---------------------------------------------------------------------------
+
+def test_deployment_commands_print_what_they_would_run(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                       small_data: Path) -> None:
+    assert main(["certs", str(tmp_path / "c"), "--san", "127.0.0.1", "--node", "site-a"]) == 0
+    capsys.readouterr()
+    assert main(["link", "--certs", str(tmp_path / "c"), "--state-dir", str(tmp_path / "s"), "--print"]) == 0
+    link = capsys.readouterr().out
+    assert link.startswith("flower-superlink ") and "--enable-supernode-auth" in link
+    assert not (tmp_path / "s").exists()  # --print starts nothing and creates nothing
+    assert main(["node", "--link", "127.0.0.1:9092", "--ca", str(tmp_path / "c" / "ca.crt"), "--key",
+                 str(tmp_path / "c" / "nodes" / "site-a.key"), "--data", str(small_data), "--print"]) == 0
+    node = capsys.readouterr().out
+    assert node.startswith("flower-supernode ") and f'data-path="{small_data}"' in node
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["certs", "{tmp}/c", "--node", "a/b"], "node name 'a/b' must be"),
+    (["certs", "{tmp}/c", "--san", "not valid!"], "--san 'not valid!' is neither"),
+    (["link", "--certs", "{tmp}/none", "--state-dir", "{tmp}/s"], "CA certificate not found"),
+    (["link", "--certs", "{tmp}/c0", "--state-dir", "{tmp}/s", "--fleet", "9092"], "--fleet must be HOST:PORT"),
+    (["node", "--link", "h:1", "--ca", "{tmp}/c0/ca.crt", "--key", "{tmp}/c0/nodes/a.key", "--data", "{tmp}/x"],
+     "site data file not found"),
+    (["node", "--link", "h:1", "--ca", "{tmp}/c0/ca.crt", "--key", "{tmp}/c0/nodes/a.key", "--data", "{tmp}/c0/ca.crt",
+      "--codec", "zip"], "--codec: unknown codec 'zip'"),
+    (["connection", "x y", "--control", "h:1", "--ca", "{tmp}/c0/ca.crt"], "connection name 'x y' must be"),
+    (["certs", "{tmp}/c0", "--node", "a"], "already exist"),
+])
+def test_deployment_commands_refuse_bad_input_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, args: list[str],
+                                                          expected: str) -> None:
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    assert main(["certs", str(tmp_path / "c0"), "--node", "a"]) == 0
+    capsys.readouterr()
+    code = main([a.replace("{tmp}", str(tmp_path)) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("fedpeft: error: ") and expected in err, err

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument(
         "--plot", metavar="PNG", help="where to draw epsilon vs round (default: RUN_DIR/privacy_epsilon.png)"
     )
+    from fedpeft.cli.deploy import add_parsers
+
+    add_parsers(sub)
     key = sub.add_parser(
         "site-key",
         help="print a site's ledger public key (creating the key if needed)",
@@ -157,6 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedpeft.cli.audit import run_audit
 
             return run_audit(args)
+        if args.command in ("certs", "link", "node", "connection"):
+            from fedpeft.cli import deploy
+
+            return getattr(deploy, f"run_{args.command}")(args)
         if args.command == "site-key":
             from fedpeft.cli.audit import print_site_key
 

@@ -77,8 +77,11 @@ def read_table(path: str | Path) -> pd.DataFrame:
     return frame
 
 
-def load_labelled_table(path: str | Path, *, text_column: str, label_column: str) -> LabelledTable:
-    """Read ``path`` and check that it can train a classifier.
+def load_labelled_table(
+    path: str | Path, *, text_column: str, label_column: str, min_classes: int = 2
+) -> LabelledTable:
+    """Read ``path`` and check that it can train a classifier (a site's own file may hold one class:
+    ``min_classes=1``).
 
     Raises
     ------
@@ -99,9 +102,9 @@ def load_labelled_table(path: str | Path, *, text_column: str, label_column: str
     frame = frame.loc[keep].reset_index(drop=True)
     text, label = text[keep].reset_index(drop=True), label[keep].reset_index(drop=True)
     label_names = tuple(sorted(label.unique()))
-    if len(label_names) < 2:
-        found = label_names[0] if label_names else "none"
-        raise FedPeftError(f"label column {label_column!r} needs at least 2 classes, found one ({found})")
+    if len(label_names) < min_classes:
+        found = f"one ({label_names[0]})" if label_names else "none"
+        raise FedPeftError(f"label column {label_column!r} needs at least {min_classes} classes, found {found}")
     ids = {name: i for i, name in enumerate(label_names)}
     return LabelledTable(
         frame=frame,

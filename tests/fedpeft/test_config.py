@@ -200,3 +200,17 @@ def test_dp_with_only_a_noise_level_has_no_budget() -> None:
     cfg = FedPeftConfig(dp="local", dp_noise_multiplier=1.2, dp_delta=1e-5)
     assert "no epsilon budget" in describe_dp(cfg) and "sigma 1.2" in describe_dp(cfg)
     assert describe_dp(FedPeftConfig()) == "no differential privacy"
+
+
+def test_the_flower_app_config_lists_every_field_at_its_default() -> None:
+    """`flwr run --run-config` can only set keys the app declares: every field is declared, at its default."""
+    import dataclasses
+    import tomllib
+    from pathlib import Path
+
+    from fedpeft.config import FedPeftConfig
+
+    app = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    declared = app["config"]
+    assert list(declared) == [f.name.replace("_", "-") for f in dataclasses.fields(FedPeftConfig)]
+    assert FedPeftConfig.from_mapping(declared) == FedPeftConfig()

@@ -1,0 +1,6 @@
+"""Real deployment: credentials for a SuperLink and its SuperNodes, and the commands that start them.
+
+``certs`` makes the CA, the SuperLink's TLS certificate and one authentication key pair per site;
+``commands`` builds the ``flower-superlink`` / ``flower-supernode`` command lines (TLS on, node
+authentication on, gRPC-rere Fleet API) that ``fedpeft link`` and ``fedpeft node`` run.
+"""

@@ -1,0 +1,210 @@
+"""Deployment pieces without processes: credentials (formats Flower accepts, permissions, no silent
+overwrite), the SuperLink/SuperNode command lines, the flwr CLI connection, and a site's own data."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedpeft.deploy.certs import make_node_key, write_credentials
+from fedpeft.deploy.commands import node_config_string, superlink_command, supernode_command
+from fedpeft.deploy.connection import add_connection
+from fedpeft.errors import FedPeftError
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_credentials_have_the_formats_flower_expects(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    made = write_credentials(tmp_path / "c", sans=["link.example.org", "10.0.0.7"], nodes=["site-a", "site-b"])
+    ca = x509.load_pem_x509_certificate(made.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(made.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)  # signed by the CA
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["link.example.org"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["10.0.0.7"]
+    assert ExtendedKeyUsageOID.SERVER_AUTH in server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    key = serialization.load_pem_private_key(made.server_key.read_bytes(), password=None)  # unencrypted PEM
+    assert key.public_key().public_numbers() == server.public_key().public_numbers()
+    for site in ("site-a", "site-b"):
+        private = made.node_keys[site].read_bytes()
+        assert private.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+        node = serialization.load_ssh_private_key(private, password=None)
+        assert isinstance(node, ec.EllipticCurvePrivateKey) and node.curve.name == "secp384r1"
+        public = made.node_public_keys[site].read_text()
+        assert public.startswith("ecdsa-sha2-nistp384 ") and public.count("\n") == 1
+        assert serialization.load_ssh_public_key(public.encode()).public_numbers() == node.public_key().public_numbers()
+    for private in (made.ca_key, made.server_key, *made.node_keys.values()):
+        assert mode(private) == 0o600, private
+    for public in (made.ca_cert, made.server_cert, *made.node_public_keys.values()):
+        assert mode(public) == 0o644, public
+    assert not [p for p in (tmp_path / "c").rglob(".*tmp*")]  # no temporary files left behind
+
+
+def test_existing_keys_are_never_replaced_without_force(tmp_path: Path) -> None:
+    first = write_credentials(tmp_path, nodes=["site-a"])
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(FedPeftError, match=r"nodes/site-a.key, nodes/site-a.pub already exist .* --force"):
+        write_credentials(tmp_path, nodes=["site-a"])
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    forced = write_credentials(tmp_path, nodes=["site-a"], force=True)
+    assert forced.node_keys["site-a"].read_bytes() != before[first.node_keys["site-a"]]
+    assert forced.ca_key.read_bytes() == before[first.ca_key]  # the CA is kept, even with --force
+    assert forced.server_cert.read_bytes() != before[first.server_cert]  # re-issued by that CA
+
+
+def test_a_site_added_later_reuses_the_ca_and_the_link_certificate(tmp_path: Path) -> None:
+    write_credentials(tmp_path, nodes=["site-a"])
+    before = {name: (tmp_path / name).read_bytes() for name in ("ca.crt", "ca.key", "server.crt", "server.key")}
+    made = write_credentials(tmp_path, nodes=["site-c"])
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert made.node_keys["site-c"].is_file() and (tmp_path / "nodes" / "site-a.key").is_file()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"nodes": ["../evil"]}, "node name '../evil' must be"),
+    ({"nodes": ["a", "a"]}, "each --node name must be given once"),
+    ({"sans": ["bad host!"]}, "--san 'bad host!' is neither an IP address nor a host name"),
+    ({"sans": []}, "needs at least one --san"),
+])
+def test_bad_credential_requests_fail_before_writing(tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(FedPeftError, match=message):
+        write_credentials(tmp_path / "c", **kwargs)
+    assert not any((tmp_path / "c").rglob("*.key")) if (tmp_path / "c").exists() else True
+
+
+def test_half_a_ca_is_refused(tmp_path: Path) -> None:
+    write_credentials(tmp_path)
+    (tmp_path / "ca.key").unlink()
+    with pytest.raises(FedPeftError, match="only half of a CA"):
+        write_credentials(tmp_path, nodes=["site-a"])
+
+
+def test_node_keys_differ() -> None:
+    assert make_node_key()[1] != make_node_key()[1]
+
+
+def test_superlink_command_turns_on_tls_auth_grpc_and_turns_off_installs(tmp_path: Path) -> None:
+    write_credentials(tmp_path / "c")
+    cmd = superlink_command(certs=tmp_path / "c", state_dir=tmp_path / "s", fleet="0.0.0.0:9092",
+                            control="127.0.0.1:9093")
+    flags = dict(zip(cmd[1::2], cmd[2::2], strict=False))
+    assert cmd[0] == "flower-superlink"
+    assert {"--enable-supernode-auth", "--disable-runtime-dependency-installation"} <= set(cmd)
+    assert "--insecure" not in cmd
+    i = cmd.index("--fleet-api-type")
+    assert cmd[i + 1] == "grpc-rere" and cmd[cmd.index("--fleet-api-address") + 1] == "0.0.0.0:9092"
+    assert cmd[cmd.index("--ssl-ca-certfile") + 1] == str((tmp_path / "c" / "ca.crt").resolve())
+    assert cmd[cmd.index("--database") + 1] == str((tmp_path / "s" / "superlink.db").resolve())
+    assert (cmd[cmd.index("--host") + 1], cmd[cmd.index("--port") + 1]) == ("127.0.0.1", "9093")
+    assert flags  # well-formed pairs
+
+
+def test_supernode_command_carries_the_site_in_its_node_config(tmp_path: Path) -> None:
+    made = write_credentials(tmp_path / "c", nodes=["site-a"])
+    data = tmp_path / "notes.jsonl"
+    data.write_text('{"text": "x", "label": "a"}\n')
+    cmd = supernode_command(link="link:9092", ca=made.ca_cert, key=made.node_keys["site-a"], data=data,
+                            state_dir=tmp_path / "st", dp_epsilon=4, codec="int8", port=9100, max_retries=2)
+    assert cmd[0] == "flower-supernode" and "--insecure" not in cmd
+    assert cmd[cmd.index("--root-certificates") + 1] == str(made.ca_cert)
+    config = cmd[cmd.index("--node-config") + 1]
+    parsed = tomllib.loads("\n".join(config.replace('" ', '"\n').replace(".0 ", ".0\n").split("\n")))
+    assert parsed == {"data-path": str(data.resolve()), "site": "notes", "state-dir": str((tmp_path / "st").resolve()),
+                      "dp-epsilon": 4.0, "codec": "int8"}
+    assert cmd[-2:] == ["--max-retries", "2"] and "9100" in cmd
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"link": "nohost"}, "--link must be HOST:PORT"),
+    ({"data": "/no/such.jsonl"}, "site data file not found"),
+    ({"ca": "/no/ca.crt"}, "CA certificate not found"),
+    ({"dp_epsilon": 0.0}, "--dp-epsilon must be > 0"),
+    ({"port": 70000}, "--port must be in 1..65535"),
+])
+def test_supernode_command_refuses_bad_input(tmp_path: Path, kwargs: dict, message: str) -> None:
+    made = write_credentials(tmp_path / "c", nodes=["s"])
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    args = {"link": "h:1", "ca": made.ca_cert, "key": made.node_keys["s"], "data": data, **kwargs}
+    with pytest.raises(FedPeftError, match=message):
+        supernode_command(**args)
+
+
+def test_node_config_string_refuses_quotes() -> None:
+    assert node_config_string({"a": "x y", "b": 2, "c": 0.5}) == 'a="x y" b=2 c=0.5'
+    with pytest.raises(FedPeftError, match="must not contain quotes"):
+        node_config_string({"data-path": 'a"b'})
+
+
+def test_connection_is_added_to_the_flwr_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    made = write_credentials(tmp_path / "c")
+    path = add_connection("hospitals", control="link:9093", ca=made.ca_cert, make_default=True)
+    config = tomllib.loads(path.read_text())
+    assert config["superlink"]["default"] == "hospitals"
+    assert config["superlink"]["local"] == {"address": ":local:"}  # Flower's own default kept
+    assert config["superlink"]["hospitals"] == {"address": "link:9093", "root-certificates": str(made.ca_cert)}
+    before = path.read_text()
+    with pytest.raises(FedPeftError, match="already has a connection named 'hospitals'"):
+        add_connection("hospitals", control="other:1", ca=made.ca_cert)
+    assert path.read_text() == before
+    (tmp_path / "home" / "config.toml").write_text("[superlink\n")
+    with pytest.raises(FedPeftError, match="is not valid TOML"):
+        add_connection("x", control="a:1", ca=made.ca_cert)
+
+
+# --- a site's own data -------------------------------------------------------------------------------
+
+def test_node_identity_of_a_deployed_site_and_of_a_simulated_node() -> None:
+    from fedpeft.site import node_identity
+
+    pid, num, key = node_identity({"data-path": "/data/hospital-a.jsonl"}, 10)
+    assert (num, key) == (0, "hospital-a") and 0 <= pid < 2**31
+    assert node_identity({"data-path": "/data/x.jsonl", "site": "north"}, 10)[2] == "north"
+    assert node_identity({"data-path": "/x.jsonl", "site": "north"}, 10)[0] == node_identity(
+        {"data-path": "/y.csv", "site": "north"}, 3)[0]  # stable: the name decides
+    assert node_identity({"partition-id": 3, "num-partitions": 7}, 10) == (3, 7, "partition-00003")
+    with pytest.raises(FedPeftError, match="must be a plain name"):
+        node_identity({"data-path": "/x.jsonl", "site": "../etc"}, 10)
+
+
+def test_a_site_trains_on_its_whole_file_with_the_runs_label_numbers(tmp_path: Path) -> None:
+    from fedpeft.config import FedPeftConfig
+    from fedpeft.site import local_table
+
+    data = tmp_path / "site.csv"
+    data.write_text("text,label\nfine,rotten\ngood,rotten\nok,rotten\n")  # one class only: fine for a site
+    table = local_table(FedPeftConfig(), str(data), label_names=["fresh", "rotten"])
+    assert table.texts == ["fine", "good", "ok"] and table.label_names == ("fresh", "rotten")
+    np.testing.assert_array_equal(table.labels, [1, 1, 1])
+    with pytest.raises(FedPeftError, match=r"has labels \['rotten'\] that the run does not know"):
+        local_table(FedPeftConfig(), str(data), label_names=["negative", "positive"])
+    with pytest.raises(FedPeftError, match="site data file not found"):
+        local_table(FedPeftConfig(), str(tmp_path / "missing.csv"), label_names=["fresh", "rotten"])
+
+
+def test_node_data_reads_the_file_not_a_partition(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from fedpeft.config import FedPeftConfig
+    from fedpeft.site import node_data
+
+    data = tmp_path / "site.jsonl"
+    data.write_text('{"text": "a fine film", "label": "fresh"}\n{"text": "dull", "label": "rotten"}\n')
+    cfg = FedPeftConfig(model=str(tiny_model_dir))
+    encoded = node_data(cfg, {"data-path": str(data)}, label_names=["fresh", "rotten"])
+    assert len(encoded) == 2 and encoded.labels.tolist() == [0, 1]
+    os.utime(data, ns=(1, 1))
+    data.write_text('{"text": "dull", "label": "rotten"}\n')  # a changed file is read again
+    assert len(node_data(cfg, {"data-path": str(data)}, label_names=["fresh", "rotten"])) == 1

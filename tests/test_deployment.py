@@ -1,0 +1,233 @@
+"""A real deployment on 127.0.0.1: ``flower-superlink`` and two ``flower-supernode`` processes with TLS and
+node authentication over the gRPC Fleet API, started by the README's own commands.
+
+The commands come from the README block marked ``<!-- deployment: ... -->``. What the test changes,
+and nothing else: free ports in place of 9092 (Fleet), 9093 (Control) and the nodes' local API; the
+sites' files (``ca.crt``, ``<site>.key``, ``/data/<site>.jsonl``) in place of the paths a site would
+have; node flags that make a refused node give up; the ``--run-config`` (a tiny model, 2 rounds).
+Every process started here runs in its own session and is killed at the end, whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+MARK = "<!-- deployment: tests/test_deployment.py runs these commands -->"
+SITES = ("hospital-a", "hospital-b")
+
+
+def readme_commands() -> list[str]:
+    """The deployment block's command lines, in order (comments and blank lines dropped)."""
+    text = (ROOT / "README.md").read_text()
+    assert MARK in text, "the README's deployment block lost its marker"
+    block = text.split(MARK, 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def command(prefix: str) -> list[str]:
+    lines = [line for line in readme_commands() if line.startswith(prefix)]
+    assert lines, f"no README deployment command starts with {prefix!r}"
+    return lines
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class Federation:
+    """The processes and paths of one test federation."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.fleet, self.control = free_port(), free_port()
+        self.procs: list[subprocess.Popen] = []
+        self.env = {**os.environ, "FEDPEFT_DIR": str(root / "fedpeft"), "LINK_HOST": "127.0.0.1",
+                    "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                    "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.certs = root / "fedpeft" / "certs"
+
+    def ports(self, line: str) -> str:
+        return line.replace(":9092", f":{self.fleet}").replace(":9093", f":{self.control}")
+
+    def home(self, role: str) -> dict[str, str]:
+        path = self.root / "homes" / role
+        path.mkdir(parents=True, exist_ok=True)
+        return {**self.env, "FLWR_HOME": str(path), "FEDPEFT_STATE_DIR": str(self.root / "state" / role)}
+
+    def run(self, line: str, role: str, *, timeout: float = 120) -> subprocess.CompletedProcess:
+        proc = subprocess.run(["bash", "-c", line], env=self.home(role), cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout)
+        assert proc.returncode == 0, f"{line}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        return proc
+
+    def start(self, line: str, role: str) -> subprocess.Popen:
+        log = open(self.root / f"{role}.log", "w")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(["bash", "-c", f"exec {line}"], env=self.home(role), cwd=self.root, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def log(self, role: str) -> str:
+        path = self.root / f"{role}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def node_line(self, site: str, port: int) -> str:
+        line = command("fedpeft node")[0]
+        line = line.replace("hospital-a", site).replace("--ca ca.crt", f"--ca {self.certs / 'ca.crt'}")
+        line = line.replace(f"--key {site}.key", f"--key {self.certs / 'nodes' / f'{site}.key'}")
+        line = line.replace(f"/data/{site}.jsonl", str(self.root / f"{site}.jsonl"))
+        return self.ports(line) + f" --port {port} --max-retries 3 --max-wait 30"
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 15
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:  # the session's stragglers (superexec, clientapp processes) too
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def make_files(root: Path) -> None:
+    """A tiny BERT with the MiniLM tokenizer, the coordinator's evaluation file, one file per site."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
+
+    from fedpeft.data import DEFAULT_DATA
+    from fedpeft.models import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(""))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=2)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    with open(DEFAULT_DATA, encoding="utf-8") as fh:
+        rows = [json.loads(next(fh)) for _ in range(300)]
+    parts = (("eval", rows[:100]), (SITES[0], rows[100:200]), (SITES[1], rows[200:300]), ("intruder", rows[100:200]))
+    for name, part in parts:
+        (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n"
+                                                     for r in part))
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    fed = Federation(tmp_path_factory.mktemp("deploy"))
+    make_files(fed.root)
+    try:
+        fed.run(command("fedpeft certs")[0] + " --node intruder", "coordinator")
+        link = command("fedpeft link")[0].rstrip("&").strip()
+        fed.start(fed.ports(link), "link")
+        wait_for(lambda: "Starting Fleet API (gRPC-rere)" in fed.log("link") and "Uvicorn running" in fed.log("link"),
+                 60, "the SuperLink")
+        fed.run(fed.ports(command("fedpeft connection")[0]), "cli")
+        for line in command("flwr supernode register"):
+            fed.run(line, "cli")
+        fed.node_pids = {}
+        for site in SITES:
+            fed.node_pids[site] = fed.start(fed.node_line(site, free_port()), site).pid
+        yield fed
+    finally:
+        fed.close()
+
+
+def online_nodes(fed: Federation) -> list[dict]:
+    proc = fed.run(fed.ports("flwr supernode list hospitals --format json"), "cli")
+    return [n for n in json.loads(proc.stdout)["nodes"] if n.get("status") == "online"]
+
+
+def fleet_connections(fed: Federation, pid: int) -> list:
+    import psutil
+
+    return [c for c in psutil.Process(pid).net_connections(kind="tcp")
+            if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port == fed.fleet]
+
+
+def test_two_sites_complete_a_two_round_run_over_grpc_with_tls_and_auth(federation: Federation) -> None:
+    fed = federation
+    wait_for(lambda: len(online_nodes(fed)) == 2, 90, "both SuperNodes online")
+    for site, pid in fed.node_pids.items():  # the Fleet traffic: each node holds a connection to the gRPC port
+        assert fleet_connections(fed, pid), f"{site} has no connection to the Fleet port {fed.fleet}"
+    assert f"Starting Fleet API (gRPC-rere) on 0.0.0.0:{fed.fleet}" in fed.log("link")
+
+    out = fed.root / "run"
+    line = command("flwr run")[0]
+    overrides = (f'rounds=2 fraction=1.0 model="{fed.root / "model"}" data="{fed.root / "eval.jsonl"}" '
+                 f'test-fraction=0.5 max-local-steps=2 batch-size=8 client-cpus=1 out="{out}"')
+    line = re.sub(r"--run-config '[^']*'", f"--run-config {shlex.quote(overrides)}", line)
+    fed.run(fed.ports(line), "cli", timeout=600)
+
+    runs = json.loads(fed.run(fed.ports(command("flwr ls")[0]) + " --format json", "cli").stdout)["runs"]
+    assert [r["status"] for r in runs] == ["finished:completed"], runs
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2] and all(r["clients"] == 2 for r in records[1:])
+    traffic = [json.loads(x) for x in (out / "traffic.jsonl").read_text().splitlines()]
+    assert sorted((t["round"], t["site"], t["status"]) for t in traffic) == [
+        (rnd, site, "accepted") for rnd in (1, 2) for site in SITES]
+    assert json.loads((out / "config.json").read_text())["clients"] == 2
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    for site, pid in fed.node_pids.items():
+        assert fleet_connections(fed, pid), f"{site} lost its Fleet connection"
+
+
+def test_an_unregistered_key_is_refused(federation: Federation) -> None:
+    fed = federation
+    line = fed.node_line("intruder", free_port())  # a key made by `fedpeft certs`, never registered
+    proc = fed.start(line, "intruder")
+    assert proc.wait(timeout=90) != 0
+    assert "Exit Code: 305" in fed.log("intruder")
+    assert "No SuperNode found with the given public key" in fed.log("link")
+    assert len(online_nodes(fed)) == 2
+
+
+def test_a_node_without_tls_is_refused(federation: Federation) -> None:
+    fed = federation
+    cmd = (f"flower-supernode --insecure --superlink 127.0.0.1:{fed.fleet} --port {free_port()} "
+           f"--node-config 'data-path=\"{fed.root / 'hospital-a.jsonl'}\"' --max-retries 2 --max-wait-time 20")
+    proc = fed.start(cmd, "plaintext")
+    assert proc.wait(timeout=90) != 0
+    assert "Exit Code: 305" in fed.log("plaintext")
+    assert len(online_nodes(fed)) == 2
+
+
+def test_readme_block_is_what_the_test_runs() -> None:
+    """The block holds exactly the commands this test takes from it (so neither drifts alone)."""
+    prefixes = ["fedpeft certs", "fedpeft link", "fedpeft connection", "flwr supernode register",
+                "flwr supernode register", "fedpeft node", "flwr run", "flwr ls"]
+    assert [next(p for p in prefixes if line.startswith(p)) for line in readme_commands()] == prefixes
+    assert sys.executable  # the commands run with this interpreter's PATH entries
