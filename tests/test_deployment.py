@@ -188,7 +188,8 @@ def test_two_sites_complete_a_two_round_run_over_grpc_with_tls_and_auth(federati
     out = fed.root / "run"
     line = command("flwr run")[0]
     overrides = (f'rounds=2 fraction=1.0 model="{fed.root / "model"}" data="{fed.root / "eval.jsonl"}" '
-                 f'test-fraction=0.5 max-local-steps=2 batch-size=8 client-cpus=1 out="{out}"')
+                 f'test-fraction=0.5 max-local-steps=2 batch-size=8 client-cpus=1 out="{out}" '
+                 'dp="local" dp-epsilon=20.0 dp-delta=1e-5')  # each site's own --dp-epsilon 8 caps it
     line = re.sub(r"--run-config '[^']*'", f"--run-config {shlex.quote(overrides)}", line)
     fed.run(fed.ports(line), "cli", timeout=600)
 
@@ -201,6 +202,13 @@ def test_two_sites_complete_a_two_round_run_over_grpc_with_tls_and_auth(federati
         (rnd, site, "accepted") for rnd in (1, 2) for site in SITES]
     assert json.loads((out / "config.json").read_text())["clients"] == 2
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    ledger = [json.loads(x) for x in (out / "privacy_ledger.jsonl").read_text().splitlines()]
+    assert sorted((e["entry"]["round"], e["entry"]["site"]) for e in ledger) == [
+        (rnd, site) for rnd in (1, 2) for site in SITES]
+    assert all(e["entry"]["budget"] == 8.0 for e in ledger)  # the site's own cap, not the run's 20
+    audit = subprocess.run([sys.executable, "-m", "fedpeft.cli.main", "audit", str(out)], capture_output=True,
+                           text=True, timeout=300, env=fed.env)
+    assert audit.returncode == 0, audit.stdout[-2000:] + audit.stderr[-2000:]
     for site, pid in fed.node_pids.items():
         assert fleet_connections(fed, pid), f"{site} lost its Fleet connection"
 
