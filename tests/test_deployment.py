@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -51,7 +51,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -71,6 +71,7 @@ class Federation:
                     "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                     "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.certs = root / "fedpeft" / "certs"
+        self.node_pids: dict[str, int] = {}
 
     def ports(self, line: str) -> str:
         return line.replace(":9092", f":{self.fleet}").replace(":9093", f":{self.control}")
@@ -87,9 +88,9 @@ class Federation:
         return proc
 
     def start(self, line: str, role: str) -> subprocess.Popen:
-        log = open(self.root / f"{role}.log", "w")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(["bash", "-c", f"exec {line}"], env=self.home(role), cwd=self.root, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.root / f"{role}.log", "w") as log:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(["bash", "-c", f"exec {line}"], env=self.home(role), cwd=self.root, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         return proc
 
@@ -158,7 +159,6 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         fed.run(fed.ports(command("fedpeft connection")[0]), "cli")
         for line in command("flwr supernode register"):
             fed.run(line, "cli")
-        fed.node_pids = {}
         for site in SITES:
             fed.node_pids[site] = fed.start(fed.node_line(site, free_port()), site).pid
         yield fed

@@ -22,6 +22,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedpeft.errors import FedPeftError
 
@@ -45,7 +46,7 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _pem_key(key) -> bytes:  # noqa: ANN001
+def _pem_key(key: Any) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
     return key.private_bytes(
@@ -85,7 +86,7 @@ def make_ca(common_name: str = "fedpeft federation CA", *, days: int = 3650) -> 
     return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
 
 
-def _san(entry: str):  # noqa: ANN202
+def _san(entry: str) -> Any:
     from cryptography import x509
 
     try:
