@@ -56,6 +56,17 @@ class FedPeftConfig:
     fair_iterations: int = _f(5, "alternating sweeps of lora-fair-ab")
     client_ranks: str = _f("", "comma-separated LoRA ranks given to clients in turn (exact-svd); empty: all lora_r")
     round_timeout: float = _f(3600.0, "seconds the server waits for replies in a round")
+    min_clients: int = _f(1, "fewest valid replies a round aggregates; fewer: see short_round")
+    short_round: str = _f(
+        "skip",
+        "a round with fewer than min_clients valid replies: skip (keep the global adapter) | retry (send it "
+        "again, up to round_retries times, then skip) | stop (end the run, naming each site's failure)",
+    )
+    round_retries: int = _f(2, "how often short_round=retry sends a short round again")
+    max_update_norm: float = _f(0.0, "reject a site's update whose L2 norm exceeds this; 0: no bound")
+    max_norm_ratio: float = _f(
+        0.0, "reject an update whose norm exceeds this multiple of the median of the round's others (>= 3); 0: off"
+    )
     # --- communication --------------------------------------------------------------------------
     codec: str = _f(
         "none",
@@ -118,6 +129,7 @@ class FedPeftConfig:
             raise FedPeftError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not self.round_timeout > 0:
             raise FedPeftError(f"round_timeout must be > 0 seconds, got {self.round_timeout}")
+        _check_reliability(self)
         for name in ("text_column", "label_column"):
             if not getattr(self, name):
                 raise FedPeftError(f"{name} must not be empty")
@@ -224,6 +236,32 @@ def _check_privacy(cfg: FedPeftConfig) -> None:
         raise FedPeftError(f"{what} in (0, 1), got {cfg.dp_delta:g}; add --dp-delta (e.g. 1e-5, below 1/examples)")
     if cfg.dp_epsilon == 0 and cfg.dp_noise_multiplier == 0:
         raise FedPeftError("dp needs a budget or a noise level: add --dp-epsilon (e.g. 8) or --dp-noise-multiplier")
+
+
+SHORT_ROUND = ("skip", "retry", "stop")
+
+
+def _check_reliability(cfg: FedPeftConfig) -> None:
+    if cfg.min_clients < 1 or cfg.min_clients > cfg.clients:
+        raise FedPeftError(f"min_clients must lie in 1..clients={cfg.clients}, got {cfg.min_clients}")
+    if cfg.short_round not in SHORT_ROUND:
+        raise FedPeftError(f"short_round must be one of {', '.join(SHORT_ROUND)}, got {cfg.short_round!r}")
+    if cfg.round_retries < 0:
+        raise FedPeftError(f"round_retries must be >= 0, got {cfg.round_retries}")
+    if not (math.isfinite(cfg.max_update_norm) and cfg.max_update_norm >= 0):
+        raise FedPeftError(f"max_update_norm must be a finite number >= 0 (0: no bound), got {cfg.max_update_norm}")
+    if not (math.isfinite(cfg.max_norm_ratio) and (cfg.max_norm_ratio == 0 or cfg.max_norm_ratio > 1)):
+        raise FedPeftError(f"max_norm_ratio must be 0 (off) or a finite number > 1, got {cfg.max_norm_ratio}")
+    if cfg.short_round == "retry" and cfg.dp == "local":
+        raise FedPeftError(
+            "short_round=retry would have sites train, and spend privacy budget, twice in one round under "
+            "local DP; use skip or stop"
+        )
+    if cfg.max_norm_ratio > 0 and cfg.dp == "central":
+        raise FedPeftError(
+            "max_norm_ratio compares sites with each other, so under central DP one site's data could decide "
+            "whether another's update counts; use max_update_norm (central DP clips every update to C anyway)"
+        )
 
 
 # The settings each PEFT method reads; setting another method's is a mistake worth one line.

@@ -34,7 +34,8 @@ from fedpeft.training import evaluate
 from fedpeft.wire import CONFIG, METRICS, NUM_EXAMPLES, config_record, from_array_record, to_array_record
 from privacy.server import RunPrivacy
 from strategies import AggregationOptions
-from strategies.flower import FedPeftStrategy
+from strategies.flower import FedPeftStrategy, RoundTraffic
+from strategies.validation import ReplyLimits
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,15 @@ def finish_discovery(grid: Any, message_ids: list[str], *, timeout: float) -> tu
     if len(set(sites.values())) != len(sites):
         raise FedPeftError("two clients reported the same site; check partition ids / site names")
     return sites, ranks
+
+
+def short_round_reasons(traffic: RoundTraffic, *, sampled: int) -> str:
+    """What became of each sampled site in a round that aggregated nothing, in one line."""
+    parts = [f"{site}: {reason}" for site, reason in sorted({**traffic.failures, **traffic.refused}.items())]
+    silent = sampled - len(set(traffic.failures) | set(traffic.refused) | set(traffic.received))
+    if silent > 0:
+        parts.append(f"{silent} sampled site(s) sent no reply within round_timeout")
+    return "; ".join(parts) or "no replies"
 
 
 def adapter_nbytes(state: Mapping[str, np.ndarray]) -> int:
@@ -155,6 +165,8 @@ def run_federation(
         uniform_weights=privacy.uniform_weights,
         downlink=cfg.downlink_codec,
         bound=privacy.bound,
+        limits=ReplyLimits(max_norm=cfg.max_update_norm, ratio=cfg.max_norm_ratio),
+        min_replies=cfg.min_clients,
     )
     flower_strategy = privacy.wrap(strategy)
     strategy.summary()
@@ -166,13 +178,21 @@ def run_federation(
             logger.warning("stopping before round %d: %s", rnd, stop)
             break
         started = time.monotonic()
-        messages = flower_strategy.configure_train(rnd, to_array_record(state), base_config, grid)
-        replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
-        arrays, agg = flower_strategy.aggregate_train(rnd, replies)
-        traffic = strategy.traffic[rnd]
-        if arrays is None and not traffic.refused:
-            reasons = "; ".join(f"{s}: {r}" for s, r in sorted(traffic.failures.items())) or "no replies"
-            raise FedPeftError(f"round {rnd}: no client replied successfully ({reasons})")
+        attempts = 1 + (cfg.round_retries if cfg.short_round == "retry" else 0)
+        for attempt in range(1, attempts + 1):
+            strategy.traffic.pop(rnd, None)  # the round's record is its last attempt's
+            messages = flower_strategy.configure_train(rnd, to_array_record(state), base_config, grid)
+            replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
+            arrays, agg = flower_strategy.aggregate_train(rnd, replies)
+            traffic = strategy.traffic.setdefault(rnd, RoundTraffic())
+            if arrays is not None:
+                break
+            reasons = short_round_reasons(traffic, sampled=len(messages))
+            if cfg.short_round == "stop" and not traffic.refused:
+                raise FedPeftError(f"round {rnd}: fewer than min_clients={cfg.min_clients} valid replies ({reasons})")
+            then = "sending it again" if attempt < attempts else "skipping it: the global adapter stays as it was"
+            logger.warning("round %d (attempt %d of %d): fewer than min_clients=%d valid replies (%s); %s",
+                           rnd, attempt, attempts, cfg.min_clients, reasons, then)
         if arrays is not None:
             state = {**state, **from_array_record(arrays)}
         clients = int(agg["clients"]) if agg is not None else 0
@@ -193,6 +213,8 @@ def run_federation(
             {
                 "clients": clients,
                 "failures": len(traffic.failures),
+                "rejected": len(traffic.rejected()),
+                **({"skipped": True} if arrays is None else {}),
                 "refused": len(traffic.refused),
                 **({"train_loss": float(agg["train-loss"])} if agg is not None and "train-loss" in agg else {}),
                 "num_examples": int(sum(m.get(NUM_EXAMPLES, 0) for m in traffic.client_metrics.values())),

@@ -17,8 +17,15 @@ def validate(cfg: FedPeftConfig) -> None:
     from fedpeft.config import parse_ranks
     from fedpeft.errors import FedPeftError
     from strategies import AGGREGATORS, strategies_for
+    from strategies.sampling import sample_count
 
     aggregator = AGGREGATORS.get(cfg.strategy)
+    sampled = sample_count(cfg.clients, cfg.fraction)
+    if cfg.min_clients > sampled:
+        raise FedPeftError(
+            f"min_clients {cfg.min_clients} exceeds the {sampled} clients sampled per round "
+            f"({cfg.clients} x fraction {cfg.fraction:g}): every round would be short; lower it or raise --fraction"
+        )
     if aggregator.adapter != cfg.peft:
         fits = [name for name in strategies_for(cfg.peft) if name != "fedavg"]
         raise FedPeftError(

@@ -43,6 +43,7 @@ from fedpeft.wire import (
 from strategies import AGGREGATORS
 from strategies.aggregator import AggregationOptions, check_adapter, lora_layers, truncate_to_rank
 from strategies.sampling import sample_sites
+from strategies.validation import ReplyLimits, norm_rejection, relative_outliers, reply_bound, update_norm
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,10 @@ class RoundTraffic:
                    if "codec-error" in self.client_metrics.get(site, {}) else {}),
             })
         return rows
+
+    def rejected(self) -> list[str]:
+        """Sites whose reply arrived but was not used (failed a check), sorted."""
+        return sorted(s for s in self.failures if s in self.received)
 
     def compression(self) -> dict[str, float]:
         """Ratios of raw fp32 tensor bytes to the bytes on the wire, over accepted replies and all sends."""
@@ -137,6 +142,12 @@ class FedPeftStrategy(Strategy):
     bound : UpdateBound, optional
         Applied to every decoded update before aggregation (central DP clips it to C again, so the
         sensitivity holds whatever a codec and its error feedback did to the norm).
+    limits : ReplyLimits, optional
+        Norm bounds a decoded update must meet (absolute, and against the round's median); every
+        reply must also fit :func:`strategies.validation.reply_bound`.
+    min_replies : int
+        Fewest valid replies a round aggregates; with fewer it returns no arrays (a short round: the
+        server skips, retries or stops it) and nothing is aggregated.
 
     The broadcast leaves out the tensors the aggregator freezes and tells clients which they are
     (config ``frozen``); a site of lower rank gets the global factors truncated to its rank. The
@@ -156,6 +167,8 @@ class FedPeftStrategy(Strategy):
         uniform_weights: bool = False,
         downlink: str = "none",
         bound: UpdateBound | None = None,
+        limits: ReplyLimits | None = None,
+        min_replies: int = 1,
     ) -> None:
         self.aggregator_name = aggregator
         self.aggregator = AGGREGATORS.get(aggregator)
@@ -168,6 +181,10 @@ class FedPeftStrategy(Strategy):
         self.uniform_weights = uniform_weights
         self.downlink = parse_codec(downlink)
         self.bound = bound
+        self.limits = limits or ReplyLimits()
+        if min_replies < 1:
+            raise ValueError(f"min_replies must be >= 1, got {min_replies}")
+        self.min_replies = min_replies
         self.baselines: dict[int | None, dict[str, Any]] = {}  # rank → the decoded broadcast at that rank
         self._rank_of: dict[str, int | None] = {}
         self.traffic: dict[int, RoundTraffic] = {}
@@ -227,7 +244,7 @@ class FedPeftStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
-        accepted: list[tuple[str, dict[str, Any], float]] = []
+        candidates: list[tuple[str, dict[str, Any], float, float, int]] = []  # site, state, weight, norm, raw
         for msg in replies:
             site = self.sites.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
             if msg.has_error():
@@ -253,21 +270,40 @@ class FedPeftStrategy(Strategy):
                 traffic.failures[site] = "replied to a round it was not sampled for"
                 logger.warning("round %d: rejected the reply of %s: not sampled", server_round, site)
                 continue
+            raw = raw_nbytes({k: v.shape for k, v in baseline.items()})
+            if traffic.received[site] > reply_bound(raw):
+                self._reject(traffic, server_round, site, f"reply of {traffic.received[site]} bytes exceeds the "
+                             f"bound {reply_bound(raw)} for this adapter")
+                continue
             try:
                 update, _ = decode_payload(content, {k: v.shape for k, v in baseline.items()})
             except PayloadError as err:
-                traffic.failures[site] = f"payload rejected: {err}"
-                logger.warning("round %d: rejected the payload of %s: %s", server_round, site, err)
+                self._reject(traffic, server_round, site, f"payload rejected: {err}")
                 continue
             if self.bound is not None:
                 update, changed = self.bound(update)
                 if changed:
                     traffic.reclipped.add(site)
-            traffic.raw_received[site] = raw_nbytes({k: v.shape for k, v in update.items()})
+            norm = update_norm(update)
+            reason = norm_rejection(norm, self.limits)
+            if reason is not None:
+                self._reject(traffic, server_round, site, reason)
+                continue
             weight = 1.0 if self.uniform_weights else float(metrics.get(NUM_EXAMPLES, 0))
-            accepted.append((site, {k: baseline[k] + update[k] for k in baseline}, weight))
-        if not accepted:
+            candidates.append((site, {k: baseline[k] + update[k] for k in baseline}, weight, norm, raw))
+        outliers = relative_outliers({c[0]: c[3] for c in candidates}, self.limits)
+        for site, reason in sorted(outliers.items()):
+            self._reject(traffic, server_round, site, reason)
+        accepted = [(site, state, weight) for site, state, weight, _, _ in candidates if site not in outliers]
+        if len(accepted) < self.min_replies:
+            logger.warning("round %d: %d valid replies, fewer than the %d needed; nothing aggregated",
+                           server_round, len(accepted), self.min_replies)
+            for site, _, _ in accepted:
+                traffic.failures[site] = f"valid, but the round had {len(accepted)} of {self.min_replies} needed"
             return None, None
+        for site, _, _, _, raw in candidates:
+            if site not in outliers:
+                traffic.raw_received[site] = raw
         accepted.sort(key=lambda item: item[0])
         state, agg_metrics = self.aggregator(
             [a[1] for a in accepted], [a[2] for a in accepted], previous=self.previous, options=self.options
@@ -281,6 +317,11 @@ class FedPeftStrategy(Strategy):
         if losses:  # DP sites do not report it: a loss on private data is not covered by their epsilon
             metrics["train-loss"] = sum(w * loss for w, loss in losses) / sum(w for w, _ in losses)
         return to_array_record(state), metrics
+
+    @staticmethod
+    def _reject(traffic: RoundTraffic, server_round: int, site: str, reason: str) -> None:
+        traffic.failures[site] = reason
+        logger.warning("round %d: rejected the reply of %s: %s", server_round, site, reason)
 
     def _rejection(self, site: str, server_round: int, content: Any) -> str | None:
         """Why a reply cannot be used, or None."""
