@@ -64,6 +64,10 @@ class FedPeftConfig:
     )
     round_retries: int = _f(2, "how often short_round=retry sends a short round again")
     max_update_norm: float = _f(0.0, "reject a site's update whose L2 norm exceeds this; 0: no bound")
+    robust: str = _f(
+        "none", "none | median | trimmed:<beta>: a coordinate-wise robust statistic instead of the average "
+        "(fedit, ffa-lora, ssf-avg)"
+    )
     max_norm_ratio: float = _f(
         0.0, "reject an update whose norm exceeds this multiple of the median of the round's others (>= 3); 0: off"
     )

@@ -153,7 +153,12 @@ def run_federation(
     record = record_round(0, {"clients": 0, "bytes_up": 0, "bytes_down": 0}, time.monotonic())
     sites, ranks = finish_discovery(grid, queries, timeout=cfg.round_timeout)
     privacy = RunPrivacy(cfg, run_dir, num_sites=len(sites), key_dir=site.state_dir() / "coordinator")
-    options = AggregationOptions(lam=cfg.fair_lambda, ab_iterations=cfg.fair_iterations, seed=cfg.seed)
+    from server.simulate import check_robust  # the same one-line errors under `flwr run`
+    from strategies import AGGREGATORS
+
+    check_robust(cfg, AGGREGATORS.get(cfg.strategy))
+    options = AggregationOptions(lam=cfg.fair_lambda, ab_iterations=cfg.fair_iterations, seed=cfg.seed,
+                                 robust=cfg.robust)
     strategy = FedPeftStrategy(
         aggregator=cfg.strategy,
         sites=sites,

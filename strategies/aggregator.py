@@ -29,6 +29,7 @@ import numpy as np
 
 from fedpeft.adapters.state import adapter_kind, key_matches
 from strategies.residual import relative_residual
+from strategies.robust import combiner
 
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
@@ -52,6 +53,9 @@ class AggregationOptions:
         Extra sketch columns and power iterations of that randomized path.
     seed : int
         Seed of the sketch's random test matrix.
+    robust : str
+        ``none`` (the weighted average), ``median`` or ``trimmed:<beta>``: a coordinate-wise robust
+        statistic in place of every average (:mod:`strategies.robust`; linear rules only).
     """
 
     lam: float = 1e-2
@@ -60,6 +64,7 @@ class AggregationOptions:
     sketch_oversample: int = 16
     sketch_power_iters: int = 2
     seed: int = 0
+    robust: str = "none"
 
     def __post_init__(self) -> None:
         if not (self.lam >= 0 and np.isfinite(self.lam)):
@@ -69,6 +74,9 @@ class AggregationOptions:
                 raise ValueError(f"{name} must be >= 1 (power iterations >= 0), got {getattr(self, name)}")
         if self.sketch_oversample < 0:
             raise ValueError(f"sketch_oversample must be >= 0, got {self.sketch_oversample}")
+        from strategies.robust import parse_robust
+
+        parse_robust(self.robust)
 
 
 class PairRule(Protocol):
@@ -204,6 +212,11 @@ def aggregate(
     if len(states) != len(p):
         raise ValueError(f"got {len(states)} states for {len(p)} weights")
     check_adapter(agg, previous.keys())
+    combine = combiner(options.robust)
+    if combine is not None and not agg.linear:
+        raise ValueError(f"robust={options.robust} replaces averages; {agg.name!r} does not average (use fedit, "
+                         "ffa-lora or ssf-avg)")
+    average = combine if combine is not None else (lambda arrays: weighted_sum(arrays, p))
     pairs, others = lora_layers(previous.keys())
     expected = {k for k in previous if not key_matches(k, agg.frozen)}
     for i, state in enumerate(states):
@@ -220,7 +233,7 @@ def aggregate(
         for i, value in enumerate(values):
             if value.shape != shape:
                 raise ValueError(f"client {i} tensor {key} has shape {value.shape}, expected {shape}")
-        out[key] = weighted_sum(values, p).astype(np.asarray(previous[key]).dtype)
+        out[key] = average(values).astype(np.asarray(previous[key]).dtype)
 
     residuals = []
     for a_key, b_key in pairs:
@@ -230,7 +243,11 @@ def aggregate(
         _check_ranks(agg, a_key, As, Bs, prev_A, prev_B)
         if agg.pair is None:
             raise ValueError(f"strategy {agg.name!r} has no rule for LoRA layers")
-        new_A, new_B = agg.pair(As, Bs, p, prev_A=prev_A, prev_B=prev_B, options=options)
+        if combine is not None:  # a linear rule averages each factor (or keeps a frozen one): robustly here
+            new_A = prev_A if key_matches(a_key, agg.frozen) else combine(As)
+            new_B = prev_B if key_matches(b_key, agg.frozen) else combine(Bs)
+        else:
+            new_A, new_B = agg.pair(As, Bs, p, prev_A=prev_A, prev_B=prev_B, options=options)
         out[a_key], out[b_key] = new_A.astype(prev_A.dtype), new_B.astype(prev_B.dtype)
         residuals.append(relative_residual(As, Bs, p, out[a_key], out[b_key]))
     out = {key: out[key] for key in previous}  # the broadcast's key order
