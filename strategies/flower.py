@@ -8,9 +8,11 @@ does no file I/O.
 
 A reply is used only if, in order: it has arrays and metrics; its privacy record (if any) is well
 formed; every check passes (the privacy ledger admits its signed entry: the site spent that budget
-whether or not its update is used); it did not refuse the round; its payload decodes to exactly the
-tensors the site was sent, finite. Anything else is logged with its reason and the round goes on
-with the other replies.
+whether or not its update is used); it did not refuse the round; the site was sampled; the reply
+fits the size bound; its payload decodes to exactly the tensors the site was sent, finite; the
+update's norm is within the absolute bound and, against the round's median, within the ratio
+(:mod:`strategies.validation`). Anything else is logged with its reason and the round goes on with
+the other replies; with fewer than ``min_replies`` valid ones it aggregates nothing.
 """
 
 from __future__ import annotations
