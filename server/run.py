@@ -33,7 +33,7 @@ from fedpeft.runlog import append_jsonl, atomic_replace_dir, atomic_write_text
 from fedpeft.training import evaluate
 from fedpeft.wire import CONFIG, METRICS, NUM_EXAMPLES, config_record, from_array_record, to_array_record
 from privacy.server import RunPrivacy
-from strategies import AggregationOptions
+from strategies import AGGREGATORS, AggregationOptions
 from strategies.flower import FedPeftStrategy, RoundTraffic
 from strategies.validation import ReplyLimits
 
@@ -90,6 +90,24 @@ def finish_discovery(grid: Any, message_ids: list[str], *, timeout: float) -> tu
     if len(set(sites.values())) != len(sites):
         raise FedPeftError("two clients reported the same site; check partition ids / site names")
     return sites, ranks
+
+
+def check_robust(cfg: FedPeftConfig, aggregator: Any) -> None:
+    """``cfg.robust`` parses, replaces an average, and is not asked of central DP."""
+    from strategies.robust import parse_robust
+
+    try:
+        name, _ = parse_robust(cfg.robust)
+    except ValueError as err:
+        raise FedPeftError(str(err)) from None
+    if name == "none":
+        return
+    if not aggregator.linear:
+        raise FedPeftError(f"robust={cfg.robust} replaces averages; strategy {cfg.strategy!r} does not average: "
+                           "use fedit, ffa-lora or ssf-avg")
+    if cfg.dp == "central":
+        raise FedPeftError("robust aggregation under central DP: the noise is calibrated to a sum of clipped updates, "
+                           "not to a median or trimmed mean; use --max-update-norm instead")
 
 
 def short_round_reasons(traffic: RoundTraffic, *, sampled: int) -> str:
@@ -153,10 +171,7 @@ def run_federation(
     record = record_round(0, {"clients": 0, "bytes_up": 0, "bytes_down": 0}, time.monotonic())
     sites, ranks = finish_discovery(grid, queries, timeout=cfg.round_timeout)
     privacy = RunPrivacy(cfg, run_dir, num_sites=len(sites), key_dir=site.state_dir() / "coordinator")
-    from server.simulate import check_robust  # the same one-line errors under `flwr run`
-    from strategies import AGGREGATORS
-
-    check_robust(cfg, AGGREGATORS.get(cfg.strategy))
+    check_robust(cfg, AGGREGATORS.get(cfg.strategy))  # the same one-line errors as `fedpeft simulate`
     options = AggregationOptions(lam=cfg.fair_lambda, ab_iterations=cfg.fair_iterations, seed=cfg.seed,
                                  robust=cfg.robust)
     strategy = FedPeftStrategy(

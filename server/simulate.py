@@ -32,6 +32,8 @@ def validate(cfg: FedPeftConfig) -> None:
             f"strategy {cfg.strategy!r} aggregates {aggregator.adapter.upper()} adapters, but peft is {cfg.peft}; "
             f"use --strategy {' or '.join(fits)}"
         )
+    from server.run import check_robust
+
     check_robust(cfg, aggregator)
     if cfg.dp == "central":
         from privacy.central import check_composes
@@ -43,25 +45,6 @@ def validate(cfg: FedPeftConfig) -> None:
             f"strategy {cfg.strategy!r} needs every client at rank lora_r={cfg.lora_r}; "
             f"client_ranks {cfg.client_ranks!r} needs one of: {', '.join(mixed)}"
         )
-
-
-def check_robust(cfg: FedPeftConfig, aggregator: Any) -> None:
-    """``cfg.robust`` parses, replaces an average, and is not asked of central DP."""
-    from fedpeft.errors import FedPeftError
-    from strategies.robust import parse_robust
-
-    try:
-        name, _ = parse_robust(cfg.robust)
-    except ValueError as err:
-        raise FedPeftError(str(err)) from None
-    if name == "none":
-        return
-    if not aggregator.linear:
-        raise FedPeftError(f"robust={cfg.robust} replaces averages; strategy {cfg.strategy!r} does not average: "
-                           "use fedit, ffa-lora or ssf-avg")
-    if cfg.dp == "central":
-        raise FedPeftError("robust aggregation under central DP: the noise is calibrated to a sum of clipped updates, "
-                           "not to a median or trimmed mean; use --max-update-norm instead")
 
 
 def simulate(cfg: FedPeftConfig, *, verbose: bool = False) -> None:
