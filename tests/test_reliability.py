@@ -32,6 +32,8 @@ def test_a_round_with_every_reply_rejected_is_skipped(tmp_path: Path, tiny_model
     traffic = [json.loads(x) for x in (tmp_path / "run" / "traffic.jsonl").read_text().splitlines()]
     assert len(traffic) == 6 and all(t["status"] == "rejected" for t in traffic)
     assert all("exceeds the bound 1e-12" in t["reason"] for t in traffic)
+    assert proc.stderr.count("fewer than min_clients=1 valid replies") == 2  # one clear line per skipped round
+    assert "skipping it: the global adapter stays as it was" in proc.stderr
 
 
 def test_short_round_stop_ends_the_run_naming_each_site(tmp_path: Path, tiny_model_dir: Path,
