@@ -66,8 +66,15 @@ def start_discovery(grid: Any, cfg: FedPeftConfig, nodes: list[int], *, label_na
     return list(grid.push_messages(messages))
 
 
-def finish_discovery(grid: Any, message_ids: list[str], *, timeout: float) -> tuple[dict[int, str], dict[str, int]]:
-    """Collect the query replies; return node id → site key, and site key → the LoRA rank it trains."""
+def finish_discovery(
+    grid: Any, message_ids: list[str], *, timeout: float, min_sites: int = 1
+) -> tuple[dict[int, str], dict[str, int]]:
+    """Collect the query replies; return node id → site key, and site key → the LoRA rank it trains.
+
+    A client that fails to start (an error reply: say, a missing data file) or does not answer within
+    ``timeout`` is left out of the run with a warning naming it; the run starts when at least
+    ``min_sites`` clients did, and otherwise raises with the reasons.
+    """
     pending, replies = set(message_ids), []
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
@@ -76,19 +83,26 @@ def finish_discovery(grid: Any, message_ids: list[str], *, timeout: float) -> tu
         pending -= {m.metadata.reply_to_message_id for m in got}
         if pending:
             time.sleep(0.05)
-    if pending:
-        raise FedPeftError(f"{len(pending)} clients did not answer the start-up query within {timeout:.0f} s")
     sites: dict[int, str] = {}
     ranks: dict[str, int] = {}
-    for reply in replies:
+    problems = []
+    for reply in sorted(replies, key=lambda m: m.metadata.src_node_id):
         if reply.has_error():
-            raise FedPeftError(f"client {reply.metadata.src_node_id} could not start: {reply.error.reason}")
+            problems.append(f"client {reply.metadata.src_node_id} could not start: {reply.error.reason}")
+            continue
         key = str(reply.content[CONFIG]["site"])
         sites[reply.metadata.src_node_id] = key
         if "lora-r" in reply.content[METRICS]:
             ranks[key] = int(reply.content[METRICS]["lora-r"])
+    if pending:
+        problems.append(f"{len(pending)} client(s) did not answer the start-up query within {timeout:.0f} s")
     if len(set(sites.values())) != len(sites):
         raise FedPeftError("two clients reported the same site; check partition ids / site names")
+    if len(sites) < min_sites:
+        raise FedPeftError(f"{len(sites)} of {len(message_ids)} clients started, fewer than min_clients={min_sites}: "
+                           + "; ".join(problems))
+    for problem in problems:
+        logger.warning("%s; the run goes on without it", problem)
     return sites, ranks
 
 
@@ -169,7 +183,7 @@ def run_federation(
         return record
 
     record = record_round(0, {"clients": 0, "bytes_up": 0, "bytes_down": 0}, time.monotonic())
-    sites, ranks = finish_discovery(grid, queries, timeout=cfg.round_timeout)
+    sites, ranks = finish_discovery(grid, queries, timeout=cfg.round_timeout, min_sites=cfg.min_clients)
     privacy = RunPrivacy(cfg, run_dir, num_sites=len(sites), key_dir=site.state_dir() / "coordinator")
     check_robust(cfg, AGGREGATORS.get(cfg.strategy))  # the same one-line errors as `fedpeft simulate`
     options = AggregationOptions(lam=cfg.fair_lambda, ab_iterations=cfg.fair_iterations, seed=cfg.seed,
