@@ -90,8 +90,8 @@ def local_table(cfg: FedPeftConfig, path: str, *, label_names: Sequence[str]) ->
 
 def encoded_local_file(cfg: FedPeftConfig, path: str, *, label_names: Sequence[str]) -> Encoded:
     """:func:`local_table`, tokenized (cached until the file changes)."""
-    stat = Path(path).expanduser().stat() if Path(path).expanduser().is_file() else None
-    version = (stat.st_mtime_ns, stat.st_size) if stat else None
+    file = Path(path).expanduser()
+    version = (file.stat().st_mtime_ns, file.stat().st_size) if file.is_file() else None  # None: local_table raises
     return _encoded_local(cfg, path, tuple(label_names), version)
 
 

@@ -63,8 +63,8 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 class Federation:
     """The processes and paths of one test federation."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, root: Path, model: Path) -> None:
+        self.root, self.model = root, model
         self.fleet, self.control = free_port(), free_port()
         self.procs: list[subprocess.Popen] = []
         self.env = {**os.environ, "FEDPEFT_DIR": str(root / "fedpeft"), "LINK_HOST": "127.0.0.1",
@@ -125,19 +125,9 @@ class Federation:
 
 
 def make_files(root: Path) -> None:
-    """A tiny BERT with the MiniLM tokenizer, the coordinator's evaluation file, one file per site."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
-
+    """The coordinator's evaluation file and one file per site (the model is conftest's tiny BERT)."""
     from fedpeft.data import DEFAULT_DATA
-    from fedpeft.models import resolve_model_path
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(""))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=2)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
     with open(DEFAULT_DATA, encoding="utf-8") as fh:
         rows = [json.loads(next(fh)) for _ in range(300)]
     parts = (("eval", rows[:100]), (SITES[0], rows[100:200]), (SITES[1], rows[200:300]), ("intruder", rows[100:200]))
@@ -147,8 +137,8 @@ def make_files(root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
-    fed = Federation(tmp_path_factory.mktemp("deploy"))
+def federation(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Federation]:
+    fed = Federation(tmp_path_factory.mktemp("deploy"), tiny_model_dir)
     make_files(fed.root)
     try:
         fed.run(command("fedpeft certs")[0] + " --node intruder", "coordinator")
@@ -187,7 +177,7 @@ def test_two_sites_complete_a_two_round_run_over_grpc_with_tls_and_auth(federati
 
     out = fed.root / "run"
     line = command("flwr run")[0]
-    overrides = (f'rounds=2 fraction=1.0 model="{fed.root / "model"}" data="{fed.root / "eval.jsonl"}" '
+    overrides = (f'rounds=2 fraction=1.0 model="{fed.model}" data="{fed.root / "eval.jsonl"}" '
                  f'test-fraction=0.5 max-local-steps=2 batch-size=8 client-cpus=1 out="{out}" '
                  'dp="local" dp-epsilon=20.0 dp-delta=1e-5')  # each site's own --dp-epsilon 8 caps it
     line = re.sub(r"--run-config '[^']*'", f"--run-config {shlex.quote(overrides)}", line)

@@ -57,7 +57,7 @@ def _pem_key(key: Any) -> bytes:
 def make_ca(common_name: str = "fedpeft federation CA", *, days: int = 3650) -> tuple[bytes, bytes]:
     """A self-signed CA: ``(certificate PEM, private key PEM)``."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
@@ -81,8 +81,6 @@ def make_ca(common_name: str = "fedpeft federation CA", *, days: int = 3650) -> 
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    from cryptography.hazmat.primitives import serialization
-
     return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
 
 
