@@ -27,6 +27,7 @@ from fedpeft.adapters import adapter_state, load_adapter_state
 from fedpeft.wire import (
     ARRAYS,
     CONFIG,
+    LEDGER_SEQ,
     METRICS,
     NUM_EXAMPLES,
     PRIVACY,
@@ -82,12 +83,13 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict()
     if cfg.dp == "local":
         with site.frozen_parameters(model, frozen):
+            seq = config.get(LEDGER_SEQ)
             report = configured_private_round(local, model, data, node_config=context.node_config, site=key,
-                                              server_round=server_round)
+                                              server_round=server_round, ledger_seq=None if seq is None else int(seq))
         status = TRAINED if report.trained else REFUSED
         content[PRIVACY] = privacy_record(
             status=status, entry=report.entry, signature=report.signature, public_key=report.public_key,
-            reason=report.reason,
+            reason=report.reason, backlog=report.backlog,
         )
         result = report.metrics
     else:

@@ -99,6 +99,7 @@ class FedPeftConfig:
     run_id: str = _f("", "run identifier; sites account privacy per run id (reuse one to share a budget); empty: new")
     # --- output ---------------------------------------------------------------------------------
     out: str = _f("", "run directory; empty: runs/<timestamp>")
+    resume: str = _f("", "RUN_DIR of a stopped run to continue from its last completed round, under its own config")
 
     def __post_init__(self) -> None:
         _positive(

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,7 @@ METRICS = "metrics"
 CONFIG = "config"
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key; every reply carries it
 PRIVACY = "privacy"  # ConfigRecord of a DP reply: round status and the site's signed ledger entry
+LEDGER_SEQ = "ledger-seq"  # train config under local DP: how many of this site's entries the ledger holds
 TRAINED, REFUSED = "trained", "refused"
 CODEC = "codec"  # ConfigRecord: the header of an encoded adapter payload
 PAYLOAD = "payload"  # the one array of an encoded payload
@@ -84,8 +85,17 @@ def record_nbytes(content: Any) -> int:
     return int(recorddict_to_proto(content).ByteSize())
 
 
-def privacy_record(*, status: str, entry: Mapping[str, Any], signature: str, public_key: str, reason: str = "") -> Any:
-    """A site's privacy report for one round: ``status`` (trained/refused), the signed entry, why."""
+def privacy_record(
+    *,
+    status: str,
+    entry: Mapping[str, Any],
+    signature: str,
+    public_key: str,
+    reason: str = "",
+    backlog: Sequence[Mapping[str, Any]] = (),
+) -> Any:
+    """A site's privacy report for one round: ``status`` (trained/refused), the signed entry, why; and
+    ``backlog``: earlier signed entries (``{"entry", "signature"}``) the coordinator's ledger lacks."""
     from flwr.app import ConfigRecord
 
     return ConfigRecord(
@@ -95,6 +105,7 @@ def privacy_record(*, status: str, entry: Mapping[str, Any], signature: str, pub
             "signature": signature,
             "public-key": public_key,
             "reason": reason,
+            "backlog": json.dumps([dict(b) for b in backlog], sort_keys=True),
         }
     )
 
@@ -118,10 +129,17 @@ def read_privacy(content: Any) -> dict[str, Any] | None:
             "signature": str(record["signature"]),
             "public_key": str(record["public-key"]),
             "reason": str(record.get("reason", "")),
+            "backlog": json.loads(str(record.get("backlog", "[]"))),
         }
     except (KeyError, json.JSONDecodeError) as err:
         raise ValueError(f"malformed privacy record: {err}") from None
-    if not isinstance(entry, dict) or out["status"] not in (TRAINED, REFUSED):
+    backlog = out["backlog"]
+    if (
+        not isinstance(entry, dict)
+        or out["status"] not in (TRAINED, REFUSED)
+        or not isinstance(backlog, list)
+        or not all(isinstance(b, dict) and isinstance(b.get("entry"), dict) and "signature" in b for b in backlog)
+    ):
         raise ValueError("malformed privacy record")
     return out
 

@@ -182,6 +182,25 @@ class Ledger:
         return line
 
 
+def cut_torn_tail(path: str | Path) -> int:
+    """Remove a last line that a crash left half-written (no newline at the end); return the bytes cut.
+
+    An entry on such a line was never committed; its site sends it again (see
+    :class:`privacy.server.LedgerCheck`), so cutting it loses no spend.
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1 if not data.endswith(b"\n") else len(data)
+    if keep < len(data):
+        with open(path, "r+b") as fh:
+            fh.truncate(keep)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return len(data) - keep
+
+
 def read_lines(path: str | Path) -> list[dict[str, Any]]:
     """The ledger's lines as dicts; a line that is not a JSON object raises :class:`LedgerError`."""
     lines = []

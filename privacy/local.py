@@ -89,10 +89,18 @@ class PrivateRound:
     signature: str
     public_key: str
     reason: str = ""
+    backlog: tuple[dict[str, Any], ...] = ()  # earlier signed entries the coordinator's ledger lacks
 
 
 def configured_private_round(
-    cfg: FedPeftConfig, model: Any, data: Encoded, *, node_config: Mapping[str, Any], site: str, server_round: int
+    cfg: FedPeftConfig,
+    model: Any,
+    data: Encoded,
+    *,
+    node_config: Mapping[str, Any],
+    site: str,
+    server_round: int,
+    ledger_seq: int | None = None,
 ) -> PrivateRound:
     """:func:`private_round` as a site runs it from the run config and its own node config: the site's
     budget (``dp-epsilon``) overrides the run's, and its ``state-dir`` holds its accounts and key."""
@@ -109,6 +117,7 @@ def configured_private_round(
         run_id=cfg.run_id,
         server_round=server_round,
         state_dir=state_dir(node_config),
+        ledger_seq=ledger_seq,
     )
 
 
@@ -145,8 +154,12 @@ def private_round(
     server_round: int,
     state_dir: str | Path,
     generator_seed: int | None = None,
+    ledger_seq: int | None = None,
 ) -> PrivateRound:
     """Run one client-round under ``policy`` (see the module docstring).
+
+    ``ledger_seq`` is how many of this site's entries the coordinator's ledger holds (sent with the
+    round); the site's signed entries after those travel again with this one (``backlog``).
 
     ``train`` holds :func:`privacy.dpsgd.dp_train_local`'s training settings (``epochs``,
     ``max_steps``, ``batch_size``, ``lr``, ``head_lr``, ``weight_decay``).
@@ -170,8 +183,7 @@ def private_round(
         entry = _entry(
             account, server_round, "refused", RoundSpend(server_round, account.noise_multiplier, q, 0), spent
         )
-        save_account(path, account)
-        return _signed(state_dir, site, False, {"dp-epsilon": spent}, entry, reason)
+        return _signed(path, account, entry, ledger_seq, trained=False, metrics={"dp-epsilon": spent}, reason=reason)
 
     mechanism = DPSGD(account.noise_multiplier, account.max_grad_norm, policy.clipping, account.accountant)
     metrics, history = dp_train_local(model, data, dp=mechanism, generator_seed=generator_seed, **train)
@@ -179,7 +191,6 @@ def private_round(
     if taken != steps or any(abs(r - q) > 1e-12 for _, r, _ in history):
         raise RuntimeError(f"accountant recorded {history}, planned {steps} steps at q={q}")  # never silently
     account = account.spend(planned).counted()
-    save_account(path, account)  # before the reply leaves the site
     entry = _entry(account, server_round, "trained", planned, after)
     dp_metrics = {
         "dp-epsilon": after,
@@ -189,7 +200,7 @@ def private_round(
         "dp-steps": float(steps),
         "dp-empty-steps": float(metrics["empty_steps"]),
     }
-    return _signed(state_dir, site, True, {**metrics, **dp_metrics}, entry)
+    return _signed(path, account, entry, ledger_seq, trained=True, metrics={**metrics, **dp_metrics})
 
 
 def _entry(account: SiteAccount, server_round: int, status: str, spent: RoundSpend, eps: float) -> dict[str, Any]:
@@ -213,14 +224,26 @@ def _entry(account: SiteAccount, server_round: int, status: str, spent: RoundSpe
 
 
 def _signed(
-    state_dir: str | Path, site: str, trained: bool, metrics: dict[str, float], entry: dict[str, Any], reason: str = ""
+    path: Path,
+    account: SiteAccount,
+    entry: dict[str, Any],
+    ledger_seq: int | None,
+    *,
+    trained: bool,
+    metrics: dict[str, float],
+    reason: str = "",
 ) -> PrivateRound:
-    key = load_or_create_key(account_path(state_dir, site, "x").parent)
+    """Sign ``entry``, keep it in the account and save the account (before the reply leaves the site)."""
+    key = load_or_create_key(path.parent)
+    signature = sign_entry(key, entry)
+    backlog = account.unledgered(ledger_seq)
+    save_account(path, account.with_signed(entry, signature))
     return PrivateRound(
         trained=trained,
         metrics=metrics,
         entry=entry,
-        signature=sign_entry(key, entry),
+        signature=signature,
         public_key=public_key_b64(key),
         reason=reason,
+        backlog=tuple(backlog),
     )

@@ -14,9 +14,20 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedpeft.wire import read_privacy
+from fedpeft.errors import FedPeftError
+from fedpeft.wire import LEDGER_SEQ, read_privacy
 from privacy.central import CentralAccountant
-from privacy.ledger import ENTRY_VERSION, Ledger, LedgerError, load_or_create_key, public_key_b64, sign_entry
+from privacy.ledger import (
+    ENTRY_VERSION,
+    Ledger,
+    LedgerError,
+    cut_torn_tail,
+    load_or_create_key,
+    public_key_b64,
+    read_lines,
+    sign_entry,
+    verify_chain,
+)
 
 LEDGER_FILE = "privacy_ledger.jsonl"
 COORDINATOR = "coordinator"
@@ -49,13 +60,29 @@ class LedgerCheck:
                 return f"privacy entry names {name} {entry.get(name)!r}, expected {want!r}"
         if entry.get("status") != report["status"]:
             return "privacy entry status differs from the reply's"
+        # Entries the site signed in rounds whose reply never arrived (a straggler past the round timeout,
+        # a coordinator that crashed): admitted first, in the site's order, so no spend goes unledgered.
+        known = self.ledger.site_seq.get(site, 0)
+        backlog = sorted(report["backlog"], key=lambda b: int(b["entry"].get("site_seq", 0)))
         try:
+            for earlier in backlog:
+                old = earlier["entry"]
+                if int(old.get("site_seq", 0)) <= known:
+                    continue
+                names = (old.get("run_id"), old.get("site"))
+                if names != (self.run_id, site) or not 0 < old.get("round", 0) <= server_round:
+                    return f"a resent privacy entry of {site} names another run, site or a later round"
+                self.ledger.admit(old, str(earlier["signature"]), report["public_key"])
+                self._note(site, old)
             self.ledger.admit(entry, report["signature"], report["public_key"])
-        except LedgerError as err:
+        except (LedgerError, TypeError, ValueError) as err:
             return str(err)
+        self._note(site, entry)
+        return None
+
+    def _note(self, site: str, entry: Any) -> None:
         self.epsilon[site] = float(entry["epsilon"])
         self.delta = float(entry["delta"])
-        return None
 
     def max_epsilon(self) -> float:
         """The largest ε any site has reported so far (0 before any)."""
@@ -104,10 +131,12 @@ class RunPrivacy:
     :meth:`after_round` gives the round's privacy metrics.
     """
 
-    def __init__(self, cfg: Any, run_dir: Path, *, num_sites: int, key_dir: Path) -> None:
+    def __init__(self, cfg: Any, run_dir: Path, *, num_sites: int, key_dir: Path, resume: Any = None) -> None:
         from strategies.sampling import sample_count
 
         self.mode = cfg.dp
+        if resume is not None and cfg.dp != "off":
+            cut_torn_tail(run_dir / LEDGER_FILE)
         self.ledger = Ledger(run_dir / LEDGER_FILE) if cfg.dp != "off" else None
         self.local = LedgerCheck(self.ledger, run_id=cfg.run_id) if cfg.dp == "local" else None
         self.central: CentralAccountant | None = None
@@ -129,6 +158,37 @@ class RunPrivacy:
                 self.ledger, run_id=cfg.run_id, key_dir=key_dir, clipping_norm=cfg.dp_max_grad_norm
             )
 
+        if resume is not None and self.ledger is not None:
+            self._restore(count=resume.ledger_count, head=resume.ledger_head)
+
+    def _restore(self, *, count: int, head: str) -> None:
+        """Continue a resumed run's accounting from its ledger: every entry counts, including those of a
+        round that did not commit (the sites spent that budget; a central release happened)."""
+        lines = read_lines(self.ledger.path) if self.ledger.path.exists() else []
+        problems = verify_chain(lines)
+        if problems:
+            number, what = problems[0]
+            raise FedPeftError(f"cannot resume: the privacy ledger does not verify (line {number}: {what}); "
+                               "run fedpeft audit on the run")
+        if len(lines) < count or (count and lines[count - 1]["hash"] != head):
+            raise FedPeftError(f"cannot resume: the privacy ledger holds {len(lines)} lines and does not contain "
+                               f"the head {head[:12]} recorded at the last checkpoint (line {count})")
+        for line in lines:
+            entry = line["entry"]
+            if self.local is not None and entry.get("mechanism") == "dp-sgd":
+                self.local._note(str(entry["site"]), entry)
+            if self.central is not None and entry.get("mechanism") == "central-gaussian":
+                self.central.compose(int(entry["replies"]))
+
+    @property
+    def site_config(self) -> Any:
+        """Local DP: tell each sampled site how many of its entries the ledger holds, so that it sends again
+        any it signed whose reply never arrived (see :meth:`LedgerCheck.__call__`)."""
+        if self.local is None or self.ledger is None:
+            return None
+        ledger = self.ledger
+        return lambda site: {LEDGER_SEQ: ledger.site_seq.get(site, 0)}
+
     @property
     def checks(self) -> list[Any]:
         return [self.local] if self.local is not None else []
@@ -147,11 +207,6 @@ class RunPrivacy:
         from privacy.central import clip_update
 
         return partial(clip_update, clipping_norm=self.clipping_norm)
-
-    @property
-    def secret_sampling(self) -> bool:
-        """Central DP amplified by sampling needs a draw the run seed does not reveal."""
-        return self.central is not None and self.central.sampling != "none"
 
     def wrap(self, strategy: Any) -> Any:
         if self.central is None:

@@ -46,6 +46,7 @@ class SiteAccount:
     max_grad_norm: float
     rounds: tuple[RoundSpend, ...] = field(default_factory=tuple)
     entries: int = 0
+    signed: tuple[dict[str, Any], ...] = field(default_factory=tuple)
 
     @property
     def history(self) -> list[tuple[float, float, int]]:
@@ -56,8 +57,18 @@ class SiteAccount:
         return replace(self, rounds=(*self.rounds, spent))
 
     def counted(self) -> SiteAccount:
-        """This account with one more signed ledger entry."""
+        """This account with one more ledger entry (to be signed)."""
         return replace(self, entries=self.entries + 1)
+
+    def with_signed(self, entry: dict[str, Any], signature: str) -> SiteAccount:
+        """This account keeping the signed entry it is about to send."""
+        return replace(self, signed=(*self.signed, {"entry": entry, "signature": signature}))
+
+    def unledgered(self, ledger_seq: int | None) -> list[dict[str, Any]]:
+        """The signed entries after the first ``ledger_seq`` (the coordinator's count); none if unknown."""
+        if ledger_seq is None:
+            return []
+        return [s for s in self.signed if int(s["entry"]["site_seq"]) > ledger_seq]
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -72,6 +83,7 @@ class SiteAccount:
             raise ValueError("privacy account written by another fedpeft version")
         data["budget"] = float("inf") if data["budget"] is None else float(data["budget"])
         data["rounds"] = tuple(RoundSpend(**r) for r in data["rounds"])
+        data["signed"] = tuple(data.get("signed", ()))
         return cls(**data)
 
 

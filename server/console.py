@@ -72,8 +72,7 @@ class RoundReporter:
             header = COLUMNS + ((DP_COLUMN,) if self.dp else ())
             self.progress.console.print(format_row(header), style="bold", highlight=False)
         self.progress.console.print(format_row(row), highlight=False)
-        if record["round"] > 0:
-            self.progress.advance(self.task)
+        self.progress.update(self.task, completed=record["round"])  # a resumed run starts part-way
 
     def table(self) -> Table:
         """All rows so far as a rich table."""

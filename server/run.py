@@ -33,6 +33,7 @@ from fedpeft.runlog import append_jsonl, atomic_replace_dir, atomic_write_text
 from fedpeft.training import evaluate
 from fedpeft.wire import CONFIG, METRICS, NUM_EXAMPLES, config_record, from_array_record, to_array_record
 from privacy.server import RunPrivacy
+from server.checkpoint import Checkpoint, load_checkpoint, log_sizes, resumed_config, rewind_logs, save_checkpoint
 from strategies import AGGREGATORS, AggregationOptions
 from strategies.flower import FedPeftStrategy, RoundTraffic
 from strategies.validation import ReplyLimits
@@ -147,16 +148,24 @@ def run_federation(
     connected (its ``num-supernodes``), and ``cfg.clients`` is set to their number.
     """
     nodes = wait_for_nodes(grid, 1 if clients_from_federation else cfg.clients)
-    if clients_from_federation:
+    checkpoint: Checkpoint | None = None
+    if cfg.resume:
+        cfg = resumed_config(cfg)
+        checkpoint = load_checkpoint(Path(cfg.out))
+        if checkpoint.run_id != cfg.run_id:
+            raise FedPeftError(f"cannot resume {cfg.out}: its checkpoint belongs to run {checkpoint.run_id}")
+        cfg = dataclasses.replace(cfg, resume="")  # from here on the run's own config, as the sites knew it
+    elif clients_from_federation:
         cfg = dataclasses.replace(cfg, clients=len(nodes))
     if not cfg.run_id:
         cfg = dataclasses.replace(cfg, run_id=uuid.uuid4().hex[:16])
     run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
-    if metrics_path.exists():
-        raise FedPeftError(f"{run_dir} already holds a run; choose another --out")
-    atomic_write_text(run_dir / "config.json", cfg.to_json())
+    if checkpoint is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if metrics_path.exists():
+            raise FedPeftError(f"{run_dir} already holds a run; choose another --out, or continue it with --resume")
+        atomic_write_text(run_dir / "config.json", cfg.to_json())
 
     train, _ = site.load_split(cfg)
     label_names = list(train.label_names)
@@ -166,6 +175,8 @@ def run_federation(
     state = adapter_state(model)  # the seeded initial adapter every client starts from
     test = site.encoded_test(cfg)
     base_config = config_record(cfg, **{"label-names": label_names})
+    # Central DP amplified by sampling needs a draw the run seed does not reveal (kept in the checkpoint).
+    seed = secrets.randbits(32) if cfg.dp == "central" and cfg.fraction < 1 else cfg.seed
 
     def record_round(rnd: int, extra: Mapping[str, Any], started: float) -> dict[str, Any]:
         load_adapter_state(model, state)
@@ -182,9 +193,23 @@ def run_federation(
             on_round(record, time.monotonic() - started)
         return record
 
-    record = record_round(0, {"clients": 0, "bytes_up": 0, "bytes_down": 0}, time.monotonic())
+    def commit(rnd: int, population: int, ledger: Any) -> None:
+        """The round's commit point: everything after the last checkpoint is redone on resume."""
+        count, head = (ledger.count, ledger.head) if ledger is not None else (0, "")
+        save_checkpoint(run_dir, Checkpoint(
+            run_id=cfg.run_id, round=rnd, seed=seed, population=population, ledger_count=count, ledger_head=head,
+            logs=log_sizes(run_dir), state=state,
+        ))
+
+    if checkpoint is None:
+        record = record_round(0, {"clients": 0, "bytes_up": 0, "bytes_down": 0}, time.monotonic())
+        commit(0, 0, None)
+    else:
+        record, state, seed = resume_from(checkpoint, run_dir, model)
     sites, ranks = finish_discovery(grid, queries, timeout=cfg.round_timeout, min_sites=cfg.min_clients)
-    privacy = RunPrivacy(cfg, run_dir, num_sites=len(sites), key_dir=site.state_dir() / "coordinator")
+    population = checkpoint.population if checkpoint is not None and checkpoint.population else len(sites)
+    privacy = RunPrivacy(cfg, run_dir, num_sites=population, key_dir=site.state_dir() / "coordinator",
+                         resume=checkpoint)
     check_robust(cfg, AGGREGATORS.get(cfg.strategy))  # the same one-line errors as `fedpeft simulate`
     options = AggregationOptions(lam=cfg.fair_lambda, ab_iterations=cfg.fair_iterations, seed=cfg.seed,
                                  robust=cfg.robust)
@@ -192,10 +217,11 @@ def run_federation(
         aggregator=cfg.strategy,
         sites=sites,
         fraction=cfg.fraction,
-        seed=secrets.randbits(32) if privacy.secret_sampling else cfg.seed,
+        seed=seed,
         options=options,
         ranks=ranks,
         checks=privacy.checks,
+        site_config=privacy.site_config,
         uniform_weights=privacy.uniform_weights,
         downlink=cfg.downlink_codec,
         bound=privacy.bound,
@@ -206,7 +232,7 @@ def run_federation(
     strategy.summary()
     logger.info("privacy: %s", privacy.describe())
 
-    for rnd in range(1, cfg.rounds + 1):
+    for rnd in range(record["round"] + 1, cfg.rounds + 1):
         stop = privacy.stop_reason()
         if stop is not None:
             logger.warning("stopping before round %d: %s", rnd, stop)
@@ -263,9 +289,27 @@ def run_federation(
             },
             started,
         )
+        commit(rnd, population, privacy.ledger)
 
     save_adapter(model, state, run_dir / "adapter", cfg=cfg, label_names=label_names)
     return record
+
+
+def resume_from(checkpoint: Checkpoint, run_dir: Path, model: Any) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """Rewind the run logs to ``checkpoint``; return its last metrics record, global adapter and seed."""
+    expected = adapter_state(model)
+    shapes = {k: v.shape for k, v in checkpoint.state.items()}
+    if shapes != {k: v.shape for k, v in expected.items()}:
+        raise FedPeftError(f"cannot resume {run_dir}: the checkpoint's adapter does not fit the model of its config")
+    cut = rewind_logs(run_dir, checkpoint.logs)
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    record = json.loads(lines[-1])
+    if record.get("round") != checkpoint.round:
+        raise FedPeftError(f"cannot resume {run_dir}: metrics.jsonl ends at round {record.get('round')}, "
+                           f"the checkpoint at round {checkpoint.round}")
+    dropped = f"; dropped the log lines of the round that did not complete ({cut})" if cut else ""
+    logger.warning("resuming %s after round %d%s", run_dir, checkpoint.round, dropped)
+    return record, dict(checkpoint.state), checkpoint.seed
 
 
 def save_adapter(

@@ -135,6 +135,9 @@ class FedPeftStrategy(Strategy):
     checks : sequence of ReplyCheck, optional
         Run on every reply before it is used (e.g. the privacy ledger's signature check); a reply
         with a reason is counted as a failure and never reaches the aggregate.
+    site_config : callable, optional
+        ``site_config(site)``: config entries for that site's train message alone (local DP: how many
+        of its entries the privacy ledger holds).
     uniform_weights : bool
         Weight every accepted reply equally instead of by its ``num-examples`` (central DP).
     downlink : str
@@ -166,6 +169,7 @@ class FedPeftStrategy(Strategy):
         options: AggregationOptions | None = None,
         ranks: Mapping[str, int] | None = None,
         checks: Sequence[ReplyCheck] = (),
+        site_config: Callable[[str], Mapping[str, Any]] | None = None,
         uniform_weights: bool = False,
         downlink: str = "none",
         bound: UpdateBound | None = None,
@@ -180,6 +184,7 @@ class FedPeftStrategy(Strategy):
         self.fraction = fraction
         self.seed = seed
         self.checks = list(checks)
+        self.site_config = site_config
         self.uniform_weights = uniform_weights
         self.downlink = parse_codec(downlink)
         self.bound = bound
@@ -235,6 +240,8 @@ class FedPeftStrategy(Strategy):
                 records, self.baselines[rank] = encode_tensors(self.downlink, truncate_to_rank(broadcast, rank))
                 contents[rank] = RecordDict({**records, CONFIG: config})
             content = RecordDict(dict(contents[rank]))  # one dict per message: a site's mods replace records
+            if self.site_config is not None:
+                content[CONFIG] = ConfigRecord({**config, **self.site_config(site)})
             self._rank_of[site] = rank
             traffic.sent[site] = record_nbytes(content)
             traffic.raw_sent[site] = raw_nbytes({k: v.shape for k, v in self.baselines[rank].items()})

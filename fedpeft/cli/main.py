@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
             dest=name,
             type=type(default),
             default=None,
-            **({"metavar": type(default).__name__.upper() if name != "out" else "RUN_DIR"} | extra),
+            **({"metavar": type(default).__name__.upper() if name not in ("out", "resume") else "RUN_DIR"} | extra),
             help=f"{helps[name]} (default: {default!r})"
             + ("; --dp alone: local, with the DP defaults below" if name == "dp" else ""),
         )
@@ -124,14 +124,34 @@ def with_defaults(given: dict) -> dict:
     return given
 
 
+def resume_config(given: dict) -> FedPeftConfig:
+    """``--resume RUN_DIR``: the run's own config; any other setting is refused rather than ignored."""
+    others = [f"--{name.replace('_', '-')}" for name in given if name != "resume"]
+    if others:
+        raise FedPeftError(f"--resume continues a run under its own config.json; drop {' '.join(others)}")
+    from server.checkpoint import resumed_config
+
+    return resumed_config(FedPeftConfig(resume=given["resume"]))
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from fedpeft.preflight import check_run
 
     given = {
         f.name: getattr(args, f.name) for f in dataclasses.fields(FedPeftConfig) if getattr(args, f.name) is not None
     }
-    cfg = FedPeftConfig(**with_defaults(given)).with_default_out()
-    cfg = check_run(cfg, clients_given="clients" in given)
+    if "resume" in given:
+        from server.checkpoint import load_checkpoint
+
+        cfg = check_run(resume_config(given), clients_given=True)
+        done = load_checkpoint(Path(cfg.out)).round
+        if done >= cfg.rounds and (Path(cfg.out) / "adapter").is_dir():
+            print(f"fedpeft: {cfg.out} completed its {cfg.rounds} rounds; nothing to resume")
+            return 0
+        print(f"fedpeft: resuming {cfg.out} after round {done} of {cfg.rounds}")
+    else:
+        cfg = FedPeftConfig(**with_defaults(given)).with_default_out()
+        cfg = check_run(cfg, clients_given="clients" in given)
 
     from server.simulate import simulate, validate
 
