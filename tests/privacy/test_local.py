@@ -167,3 +167,17 @@ def test_a_site_applies_its_own_budget_and_state_dir(tmp_path: Path) -> None:
     )
     assert report.trained and report.entry["budget"] == 2.5 and report.entry["epsilon"] <= 2.5
     assert load_account(account_path(tmp_path / "site", "hospital-a", "study")).budget == 2.5
+
+
+def test_entries_the_ledger_lacks_travel_again(tmp_path: Path) -> None:
+    """Round 2's reply was lost: the coordinator's ledger holds 1 of the site's entries when round 3 asks."""
+    first = one_round(policy(), tmp_path, 1, ledger_seq=0)
+    assert first.backlog == ()  # the current entry travels as the entry, never twice
+    second = one_round(policy(), tmp_path, 2, ledger_seq=1)
+    assert second.backlog == ()
+    third = one_round(policy(), tmp_path, 3, ledger_seq=1)  # round 2's reply never arrived
+    assert [b["entry"] for b in third.backlog] == [second.entry]
+    assert third.backlog[0]["signature"] == second.signature
+    account = load_account(account_path(tmp_path, "partition-00000", "run1"))
+    assert [s["entry"] for s in account.signed] == [first.entry, second.entry, third.entry]
+    assert account.unledgered(None) == [] and len(account.unledgered(0)) == 3
