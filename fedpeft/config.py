@@ -56,6 +56,7 @@ class FedPeftConfig:
     fair_iterations: int = _f(5, "alternating sweeps of lora-fair-ab")
     client_ranks: str = _f("", "comma-separated LoRA ranks given to clients in turn (exact-svd); empty: all lora_r")
     round_timeout: float = _f(3600.0, "seconds the server waits for replies in a round")
+    startup_timeout: float = _f(600.0, "seconds the server waits for clients to load their model and data")
     min_clients: int = _f(1, "fewest valid replies a round aggregates; fewer: see short_round")
     short_round: str = _f(
         "skip",
@@ -132,8 +133,9 @@ class FedPeftConfig:
             raise FedPeftError(f"head_lr must be a finite number >= 0 (0: the same as lr), got {self.head_lr}")
         if self.weight_decay < 0:
             raise FedPeftError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not self.round_timeout > 0:
-            raise FedPeftError(f"round_timeout must be > 0 seconds, got {self.round_timeout}")
+        for name in ("round_timeout", "startup_timeout"):
+            if not getattr(self, name) > 0:
+                raise FedPeftError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         _check_reliability(self)
         for name in ("text_column", "label_column"):
             if not getattr(self, name):

@@ -63,7 +63,8 @@ def start_discovery(grid: Any, cfg: FedPeftConfig, nodes: list[int], *, label_na
     """
     content = RecordDict({CONFIG: config_record(cfg, **{"label-names": label_names})})
     # a list, not a generator: Flower's HTTP grid (deployment) reads the messages twice
-    messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+    messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n, ttl=cfg.startup_timeout)
+                for n in nodes]
     return list(grid.push_messages(messages))
 
 
@@ -206,7 +207,7 @@ def run_federation(
         commit(0, 0, None)
     else:
         record, state, seed = resume_from(checkpoint, run_dir, model)
-    sites, ranks = finish_discovery(grid, queries, timeout=cfg.round_timeout, min_sites=cfg.min_clients)
+    sites, ranks = finish_discovery(grid, queries, timeout=cfg.startup_timeout, min_sites=cfg.min_clients)
     population = checkpoint.population if checkpoint is not None and checkpoint.population else len(sites)
     privacy = RunPrivacy(cfg, run_dir, num_sites=population, key_dir=site.state_dir() / "coordinator",
                          resume=checkpoint)
@@ -227,6 +228,7 @@ def run_federation(
         bound=privacy.bound,
         limits=ReplyLimits(max_norm=cfg.max_update_norm, ratio=cfg.max_norm_ratio),
         min_replies=cfg.min_clients,
+        message_ttl=cfg.round_timeout,
     )
     flower_strategy = privacy.wrap(strategy)
     strategy.summary()

@@ -47,8 +47,10 @@ def validate(cfg: FedPeftConfig) -> None:
         )
 
 
-def simulate(cfg: FedPeftConfig, *, verbose: bool = False) -> None:
-    """Run ``cfg`` with ``cfg.clients`` simulated SuperNodes; re-raise the server's error if any."""
+def simulate(cfg: FedPeftConfig, *, verbose: bool = False, client_app: Any = None) -> None:
+    """Run ``cfg`` with ``cfg.clients`` simulated SuperNodes; re-raise the server's error if any.
+
+    ``client_app`` replaces fedpeft's own ClientApp (tests inject faults with it)."""
     validate(cfg)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -57,8 +59,10 @@ def simulate(cfg: FedPeftConfig, *, verbose: bool = False) -> None:
     os.environ.setdefault(STATE_DIR_ENV, str(Path(cfg.out).resolve() / "sites"))
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
     from server.app import make_server_app
+
+    if client_app is None:
+        from client.app import app as client_app
 
     errors: list[BaseException] = []
     level = logging.INFO if verbose else logging.ERROR

@@ -150,6 +150,9 @@ class FedPeftStrategy(Strategy):
     limits : ReplyLimits, optional
         Norm bounds a decoded update must meet (absolute, and against the round's median); every
         reply must also fit :func:`strategies.validation.reply_bound`.
+    message_ttl : float, optional
+        Seconds a training message stays deliverable (the round timeout): a node that comes back later
+        never trains on a round that is over.
     min_replies : int
         Fewest valid replies a round aggregates; with fewer it returns no arrays (a short round: the
         server skips, retries or stops it) and nothing is aggregated.
@@ -175,6 +178,7 @@ class FedPeftStrategy(Strategy):
         bound: UpdateBound | None = None,
         limits: ReplyLimits | None = None,
         min_replies: int = 1,
+        message_ttl: float | None = None,
     ) -> None:
         self.aggregator_name = aggregator
         self.aggregator = AGGREGATORS.get(aggregator)
@@ -192,6 +196,7 @@ class FedPeftStrategy(Strategy):
         if min_replies < 1:
             raise ValueError(f"min_replies must be >= 1, got {min_replies}")
         self.min_replies = min_replies
+        self.message_ttl = message_ttl
         self.baselines: dict[int | None, dict[str, Any]] = {}  # rank → the decoded broadcast at that rank
         self._rank_of: dict[str, int | None] = {}
         self.traffic: dict[int, RoundTraffic] = {}
@@ -245,7 +250,8 @@ class FedPeftStrategy(Strategy):
             self._rank_of[site] = rank
             traffic.sent[site] = record_nbytes(content)
             traffic.raw_sent[site] = raw_nbytes({k: v.shape for k, v in self.baselines[rank].items()})
-            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=self._node_of[site]))
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=self._node_of[site],
+                                    ttl=self.message_ttl))
         logger.info("round %d: sampled %d of %d sites", server_round, len(chosen), len(self.sites))
         return messages
 

@@ -203,6 +203,66 @@ def test_two_sites_complete_a_two_round_run_over_grpc_with_tls_and_auth(federati
         assert fleet_connections(fed, pid), f"{site} lost its Fleet connection"
 
 
+def metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def submit(fed: Federation, overrides: str) -> subprocess.Popen:
+    """``flwr run`` of the README (streaming the run's log until it ends) with these run-config overrides."""
+    line = re.sub(r"--run-config '[^']*'", f"--run-config {shlex.quote(overrides)}", command("flwr run")[0])
+    with open(fed.root / "submit.log", "a") as log:
+        return subprocess.Popen(["bash", "-c", fed.ports(line)], env=fed.home("cli"), cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_a_frozen_site_and_a_stopped_run_resumed_by_run_config(federation: Federation) -> None:
+    """hospital-b's SuperNode (and its ClientApp processes) is frozen with SIGSTOP after round 1: it never
+    answers, and rounds go on without it after the round timeout. The run is then stopped with ``flwr stop``
+    and continued with ``--run-config resume=RUN_DIR``: every round once, no spend missing from the ledger."""
+    fed = federation
+    wait_for(lambda: len(online_nodes(fed)) == 2, 90, "both SuperNodes online")
+    out = fed.root / "resumed"
+    proc = submit(fed, f'rounds=4 fraction=1.0 model="{fed.model}" data="{fed.root / "eval.jsonl"}" '
+                       f'test-fraction=0.5 max-local-steps=2 batch-size=8 client-cpus=1 out="{out}" '
+                       'round-timeout=45.0 dp="local" dp-epsilon=20.0 dp-delta=1e-5')
+    frozen = fed.node_pids["hospital-b"]
+    try:
+        wait_for(lambda: len(metrics(out)) >= 2, 300, "round 1")
+        os.killpg(frozen, signal.SIGSTOP)
+        wait_for(lambda: len(metrics(out)) >= 3, 180, "round 2 without hospital-b")
+        runs = json.loads(fed.run(fed.ports(command("flwr ls")[0]) + " --format json", "cli").stdout)["runs"]
+        running = [r["run-id"] for r in runs if r["status"].startswith("running")]
+        assert len(running) == 1, runs
+        fed.run(fed.ports(f"flwr stop {running[0]} hospitals"), "cli")
+    finally:
+        os.killpg(frozen, signal.SIGCONT)
+    proc.wait(timeout=120)
+    stopped = [r["round"] for r in metrics(out)]
+    assert stopped[:3] == [0, 1, 2] and len(stopped) < 5, stopped
+
+    wait_for(lambda: len(online_nodes(fed)) == 2, 120, "hospital-b back online")
+    resumed = submit(fed, f'resume="{out}"')
+    resumed.wait(timeout=600)
+    records = metrics(out)
+    assert [r["round"] for r in records] == [0, 1, 2, 3, 4], (fed.root / "submit.log").read_text()[-3000:]
+    assert records[2]["clients"] == 1  # round 2: hospital-b frozen
+    traffic = {(t["round"], t["site"]): t["status"] for t in
+               (json.loads(x) for x in (out / "traffic.jsonl").read_text().splitlines())}
+    assert traffic[(2, "hospital-b")] == "no reply" and traffic[(2, "hospital-a")] == "accepted"
+    assert traffic[(4, "hospital-a")] == "accepted"
+    assert sorted(traffic) == sorted({(r, s) for r in (1, 2, 3, 4) for s in SITES})  # each round logged once
+    run_id = json.loads((out / "config.json").read_text())["run_id"]
+    entries = [json.loads(x)["entry"] for x in (out / "privacy_ledger.jsonl").read_text().splitlines()]
+    for site in SITES:  # every entry the site signed is in the coordinator's ledger
+        (account,) = (fed.root / "state").glob(f"{site}/**/privacy-{run_id}.json")
+        signed = json.loads(account.read_text())["entries"]
+        assert [e["site_seq"] for e in entries if e["site"] == site] == list(range(1, signed + 1))
+    audit = subprocess.run([sys.executable, "-m", "fedpeft.cli.main", "audit", str(out)], capture_output=True,
+                           text=True, timeout=300, env=fed.env)
+    assert audit.returncode == 0, audit.stdout[-2000:] + audit.stderr[-2000:]
+
+
 def test_an_unregistered_key_is_refused(federation: Federation) -> None:
     fed = federation
     line = fed.node_line("intruder", free_port())  # a key made by `fedpeft certs`, never registered
