@@ -65,6 +65,10 @@ class FedPeftConfig:
     )
     round_retries: int = _f(2, "how often short_round=retry sends a short round again")
     max_update_norm: float = _f(0.0, "reject a site's update whose L2 norm exceeds this; 0: no bound")
+    clip_update_norm: float = _f(
+        0.0, "norm bounding: scale a site's update down to this L2 norm before aggregation (not under central DP, "
+        "which clips to dp_max_grad_norm); 0: off"
+    )
     robust: str = _f(
         "none", "none | median | trimmed:<beta>: a coordinate-wise robust statistic instead of the average "
         "(fedit, ffa-lora, ssf-avg)"
@@ -257,6 +261,11 @@ def _check_reliability(cfg: FedPeftConfig) -> None:
         raise FedPeftError(f"round_retries must be >= 0, got {cfg.round_retries}")
     if not (math.isfinite(cfg.max_update_norm) and cfg.max_update_norm >= 0):
         raise FedPeftError(f"max_update_norm must be a finite number >= 0 (0: no bound), got {cfg.max_update_norm}")
+    if not (math.isfinite(cfg.clip_update_norm) and cfg.clip_update_norm >= 0):
+        raise FedPeftError(f"clip_update_norm must be a finite number >= 0 (0: off), got {cfg.clip_update_norm}")
+    if cfg.clip_update_norm > 0 and cfg.dp == "central":
+        raise FedPeftError("clip_update_norm under central DP: the server already clips every update to "
+                           "dp_max_grad_norm; set that instead")
     if not (math.isfinite(cfg.max_norm_ratio) and (cfg.max_norm_ratio == 0 or cfg.max_norm_ratio > 1)):
         raise FedPeftError(f"max_norm_ratio must be 0 (off) or a finite number > 1, got {cfg.max_norm_ratio}")
     if cfg.short_round == "retry" and cfg.dp == "local":

@@ -57,14 +57,11 @@ def clip_update(update: dict[str, np.ndarray], *, clipping_norm: float) -> tuple
     """``update`` scaled to L2 norm at most ``clipping_norm`` (over all tensors), and whether it was.
 
     The server applies it to every decoded update: a codec and its error feedback may send a little
-    more than the clipped norm, and the noise only covers C. Excess at float rounding level (1e-6
-    relative, the site's own clip computed in float32) is left alone.
+    more than the clipped norm, and the noise only covers C (:func:`strategies.norm_bound.clip_to_norm`).
     """
-    norm = math.sqrt(sum(float(np.sum(np.asarray(v, dtype=np.float64) ** 2)) for v in update.values()))
-    if norm <= clipping_norm * (1 + 1e-6):
-        return update, False
-    scale = np.float32(clipping_norm / norm)
-    return {k: (np.asarray(v, dtype=np.float32) * scale).astype(np.float32) for k, v in update.items()}, True
+    from strategies.norm_bound import clip_to_norm
+
+    return clip_to_norm(update, max_norm=clipping_norm)
 
 
 def check_composes(aggregator: Any) -> None:

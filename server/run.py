@@ -135,6 +135,17 @@ def short_round_reasons(traffic: RoundTraffic, *, sampled: int) -> str:
     return "; ".join(parts) or "no replies"
 
 
+def norm_bound(max_norm: float) -> Any:
+    """The update bound of ``clip_update_norm`` (norm bounding), or None when it is off."""
+    if max_norm <= 0:
+        return None
+    from functools import partial
+
+    from strategies.norm_bound import clip_to_norm
+
+    return partial(clip_to_norm, max_norm=max_norm)
+
+
 def adapter_nbytes(state: Mapping[str, np.ndarray]) -> int:
     """Raw tensor bytes of an adapter state (what the wire carries before framing)."""
     return int(sum(v.nbytes for v in state.values()))
@@ -225,7 +236,7 @@ def run_federation(
         site_config=privacy.site_config,
         uniform_weights=privacy.uniform_weights,
         downlink=cfg.downlink_codec,
-        bound=privacy.bound,
+        bound=privacy.bound or norm_bound(cfg.clip_update_norm),
         limits=ReplyLimits(max_norm=cfg.max_update_norm, ratio=cfg.max_norm_ratio),
         min_replies=cfg.min_clients,
         message_ttl=cfg.round_timeout,
@@ -286,6 +297,7 @@ def run_federation(
                 "bytes_down_per_client": int(np.mean(down)) if down else 0,
                 **traffic.compression(),
                 **({"reclipped": len(traffic.reclipped)} if cfg.dp == "central" else {}),
+                **({"clipped": len(traffic.reclipped)} if cfg.clip_update_norm > 0 else {}),
                 **{key: float(value) for key, value in (agg or {}).items() if key.startswith("agg_")},
                 **dp_metrics,
             },

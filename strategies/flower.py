@@ -11,7 +11,8 @@ formed; every check passes (the privacy ledger admits its signed entry: the site
 whether or not its update is used); it did not refuse the round; the site was sampled; the reply
 fits the size bound; its payload decodes to exactly the tensors the site was sent, finite; the
 update's norm is within the absolute bound and, against the round's median, within the ratio
-(:mod:`strategies.validation`). Anything else is logged with its reason and the round goes on with
+(:mod:`strategies.validation`). An accepted update is then bounded, if asked (central DP's clip, or
+norm bounding: :mod:`strategies.norm_bound`). Anything else is logged with its reason and the round goes on with
 the other replies; with fewer than ``min_replies`` valid ones it aggregates nothing.
 """
 
@@ -58,7 +59,7 @@ class RoundTraffic:
     received: dict[str, int] = field(default_factory=dict)  # site → bytes up
     raw_sent: dict[str, int] = field(default_factory=dict)  # site → the broadcast's bytes as raw fp32
     raw_received: dict[str, int] = field(default_factory=dict)  # site → its decoded update's bytes as raw fp32
-    reclipped: set[str] = field(default_factory=set)  # sites whose decoded update the server clipped again
+    reclipped: set[str] = field(default_factory=set)  # sites whose decoded update the server clipped (bound)
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)  # site → reason
     refused: dict[str, str] = field(default_factory=dict)  # site → why it did not train (its privacy budget)
@@ -295,15 +296,15 @@ class FedPeftStrategy(Strategy):
             except PayloadError as err:
                 self._reject(traffic, server_round, site, f"payload rejected: {err}")
                 continue
-            if self.bound is not None:
-                update, changed = self.bound(update)
-                if changed:
-                    traffic.reclipped.add(site)
-            norm = update_norm(update)
+            norm = update_norm(update)  # as sent: the bounds judge the site, not what clipping made of it
             reason = norm_rejection(norm, self.limits)
             if reason is not None:
                 self._reject(traffic, server_round, site, reason)
                 continue
+            if self.bound is not None:
+                update, changed = self.bound(update)
+                if changed:
+                    traffic.reclipped.add(site)
             weight = 1.0 if self.uniform_weights else float(metrics.get(NUM_EXAMPLES, 0))
             candidates.append((site, {k: baseline[k] + update[k] for k in baseline}, weight, norm, raw))
         outliers = relative_outliers({c[0]: c[3] for c in candidates}, self.limits)

@@ -67,9 +67,11 @@ def test_load_100_clients_3_rounds(tmp_path: Path, tiny_model_dir: Path) -> None
 
 
 def test_a_robust_run(tmp_path: Path, tiny_model_dir: Path, small_data: Path) -> None:
-    proc = simulate(tmp_path / "run", tiny_model_dir, small_data, "--robust", "trimmed:0.34", "--max-norm-ratio", "50")
+    proc = simulate(tmp_path / "run", tiny_model_dir, small_data, "--robust", "trimmed:0.34", "--max-norm-ratio", "50",
+                    "--clip-update-norm", "1e-4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["clients"] for r in records[1:]] == [3, 3] and all(r["rejected"] == 0 for r in records[1:])
+    assert [r["clipped"] for r in records[1:]] == [3, 3]  # norm bounding: every update scaled down, none dropped
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["robust"] == "trimmed:0.34" and config["max_norm_ratio"] == 50.0
