@@ -12,13 +12,13 @@ Central DP clips with the same function (to its clipping norm C, :mod:`privacy.c
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import numpy as np
 
 
-def clip_to_norm(update: Mapping[str, np.ndarray], *, max_norm: float) -> tuple[dict[str, np.ndarray], bool]:
-    """``update`` scaled to L2 norm at most ``max_norm`` (over all tensors), and whether it had to be.
+def clip_to_norm(update: dict[str, np.ndarray], *, max_norm: float) -> tuple[dict[str, np.ndarray], bool]:
+    """``update`` scaled to L2 norm at most ``max_norm`` (over all tensors), and whether it had to be
+    (when not, ``update`` itself comes back).
 
     Excess at float rounding level (1e-6 relative: a site's own clip computed in float32) is left alone.
     """
@@ -26,6 +26,6 @@ def clip_to_norm(update: Mapping[str, np.ndarray], *, max_norm: float) -> tuple[
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
     norm = math.sqrt(sum(float(np.sum(np.asarray(v, dtype=np.float64) ** 2)) for v in update.values()))
     if norm <= max_norm * (1 + 1e-6):
-        return dict(update), False
+        return update, False
     scale = np.float32(max_norm / norm)
     return {k: (np.asarray(v, dtype=np.float32) * scale).astype(np.float32) for k, v in update.items()}, True
