@@ -34,6 +34,8 @@ def check_run(cfg: FedPeftConfig, *, clients_given: bool = True) -> FedPeftConfi
     if spec.kind == "natural" and not clients_given:
         cfg = dataclasses.replace(cfg, clients=natural_client_count(train, spec))
     site.partitions(cfg, cfg.clients)
+    if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise FedPeftError(f"--out {cfg.out} is a file; give a directory for the run")
     if cfg.out and not cfg.resume and (Path(cfg.out) / "metrics.jsonl").exists():
         raise FedPeftError(f"{cfg.out} already holds a run; choose another --out, or continue it: --resume {cfg.out}")
     return cfg

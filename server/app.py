@@ -9,21 +9,25 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedpeft.config import FedPeftConfig
-from server.console import RoundReporter
+from server.console import make_reporter
 from server.run import run_federation
 
 
 def make_server_app(
-    cfg: FedPeftConfig | None = None, *, on_error: Callable[[BaseException], None] | None = None
+    cfg: FedPeftConfig | None = None,
+    *,
+    on_error: Callable[[BaseException], None] | None = None,
+    output: str = "table",
 ) -> ServerApp:
-    """A ServerApp running fedpeft with ``cfg`` (or, when None, the Flower run config)."""
+    """A ServerApp running fedpeft with ``cfg`` (or, when None, the Flower run config), reporting rounds
+    as ``output`` (:mod:`server.console`)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg if cfg is not None else FedPeftConfig.from_mapping(context.run_config).with_default_out()
         try:
-            with RoundReporter(run_cfg.rounds, dp=run_cfg.dp != "off") as reporter:
+            with make_reporter(output, run_cfg.rounds, dp=run_cfg.dp != "off") as reporter:
                 run_federation(grid, run_cfg, on_round=reporter, clients_from_federation=cfg is None)
         except BaseException as err:  # handed to the CLI, which prints one line
             if on_error is None:

@@ -1,8 +1,16 @@
-"""What a person watching a run sees: a progress bar over rounds and a row per round."""
+"""What a person (or a script) watching a run sees.
+
+``table`` (default): a progress bar over rounds, a row per round, and a summary at the end;
+``json``: one JSON object per line on stdout (``{"event": "round", ...}``), nothing else there;
+``quiet``: nothing (errors still reach stderr, and the exit status says how it went).
+"""
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -18,6 +26,72 @@ def format_row(cells: tuple[str, ...]) -> str:
     """Cells right-aligned in the table's fixed widths (plus the DP column when there is one)."""
     widths = WIDTHS + (DP_WIDTH,) * (len(cells) - len(WIDTHS))
     return "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))
+
+
+OUTPUTS = ("table", "json", "quiet")
+
+
+def emit(event: str, **fields: Any) -> None:
+    """One JSON line on stdout, flushed (the ``json`` output)."""
+    print(json.dumps({"event": event, **fields}, sort_keys=True, default=str), file=sys.stdout, flush=True)
+
+
+class JsonLines:
+    """``{"event": "round", ...metrics.jsonl record, "seconds": s}`` per round."""
+
+    def __enter__(self) -> JsonLines:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def __call__(self, record: Mapping[str, Any], seconds: float) -> None:
+        emit("round", **record, seconds=round(seconds, 3))
+
+
+class Quiet(JsonLines):
+    """Says nothing."""
+
+    def __call__(self, record: Mapping[str, Any], seconds: float) -> None:
+        return None
+
+
+def make_reporter(output: str, rounds: int, *, dp: bool) -> Any:
+    """The round reporter of an output mode (see the module docstring)."""
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+    if output == "json":
+        return JsonLines()
+    if output == "quiet":
+        return Quiet()
+    return RoundReporter(rounds, dp=dp)
+
+
+def summary_table(run_dir: str | Path) -> Table:
+    """The end-of-run summary: where the run stands and where its files are."""
+    from server.report import REPORT_FILE, load_run
+
+    run = load_run(run_dir)
+    last = run.metrics[-1]
+    best = max(run.metrics, key=lambda r: r["accuracy"])
+    rounds = [r for r in run.metrics if r["round"] > 0]
+    table = Table(title="fedpeft run summary", show_header=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")  # a long path wraps whole, never cut short
+    table.add_row("rounds", f"{last['round']} of {run.config.get('rounds')}")
+    table.add_row("accuracy", f"{last['accuracy']:.4f} final · {best['accuracy']:.4f} best (round {best['round']}) · "
+                  f"{run.metrics[0]['accuracy']:.4f} start")
+    table.add_row("traffic", f"{human_bytes(sum(r.get('bytes_up', 0) for r in rounds))} up, "
+                  f"{human_bytes(sum(r.get('bytes_down', 0) for r in rounds))} down")
+    problems = {k: sum(int(r.get(k, 0)) for r in rounds) for k in ("failures", "rejected", "refused")}
+    problems["skipped"] = sum(1 for r in rounds if r.get("skipped"))
+    table.add_row("client-rounds not used", ", ".join(f"{v} {k}" for k, v in problems.items()))
+    if "epsilon_max" in last:
+        table.add_row("privacy", f"epsilon {last['epsilon_max']:.3f} at delta {last['delta']:g} (largest of any "
+                      f"site); verify: fedpeft audit {run.run_dir}")
+    table.add_row("adapter", str(run.run_dir / "adapter"))
+    table.add_row("report", str(run.run_dir / REPORT_FILE))
+    return table
 
 
 def human_bytes(n: float) -> str:

@@ -174,7 +174,10 @@ def run_federation(
     run_dir = Path(cfg.out)
     metrics_path = run_dir / "metrics.jsonl"
     if checkpoint is None:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise FedPeftError(f"cannot create the run directory {run_dir}: {err.strerror}") from None
         if metrics_path.exists():
             raise FedPeftError(f"{run_dir} already holds a run; choose another --out, or continue it with --resume")
         atomic_write_text(run_dir / "config.json", cfg.to_json())
@@ -306,6 +309,13 @@ def run_federation(
         commit(rnd, population, privacy.ledger)
 
     save_adapter(model, state, run_dir / "adapter", cfg=cfg, label_names=label_names)
+    try:
+        from server.report import write_report
+
+        write_report(run_dir)
+    except Exception as err:  # the run's results are saved; a figure that fails must not lose them
+        logger.warning("the run finished, but its report could not be written (%s); try: fedpeft report %s",
+                       err, run_dir)
     return record
 
 

@@ -47,10 +47,13 @@ def validate(cfg: FedPeftConfig) -> None:
         )
 
 
-def simulate(cfg: FedPeftConfig, *, verbose: bool = False, client_app: Any = None) -> None:
+def simulate(
+    cfg: FedPeftConfig, *, verbose: bool = False, client_app: Any = None, output: str = "table"
+) -> None:
     """Run ``cfg`` with ``cfg.clients`` simulated SuperNodes; re-raise the server's error if any.
 
-    ``client_app`` replaces fedpeft's own ClientApp (tests inject faults with it)."""
+    ``output``: how rounds are reported (:mod:`server.console`); ``client_app`` replaces fedpeft's own
+    ClientApp (tests inject faults with it)."""
     validate(cfg)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -75,7 +78,7 @@ def simulate(cfg: FedPeftConfig, *, verbose: bool = False, client_app: Any = Non
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_simulation(
-            server_app=make_server_app(cfg, on_error=errors.append),
+            server_app=make_server_app(cfg, on_error=errors.append, output=output),
             client_app=client_app,
             num_supernodes=cfg.clients,
             backend_config=backend,

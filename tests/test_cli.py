@@ -93,6 +93,21 @@ def test_bad_input_is_one_line(capsys: pytest.CaptureFixture[str], small_data: P
     assert not (tmp_path / "run").exists()  # nothing half-written
 
 
+def test_unusable_paths_are_one_line(capsys: pytest.CaptureFixture[str], small_data: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine", "label": 1}\n{not json\n')
+    (tmp_path / "no-config").mkdir()
+    cases = [
+        (["--data", str(small_data), "--out", str(small_data)], "is a file; give a directory for the run"),
+        (["--data", str(bad), "--out", str(tmp_path / "r")], f"cannot parse {bad}"),
+        (["--model", str(tmp_path / "no-config"), "--out", str(tmp_path / "r")], "has no config.json"),
+    ]
+    for args, expected in cases:
+        code, err = run_cli(capsys, *args)
+        assert code == 2 and err.count("\n") == 1 and expected in err, (args, err)
+    assert not (tmp_path / "r").exists()
+
+
 def test_single_class_labels(capsys: pytest.CaptureFixture[str], one_class_data: Path, tmp_path: Path) -> None:
     code, err = run_cli(capsys, "--data", str(one_class_data), "--out", str(tmp_path / "run"))
     assert code == 2 and "needs at least 2 classes, found one (good)" in err
@@ -199,3 +214,21 @@ def test_deployment_commands_refuse_bad_input_in_one_line(capsys: pytest.Capture
     code = main([a.replace("{tmp}", str(tmp_path)) for a in args])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("fedpeft: error: ") and expected in err, err
+
+
+def test_help_examples_are_real_commands() -> None:
+    """Every example in ``fedpeft simulate --help`` parses with the real parser; string flags say what they take."""
+    import shlex
+
+    from fedpeft.cli.main import _EXAMPLES, build_parser
+
+    parser = build_parser()
+    commands = [line.split("   ")[0].strip() for line in _EXAMPLES.splitlines()[1:]]
+    for command in commands:
+        for part in command.split("&&"):
+            argv = shlex.split(part)
+            assert argv[0] == "fedpeft"
+            parser.parse_args(argv[1:])  # exits (a failure) on an unknown flag or a bad value
+    text = parser._subparsers._group_actions[0].choices["simulate"].format_help()
+    for flag in ("--data FILE", "--model DIR|NAME", "--codec SPEC", "--resume RUN_DIR", "--quiet", "--json"):
+        assert flag in text

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,6 +37,23 @@ _MAIN_FLAGS = (
 )
 
 
+# What each string flag takes, for --help (every other flag shows its type).
+_METAVARS = {
+    "model": "DIR|NAME", "peft": "METHOD", "data": "FILE", "text_column": "COLUMN", "label_column": "COLUMN",
+    "partition": "SPEC", "strategy": "NAME", "client_ranks": "RANKS", "lora_target_modules": "NAMES",
+    "ssf_target_modules": "NAMES", "short_round": "ACTION", "robust": "RULE", "codec": "SPEC",
+    "downlink_codec": "SPEC", "dp_clipping": "MODE", "dp_accountant": "NAME", "run_id": "ID", "out": "RUN_DIR",
+    "resume": "RUN_DIR",
+}
+_EXAMPLES = """examples:
+  fedpeft simulate --out runs/demo                          the main job: MiniLM, 10 clients, 5 rounds
+  fedpeft simulate --data my.csv --partition natural:site   one client per value of a column
+  fedpeft simulate --dp --out runs/private                  local DP-SGD, epsilon 8 per site
+  fedpeft simulate --codec topk:0.1+int8                    compressed updates
+  fedpeft simulate --resume runs/demo                       continue a run that stopped
+  fedpeft report runs/demo && fedpeft export runs/demo --merge --out merged/"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpeft", description="Federated parameter-efficient fine-tuning on Flower.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -44,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         "simulate",
         help="run a federated fine-tune with simulated clients on this machine",
         description="Run a federated LoRA or SSF fine-tune with simulated clients; writes RUN_DIR "
-        "(metrics.jsonl, config.json, adapter/).",
+        "(metrics.jsonl, traffic.jsonl, config.json, checkpoint.npz, adapter/, report.md).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     defaults = FedPeftConfig()
     helps = field_help()
@@ -60,14 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
             dest=name,
             type=type(default),
             default=None,
-            **({"metavar": type(default).__name__.upper() if name not in ("out", "resume") else "RUN_DIR"} | extra),
+            **({"metavar": _METAVARS.get(name, type(default).__name__.upper())} | extra),
             help=f"{helps[name]} (default: {default!r})"
             + ("; --dp alone: local, with the DP defaults below" if name == "dp" else ""),
         )
-    sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
-    sim.epilog = "With --dp local and no value of your own, these apply: " + ", ".join(
+    shown = sim.add_argument_group("output").add_mutually_exclusive_group()
+    shown.add_argument("--verbose", action="store_true", help="also show Flower's and Ray's logs")
+    shown.add_argument("--quiet", action="store_true", help="print nothing but errors (for scripts)")
+    shown.add_argument("--json", action="store_true", help="print one JSON object per line: start, each round, end")
+    preset = ", ".join(
         f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
         for k, v in DP_DEFAULTS.items()
+    )
+    sim.epilog = _EXAMPLES + "\n\nWith --dp local and no value of your own, these apply:\n" + textwrap.fill(
+        preset, width=96, initial_indent="  ", subsequent_indent="  "
     )
 
     audit = sub.add_parser(
@@ -86,6 +110,28 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument(
         "--plot", metavar="PNG", help="where to draw epsilon vs round (default: RUN_DIR/privacy_epsilon.png)"
     )
+    report = sub.add_parser(
+        "report",
+        help="draw a run's figures and write RUN_DIR/report.md",
+        description="Draw accuracy/loss, traffic, aggregation residual and (with DP) epsilon per site and round "
+        "as PNGs under RUN_DIR/report/, and write RUN_DIR/report.md embedding them with the configuration and the "
+        "communication, reliability and privacy summaries. Every run writes it at its end; this redraws it.",
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="directory of a run (finished or not)")
+    export = sub.add_parser(
+        "export",
+        help="merge a run's adapter into its base model and save a plain transformers model",
+        description="Fold the run's LoRA (peft merge_and_unload) or SSF adapter into the base model and save it with "
+        "its tokenizer and label names: it loads with AutoModelForSequenceClassification, without fedpeft or peft.",
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR", help="directory of a finished run (it holds adapter/)")
+    export.add_argument("--merge", action="store_true", required=True,
+                        help="merge the adapter into the base weights (the only export there is; required, so "
+                        "that the command says what it does)")
+    export.add_argument("--out", required=True, metavar="DIR", help="where to save the merged model")
+    export.add_argument("--base", metavar="MODEL", help="the base model's directory, when the path the run "
+                        "recorded does not resolve from here (default: the run's own)")
+    export.add_argument("--force", action="store_true", help="replace DIR if it exists")
     from fedpeft.cli.deploy import add_parsers
 
     add_parsers(sub)
@@ -146,9 +192,11 @@ def _simulate(args: argparse.Namespace) -> int:
         cfg = check_run(resume_config(given), clients_given=True)
         done = load_checkpoint(Path(cfg.out)).round
         if done >= cfg.rounds and (Path(cfg.out) / "adapter").is_dir():
-            print(f"fedpeft: {cfg.out} completed its {cfg.rounds} rounds; nothing to resume")
+            if not args.quiet:
+                print(f"fedpeft: {cfg.out} completed its {cfg.rounds} rounds; nothing to resume")
             return 0
-        print(f"fedpeft: resuming {cfg.out} after round {done} of {cfg.rounds}")
+        if not (args.quiet or args.json):
+            print(f"fedpeft: resuming {cfg.out} after round {done} of {cfg.rounds}")
     else:
         cfg = FedPeftConfig(**with_defaults(given)).with_default_out()
         cfg = check_run(cfg, clients_given="clients" in given)
@@ -156,17 +204,29 @@ def _simulate(args: argparse.Namespace) -> int:
     from server.simulate import simulate, validate
 
     validate(cfg)
-    print(f"fedpeft: {cfg.clients} clients, {cfg.rounds} rounds, partition {cfg.partition}, writing {cfg.out}")
-    if cfg.dp != "off":
-        print(f"fedpeft: {describe_dp(cfg)}")
+    output = "json" if args.json else "quiet" if args.quiet else "table"
+    if output == "json":
+        from server.console import emit
 
-    simulate(cfg, verbose=args.verbose)
-    lines = (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()
-    final = json.loads(lines[-1])
-    print(
-        f"fedpeft: final accuracy {final['accuracy']:.4f} after {final['round']} rounds; "
-        f"adapter saved to {Path(cfg.out) / 'adapter'}"
-    )
+        emit("start", out=cfg.out, clients=cfg.clients, rounds=cfg.rounds, dp=describe_dp(cfg) if cfg.dp != "off"
+             else "off", resume=bool(cfg.resume))
+    elif output == "table":
+        print(f"fedpeft: {cfg.clients} clients, {cfg.rounds} rounds, partition {cfg.partition}, writing {cfg.out}")
+        if cfg.dp != "off":
+            print(f"fedpeft: {describe_dp(cfg)}")
+
+    simulate(cfg, verbose=args.verbose, output=output)
+    out = Path(cfg.out)
+    if output == "json":
+        from server.report import REPORT_FILE, load_run
+
+        emit("end", final=load_run(out).metrics[-1], adapter=str(out / "adapter"), report=str(out / REPORT_FILE))
+    elif output == "table":
+        from rich.console import Console
+
+        from server.console import summary_table
+
+        Console(soft_wrap=True).print(summary_table(out))
     return 0
 
 
@@ -180,6 +240,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedpeft.cli.audit import run_audit
 
             return run_audit(args)
+        if args.command == "report":
+            from server.report import write_report
+
+            print(f"fedpeft: report written to {write_report(args.run_dir)}")
+            return 0
+        if args.command == "export":
+            from fedpeft.export import export_merged
+
+            out = export_merged(args.run_dir, args.out, base=args.base, force=args.force)
+            print(f"fedpeft: merged model saved to {out} (load it with transformers' "
+                  "AutoModelForSequenceClassification.from_pretrained)")
+            return 0
         if args.command in ("certs", "link", "node", "connection"):
             from fedpeft.cli import deploy
 

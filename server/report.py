@@ -1,0 +1,220 @@
+"""``fedpeft report RUN_DIR``: figures and a ``report.md`` for a run, from its records alone.
+
+Reads ``config.json``, ``metrics.jsonl``, ``traffic.jsonl`` and (with DP) ``privacy_ledger.jsonl``;
+writes ``RUN_DIR/report/*.png`` (:mod:`server.plots`) and ``RUN_DIR/report.md``, which embeds them with
+the configuration, the final metrics, and the communication, reliability and privacy summaries. The
+server writes it at the end of every run; the command redraws it for any run, finished or not.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedpeft.config import FedPeftConfig
+from fedpeft.errors import FedPeftError
+from fedpeft.runlog import atomic_write_text
+from server import plots
+
+REPORT_FILE = "report.md"
+FIGURE_DIR = "report"
+
+
+@dataclass(frozen=True)
+class RunRecords:
+    """What a run directory holds, parsed."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    traffic: list[dict[str, Any]]
+    ledger: list[dict[str, Any]]  # the entries (signed content) of the privacy ledger, in order
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise FedPeftError(f"{path} line {number} is not JSON; the file is damaged") from None
+        if not isinstance(row, dict):
+            raise FedPeftError(f"{path} line {number} is not a JSON object; the file is damaged")
+        rows.append(row)
+    return rows
+
+
+def load_run(run_dir: str | Path) -> RunRecords:
+    """The records of the run in ``run_dir``.
+
+    Raises
+    ------
+    FedPeftError
+        No run there (no ``config.json`` or no round in ``metrics.jsonl``), or a damaged file.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FedPeftError(f"run directory not found: {run_dir}")
+    try:
+        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FedPeftError(f"{run_dir} holds no run (config.json missing)") from None
+    except (OSError, ValueError) as err:
+        raise FedPeftError(f"{run_dir / 'config.json'} is unreadable ({err})") from None
+    metrics = _jsonl(run_dir / "metrics.jsonl")
+    if not metrics:
+        raise FedPeftError(f"{run_dir} holds no completed round yet (metrics.jsonl is empty or missing)")
+    ledger = [line.get("entry", {}) for line in _jsonl(run_dir / "privacy_ledger.jsonl")]
+    return RunRecords(run_dir, config, metrics, _jsonl(run_dir / "traffic.jsonl"), ledger)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Draw the figures and write ``report.md`` (atomically); return its path."""
+    run = load_run(run_dir)
+    figures = run.run_dir / FIGURE_DIR
+    drawn = {
+        "quality": plots.plot_quality(run.metrics, figures / "quality.png"),
+        "traffic": plots.plot_traffic(run.metrics, figures / "traffic.png"),
+        "residual": plots.plot_residual(run.metrics, figures / "residual.png"),
+        "epsilon": plots.plot_epsilon(run.ledger, figures / "epsilon.png"),
+    }
+    for name, path in drawn.items():  # a figure the run no longer has must not linger from an earlier draw
+        if path is None:
+            (figures / f"{name}.png").unlink(missing_ok=True)
+    text = render(run, {k: v.relative_to(run.run_dir).as_posix() for k, v in drawn.items() if v is not None})
+    out = run.run_dir / REPORT_FILE
+    atomic_write_text(out, text)
+    return out
+
+
+# --- report.md -------------------------------------------------------------------------------------
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def render(run: RunRecords, figures: Mapping[str, str]) -> str:
+    """The text of ``report.md``."""
+    cfg, metrics = run.config, run.metrics
+    last, rounds = metrics[-1], [r for r in metrics if r["round"] > 0]
+    best = max(metrics, key=lambda r: r["accuracy"])
+    status = "finished" if last["round"] >= int(cfg.get("rounds", 0)) else "not finished (resume it with --resume)"
+    out = [
+        f"# fedpeft run `{cfg.get('run_id', '?')}`",
+        "",
+        f"{last['round']} of {cfg.get('rounds')} rounds, {status}. {cfg.get('clients')} clients, "
+        f"{cfg.get('fraction')} sampled per round; {cfg.get('peft')} with `{cfg.get('strategy')}`; "
+        f"codec up `{cfg.get('codec')}`, down `{cfg.get('downlink_codec')}`; DP `{cfg.get('dp')}`.",
+        "",
+        "## Results",
+        "",
+        _table(["", "round", "test accuracy", "test loss"],
+               [["start", metrics[0]["round"], f"{metrics[0]['accuracy']:.4f}", f"{metrics[0]['loss']:.4f}"],
+                ["final", last["round"], f"{last['accuracy']:.4f}", f"{last['loss']:.4f}"],
+                ["best", best["round"], f"{best['accuracy']:.4f}", f"{best['loss']:.4f}"]]),
+        "",
+        f"![accuracy and loss per round]({figures['quality']})",
+        "",
+        "## Communication",
+        "",
+    ]
+    up = [r["bytes_up_per_client"] for r in rounds if r.get("bytes_up_per_client")]
+    down = [r["bytes_down_per_client"] for r in rounds if r.get("bytes_down_per_client")]
+    ratio_up = [r["compression_ratio"] for r in rounds if r.get("compression_ratio")]
+    ratio_down = [r["compression_ratio_down"] for r in rounds if r.get("compression_ratio_down")]
+    errors = [r["codec_error"] for r in rounds if "codec_error" in r]
+    out += [
+        _table(["", "up (site → server)", "down (server → site)"], [
+            ["total", _bytes(sum(r.get("bytes_up", 0) for r in rounds)),
+             _bytes(sum(r.get("bytes_down", 0) for r in rounds))],
+            ["mean per client-round", _bytes(_mean(up)), _bytes(_mean(down))],
+            ["compression ratio (raw fp32 / wire)", f"{_mean(ratio_up):.2f}", f"{_mean(ratio_down):.2f}"],
+        ]),
+        "",
+        f"Raw adapter size {_bytes(last.get('adapter_bytes', 0))}."
+        + (f" Mean relative codec error {_mean(errors):.3g}." if errors and cfg.get("codec") != "none" else ""),
+        "",
+        f"![bytes per round]({figures['traffic']})",
+        "",
+    ]
+    if "residual" in figures:
+        res = [r["agg_residual_mean"] for r in rounds if "agg_residual_mean" in r]
+        out += ["## Aggregation", "",
+                f"Residual of `{cfg.get('strategy')}` (how far the new global factors are from the exact "
+                f"average of the clients' products): mean {_mean(res):.4g}, last {res[-1]:.4g}.", "",
+                f"![aggregation residual per round]({figures['residual']})", ""]
+    out += _reliability(run)
+    if cfg.get("dp", "off") != "off":
+        out += _privacy(run, figures.get("epsilon"))
+    out += _configuration(cfg)
+    return "\n".join(out) + "\n"
+
+
+def _reliability(run: RunRecords) -> list[str]:
+    rounds = [r for r in run.metrics if r["round"] > 0]
+    statuses = Counter(t.get("status", "?") for t in run.traffic)
+    skipped = [str(r["round"]) for r in rounds if r.get("skipped")]
+    reasons = Counter(t["reason"] for t in run.traffic if t.get("reason") and t.get("status") != "accepted")
+    lines = ["## Reliability", "",
+             "Client-rounds: " + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) + "."
+             + (f" Skipped rounds: {', '.join(skipped)}." if skipped else " No round was skipped."), ""]
+    if reasons:
+        lines += [_table(["reason (traffic.jsonl)", "client-rounds"],
+                         [[reason.replace("|", "/")[:160], n] for reason, n in reasons.most_common(10)]), ""]
+    return lines
+
+
+def _privacy(run: RunRecords, figure: str | None) -> list[str]:
+    last: dict[str, dict[str, Any]] = {}
+    trained, refused = Counter(), Counter()
+    for e in run.ledger:
+        site = str(e.get("site"))
+        last[site] = e
+        trained[site] += e.get("status") in ("trained", "released")
+        refused[site] += e.get("status") == "refused"
+    lines = ["## Privacy", ""]
+    if not last:
+        return lines + ["No privacy ledger entries yet.", ""]
+    rows = [[site, trained[site], refused[site], f"{float(e['epsilon']):.4f}", f"{float(e['delta']):g}",
+             "none" if e.get("budget") is None else f"{float(e['budget']):g}"] for site, e in sorted(last.items())]
+    head = run.metrics[-1].get("ledger_head", "")
+    lines += [
+        f"Mechanism: `{run.config.get('dp')}` DP. Epsilon as each site claims in its signed ledger entries "
+        f"({len(run.ledger)} entries; head `{head[:16]}`). Verify with `fedpeft audit {run.run_dir}`.",
+        "",
+        _table(["site", "rounds trained", "rounds refused", "epsilon spent", "delta", "budget"], rows),
+        "",
+    ]
+    if figure:
+        lines += [f"![epsilon per site and round]({figure})", ""]
+    return lines
+
+
+def _configuration(cfg: Mapping[str, Any]) -> list[str]:
+    defaults = FedPeftConfig().to_dict()
+    changed = [[f"`{k}`", f"`{v!r}`", f"`{defaults[k]!r}`"] for k, v in sorted(cfg.items())
+               if k in defaults and v != defaults[k]]
+    return ["## Configuration", "",
+            "Settings that differ from the defaults (all of them are in `config.json`):", "",
+            _table(["setting", "this run", "default"], changed) if changed else "(none)", ""]

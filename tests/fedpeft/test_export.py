@@ -1,0 +1,89 @@
+"""``fedpeft export --merge``: the merged model, loaded in a fresh interpreter with transformers alone (no
+fedpeft, no peft imported), gives the logits of the run's base model + adapter, for LoRA and SSF."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedpeft import site
+from fedpeft.adapters import adapter_state, load_adapter_state
+from fedpeft.cli.main import main
+from fedpeft.config import FedPeftConfig
+from server.run import save_adapter
+
+TEXTS = ["A small gem of a movie.", "Two hours I will never get back.", "fine"]
+
+
+def finished_run(tmp_path: Path, model_dir: Path, peft: str) -> tuple[Path, np.ndarray]:
+    """A run directory holding a trained-looking adapter (every tensor moved off its initial value), and the
+    logits of base model + that adapter."""
+    cfg = FedPeftConfig(model=str(model_dir), peft=peft, strategy="ssf-avg" if peft == "ssf" else "fedit",
+                        seed=4321, out=str(tmp_path / "run"))
+    labels = ["fresh", "rotten"]
+    model = site.peft_model(cfg, num_labels=2)
+    rng = np.random.default_rng(0)
+    state = {k: (v + 0.2 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in adapter_state(model).items()}
+    run = Path(cfg.out)
+    run.mkdir()
+    (run / "config.json").write_text(cfg.to_json())
+    save_adapter(model, state, run / "adapter", cfg=cfg, label_names=labels)
+    load_adapter_state(model, state)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model.eval()
+    with torch.no_grad():
+        logits = model(**tokenizer(TEXTS, return_tensors="pt", padding=True)).logits.numpy()
+    return run, logits
+
+
+@pytest.mark.parametrize("peft", ["lora", "ssf"])
+def test_merged_model_loads_without_fedpeft_and_matches(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                       tiny_model_dir: Path, peft: str) -> None:
+    run, want = finished_run(tmp_path, tiny_model_dir, peft)
+    out = tmp_path / "merged"
+    assert main(["export", str(run), "--merge", "--out", str(out)]) == 0
+    assert "merged model saved to" in capsys.readouterr().out
+    script = textwrap.dedent(f"""
+        import json, sys
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        model = AutoModelForSequenceClassification.from_pretrained({str(out)!r}).eval()
+        tok = AutoTokenizer.from_pretrained({str(out)!r})
+        with torch.no_grad():
+            logits = model(**tok({TEXTS!r}, return_tensors="pt", padding=True)).logits
+        assert "fedpeft" not in sys.modules and "peft" not in sys.modules, "imported more than transformers"
+        print(json.dumps({{"logits": logits.tolist(), "labels": model.config.id2label}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(np.array(got["logits"]), want, rtol=1e-4, atol=1e-5)
+    assert got["labels"] == {"0": "fresh", "1": "rotten"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "run"]  # no build directory left
+
+
+def test_export_refusals_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                      tiny_model_dir: Path) -> None:
+    run, _ = finished_run(tmp_path, tiny_model_dir, "lora")
+    (tmp_path / "taken").mkdir()
+    cases = [
+        (["export", str(tmp_path / "nowhere"), "--merge", "--out", str(tmp_path / "m")], "run directory not found"),
+        (["export", str(run), "--merge", "--out", str(tmp_path / "taken")], "exists; choose another --out or pass"),
+        (["export", str(run), "--merge", "--out", str(tmp_path / "m"), "--base", str(tmp_path / "no-model")],
+         "model path not found"),
+        (["export", str(tmp_path), "--merge", "--out", str(tmp_path / "m")], "has no saved adapter"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], (argv, err)
+    assert not (tmp_path / "m").exists()
