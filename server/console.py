@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from server.report import REPORT_FILE, human_bytes, load_run
+
 COLUMNS = ("round", "clients", "train loss", "test loss", "accuracy", "agg bias", "bytes up", "bytes down", "seconds")
 WIDTHS = (5, 7, 10, 9, 8, 8, 10, 10, 7)
 DP_COLUMN, DP_WIDTH = "eps max", 8  # shown only in DP runs: the largest epsilon any site has spent
@@ -69,8 +71,6 @@ def make_reporter(output: str, rounds: int, *, dp: bool) -> Any:
 
 def summary_table(run_dir: str | Path) -> Table:
     """The end-of-run summary: where the run stands and where its files are."""
-    from server.report import REPORT_FILE, load_run
-
     run = load_run(run_dir)
     last = run.metrics[-1]
     best = max(run.metrics, key=lambda r: r["accuracy"])
@@ -92,15 +92,6 @@ def summary_table(run_dir: str | Path) -> Table:
     table.add_row("adapter", str(run.run_dir / "adapter"))
     table.add_row("report", str(run.run_dir / REPORT_FILE))
     return table
-
-
-def human_bytes(n: float) -> str:
-    """``1536`` → ``1.5 KiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 class RoundReporter:

@@ -102,10 +102,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _bytes(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """``1536`` → ``1.5 KiB``."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
 
@@ -146,13 +147,13 @@ def render(run: RunRecords, figures: Mapping[str, str]) -> str:
     errors = [r["codec_error"] for r in rounds if "codec_error" in r]
     out += [
         _table(["", "up (site → server)", "down (server → site)"], [
-            ["total", _bytes(sum(r.get("bytes_up", 0) for r in rounds)),
-             _bytes(sum(r.get("bytes_down", 0) for r in rounds))],
-            ["mean per client-round", _bytes(_mean(up)), _bytes(_mean(down))],
+            ["total", human_bytes(sum(r.get("bytes_up", 0) for r in rounds)),
+             human_bytes(sum(r.get("bytes_down", 0) for r in rounds))],
+            ["mean per client-round", human_bytes(_mean(up)), human_bytes(_mean(down))],
             ["compression ratio (raw fp32 / wire)", f"{_mean(ratio_up):.2f}", f"{_mean(ratio_down):.2f}"],
         ]),
         "",
-        f"Raw adapter size {_bytes(last.get('adapter_bytes', 0))}."
+        f"Raw adapter size {human_bytes(last.get('adapter_bytes', 0))}."
         + (f" Mean relative codec error {_mean(errors):.3g}." if errors and cfg.get("codec") != "none" else ""),
         "",
         f"![bytes per round]({figures['traffic']})",
