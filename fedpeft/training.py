@@ -119,3 +119,17 @@ def evaluate(model: torch.nn.Module, data: Encoded, *, batch_size: int) -> dict[
         correct += int((logits.argmax(-1) == labels).sum())
     n = len(data)
     return {"accuracy": correct / n, "loss": loss_sum / n, "num_examples": n}
+
+
+@torch.no_grad()
+def example_losses(model: torch.nn.Module, data: Encoded, *, batch_size: int) -> np.ndarray:
+    """Cross-entropy of ``model`` on each example of ``data``, in ``data``'s order (float64)."""
+    model.eval()
+    order = np.argsort([len(x) for x in data.input_ids], kind="stable")
+    out = np.empty(len(data), dtype=np.float64)
+    for start, batch in zip(range(0, len(order), batch_size), batches(data, order, batch_size), strict=True):
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        out[order[start : start + batch_size]] = torch.nn.functional.cross_entropy(
+            logits, labels, reduction="none").double().numpy()
+    return out
