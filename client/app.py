@@ -15,6 +15,7 @@ run's) and error feedback.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from fedpeft import site
 from fedpeft.adapters import adapter_state, load_adapter_state
 from fedpeft.wire import (
     ARRAYS,
+    CANARIES,
     CONFIG,
     LEDGER_SEQ,
     METRICS,
@@ -80,6 +82,8 @@ def train(msg: Message, context: Context) -> Message:
     broadcast = from_array_record(msg.content[ARRAYS])
     load_adapter_state(model, {**site.initial_adapter(local, num_labels=len(label_names)), **broadcast})
     data = site.node_data(cfg, context.node_config, label_names=label_names)
+    if CANARIES in config:  # an empirical privacy audit: the canaries the coordinator drew for this site
+        data = site.with_extra_examples(cfg, data, json.loads(str(config[CANARIES])), label_names=label_names)
     content = RecordDict()
     if cfg.dp == "local":
         with site.frozen_parameters(model, frozen):

@@ -101,6 +101,10 @@ class FedPeftConfig:
     dp_max_grad_norm: float = _f(1.0, "clipping norm C: per example (local) or per client update (central)")
     dp_clipping: str = _f("hooks", "Opacus clipping for local DP: hooks (per-sample gradients) | ghost (fast clipping)")
     dp_accountant: str = _f("prv", "accountant sites count with: prv (near-tight) | rdp (Opacus)")
+    canaries: int = _f(
+        0, "empirical privacy audit: this many random canaries spread over the sites, each trained on with "
+        "probability 1/2 (a secret draw), scored by the final model; 0: off"
+    )
     run_id: str = _f("", "run identifier; sites account privacy per run id (reuse one to share a budget); empty: new")
     # --- output ---------------------------------------------------------------------------------
     out: str = _f("", "run directory; empty: runs/<timestamp>")
@@ -141,6 +145,8 @@ class FedPeftConfig:
             if not getattr(self, name) > 0:
                 raise FedPeftError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         _check_reliability(self)
+        if self.canaries < 0 or self.canaries == 1:
+            raise FedPeftError(f"canaries must be 0 (off) or at least 2, got {self.canaries}")
         for name in ("text_column", "label_column"):
             if not getattr(self, name):
                 raise FedPeftError(f"{name} must not be empty")

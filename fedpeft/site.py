@@ -67,6 +67,22 @@ def node_data(
     return encoded_partition(cfg, pid, num)
 
 
+def with_extra_examples(
+    cfg: FedPeftConfig, data: Encoded, rows: Sequence[Sequence[str]], *, label_names: Sequence[str]
+) -> Encoded:
+    """``data`` plus ``rows`` of ``(text, label name)``: the audit's canaries this site is asked to train on."""
+    if not rows:
+        return data
+    names = list(label_names)
+    unknown = sorted({str(label) for _, label in rows} - set(names))
+    if unknown:
+        raise FedPeftError(f"canaries with labels {unknown} the run does not know")
+    extra = encode(tokenizer(cfg), [str(text) for text, _ in rows],
+                   np.array([names.index(str(label)) for _, label in rows], dtype=np.int64), max_length=cfg.max_length)
+    return Encoded(input_ids=[*data.input_ids, *extra.input_ids], labels=np.concatenate([data.labels, extra.labels]),
+                   pad_id=data.pad_id)
+
+
 def local_table(cfg: FedPeftConfig, path: str, *, label_names: Sequence[str]) -> LabelledTable:
     """A site's own data file, every row for training, its labels numbered as the run numbers them.
 

@@ -36,6 +36,7 @@ METRICS = "metrics"
 CONFIG = "config"
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key; every reply carries it
 PRIVACY = "privacy"  # ConfigRecord of a DP reply: round status and the site's signed ledger entry
+CANARIES = "canaries"  # train config of the empirical audit: JSON [[text, label], ...] this site trains on too
 LEDGER_SEQ = "ledger-seq"  # train config under local DP: how many of this site's entries the ledger holds
 TRAINED, REFUSED = "trained", "refused"
 CODEC = "codec"  # ConfigRecord: the header of an encoded adapter payload
@@ -59,8 +60,8 @@ def from_array_record(record: Any) -> dict[str, np.ndarray]:
     return {key: array.numpy() for key, array in record.items()}
 
 
-# Settings only the coordinator uses; never sent to sites (``out`` is a path on the coordinator).
-SERVER_ONLY = frozenset({"out"})
+# Settings only the coordinator uses; never sent to sites (``out`` and ``resume`` are paths on the coordinator).
+SERVER_ONLY = frozenset({"out", "resume"})
 
 
 def config_record(cfg: FedPeftConfig, **extra: Any) -> Any:

@@ -243,6 +243,14 @@ class RunPrivacy:
             eps, delta = self.local.max_epsilon(), self.local.delta
         return {"epsilon_max": eps, "delta": delta, "ledger_head": self.ledger.head}
 
+    def spent(self) -> float | None:
+        """The accountant's ε so far (central: the run's; local: the largest any site reported); None without DP."""
+        if self.central is not None:
+            return self.central.epsilon()
+        if self.local is not None:
+            return self.local.max_epsilon()
+        return None
+
     def describe(self) -> str:
         """One line for the log: the mechanism and its parameters."""
         if self.central is not None:

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from server.report import REPORT_FILE, human_bytes, load_run
+from server.report import REPORT_FILE, empirical_audit, human_bytes, load_run
 
 COLUMNS = ("round", "clients", "train loss", "test loss", "accuracy", "agg bias", "bytes up", "bytes down", "seconds")
 WIDTHS = (5, 7, 10, 9, 8, 8, 10, 10, 7)
@@ -89,6 +89,10 @@ def summary_table(run_dir: str | Path) -> Table:
     if "epsilon_max" in last:
         table.add_row("privacy", f"epsilon {last['epsilon_max']:.3f} at delta {last['delta']:g} (largest of any "
                       f"site); verify: fedpeft audit {run.run_dir}")
+    audit = empirical_audit(run.run_dir)
+    if audit is not None:
+        table.add_row("empirical audit", f"epsilon >= {audit['epsilon']:.3f} ({100 * audit['confidence']:.0f}% "
+                      f"confidence, {audit['canaries']} canaries)" + (" — VIOLATION" if audit["violation"] else ""))
     table.add_row("adapter", str(run.run_dir / "adapter"))
     table.add_row("report", str(run.run_dir / REPORT_FILE))
     return table

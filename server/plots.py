@@ -134,3 +134,26 @@ def plot_epsilon(entries: Sequence[Record], path: Path) -> Path | None:
     _rounds_axis(ax)
     ax.set_title("privacy spent per site and round (ledger)", fontsize=10)
     return _save(fig, path)
+
+
+def plot_canary_roc(scores: Sequence[float], members: Sequence[bool], path: Path, *, title: str) -> Path:
+    """ROC of guessing "trained on" for canaries whose loss is below a threshold, with its AUC."""
+    import numpy as np
+
+    s, truth = np.asarray(scores, dtype=np.float64), np.asarray(members, dtype=bool)
+    order = np.argsort(s, kind="stable")  # lowest loss first: the most confident "in"
+    tpr = np.concatenate([[0.0], np.cumsum(truth[order]) / max(1, truth.sum())])
+    fpr = np.concatenate([[0.0], np.cumsum(~truth[order]) / max(1, (~truth).sum())])
+    auc = float(np.trapezoid(tpr, fpr))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
+    ax.plot(fpr, tpr, color="tab:purple", label=f"canaries (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", label="chance")
+    ax.set_xlabel("false positive rate (guessed in, was out)")
+    ax.set_ylabel("true positive rate (guessed in, was in)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)

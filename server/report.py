@@ -18,6 +18,7 @@ from typing import Any
 from fedpeft.config import FedPeftConfig
 from fedpeft.errors import FedPeftError
 from fedpeft.runlog import atomic_write_text
+from privacy.empirical import RESULT_FILE as EMPIRICAL_FILE
 from server import plots
 
 REPORT_FILE = "report.md"
@@ -76,15 +77,30 @@ def load_run(run_dir: str | Path) -> RunRecords:
     return RunRecords(run_dir, config, metrics, _jsonl(run_dir / "traffic.jsonl"), ledger)
 
 
+def empirical_audit(run_dir: Path) -> dict[str, Any] | None:
+    """``empirical_audit.json`` of a run with canaries, or None."""
+    path = run_dir / EMPIRICAL_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise FedPeftError(f"{path} is damaged") from None
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Draw the figures and write ``report.md`` (atomically); return its path."""
     run = load_run(run_dir)
     figures = run.run_dir / FIGURE_DIR
+    audit = empirical_audit(run.run_dir)
     drawn = {
         "quality": plots.plot_quality(run.metrics, figures / "quality.png"),
         "traffic": plots.plot_traffic(run.metrics, figures / "traffic.png"),
         "residual": plots.plot_residual(run.metrics, figures / "residual.png"),
         "epsilon": plots.plot_epsilon(run.ledger, figures / "epsilon.png"),
+        "canaries": None if audit is None else plots.plot_canary_roc(
+            audit["scores"], audit["members"], figures / "canaries.png",
+            title=f"canary membership from the final model's loss — epsilon >= {audit['epsilon']:.2f}"),
     }
     for name, path in drawn.items():  # a figure the run no longer has must not linger from an earlier draw
         if path is None:
@@ -168,6 +184,19 @@ def render(run: RunRecords, figures: Mapping[str, str]) -> str:
     out += _reliability(run)
     if cfg.get("dp", "off") != "off":
         out += _privacy(run, figures.get("epsilon"))
+    audit = empirical_audit(run.run_dir)
+    if audit is not None:
+        claim = audit.get("accountant_epsilon")
+        verdict = ("no DP claim to compare with" if claim is None else
+                   f"**VIOLATION**: above the accountant's {claim:.3f}" if audit["violation"] else
+                   f"within the accountant's {claim:.3f}")
+        out += ["## Empirical privacy audit", "",
+                f"{audit['canaries']} canaries (random texts, random labels), each trained on with probability "
+                f"1/2; {audit['correct']} of {audit['guesses']} membership guesses right (loss below / above "
+                f"the rest). One-run lower bound (Steinke, Nasr & Jagielski 2023): **epsilon >= "
+                f"{audit['epsilon']:.3f}** at {100 * audit['confidence']:.0f}% confidence, delta "
+                f"{audit['delta']:g} — {verdict}.", "",
+                f"![canary ROC]({figures['canaries']})", ""]
     out += _configuration(cfg)
     return "\n".join(out) + "\n"
 

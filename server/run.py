@@ -31,7 +31,8 @@ from fedpeft.config import FedPeftConfig
 from fedpeft.errors import FedPeftError
 from fedpeft.runlog import append_jsonl, atomic_replace_dir, atomic_write_text
 from fedpeft.training import evaluate
-from fedpeft.wire import CONFIG, METRICS, NUM_EXAMPLES, config_record, from_array_record, to_array_record
+from fedpeft.wire import CANARIES, CONFIG, METRICS, NUM_EXAMPLES, config_record, from_array_record, to_array_record
+from privacy.empirical import audit_run_canaries, run_canaries, save_result, site_rows
 from privacy.server import RunPrivacy
 from server.checkpoint import Checkpoint, load_checkpoint, log_sizes, resumed_config, rewind_logs, save_checkpoint
 from strategies import AGGREGATORS, AggregationOptions
@@ -166,7 +167,6 @@ def run_federation(
         checkpoint = load_checkpoint(Path(cfg.out))
         if checkpoint.run_id != cfg.run_id:
             raise FedPeftError(f"cannot resume {cfg.out}: its checkpoint belongs to run {checkpoint.run_id}")
-        cfg = dataclasses.replace(cfg, resume="")  # from here on the run's own config, as the sites knew it
     elif clients_from_federation:
         cfg = dataclasses.replace(cfg, clients=len(nodes))
     if not cfg.run_id:
@@ -226,6 +226,15 @@ def run_federation(
     privacy = RunPrivacy(cfg, run_dir, num_sites=population, key_dir=site.state_dir() / "coordinator",
                          resume=checkpoint)
     check_robust(cfg, AGGREGATORS.get(cfg.strategy))  # the same one-line errors as `fedpeft simulate`
+    canaries = run_canaries(run_dir, cfg.canaries, label_names=label_names, sites=list(sites.values())) \
+        if cfg.canaries else []
+
+    def site_config(key: str) -> dict[str, Any]:
+        extra = dict(privacy.site_config(key)) if privacy.site_config is not None else {}
+        if canaries:
+            extra[CANARIES] = site_rows(canaries, key)
+        return extra
+
     options = AggregationOptions(lam=cfg.fair_lambda, ab_iterations=cfg.fair_iterations, seed=cfg.seed,
                                  robust=cfg.robust)
     strategy = FedPeftStrategy(
@@ -236,7 +245,7 @@ def run_federation(
         options=options,
         ranks=ranks,
         checks=privacy.checks,
-        site_config=privacy.site_config,
+        site_config=site_config if privacy.site_config is not None or canaries else None,
         uniform_weights=privacy.uniform_weights,
         downlink=cfg.downlink_codec,
         bound=privacy.bound or norm_bound(cfg.clip_update_norm),
@@ -309,6 +318,17 @@ def run_federation(
         commit(rnd, population, privacy.ledger)
 
     save_adapter(model, state, run_dir / "adapter", cfg=cfg, label_names=label_names)
+    if canaries:  # save_adapter left the final adapter in the model
+        audit = audit_run_canaries(model, site.tokenizer(cfg), canaries, label_names=label_names,
+                                   max_length=cfg.max_length, delta=cfg.dp_delta if cfg.dp != "off" else 1e-5,
+                                   accountant_epsilon=privacy.spent())
+        save_result(run_dir, audit)
+        claim = audit["accountant_epsilon"]
+        claimed = "no DP" if claim is None else f"the accountant's {claim:.3f}"
+        (logger.error if audit["violation"] else logger.info)(
+            "empirical audit: epsilon >= %.3f at %.0f%% confidence from %d canaries (%d of %d guesses right), "
+            "against %s%s", audit["epsilon"], 100 * audit["confidence"], audit["canaries"], audit["correct"],
+            audit["guesses"], claimed, " — VIOLATION: the run leaks more than it claims" if audit["violation"] else "")
     try:
         from server.report import write_report
 

@@ -20,6 +20,8 @@ def run_audit(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise FedPeftError(f"run directory not found: {run_dir}")
+    if args.empirical:
+        return _print_empirical(run_dir, as_json=args.json)
     try:
         keys = load_pinned_keys(args.keys) if args.keys else None
         report = audit_run(run_dir, pinned_keys=keys, tolerance=args.tolerance)
@@ -70,6 +72,28 @@ def _print_table(report, plot: Path | None) -> None:  # noqa: ANN001 - an AuditR
             console.print(f"  - {v}", highlight=False)
     if plot is not None:
         console.print(f"audit: epsilon per round drawn in {plot}")
+
+
+def _print_empirical(run_dir: Path, *, as_json: bool) -> int:
+    """The empirical audit's result (``--canaries``); 1 when the bound exceeds the accountant's epsilon."""
+    import json
+
+    from server.report import empirical_audit
+
+    audit = empirical_audit(run_dir)
+    if audit is None:
+        raise FedPeftError(f"{run_dir} has no empirical audit; run with --canaries M (e.g. 200) to make one")
+    summary = {k: v for k, v in audit.items() if k not in ("scores", "members")}
+    if as_json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        claim = audit["accountant_epsilon"]
+        print(f"empirical epsilon >= {audit['epsilon']:.3f} at {100 * audit['confidence']:.0f}% confidence "
+              f"(delta {audit['delta']:g}; {audit['canaries']} canaries, {audit['correct']} of {audit['guesses']} "
+              f"guesses right); accountant: {'no DP' if claim is None else f'epsilon {claim:.3f}'}")
+        if audit["violation"]:
+            print("audit: VIOLATION — the measured lower bound is above the accountant's epsilon")
+    return 1 if audit["violation"] else 0
 
 
 def _num(value: float | None, spec: str) -> str:

@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("run_dir", metavar="RUN_DIR", help="directory of a run made with --dp")
     audit.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    audit.add_argument("--empirical", action="store_true", help="show the empirical audit of a run made with "
+                       "--canaries: the measured epsilon lower bound next to the accountant's (exit 1 if above it)")
     audit.add_argument("--keys", metavar="FILE", help="JSON {site: base64 Ed25519 public key} obtained from the sites")
     audit.add_argument(
         "--tolerance", type=float, default=0.05, help="relative gap allowed between accountants (default: 0.05)"

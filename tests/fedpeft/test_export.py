@@ -87,3 +87,17 @@ def test_export_refusals_are_one_line(capsys: pytest.CaptureFixture[str], tmp_pa
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expected in err[0], (argv, err)
     assert not (tmp_path / "m").exists()
+
+
+def test_extra_examples_are_appended_with_the_runs_labels(tiny_model_dir: Path) -> None:
+    from fedpeft.errors import FedPeftError
+    from fedpeft.training import Encoded
+
+    cfg = FedPeftConfig(model=str(tiny_model_dir))
+    data = Encoded(input_ids=[[101, 7, 102]], labels=np.array([0]), pad_id=0)
+    more = site.with_extra_examples(cfg, data, [["qwzx plok", "rotten"], ["fresh text", "fresh"]],
+                                    label_names=["fresh", "rotten"])
+    assert len(more) == 3 and more.labels.tolist() == [0, 1, 0] and more.input_ids[0] == [101, 7, 102]
+    assert site.with_extra_examples(cfg, data, [], label_names=["fresh", "rotten"]) is data
+    with pytest.raises(FedPeftError, match="labels \\['meh'\\] the run does not know"):
+        site.with_extra_examples(cfg, data, [["x", "meh"]], label_names=["fresh", "rotten"])

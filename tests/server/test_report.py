@@ -119,3 +119,21 @@ def test_quiet_and_json_exclude_each_other() -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["simulate", "--quiet", "--json"])
     assert exit_info.value.code == 2
+
+
+def test_an_empirical_audit_is_reported_and_shown(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(0)
+    members = [bool(x) for x in rng.random(40) < 0.5]
+    audit = {"epsilon": 1.234, "confidence": 0.95, "delta": 1e-5, "canaries": 40, "guesses": 20, "correct": 18,
+             "guesses_in": 10, "guesses_out": 10, "accountant_epsilon": 0.5, "violation": True,
+             "scores": [0.1 if m else 2.0 for m in members], "members": members}
+    (run / "empirical_audit.json").write_text(json.dumps(audit))
+    text = write_report(run).read_text()
+    assert "**epsilon >= 1.234** at 95% confidence" in text and "**VIOLATION**: above the accountant's 0.500" in text
+    assert_real_png(run / "report" / "canaries.png")
+    assert main(["audit", str(run), "--empirical"]) == 1  # a bound above the claim fails the audit
+    out = capsys.readouterr().out
+    assert "empirical epsilon >= 1.234" in out and "VIOLATION" in out
+    (run / "empirical_audit.json").unlink()
+    assert main(["audit", str(run), "--empirical"]) == 2
+    assert "run with --canaries M" in capsys.readouterr().err
