@@ -63,6 +63,20 @@ def atomic_replace_dir(build: Path, final: Path) -> None:
         os.replace(build, final)
 
 
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out a matplotlib figure, write it to ``path`` as PNG via a temporary file and a rename, close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def safe_name(name: str) -> str:
     """``name`` reduced to characters safe in a file name (site keys and run ids become file names)."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from fedpeft.runlog import save_figure
 from privacy.audit import AuditReport
 
 
@@ -52,10 +53,4 @@ def plot_epsilon(report: AuditReport, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     if len(series) <= 12:
         ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedpeft.runlog import save_figure
+
 Record = Mapping[str, Any]
 
 
@@ -21,17 +23,6 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _save(fig: Any, path: Path) -> Path:
-    plt = _pyplot()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
 
 
 def _rounds_axis(ax: Any) -> None:
@@ -62,7 +53,7 @@ def plot_quality(metrics: Sequence[Record], path: Path) -> Path:
     ax.legend(handles=handles, fontsize=8, loc="best")
     _rounds_axis(ax)
     ax.set_title("accuracy and loss per round" + (" (grey: skipped rounds)" if skipped else ""), fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_traffic(metrics: Sequence[Record], path: Path) -> Path:
@@ -88,7 +79,7 @@ def plot_traffic(metrics: Sequence[Record], path: Path) -> Path:
     ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4)
     _rounds_axis(ax)
     ax.set_title("traffic per round", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_residual(metrics: Sequence[Record], path: Path) -> Path | None:
@@ -106,7 +97,7 @@ def plot_residual(metrics: Sequence[Record], path: Path) -> Path | None:
     ax.legend(fontsize=8)
     _rounds_axis(ax)
     ax.set_title("aggregation residual per round", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_epsilon(entries: Sequence[Record], path: Path) -> Path | None:
@@ -133,7 +124,7 @@ def plot_epsilon(entries: Sequence[Record], path: Path) -> Path | None:
         ax.legend(fontsize=7, ncol=2)
     _rounds_axis(ax)
     ax.set_title("privacy spent per site and round (ledger)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_canary_roc(scores: Sequence[float], members: Sequence[bool], path: Path, *, title: str) -> Path:
@@ -156,4 +147,4 @@ def plot_canary_roc(scores: Sequence[float], members: Sequence[bool], path: Path
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -11,9 +11,9 @@ Central DP clips with the same function (to its clipping norm C, :mod:`privacy.c
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
+
+from strategies.validation import update_norm
 
 
 def clip_to_norm(update: dict[str, np.ndarray], *, max_norm: float) -> tuple[dict[str, np.ndarray], bool]:
@@ -24,7 +24,7 @@ def clip_to_norm(update: dict[str, np.ndarray], *, max_norm: float) -> tuple[dic
     """
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
-    norm = math.sqrt(sum(float(np.sum(np.asarray(v, dtype=np.float64) ** 2)) for v in update.values()))
+    norm = update_norm(update)
     if norm <= max_norm * (1 + 1e-6):
         return update, False
     scale = np.float32(max_norm / norm)
