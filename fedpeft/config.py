@@ -29,12 +29,19 @@ class FedPeftConfig:
     """Everything that defines a federated PEFT run."""
 
     # --- model and adapter ---------------------------------------------------------------------
-    model: str = _f("", "HF model directory or cached hub name; empty: bundled all-MiniLM-L6-v2")
+    task: str = _f(
+        "seq-cls", "seq-cls (text classification: text + label columns) | causal-lm (instruction tuning of a decoder "
+        "LM: prompt/response or chat messages, loss on the response tokens)"
+    )
+    model: str = _f("", "HF model directory or cached hub name; empty: bundled all-MiniLM-L6-v2 (seq-cls only)")
     peft: str = _f("lora", "PEFT method: lora (low-rank factors, HF peft) | ssf (per-feature scale and shift)")
     lora_r: int = _f(8, "LoRA rank r")
     lora_alpha: float = _f(16.0, "LoRA scaling alpha (update scaled by alpha/r)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA input, in [0, 1)")
-    lora_target_modules: str = _f("", "comma-separated module names; empty: peft's per-architecture default")
+    lora_target_modules: str = _f(
+        "", "comma-separated module names; empty: seq-cls peft's per-architecture default, causal-lm the attention "
+        "and MLP projections of the architecture"
+    )
     ssf_target_modules: str = _f(
         "", "SSF: comma-separated nn.Linear / nn.LayerNorm names it follows; empty: every one but the head"
     )
@@ -92,6 +99,13 @@ class FedPeftConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     eval_batch_size: int = _f(64, "examples per evaluation batch")
     client_cpus: int = _f(2, "CPU threads each simulated client uses")
+    client_gpus: float = _f(0.0, "share of a GPU each simulated client reserves (0.5: two clients per GPU); 0: none")
+    device: str = _f("auto", "where sites and the server train and evaluate: auto (CUDA when present) | cpu | cuda")
+    precision: str = _f(
+        "auto", "auto (bf16 on a GPU that supports it, else fp32) | fp32 | bf16 (frozen weights in bf16, "
+        "adapters in fp32, bf16 autocast)"
+    )
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass: less memory, slower steps")
     seed: int = _f(0, "seed for data split, sampling, initialisation and training")
     # --- privacy --------------------------------------------------------------------------------
     dp: str = _f("off", "off | local (DP-SGD at each site: sample-level) | central (clipped updates + server noise)")
@@ -153,6 +167,8 @@ class FedPeftConfig:
         if self.text_column == self.label_column:
             raise FedPeftError("text_column and label_column must differ")
         _check_peft(self)
+        _check_task(self)
+        _check_device(self)
         _check_privacy(self)
         _check_codecs(self)
 
@@ -310,6 +326,51 @@ def _check_peft(cfg: FedPeftConfig) -> None:
                 )
 
 
+TASKS = ("seq-cls", "causal-lm")
+# The settings only classification reads; setting one for causal-lm is a mistake worth one line.
+SEQ_CLS_FIELDS = ("text_column", "label_column", "head_lr")
+
+
+def _check_task(cfg: FedPeftConfig) -> None:
+    if cfg.task not in TASKS:
+        raise FedPeftError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+    if cfg.task == "seq-cls":
+        return
+    defaults = FedPeftConfig.__dataclass_fields__
+    for name in SEQ_CLS_FIELDS:
+        if getattr(cfg, name) != defaults[name].default:
+            raise FedPeftError(f"{name} is a seq-cls setting but task is causal-lm; drop it (causal-lm reads "
+                               "prompt/response or messages columns)")
+    if not cfg.model:
+        raise FedPeftError("task causal-lm needs --model: a decoder LM's directory (Llama, Qwen, Mistral, GPT-2, ...); "
+                           "the bundled MiniLM is an encoder")
+    if not cfg.data:
+        raise FedPeftError("task causal-lm needs --data: a JSONL file with prompt/response columns or chat messages")
+    if cfg.partition.strip().startswith("dirichlet"):
+        raise FedPeftError("partition dirichlet draws label shares, and causal-lm data has no labels; use iid or "
+                           "natural:<column>")
+    if cfg.canaries:
+        raise FedPeftError("canaries (the empirical privacy audit) are labelled texts: seq-cls only")
+
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _check_device(cfg: FedPeftConfig) -> None:
+    if cfg.device not in DEVICES:
+        raise FedPeftError(f"device must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
+    if cfg.precision not in PRECISIONS:
+        raise FedPeftError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if not (math.isfinite(cfg.client_gpus) and cfg.client_gpus >= 0):
+        raise FedPeftError(f"client_gpus must be a finite number >= 0 (0: no GPU), got {cfg.client_gpus}")
+    if cfg.client_gpus > 0 and cfg.device == "cpu":
+        raise FedPeftError("client_gpus reserves GPUs for clients that device=cpu keeps off them; drop one")
+    if cfg.gradient_checkpointing and cfg.dp == "local":
+        raise FedPeftError("gradient_checkpointing under local DP: Opacus's per-sample hooks would see every "
+                           "recomputed layer twice; turn one off")
+
+
 def _check_codecs(cfg: FedPeftConfig) -> None:
     from fedpeft.codecs import CodecError, parse_codec
 
@@ -348,9 +409,16 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
             return float(value)
         if kind is int and isinstance(value, str):
             return int(value)
+        if kind is bool and isinstance(value, str) and value.strip().lower() in _BOOLS:
+            return _BOOLS[value.strip().lower()]
+        if kind is bool and isinstance(value, int) and value in (0, 1):
+            return bool(value)
     except ValueError:
         pass
     raise FedPeftError(f"{name} must be of type {kind.__name__}, got {value!r}")
+
+
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
 def _positive(cfg: FedPeftConfig, *names: str) -> None:

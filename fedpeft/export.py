@@ -1,6 +1,7 @@
 """``fedpeft export RUN_DIR --merge --out DIR``: the run's adapter folded into its base model, saved as a
 plain transformers model (weights, config with the label names, tokenizer) that loads without fedpeft
-or peft.
+or peft: with ``AutoModelForSequenceClassification`` (``seq-cls``) or ``AutoModelForCausalLM``
+(``causal-lm``).
 
 LoRA: peft's ``merge_and_unload`` (W + (α/r)·B·A). SSF: :meth:`SSFModel.merge_and_unload`
 (W' = diag(γ)W, b' = γ⊙b + β). The directory is built beside ``DIR`` and renamed into place, so a
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.errors import FedPeftError
-from fedpeft.models import load_classifier
+from fedpeft.models import load_model
 from fedpeft.runlog import atomic_replace_dir
 
 
@@ -39,15 +40,16 @@ def merged_model(run_dir: str | Path, *, base: str | None = None) -> tuple[Any, 
     the run recorded, e.g. when the run was started from another directory)."""
     run_dir = Path(run_dir)
     meta = adapter_meta(run_dir)
-    labels = meta["label_names"]
+    labels, task = meta["label_names"], str(meta.get("task", "seq-cls"))
     try:
-        model, tokenizer = load_classifier(base or meta.get("base_model", ""), num_labels=len(labels))
+        model, tokenizer = load_model(base or meta.get("base_model", ""), task=task, num_labels=len(labels))
     except FedPeftError as err:
         if base:
             raise
         raise FedPeftError(f"{err}; pass --base with the base model's directory") from None
-    model.config.id2label = dict(enumerate(labels))
-    model.config.label2id = {name: i for i, name in enumerate(labels)}
+    if task == "seq-cls":
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {name: i for i, name in enumerate(labels)}
     adapter = run_dir / "adapter"
     if (adapter / "ssf_config.json").exists():
         from fedpeft.adapters.ssf.model import SSFModel
@@ -61,7 +63,10 @@ def merged_model(run_dir: str | Path, *, base: str | None = None) -> tuple[Any, 
         except (OSError, ValueError, RuntimeError) as err:
             raise FedPeftError(f"cannot load the adapter in {adapter} onto {base or meta.get('base_model')}: "
                                f"{str(err).splitlines()[0]}") from None
-    return wrapped.merge_and_unload().eval(), tokenizer
+    merged = wrapped.merge_and_unload().eval()
+    if task == "causal-lm":
+        merged.config.use_cache = True  # training turned the generation cache off; generation wants it
+    return merged, tokenizer
 
 
 def export_merged(run_dir: str | Path, out: str | Path, *, base: str | None = None, force: bool = False) -> Path:
@@ -79,11 +84,13 @@ def export_merged(run_dir: str | Path, out: str | Path, *, base: str | None = No
         raise FedPeftError(f"{out} exists; choose another --out or pass --force to replace it")
     if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents and out.name == "adapter":
         raise FedPeftError(f"--out {out} would overwrite the run's own files")
-    model, tokenizer = merged_model(run_dir, base=base)
+    with warnings.catch_warnings():  # transformers' deprecation notes about its own attributes
+        warnings.simplefilter("ignore", FutureWarning)
+        model, tokenizer = merged_model(run_dir, base=base)
     out.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        with warnings.catch_warnings():  # transformers' deprecation notes about its own attributes
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             model.save_pretrained(str(build))
         tokenizer.save_pretrained(str(build))

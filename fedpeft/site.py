@@ -21,8 +21,10 @@ import numpy as np
 
 from fedpeft.adapters.state import key_matches
 from fedpeft.config import FedPeftConfig, parse_ranks
-from fedpeft.data import DEFAULT_DATA, LabelledTable, load_labelled_table, partition_indices, split_test
+from fedpeft.data import DEFAULT_DATA, LabelledTable, partition_indices, split_test
 from fedpeft.errors import FedPeftError
+from fedpeft.runtime import Runtime, resolve_runtime
+from fedpeft.tasks import TASKS
 from fedpeft.training import Encoded, encode, train_local
 
 STATE_DIR_ENV = "FEDPEFT_STATE_DIR"
@@ -84,7 +86,8 @@ def with_extra_examples(
 
 
 def local_table(cfg: FedPeftConfig, path: str, *, label_names: Sequence[str]) -> LabelledTable:
-    """A site's own data file, every row for training, its labels numbered as the run numbers them.
+    """A site's own data file, every row for training, its labels numbered as the run numbers them
+    (conversations for ``causal-lm``: no labels).
 
     Raises
     ------
@@ -94,7 +97,9 @@ def local_table(cfg: FedPeftConfig, path: str, *, label_names: Sequence[str]) ->
     file = Path(path).expanduser()
     if not file.is_file():
         raise FedPeftError(f"site data file not found: {file}")
-    table = load_labelled_table(file, text_column=cfg.text_column, label_column=cfg.label_column, min_classes=1)
+    table = TASKS.get(cfg.task).read(file, cfg, min_classes=1)
+    if not table.label_names:
+        return table
     unknown = sorted(set(table.label_names) - set(label_names))
     if unknown:
         raise FedPeftError(
@@ -118,13 +123,14 @@ def data_path(cfg: FedPeftConfig) -> str:
 
 def load_split(cfg: FedPeftConfig) -> tuple[LabelledTable, LabelledTable]:
     """``(train, test)`` of the configured data, with the seeded test hold-out."""
-    return _split(data_path(cfg), cfg.text_column, cfg.label_column, cfg.test_fraction, cfg.seed)
+    return _split(cfg.task, data_path(cfg), cfg.text_column, cfg.label_column, cfg.test_fraction, cfg.seed)
 
 
 def partitions(cfg: FedPeftConfig, num_partitions: int) -> list[np.ndarray]:
     """Row positions (in the training split) of every client's partition (cached)."""
     return _partitions(
-        data_path(cfg), cfg.text_column, cfg.label_column, cfg.test_fraction, cfg.seed, cfg.partition, num_partitions
+        cfg.task, data_path(cfg), cfg.text_column, cfg.label_column, cfg.test_fraction, cfg.seed, cfg.partition,
+        num_partitions
     )
 
 
@@ -140,6 +146,7 @@ def client_partition(cfg: FedPeftConfig, partition_id: int, num_partitions: int)
 def encoded_partition(cfg: FedPeftConfig, partition_id: int, num_partitions: int) -> Encoded:
     """One client's training rows, tokenized (cached)."""
     return _encoded_partition(
+        cfg.task,
         cfg.model,
         cfg.max_length,
         data_path(cfg),
@@ -156,7 +163,8 @@ def encoded_partition(cfg: FedPeftConfig, partition_id: int, num_partitions: int
 def encoded_test(cfg: FedPeftConfig) -> Encoded:
     """The held-out test split, tokenized (cached)."""
     return _encoded_test(
-        cfg.model, cfg.max_length, data_path(cfg), cfg.text_column, cfg.label_column, cfg.test_fraction, cfg.seed
+        cfg.task, cfg.model, cfg.max_length, data_path(cfg), cfg.text_column, cfg.label_column, cfg.test_fraction,
+        cfg.seed
     )
 
 
@@ -178,13 +186,12 @@ def initial_adapter(cfg: FedPeftConfig, num_labels: int) -> dict[str, np.ndarray
 
 
 # The config fields that decide what the PEFT model is (the cache key).
-ADAPTER_FIELDS = ("model", "peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-                  "ssf_target_modules", "seed")
+ADAPTER_FIELDS = ("task", "model", "peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+                  "ssf_target_modules", "seed", "device", "precision", "gradient_checkpointing")
 
 
 def _peft_model_and_init(cfg: FedPeftConfig, num_labels: int) -> tuple[Any, dict[str, np.ndarray]]:
-    key = dataclasses.replace(FedPeftConfig(), **{name: getattr(cfg, name) for name in ADAPTER_FIELDS})
-    return _peft_model(key, num_labels)
+    return _peft_model(tuple((name, getattr(cfg, name)) for name in ADAPTER_FIELDS), num_labels)
 
 
 def client_rank(cfg: FedPeftConfig, partition_id: int, node_rank: int | None = None) -> int:
@@ -206,6 +213,16 @@ def at_rank(cfg: FedPeftConfig, rank: int) -> FedPeftConfig:
     if rank == cfg.lora_r:
         return cfg
     return dataclasses.replace(cfg, lora_r=rank, lora_alpha=cfg.lora_alpha * rank / cfg.lora_r, client_ranks="")
+
+
+def runtime(cfg: FedPeftConfig) -> Runtime:
+    """Where this process trains and evaluates (:func:`fedpeft.runtime.resolve_runtime`)."""
+    return resolve_runtime(cfg.device, cfg.precision)
+
+
+def evaluate(cfg: FedPeftConfig, model: Any, data: Encoded) -> dict[str, float]:
+    """The task's held-out metrics of ``model`` on ``data`` (``loss``, ``accuracy``; LMs: ``perplexity``)."""
+    return TASKS.get(cfg.task).evaluate(model, data, batch_size=cfg.eval_batch_size, runtime=runtime(cfg))
 
 
 def tokenizer(cfg: FedPeftConfig) -> Any:
@@ -239,6 +256,7 @@ def train_settings(cfg: FedPeftConfig) -> dict[str, Any]:
         "lr": cfg.lr,
         "head_lr": cfg.head_lr,
         "weight_decay": cfg.weight_decay,
+        "runtime": runtime(cfg),
     }
 
 
@@ -264,19 +282,22 @@ def derive_seed(*parts: int) -> int:
 
 
 @lru_cache(maxsize=4)
-def _split(path: str, text: str, label: str, fraction: float, seed: int) -> tuple[LabelledTable, LabelledTable]:
-    table = load_labelled_table(path, text_column=text, label_column=label)
+def _split(task: str, path: str, text: str, label: str, fraction: float, seed: int) -> tuple[Any, Any]:
+    table = TASKS.get(task).read(path, FedPeftConfig(text_column=text, label_column=label))
     return split_test(table, test_fraction=fraction, seed=seed)
 
 
 @lru_cache(maxsize=4)
-def _partitions(path: str, text: str, label: str, fraction: float, seed: int, spec: str, n: int) -> list[np.ndarray]:
-    train, _ = _split(path, text, label, fraction, seed)
+def _partitions(
+    task: str, path: str, text: str, label: str, fraction: float, seed: int, spec: str, n: int
+) -> list[np.ndarray]:
+    train, _ = _split(task, path, text, label, fraction, seed)
     return partition_indices(train, spec, num_clients=n, seed=seed)
 
 
 @lru_cache(maxsize=16)
 def _encoded_partition(
+    task: str,
     model: str,
     max_length: int,
     path: str,
@@ -288,22 +309,23 @@ def _encoded_partition(
     pid: int,
     n: int,
 ) -> Encoded:
-    train, _ = _split(path, text, label, fraction, seed)
-    rows = _partitions(path, text, label, fraction, seed, spec, n)[pid]
-    part = train.subset(rows)
-    return encode(_tokenizer(model), part.texts, part.labels, max_length=max_length)
+    train, _ = _split(task, path, text, label, fraction, seed)
+    rows = _partitions(task, path, text, label, fraction, seed, spec, n)[pid]
+    return TASKS.get(task).encode(_tokenizer(model), train.subset(rows), max_length=max_length)
 
 
 @lru_cache(maxsize=2)
-def _encoded_test(model: str, max_length: int, path: str, text: str, label: str, fraction: float, seed: int) -> Encoded:
-    _, test = _split(path, text, label, fraction, seed)
-    return encode(_tokenizer(model), test.texts, test.labels, max_length=max_length)
+def _encoded_test(
+    task: str, model: str, max_length: int, path: str, text: str, label: str, fraction: float, seed: int
+) -> Encoded:
+    _, test = _split(task, path, text, label, fraction, seed)
+    return TASKS.get(task).encode(_tokenizer(model), test, max_length=max_length)
 
 
 @lru_cache(maxsize=4)
 def _encoded_local(cfg: FedPeftConfig, path: str, label_names: tuple[str, ...], version: Any) -> Encoded:
     table = local_table(cfg, path, label_names=label_names)
-    return encode(_tokenizer(cfg.model), table.texts, table.labels, max_length=cfg.max_length)
+    return TASKS.get(cfg.task).encode(_tokenizer(cfg.model), table, max_length=cfg.max_length)
 
 
 @lru_cache(maxsize=2)
@@ -316,15 +338,27 @@ def _tokenizer(model: str) -> Any:
 
 
 @lru_cache(maxsize=4)
-def _peft_model(cfg: FedPeftConfig, num_labels: int) -> tuple[Any, dict[str, np.ndarray]]:
-    """``cfg`` holds only :data:`ADAPTER_FIELDS` (so equal settings share one model)."""
+def _peft_model(key: tuple[tuple[str, Any], ...], num_labels: int) -> tuple[Any, dict[str, np.ndarray]]:
+    """``key`` holds only :data:`ADAPTER_FIELDS` (so equal settings share one model)."""
+    import types
+
     import torch
 
+    cfg = types.SimpleNamespace(**dict(key))
     from fedpeft.adapters import adapter_state, apply_peft
-    from fedpeft.models import load_classifier
+    from fedpeft.models import load_model
 
+    where = runtime(cfg)
     torch.manual_seed(cfg.seed)
-    net, _ = load_classifier(cfg.model, num_labels=num_labels)
+    net, _ = load_model(cfg.model, task=cfg.task, num_labels=num_labels,
+                        gradient_checkpointing=cfg.gradient_checkpointing)
+    # in fp32 on the CPU: the seeded initial adapter (and head) is the same in every process, whatever its
+    # device and precision — FFA-LoRA's frozen A is never sent, every site draws it from here
     wrapped = apply_peft(net, cfg)
     wrapped.eval()
-    return wrapped, adapter_state(wrapped)
+    state = adapter_state(wrapped)
+    if where.dtype != torch.float32:  # bf16: the frozen weights only; the adapter and head train in fp32
+        for p in wrapped.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(where.dtype)
+    return wrapped.to(where.device), state

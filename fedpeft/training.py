@@ -1,7 +1,11 @@
-"""Local training and evaluation of a sequence classifier on tokenized examples.
+"""Local training and evaluation on tokenized examples.
 
 Pure PyTorch loops with dynamic padding. ``train_local`` is one client-round: ``epochs`` passes over
 the client's data in a seeded order, stopped after ``max_steps`` optimizer steps when that is > 0.
+Examples carry a class label (``seq-cls``) or a label per token (``causal-lm``: the token itself where
+the model learns to write it, :data:`IGNORE` elsewhere); the model computes its own loss from
+``labels=`` in both cases. Batches go to the :class:`~fedpeft.runtime.Runtime`'s device and forward
+passes run under its autocast.
 """
 
 from __future__ import annotations
@@ -14,18 +18,30 @@ import numpy as np
 import torch
 
 from fedpeft.adapters.state import is_head_parameter
+from fedpeft.runtime import CPU, Runtime
+
+IGNORE = -100  # a token label that no loss counts (HF and torch's cross-entropy default)
 
 
 @dataclass(frozen=True)
 class Encoded:
-    """Tokenized examples: token ids per example (unpadded) and int64 labels."""
+    """Tokenized examples: token ids per example (unpadded) and their labels.
+
+    ``labels`` is an int64 array of class ids (one per example), or, for a causal LM, one list of
+    token labels per example, as long as its ``input_ids`` (:data:`IGNORE` where no loss is taken).
+    """
 
     input_ids: list[list[int]]
-    labels: np.ndarray
+    labels: np.ndarray | list[list[int]]
     pad_id: int
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def per_token(self) -> bool:
+        """Whether the labels are per token (a causal LM) rather than per example."""
+        return not isinstance(self.labels, np.ndarray)
 
 
 def encode(tokenizer: Any, texts: Sequence[str], labels: np.ndarray, *, max_length: int) -> Encoded:
@@ -36,7 +52,8 @@ def encode(tokenizer: Any, texts: Sequence[str], labels: np.ndarray, *, max_leng
 
 
 def padded_batch(data: Encoded, rows: np.ndarray) -> dict[str, torch.Tensor]:
-    """The examples at ``rows`` padded to the longest one: ``input_ids``, ``attention_mask``, ``labels``."""
+    """The examples at ``rows`` padded (on the right) to the longest one: ``input_ids``,
+    ``attention_mask``, ``labels`` (token labels padded with :data:`IGNORE`)."""
     width = max(len(data.input_ids[i]) for i in rows)
     ids = torch.full((len(rows), width), data.pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -44,7 +61,12 @@ def padded_batch(data: Encoded, rows: np.ndarray) -> dict[str, torch.Tensor]:
         seq = data.input_ids[i]
         ids[j, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[j, : len(seq)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.from_numpy(data.labels[rows])}
+    if not data.per_token:
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.from_numpy(data.labels[rows])}
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for j, i in enumerate(rows):
+        labels[j, : len(data.labels[i])] = torch.tensor(data.labels[i], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def batches(data: Encoded, order: np.ndarray, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -76,6 +98,7 @@ def train_local(
     weight_decay: float,
     seed: int,
     head_lr: float = 0.0,
+    runtime: Runtime = CPU,
 ) -> dict[str, float]:
     """Train the trainable parameters of ``model`` on ``data``; return metrics.
 
@@ -92,7 +115,8 @@ def train_local(
     seen = 0
     for _ in range(epochs):
         for batch in batches(data, rng.permutation(len(data)), batch_size):
-            loss = model(**batch).loss
+            with runtime.autocast_context():
+                loss = model(**runtime.to_device(batch)).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -107,14 +131,15 @@ def train_local(
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: Encoded, *, batch_size: int) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of ``model`` on ``data``."""
+def evaluate(model: torch.nn.Module, data: Encoded, *, batch_size: int, runtime: Runtime = CPU) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of the classifier ``model`` on ``data``."""
     model.eval()
     order = np.argsort([len(x) for x in data.input_ids], kind="stable")  # less padding
     correct, loss_sum = 0, 0.0
     for batch in batches(data, order, batch_size):
-        labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
+        labels = batch.pop("labels").to(runtime.device)
+        with runtime.autocast_context():
+            logits = model(**runtime.to_device(batch)).logits.float()
         loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(-1) == labels).sum())
     n = len(data)
@@ -122,14 +147,15 @@ def evaluate(model: torch.nn.Module, data: Encoded, *, batch_size: int) -> dict[
 
 
 @torch.no_grad()
-def example_losses(model: torch.nn.Module, data: Encoded, *, batch_size: int) -> np.ndarray:
-    """Cross-entropy of ``model`` on each example of ``data``, in ``data``'s order (float64)."""
+def example_losses(model: torch.nn.Module, data: Encoded, *, batch_size: int, runtime: Runtime = CPU) -> np.ndarray:
+    """Cross-entropy of the classifier ``model`` on each example of ``data``, in ``data``'s order (float64)."""
     model.eval()
     order = np.argsort([len(x) for x in data.input_ids], kind="stable")
     out = np.empty(len(data), dtype=np.float64)
     for start, batch in zip(range(0, len(order), batch_size), batches(data, order, batch_size), strict=True):
-        labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
+        labels = batch.pop("labels").to(runtime.device)
+        with runtime.autocast_context():
+            logits = model(**runtime.to_device(batch)).logits.float()
         out[order[start : start + batch_size]] = torch.nn.functional.cross_entropy(
-            logits, labels, reduction="none").double().numpy()
+            logits, labels, reduction="none").double().cpu().numpy()
     return out

@@ -14,9 +14,15 @@ An empty Poisson batch still takes a step: the clipped sum is zero, noise is add
 accounted (skipping it would drop the noise *and* under-count the privacy cost; running BERT on an
 empty batch crashes, so the step is taken without a forward pass).
 
+For a causal LM the privacy unit is one conversation: each example's loss is the mean next-token
+loss over its response tokens (:func:`fedpeft.tasks.causal_lm.sequence_losses`); ``ghost`` gets the
+token losses flattened with ``shape=`` so that Opacus's criterion reduces them per sequence the same
+way.
+
 Randomness: the batch sampling and the noise come from a generator seeded from the operating
 system's entropy pool, never from the run seed that the coordinator knows (a server that could
-replay the noise could subtract it). Tests pass an explicit ``generator_seed``.
+replay the noise could subtract it). Tests pass an explicit ``generator_seed``. On a GPU the noise
+is drawn by a generator on the GPU, seeded from the same draw.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedpeft.runtime import CPU, Runtime
 from fedpeft.training import Encoded, padded_batch, param_groups
 
 CLIPPING_MODES = ("hooks", "ghost")
@@ -116,6 +123,7 @@ def dp_train_local(
     head_lr: float = 0.0,
     optimizer: str = "adamw",
     generator_seed: int | None = None,
+    runtime: Runtime = CPU,
 ) -> tuple[dict[str, float], list[tuple[float, float, int]]]:
     """Train the trainable parameters of ``model`` on ``data`` with DP-SGD for one client-round.
 
@@ -133,6 +141,8 @@ def dp_train_local(
     q, planned = poisson_plan(len(data), batch_size=batch_size, epochs=epochs, max_steps=max_steps)
     seed = secrets.randbits(63) if generator_seed is None else int(generator_seed)
     generator = torch.Generator().manual_seed(seed)
+    noise_generator = generator if runtime.device == "cpu" else \
+        torch.Generator(device=runtime.device).manual_seed(seed ^ 0x5DEECE66D)
     groups = param_groups(model, lr=lr, head_lr=head_lr)  # raises if nothing is trainable
     params = [p for group in groups for p in group["params"]]
     if optimizer == "adamw":
@@ -156,7 +166,7 @@ def dp_train_local(
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             poisson_sampling=True,
-            noise_generator=generator,
+            noise_generator=noise_generator,
             grad_sample_mode=dp.clipping,
             wrap_model=False,
         )
@@ -170,7 +180,8 @@ def dp_train_local(
         with warnings.catch_warnings():
             # Frozen embeddings: no input needs a gradient, and Opacus's full backward hooks say so each step.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            losses, steps, empty, seen = _steps(model, data, dp_loader, dp_opt, criterion, params, planned, dp.clipping)
+            losses, steps, empty, seen = _steps(model, data, dp_loader, dp_opt, criterion, params, planned,
+                                                dp.clipping, runtime)
         history = [tuple(h) for h in engine.accountant.history]
     finally:
         hooks.cleanup()
@@ -190,7 +201,8 @@ def dp_train_local(
 
 
 def _steps(
-    model: Any, data: Encoded, loader: Any, optimizer: Any, criterion: Any, params: list, planned: int, clipping: str
+    model: Any, data: Encoded, loader: Any, optimizer: Any, criterion: Any, params: list, planned: int, clipping: str,
+    runtime: Runtime,
 ) -> tuple[list[float], int, int, int]:
     """Take ``planned`` DP-SGD steps; return (losses of non-empty steps, steps, empty steps, examples)."""
     losses: list[float] = []
@@ -202,9 +214,11 @@ def _steps(
                 _noise_only_step(optimizer, params, ghost=clipping == "ghost")
                 empty += 1
             else:
-                batch = padded_batch(data, rows.numpy())
+                batch = runtime.to_device(padded_batch(data, rows.numpy()))
                 labels = batch.pop("labels")
-                loss = criterion(model(**batch).logits, labels)
+                with runtime.autocast_context():
+                    logits = model(**batch).logits
+                loss = _loss(criterion, logits, labels, ghost=clipping == "ghost")
                 loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))
@@ -214,6 +228,19 @@ def _steps(
             if steps >= planned:
                 break
     return losses, steps, empty, seen
+
+
+def _loss(criterion: Any, logits: torch.Tensor, labels: torch.Tensor, *, ghost: bool) -> Any:
+    """The batch loss whose per-example parts are clipped: one class label per example, or token
+    labels (a causal LM: one mean response-token loss per sequence)."""
+    if labels.dim() == 1:
+        return criterion(logits.float(), labels)
+    if ghost:  # Opacus's criterion reduces the flattened token losses per sequence, skipping ignored ones
+        flat = logits[:, :-1].float()
+        return criterion(flat.reshape(-1, flat.shape[-1]), labels[:, 1:].reshape(-1), shape=flat.shape)
+    from fedpeft.tasks.causal_lm import sequence_losses
+
+    return sequence_losses(logits, labels).mean()
 
 
 def _noise_only_step(optimizer: Any, params: list[torch.nn.Parameter], *, ghost: bool) -> None:

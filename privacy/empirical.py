@@ -44,7 +44,7 @@ def site_rows(canaries: Sequence[Canary], site: str) -> str:
 
 def audit_run_canaries(
     model: Any, tokenizer: Any, canaries: Sequence[Canary], *, label_names: Sequence[str], max_length: int,
-    delta: float, accountant_epsilon: float | None, batch_size: int = 64,
+    delta: float, accountant_epsilon: float | None, batch_size: int = 64, runtime: Any = None,
 ) -> dict[str, Any]:
     """Score the canaries on the final ``model`` (loss: low ⇒ guessed trained on) and bound ε."""
     from fedpeft.training import encode, example_losses
@@ -52,7 +52,7 @@ def audit_run_canaries(
     names = list(label_names)
     data = encode(tokenizer, [c.text for c in canaries], np.array([names.index(c.label) for c in canaries]),
                   max_length=max_length)
-    scores = example_losses(model, data, batch_size=batch_size)
+    scores = example_losses(model, data, batch_size=batch_size, **({"runtime": runtime} if runtime else {}))
     members = [c.member for c in canaries]
     result = audit_scores(scores, members, delta=delta, confidence=CONFIDENCE)
     claimed = None if accountant_epsilon is None or math.isinf(accountant_epsilon) else float(accountant_epsilon)

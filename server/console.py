@@ -17,10 +17,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from server.report import REPORT_FILE, empirical_audit, human_bytes, load_run
+from server.report import REPORT_FILE, best_record, empirical_audit, human_bytes, load_run
 
 COLUMNS = ("round", "clients", "train loss", "test loss", "accuracy", "agg bias", "bytes up", "bytes down", "seconds")
-WIDTHS = (5, 7, 10, 9, 8, 8, 10, 10, 7)
+WIDTHS = (5, 7, 10, 9, 10, 8, 10, 10, 7)
 DP_COLUMN, DP_WIDTH = "eps max", 8  # shown only in DP runs: the largest epsilon any site has spent
 
 
@@ -72,15 +72,16 @@ def make_reporter(output: str, rounds: int, *, dp: bool) -> Any:
 def summary_table(run_dir: str | Path) -> Table:
     """The end-of-run summary: where the run stands and where its files are."""
     run = load_run(run_dir)
-    last = run.metrics[-1]
-    best = max(run.metrics, key=lambda r: r["accuracy"])
+    last, first = run.metrics[-1], run.metrics[0]
+    best = best_record(run.metrics)
     rounds = [r for r in run.metrics if r["round"] > 0]
     table = Table(title="fedpeft run summary", show_header=False)
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")  # a long path wraps whole, never cut short
     table.add_row("rounds", f"{last['round']} of {run.config.get('rounds')}")
-    table.add_row("accuracy", f"{last['accuracy']:.4f} final · {best['accuracy']:.4f} best (round {best['round']}) · "
-                  f"{run.metrics[0]['accuracy']:.4f} start")
+    what = "perplexity" if "perplexity" in first else "accuracy"
+    table.add_row(what, f"{last[what]:.4f} final · {best[what]:.4f} best (round {best['round']}) · "
+                  f"{first[what]:.4f} start")
     table.add_row("traffic", f"{human_bytes(sum(r.get('bytes_up', 0) for r in rounds))} up, "
                   f"{human_bytes(sum(r.get('bytes_down', 0) for r in rounds))} down")
     problems = {k: sum(int(r.get(k, 0)) for r in rounds) for k in ("failures", "rejected", "refused")}
@@ -114,6 +115,7 @@ class RoundReporter:
         )
         self.task = self.progress.add_task("rounds", total=rounds)
         self.rows: list[tuple[str, ...]] = []
+        self._first: Mapping[str, Any] = {}
 
     def __enter__(self) -> RoundReporter:
         self.progress.start()
@@ -128,7 +130,7 @@ class RoundReporter:
             str(record.get("clients", 0)),
             f"{record['train_loss']:.4f}" if "train_loss" in record else "-",
             f"{record['loss']:.4f}",
-            f"{record['accuracy']:.4f}",
+            f"{record['perplexity']:.3f}" if "perplexity" in record else f"{record['accuracy']:.4f}",
             f"{record['agg_residual_mean']:.4f}" if "agg_residual_mean" in record else "-",
             human_bytes(record.get("bytes_up", 0)),
             human_bytes(record.get("bytes_down", 0)),
@@ -138,14 +140,20 @@ class RoundReporter:
             row += (f"{record['epsilon_max']:.3f}" if "epsilon_max" in record else "-",)
         self.rows.append(row)
         if len(self.rows) == 1:
-            header = COLUMNS + ((DP_COLUMN,) if self.dp else ())
+            header = self.header(record)
             self.progress.console.print(format_row(header), style="bold", highlight=False)
         self.progress.console.print(format_row(row), highlight=False)
         self.progress.update(self.task, completed=record["round"])  # a resumed run starts part-way
 
+    def header(self, record: Mapping[str, Any]) -> tuple[str, ...]:
+        """The column names: a causal LM's quality column is its perplexity."""
+        self._first = record
+        columns = tuple("perplexity" if c == "accuracy" and "perplexity" in record else c for c in COLUMNS)
+        return columns + ((DP_COLUMN,) if self.dp else ())
+
     def table(self) -> Table:
         """All rows so far as a rich table."""
-        table = Table(*(COLUMNS + ((DP_COLUMN,) if self.dp else ())), title="fedpeft run")
+        table = Table(*self.header(self._first), title="fedpeft run")
         for row in self.rows:
             table.add_row(*row)
         return table

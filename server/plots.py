@@ -38,8 +38,9 @@ def plot_quality(metrics: Sequence[Record], path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     rounds = [r["round"] for r in metrics]
-    ax.plot(rounds, [r["accuracy"] for r in metrics], marker="o", ms=3, color="tab:blue", label="test accuracy")
-    ax.set_ylabel("accuracy", color="tab:blue")
+    what = "next-token accuracy" if "perplexity" in metrics[0] else "accuracy"  # a causal LM's
+    ax.plot(rounds, [r["accuracy"] for r in metrics], marker="o", ms=3, color="tab:blue", label=f"test {what}")
+    ax.set_ylabel(what, color="tab:blue")
     loss = ax.twinx()
     loss.plot(rounds, [r["loss"] for r in metrics], marker="s", ms=3, color="tab:red", label="test loss")
     train = [(r["round"], r["train_loss"]) for r in metrics if "train_loss" in r]

@@ -131,11 +131,27 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def best_record(metrics: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The round with the best held-out quality: highest accuracy, or lowest perplexity (a causal LM)."""
+    if "perplexity" in metrics[0]:
+        return min(metrics, key=lambda r: r["perplexity"])
+    return max(metrics, key=lambda r: r["accuracy"])
+
+
+def _results(metrics: Sequence[Mapping[str, Any]]) -> str:
+    rows = [("start", metrics[0]), ("final", metrics[-1]), ("best", best_record(metrics))]
+    if "perplexity" in metrics[0]:
+        return _table(["", "round", "test perplexity", "test loss", "next-token accuracy"],
+                      [[name, r["round"], f"{r['perplexity']:.3f}", f"{r['loss']:.4f}", f"{r['accuracy']:.4f}"]
+                       for name, r in rows])
+    return _table(["", "round", "test accuracy", "test loss"],
+                  [[name, r["round"], f"{r['accuracy']:.4f}", f"{r['loss']:.4f}"] for name, r in rows])
+
+
 def render(run: RunRecords, figures: Mapping[str, str]) -> str:
     """The text of ``report.md``."""
     cfg, metrics = run.config, run.metrics
     last, rounds = metrics[-1], [r for r in metrics if r["round"] > 0]
-    best = max(metrics, key=lambda r: r["accuracy"])
     status = "finished" if last["round"] >= int(cfg.get("rounds", 0)) else "not finished (resume it with --resume)"
     out = [
         f"# fedpeft run `{cfg.get('run_id', '?')}`",
@@ -146,10 +162,7 @@ def render(run: RunRecords, figures: Mapping[str, str]) -> str:
         "",
         "## Results",
         "",
-        _table(["", "round", "test accuracy", "test loss"],
-               [["start", metrics[0]["round"], f"{metrics[0]['accuracy']:.4f}", f"{metrics[0]['loss']:.4f}"],
-                ["final", last["round"], f"{last['accuracy']:.4f}", f"{last['loss']:.4f}"],
-                ["best", best["round"], f"{best['accuracy']:.4f}", f"{best['loss']:.4f}"]]),
+        _results(metrics),
         "",
         f"![accuracy and loss per round]({figures['quality']})",
         "",

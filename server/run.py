@@ -30,7 +30,6 @@ from fedpeft.adapters import adapter_state, load_adapter_state
 from fedpeft.config import FedPeftConfig
 from fedpeft.errors import FedPeftError
 from fedpeft.runlog import append_jsonl, atomic_replace_dir, atomic_write_text
-from fedpeft.training import evaluate
 from fedpeft.wire import CANARIES, CONFIG, METRICS, NUM_EXAMPLES, config_record, from_array_record, to_array_record
 from privacy.empirical import audit_run_canaries, run_canaries, save_result, site_rows
 from privacy.server import RunPrivacy
@@ -195,11 +194,12 @@ def run_federation(
 
     def record_round(rnd: int, extra: Mapping[str, Any], started: float) -> dict[str, Any]:
         load_adapter_state(model, state)
-        ev = evaluate(model, test, batch_size=cfg.eval_batch_size)
+        ev = site.evaluate(cfg, model, test)
         record = {
             "round": rnd,
             "accuracy": ev["accuracy"],
             "loss": ev["loss"],
+            **({"perplexity": ev["perplexity"]} if "perplexity" in ev else {}),
             "adapter_bytes": adapter_nbytes(state),
             **extra,
         }
@@ -321,7 +321,7 @@ def run_federation(
     if canaries:  # save_adapter left the final adapter in the model
         audit = audit_run_canaries(model, site.tokenizer(cfg), canaries, label_names=label_names,
                                    max_length=cfg.max_length, delta=cfg.dp_delta if cfg.dp != "off" else 1e-5,
-                                   accountant_epsilon=privacy.spent())
+                                   accountant_epsilon=privacy.spent(), runtime=site.runtime(cfg))
         save_result(run_dir, audit)
         claim = audit["accountant_epsilon"]
         claimed = "no DP" if claim is None else f"the accountant's {claim:.3f}"
@@ -364,6 +364,7 @@ def save_adapter(
     build = Path(tempfile.mkdtemp(dir=out.parent, prefix=".adapter."))
     model.save_pretrained(str(build))
     meta = {
+        "task": cfg.task,
         "label_names": label_names,
         "text_column": cfg.text_column,
         "label_column": cfg.label_column,

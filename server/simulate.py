@@ -72,7 +72,7 @@ def simulate(
     logging.getLogger("flwr").setLevel(level)
     logging.getLogger("strategies").setLevel(logging.INFO if verbose else logging.WARNING)
     backend: dict[str, Any] = {
-        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
         "init_args": {"logging_level": level, "log_to_driver": verbose, "include_dashboard": False},
     }
     with warnings.catch_warnings():

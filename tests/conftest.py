@@ -30,6 +30,31 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide random Llama with a small BPE tokenizer and a ChatML chat template."""
+    from causal_lm import make_tiny_lm
+
+    return make_tiny_lm(tmp_path_factory.mktemp("tiny-llama"), arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide random GPT-2 whose tokenizer has no chat template."""
+    from causal_lm import make_tiny_lm
+
+    return make_tiny_lm(tmp_path_factory.mktemp("tiny-gpt2"), arch="gpt2", chat_template=False)
+
+
+@pytest.fixture(scope="session")
+def instruction_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """300 prompt/response rows of the tiny instruction task, with a site column (3 sites)."""
+    from causal_lm import instruction_rows, write_jsonl
+
+    rows = [row | {"site": f"site-{i % 3}"} for i, row in enumerate(instruction_rows(300, seed=1))]
+    return write_jsonl(tmp_path_factory.mktemp("instructions") / "chat.jsonl", rows)
+
+
+@pytest.fixture(scope="session")
 def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The first 400 rows of the bundled corpus as plain JSONL."""
     out = tmp_path_factory.mktemp("data") / "small.jsonl"

@@ -14,6 +14,7 @@ from fedpeft.config import (
     DP_PRIVACY_KEYS,
     PEFT_DEFAULT_STRATEGY,
     PEFT_FIELDS,
+    SEQ_CLS_FIELDS,
     FedPeftConfig,
     describe_dp,
     field_help,
@@ -43,7 +44,7 @@ _METAVARS = {
     "partition": "SPEC", "strategy": "NAME", "client_ranks": "RANKS", "lora_target_modules": "NAMES",
     "ssf_target_modules": "NAMES", "short_round": "ACTION", "robust": "RULE", "codec": "SPEC",
     "downlink_codec": "SPEC", "dp_clipping": "MODE", "dp_accountant": "NAME", "run_id": "ID", "out": "RUN_DIR",
-    "resume": "RUN_DIR",
+    "resume": "RUN_DIR", "task": "TASK", "device": "DEVICE", "precision": "PRECISION",
 }
 _EXAMPLES = """examples:
   fedpeft simulate --out runs/demo                          the main job: MiniLM, 10 clients, 5 rounds
@@ -51,7 +52,17 @@ _EXAMPLES = """examples:
   fedpeft simulate --dp --out runs/private                  local DP-SGD, epsilon 8 per site
   fedpeft simulate --codec topk:0.1+int8                    compressed updates
   fedpeft simulate --resume runs/demo                       continue a run that stopped
+  fedpeft simulate --task causal-lm --model ~/llama --data chat.jsonl   instruction-tune a decoder LM
   fedpeft report runs/demo && fedpeft export runs/demo --merge --out merged/"""
+
+
+def _flag(value: str) -> bool:
+    """A boolean flag's value: true/false, yes/no, on/off, 1/0."""
+    words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+    try:
+        return words[value.strip().lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,10 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(defaults, name)
         group = main if name in _MAIN_FLAGS else more
         extra: dict = {"nargs": "?", "const": "local", "metavar": "MODE"} if name == "dp" else {}
+        if isinstance(default, bool):  # --flag alone: on; --flag false: off
+            extra = {"nargs": "?", "const": True, "metavar": "BOOL"}
         group.add_argument(
             f"--{name.replace('_', '-')}",
             dest=name,
-            type=type(default),
+            type=_flag if isinstance(default, bool) else type(default),
             default=None,
             **({"metavar": _METAVARS.get(name, type(default).__name__.upper())} | extra),
             help=f"{helps[name]} (default: {default!r})"
@@ -124,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="merge a run's adapter into its base model and save a plain transformers model",
         description="Fold the run's LoRA (peft merge_and_unload) or SSF adapter into the base model and save it with "
-        "its tokenizer and label names: it loads with AutoModelForSequenceClassification, without fedpeft or peft.",
+        "its tokenizer and label names: it loads with AutoModelForSequenceClassification (causal-lm: "
+        "AutoModelForCausalLM), without fedpeft or peft.",
     )
     export.add_argument("run_dir", metavar="RUN_DIR", help="directory of a finished run (it holds adapter/)")
     export.add_argument("--merge", action="store_true", required=True,
@@ -159,6 +173,8 @@ def dp_defaults(given: dict) -> dict:
     peft = given.get("peft", "lora")
     if peft != "lora":
         defaults = {k: v for k, v in defaults.items() if k not in PEFT_FIELDS["lora"] and k != "strategy"}
+    if given.get("task", "seq-cls") != "seq-cls":  # no classification head to give its own learning rate
+        defaults = {k: v for k, v in defaults.items() if k not in SEQ_CLS_FIELDS}
     return defaults
 
 
@@ -248,11 +264,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"fedpeft: report written to {write_report(args.run_dir)}")
             return 0
         if args.command == "export":
-            from fedpeft.export import export_merged
+            from fedpeft.export import adapter_meta, export_merged
+            from fedpeft.tasks import TASKS
 
             out = export_merged(args.run_dir, args.out, base=args.base, force=args.force)
-            print(f"fedpeft: merged model saved to {out} (load it with transformers' "
-                  "AutoModelForSequenceClassification.from_pretrained)")
+            auto = TASKS.get(str(adapter_meta(Path(args.run_dir)).get("task", "seq-cls"))).auto_class
+            print(f"fedpeft: merged model saved to {out} (load it with transformers' {auto}.from_pretrained)")
             return 0
         if args.command in ("certs", "link", "node", "connection"):
             from fedpeft.cli import deploy

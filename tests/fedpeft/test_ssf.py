@@ -302,14 +302,22 @@ def test_load_refuses_an_adapter_of_another_model_shape(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kwargs", [{"init_std": -1.0}, {"init_std": float("nan")}, {"target_modules": "query"},
-                                    {"target_modules": ("",)}, {"head_modules": ()}])
+                                    {"target_modules": ("",)}, {"head_modules": ("pooler_head",)}])
 def test_config_validation(kwargs: dict) -> None:
-    if kwargs == {"head_modules": ()}:
+    if "head_modules" in kwargs:
         with pytest.raises(FedPeftError, match="no classification head"):
             SSFModel(tiny_bert(), SSFConfig(**kwargs))
         return
     with pytest.raises(ValueError):
         SSFConfig(**kwargs)
+
+
+def test_no_head_modules_trains_ssf_alone() -> None:
+    """``head_modules=()`` (a causal LM's SSF): only γ and β train and travel, never an output layer."""
+    wrapped = SSFModel(tiny_bert(), SSFConfig(head_modules=()))
+    trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert trainable and all(".ssf." in n for n in trainable)
+    assert all(".ssf." in k for k in wrapped.adapter_state_dict())
 
 
 def test_training_moves_only_ssf_and_head() -> None:

@@ -1,7 +1,9 @@
 """LoRA (Hu et al., 2021, arXiv 2106.09685) through HF peft: W x + (alpha/r) B A x.
 
-Target modules default to peft's per-architecture table (BERT: query, value; Llama: q_proj,
-v_proj; ...); the classification head is trained and sent in full (peft ``modules_to_save``).
+Target modules default to the task's choice: for ``seq-cls`` peft's per-architecture table (BERT:
+query, value; ...), whose classification head is trained and sent in full (peft ``modules_to_save``);
+for ``causal-lm`` the attention and MLP projections of the architecture
+(:func:`fedpeft.tasks.causal_lm.lora_targets`), and no head.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ def apply_lora(model: Any, cfg: Any) -> Any:
     """Freeze ``model`` and add LoRA adapters as configured by ``cfg.lora_*``."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    targets = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()] or None
+    from fedpeft.tasks import TASKS
+
+    task = TASKS.get(getattr(cfg, "task", "seq-cls"))
+    targets = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()] or task.lora_targets(model)
     config = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=getattr(TaskType, task.peft_task_type),
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,

@@ -18,6 +18,8 @@ def apply_ssf(model: Any, cfg: Any) -> Any:
     """Freeze ``model`` and add SSF after the layers ``cfg.ssf_target_modules`` names (empty: all)."""
     from fedpeft.adapters.ssf.config import SSFConfig
     from fedpeft.adapters.ssf.model import SSFModel
+    from fedpeft.adapters.state import HEAD_MODULES
 
     targets = tuple(t.strip() for t in cfg.ssf_target_modules.split(",") if t.strip())
-    return SSFModel(model, SSFConfig(target_modules=targets, base_model=cfg.model))
+    heads = () if getattr(cfg, "task", "seq-cls") == "causal-lm" else HEAD_MODULES  # an LM trains no head
+    return SSFModel(model, SSFConfig(target_modules=targets, base_model=cfg.model, head_modules=heads))

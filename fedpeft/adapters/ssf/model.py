@@ -28,6 +28,8 @@ from fedpeft.adapters.ssf.layer import SSF_CHILD, SUPPORTED, attach, fold, has_b
 from fedpeft.adapters.ssf.merge import add_bias_slots
 from fedpeft.errors import FedPeftError
 
+OUTPUT_LAYERS = ("lm_head",)
+
 
 class SSFModel(nn.Module):
     """A transformers model with SSF layers after its targets; only SSF and the head train.
@@ -45,11 +47,12 @@ class SSFModel(nn.Module):
         self.base_model = model
         self.ssf_config = config
         self.head_names = tuple(name for name, _ in model.named_children() if name in config.head_modules)
-        if not self.head_names:
+        if config.head_modules and not self.head_names:
             raise FedPeftError(
                 f"{type(model).__name__} has no classification head named {' or '.join(config.head_modules)}"
             )
-        targets = find_targets(model, config.target_modules, exclude=self.head_names)
+        # a causal LM's output layer (no head trains there) maps to the vocabulary: SSF never follows it
+        targets = find_targets(model, config.target_modules, exclude=(*self.head_names, *OUTPUT_LAYERS))
         for p in model.parameters():
             p.requires_grad_(False)
         self._hooks = {name: attach(module, init_std=config.init_std) for name, module in targets.items()}
