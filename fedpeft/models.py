@@ -51,7 +51,6 @@ def load_model(model: str, *, task: str = "seq-cls", num_labels: int = 0, gradie
     import torch
     import transformers
     from transformers import AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     from fedpeft.tasks import TASKS
 
@@ -61,10 +60,7 @@ def load_model(model: str, *, task: str = "seq-cls", num_labels: int = 0, gradie
     path = resolve_model_path(model)
     kwargs: dict[str, Any] = {"num_labels": num_labels} if task == "seq-cls" else {}
     try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-        if task == "causal-lm" and config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder:
-            raise FedPeftError(f"{model} is an encoder ({config.model_type}), not a decoder LM; causal-lm needs "
-                               "one (Llama, Qwen, Mistral, GPT-2, ...)")
+        check_model_fits_task(path, task)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         net = auto.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as err:  # ValueError: a config the auto-class has no model for
@@ -80,3 +76,17 @@ def load_model(model: str, *, task: str = "seq-cls", num_labels: int = 0, gradie
             raise FedPeftError(f"{type(net).__name__} does not support gradient checkpointing")
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return net, tokenizer
+
+
+def check_model_fits_task(path: str, task: str) -> None:
+    """Refuse an encoder (BERT, RoBERTa, ...) for ``causal-lm``: it would load as a masked LM's decoder
+    head and learn nothing a user wants. Reads only the model's config."""
+    if task != "causal-lm":
+        return
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        raise FedPeftError(f"{path} is an encoder ({config.model_type}), not a decoder LM; causal-lm needs one "
+                           "(Llama, Qwen, Mistral, GPT-2, ...)")

@@ -10,7 +10,7 @@ from fedpeft import site
 from fedpeft.config import FedPeftConfig
 from fedpeft.data.partition import natural_client_count, parse_partition_spec
 from fedpeft.errors import FedPeftError
-from fedpeft.models import resolve_model_path
+from fedpeft.models import check_model_fits_task, resolve_model_path
 
 
 def check_run(cfg: FedPeftConfig, *, clients_given: bool = True) -> FedPeftConfig:
@@ -27,6 +27,11 @@ def check_run(cfg: FedPeftConfig, *, clients_given: bool = True) -> FedPeftConfi
     path = resolve_model_path(cfg.model)
     if Path(path).is_dir() is False and not _hub_cached(path):
         raise FedPeftError(f"model {cfg.model!r} is neither a directory nor in the local HF cache")
+    if Path(path).is_dir():
+        try:
+            check_model_fits_task(path, cfg.task)
+        except (OSError, ValueError) as err:
+            raise FedPeftError(f"cannot read the config of model {cfg.model!r}: {str(err).splitlines()[0]}") from None
     cpus = os.cpu_count() or 1
     if cfg.client_cpus > cpus:
         raise FedPeftError(f"client_cpus {cfg.client_cpus} exceeds the {cpus} CPUs of this machine")

@@ -232,3 +232,60 @@ def test_help_examples_are_real_commands() -> None:
     text = parser._subparsers._group_actions[0].choices["simulate"].format_help()
     for flag in ("--data FILE", "--model DIR|NAME", "--codec SPEC", "--resume RUN_DIR", "--quiet", "--json"):
         assert flag in text
+
+
+def test_causal_lm_input_errors_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path, small_data: Path,
+                                              tiny_model_dir: Path, tiny_lm_dir: Path) -> None:
+    """A classification file, an encoder model, or cuda on a machine without one: one line, nothing written."""
+    import torch
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text('{"prompt": "q", "response": "a"}\n' * 20)
+    cases = [
+        (["--task", "causal-lm", "--data", str(chat)], "task causal-lm needs --model"),
+        (["--task", "causal-lm", "--model", str(tiny_lm_dir), "--data", str(small_data)],
+         "needs a messages column, or prompt and response columns; columns: text, label"),
+        (["--task", "causal-lm", "--model", str(tiny_model_dir), "--data", str(chat), "--clients", "2"],
+         "is an encoder (bert), not a decoder LM"),
+        (["--task", "causal-lm", "--model", str(tiny_lm_dir), "--data", str(chat), "--dp", "--head-lr", "0.1"],
+         "head_lr is a seq-cls setting"),
+        (["--gradient-checkpointing", "maybe"], "expected true or false, got 'maybe'"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda", "--data", str(small_data)], "device cuda: torch sees no CUDA GPU"))
+        cases.append((["--client-gpus", "0.5", "--data", str(small_data)], "client_gpus 0.5: torch sees no CUDA GPU"))
+    for args, expected in cases:
+        if args[0] == "--gradient-checkpointing":
+            with pytest.raises(SystemExit):
+                run_cli(capsys, *args, "--out", str(tmp_path / "run"))
+            assert expected in capsys.readouterr().err
+            continue
+        code, err = run_cli(capsys, *args, "--out", str(tmp_path / "run"))
+        assert code == 2 and err.count("\n") == 1 and expected in err, (args, err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_gradient_checkpointing_flag_and_dp_preset_for_causal_lm() -> None:
+    from fedpeft.cli.main import build_parser, with_defaults
+
+    parse = build_parser().parse_args
+    assert parse(["simulate", "--gradient-checkpointing"]).gradient_checkpointing is True
+    assert parse(["simulate", "--gradient-checkpointing", "false"]).gradient_checkpointing is False
+    dp = with_defaults({"task": "causal-lm", "dp": "local"})
+    assert "head_lr" not in dp and dp["strategy"] == "ffa-lora"  # no head in a causal LM
+
+
+def test_simulation_gives_each_client_its_gpu_share(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                    small_data: Path) -> None:
+    """``--client-gpus`` becomes Flower's client-resources ``num_gpus`` (Ray schedules clients by it)."""
+    import flwr.simulation
+
+    from fedpeft.config import FedPeftConfig
+    from fedpeft.site import STATE_DIR_ENV
+    from server.simulate import simulate
+
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "sites"))  # simulate sets it when absent
+    seen = {}
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kw: seen.update(kw["backend_config"]))
+    simulate(FedPeftConfig(data=str(small_data), client_gpus=0.25, client_cpus=1, out=str(tmp_path / "r")))
+    assert seen["client_resources"] == {"num_cpus": 1, "num_gpus": 0.25}

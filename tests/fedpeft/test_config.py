@@ -214,3 +214,35 @@ def test_the_flower_app_config_lists_every_field_at_its_default() -> None:
     declared = app["config"]
     assert list(declared) == [f.name.replace("_", "-") for f in dataclasses.fields(FedPeftConfig)]
     assert FedPeftConfig.from_mapping(declared) == FedPeftConfig()
+
+
+LM = {"task": "causal-lm", "model": "/models/llama", "data": "chat.jsonl"}
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"task": "regression"}, "task must be one of seq-cls, causal-lm"),
+    ({"task": "causal-lm", "data": "chat.jsonl"}, "task causal-lm needs --model"),
+    ({"task": "causal-lm", "model": "/models/llama"}, "task causal-lm needs --data"),
+    ({**LM, "text_column": "prompt"}, "text_column is a seq-cls setting but task is causal-lm"),
+    ({**LM, "head_lr": 0.1}, "head_lr is a seq-cls setting"),
+    ({**LM, "partition": "dirichlet:0.5"}, "causal-lm data has no labels"),
+    ({**LM, "canaries": 10}, "canaries .* seq-cls only"),
+    ({"device": "tpu"}, "device must be one of auto, cpu, cuda"),
+    ({"precision": "fp8"}, "precision must be one of auto, fp32, bf16"),
+    ({"client_gpus": -0.5}, "client_gpus must be a finite number >= 0"),
+    ({"client_gpus": 0.5, "device": "cpu"}, "client_gpus reserves GPUs"),
+    ({"gradient_checkpointing": True, "dp": "local", "dp_epsilon": 8.0, "dp_delta": 1e-5},
+     "gradient_checkpointing under local DP"),
+])
+def test_task_and_device_errors_are_one_line(kwargs: dict, message: str) -> None:
+    with pytest.raises(FedPeftError, match=message):
+        FedPeftConfig(**kwargs)
+
+
+def test_causal_lm_config_and_boolean_coercion() -> None:
+    cfg = FedPeftConfig(**LM, partition="natural:site", gradient_checkpointing=True, client_gpus=0.5)
+    assert cfg.task == "causal-lm" and cfg.gradient_checkpointing
+    for text, value in (("true", True), ("False", False), ("1", True), ("off", False)):
+        assert FedPeftConfig.from_mapping({"gradient-checkpointing": text}).gradient_checkpointing is value
+    with pytest.raises(FedPeftError, match="gradient_checkpointing must be of type bool"):
+        FedPeftConfig.from_mapping({"gradient-checkpointing": "maybe"})
