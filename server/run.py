@@ -23,17 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Message, MessageType, RecordDict
 
 from fedpeft import site
 from fedpeft.adapters import adapter_state, load_adapter_state
 from fedpeft.config import FedPeftConfig
 from fedpeft.errors import FedPeftError
 from fedpeft.runlog import append_jsonl, atomic_replace_dir, atomic_write_text
-from fedpeft.wire import CANARIES, CONFIG, METRICS, NUM_EXAMPLES, config_record, from_array_record, to_array_record
+from fedpeft.wire import CANARIES, NUM_EXAMPLES, config_record, from_array_record, to_array_record
 from privacy.empirical import audit_run_canaries, run_canaries, save_result, site_rows
 from privacy.server import RunPrivacy
 from server.checkpoint import Checkpoint, load_checkpoint, log_sizes, resumed_config, rewind_logs, save_checkpoint
+from server.discovery import finish_discovery, start_discovery, wait_for_nodes
 from strategies import AGGREGATORS, AggregationOptions
 from strategies.flower import FedPeftStrategy, RoundTraffic
 from strategies.validation import ReplyLimits
@@ -41,71 +41,6 @@ from strategies.validation import ReplyLimits
 logger = logging.getLogger(__name__)
 
 RoundCallback = Callable[[Mapping[str, Any], float], None]
-
-
-def wait_for_nodes(grid: Any, expected: int, *, timeout: float = 120.0) -> list[int]:
-    """The connected node ids, once at least ``expected`` are there."""
-    deadline = time.monotonic() + timeout
-    nodes = list(grid.get_node_ids())
-    while len(nodes) < expected and time.monotonic() < deadline:
-        time.sleep(0.2)
-        nodes = list(grid.get_node_ids())
-    if len(nodes) < expected:
-        raise FedPeftError(f"only {len(nodes)} of {expected} clients connected within {timeout:.0f} s")
-    return sorted(nodes)
-
-
-def start_discovery(grid: Any, cfg: FedPeftConfig, nodes: list[int], *, label_names: list[str]) -> list[str]:
-    """Send each node a query; return the message ids to collect later.
-
-    The query also makes each client process load its model and tokenize its data, so pushing it
-    before the server loads its own model lets the two start-ups overlap.
-    """
-    content = RecordDict({CONFIG: config_record(cfg, **{"label-names": label_names})})
-    # a list, not a generator: Flower's HTTP grid (deployment) reads the messages twice
-    messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n, ttl=cfg.startup_timeout)
-                for n in nodes]
-    return list(grid.push_messages(messages))
-
-
-def finish_discovery(
-    grid: Any, message_ids: list[str], *, timeout: float, min_sites: int = 1
-) -> tuple[dict[int, str], dict[str, int]]:
-    """Collect the query replies; return node id → site key, and site key → the LoRA rank it trains.
-
-    A client that fails to start (an error reply: say, a missing data file) or does not answer within
-    ``timeout`` is left out of the run with a warning naming it; the run starts when at least
-    ``min_sites`` clients did, and otherwise raises with the reasons.
-    """
-    pending, replies = set(message_ids), []
-    deadline = time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
-        got = list(grid.pull_messages(pending))
-        replies += got
-        pending -= {m.metadata.reply_to_message_id for m in got}
-        if pending:
-            time.sleep(0.05)
-    sites: dict[int, str] = {}
-    ranks: dict[str, int] = {}
-    problems = []
-    for reply in sorted(replies, key=lambda m: m.metadata.src_node_id):
-        if reply.has_error():
-            problems.append(f"client {reply.metadata.src_node_id} could not start: {reply.error.reason}")
-            continue
-        key = str(reply.content[CONFIG]["site"])
-        sites[reply.metadata.src_node_id] = key
-        if "lora-r" in reply.content[METRICS]:
-            ranks[key] = int(reply.content[METRICS]["lora-r"])
-    if pending:
-        problems.append(f"{len(pending)} client(s) did not answer the start-up query within {timeout:.0f} s")
-    if len(set(sites.values())) != len(sites):
-        raise FedPeftError("two clients reported the same site; check partition ids / site names")
-    if len(sites) < min_sites:
-        raise FedPeftError(f"{len(sites)} of {len(message_ids)} clients started, fewer than min_clients={min_sites}: "
-                           + "; ".join(problems))
-    for problem in problems:
-        logger.warning("%s; the run goes on without it", problem)
-    return sites, ranks
 
 
 def check_robust(cfg: FedPeftConfig, aggregator: Any) -> None:
@@ -151,14 +86,11 @@ def adapter_nbytes(state: Mapping[str, np.ndarray]) -> int:
     return int(sum(v.nbytes for v in state.values()))
 
 
-def run_federation(
-    grid: Any, cfg: FedPeftConfig, *, on_round: RoundCallback | None = None, clients_from_federation: bool = False
-) -> dict[str, Any]:
-    """Run ``cfg.rounds`` rounds against the clients behind ``grid``; return the final record.
-
-    With ``clients_from_federation`` (``flwr run``), the clients are the nodes the federation has
-    connected (its ``num-supernodes``), and ``cfg.clients`` is set to their number.
-    """
+def open_run(
+    grid: Any, cfg: FedPeftConfig, *, clients_from_federation: bool
+) -> tuple[FedPeftConfig, list[int], Checkpoint | None]:
+    """Wait for the clients; resolve the run's config (a resumed run's own, a run id, the federation's
+    client count); create the run directory with its ``config.json`` or load the checkpoint to resume."""
     nodes = wait_for_nodes(grid, 1 if clients_from_federation else cfg.clients)
     checkpoint: Checkpoint | None = None
     if cfg.resume:
@@ -171,15 +103,28 @@ def run_federation(
     if not cfg.run_id:
         cfg = dataclasses.replace(cfg, run_id=uuid.uuid4().hex[:16])
     run_dir = Path(cfg.out)
-    metrics_path = run_dir / "metrics.jsonl"
     if checkpoint is None:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise FedPeftError(f"cannot create the run directory {run_dir}: {err.strerror}") from None
-        if metrics_path.exists():
+        if (run_dir / "metrics.jsonl").exists():
             raise FedPeftError(f"{run_dir} already holds a run; choose another --out, or continue it with --resume")
         atomic_write_text(run_dir / "config.json", cfg.to_json())
+    return cfg, nodes, checkpoint
+
+
+def run_federation(
+    grid: Any, cfg: FedPeftConfig, *, on_round: RoundCallback | None = None, clients_from_federation: bool = False
+) -> dict[str, Any]:
+    """Run ``cfg.rounds`` rounds against the clients behind ``grid``; return the final record.
+
+    With ``clients_from_federation`` (``flwr run``), the clients are the nodes the federation has
+    connected (its ``num-supernodes``), and ``cfg.clients`` is set to their number.
+    """
+    cfg, nodes, checkpoint = open_run(grid, cfg, clients_from_federation=clients_from_federation)
+    run_dir = Path(cfg.out)
+    metrics_path = run_dir / "metrics.jsonl"
 
     train, _ = site.load_split(cfg)
     label_names = list(train.label_names)
@@ -263,21 +208,8 @@ def run_federation(
             logger.warning("stopping before round %d: %s", rnd, stop)
             break
         started = time.monotonic()
-        attempts = 1 + (cfg.round_retries if cfg.short_round == "retry" else 0)
-        for attempt in range(1, attempts + 1):
-            strategy.traffic.pop(rnd, None)  # the round's record is its last attempt's
-            messages = flower_strategy.configure_train(rnd, to_array_record(state), base_config, grid)
-            replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
-            arrays, agg = flower_strategy.aggregate_train(rnd, replies)
-            traffic = strategy.traffic.setdefault(rnd, RoundTraffic())
-            if arrays is not None:
-                break
-            reasons = short_round_reasons(traffic, sampled=len(messages))
-            if cfg.short_round == "stop" and not traffic.refused:
-                raise FedPeftError(f"round {rnd}: fewer than min_clients={cfg.min_clients} valid replies ({reasons})")
-            then = "sending it again" if attempt < attempts else "skipping it: the global adapter stays as it was"
-            logger.warning("round %d (attempt %d of %d): fewer than min_clients=%d valid replies (%s); %s",
-                           rnd, attempt, attempts, cfg.min_clients, reasons, then)
+        arrays, agg, traffic = play_round(rnd, state, cfg=cfg, strategy=strategy, flower_strategy=flower_strategy,
+                                          base_config=base_config, grid=grid)
         if arrays is not None:
             state = {**state, **from_array_record(arrays)}
         clients = int(agg["clients"]) if agg is not None else 0
@@ -292,31 +224,63 @@ def run_federation(
             )
         for row in traffic.per_site():
             append_jsonl(run_dir / "traffic.jsonl", {"round": rnd, **row})
-        up, down = list(traffic.received.values()), list(traffic.sent.values())
-        record = record_round(
-            rnd,
-            {
-                "clients": clients,
-                "failures": len(traffic.failures),
-                "rejected": len(traffic.rejected()),
-                **({"skipped": True} if arrays is None else {}),
-                "refused": len(traffic.refused),
-                **({"train_loss": float(agg["train-loss"])} if agg is not None and "train-loss" in agg else {}),
-                "num_examples": int(sum(m.get(NUM_EXAMPLES, 0) for m in traffic.client_metrics.values())),
-                "bytes_up": int(sum(up)),
-                "bytes_down": int(sum(down)),
-                "bytes_up_per_client": int(np.mean(up)) if up else 0,
-                "bytes_down_per_client": int(np.mean(down)) if down else 0,
-                **traffic.compression(),
-                **({"reclipped": len(traffic.reclipped)} if cfg.dp == "central" else {}),
-                **({"clipped": len(traffic.reclipped)} if cfg.clip_update_norm > 0 else {}),
-                **{key: float(value) for key, value in (agg or {}).items() if key.startswith("agg_")},
-                **dp_metrics,
-            },
-            started,
-        )
+        extra = round_metrics(cfg, traffic, agg, skipped=arrays is None, clients=clients)
+        record = record_round(rnd, {**extra, **dp_metrics}, started)
         commit(rnd, population, privacy.ledger)
 
+    finish_run(cfg, model, state, label_names=label_names, canaries=canaries, privacy=privacy)
+    return record
+
+
+def play_round(rnd: int, state: Mapping[str, np.ndarray], *, cfg: FedPeftConfig, strategy: FedPeftStrategy,
+               flower_strategy: Any, base_config: Any, grid: Any) -> tuple[Any, Any, RoundTraffic]:
+    """Send round ``rnd`` and aggregate its replies: ``(arrays, aggregate metrics, traffic)``, arrays None
+    when too few valid replies came (then ``short_round`` decides: retry, skip, or stop with the reasons)."""
+    attempts = 1 + (cfg.round_retries if cfg.short_round == "retry" else 0)
+    for attempt in range(1, attempts + 1):
+        strategy.traffic.pop(rnd, None)  # the round's record is its last attempt's
+        messages = flower_strategy.configure_train(rnd, to_array_record(state), base_config, grid)
+        replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
+        arrays, agg = flower_strategy.aggregate_train(rnd, replies)
+        traffic = strategy.traffic.setdefault(rnd, RoundTraffic())
+        if arrays is not None:
+            break
+        reasons = short_round_reasons(traffic, sampled=len(messages))
+        if cfg.short_round == "stop" and not traffic.refused:
+            raise FedPeftError(f"round {rnd}: fewer than min_clients={cfg.min_clients} valid replies ({reasons})")
+        then = "sending it again" if attempt < attempts else "skipping it: the global adapter stays as it was"
+        logger.warning("round %d (attempt %d of %d): fewer than min_clients=%d valid replies (%s); %s",
+                       rnd, attempt, attempts, cfg.min_clients, reasons, then)
+    return arrays, agg, traffic
+
+
+def round_metrics(cfg: FedPeftConfig, traffic: RoundTraffic, agg: Mapping[str, Any] | None, *, skipped: bool,
+                  clients: int) -> dict[str, Any]:
+    """A round's ``metrics.jsonl`` fields from what the strategy saw of it (evaluation aside)."""
+    up, down = list(traffic.received.values()), list(traffic.sent.values())
+    return {
+        "clients": clients,
+        "failures": len(traffic.failures),
+        "rejected": len(traffic.rejected()),
+        **({"skipped": True} if skipped else {}),
+        "refused": len(traffic.refused),
+        **({"train_loss": float(agg["train-loss"])} if agg is not None and "train-loss" in agg else {}),
+        "num_examples": int(sum(m.get(NUM_EXAMPLES, 0) for m in traffic.client_metrics.values())),
+        "bytes_up": int(sum(up)),
+        "bytes_down": int(sum(down)),
+        "bytes_up_per_client": int(np.mean(up)) if up else 0,
+        "bytes_down_per_client": int(np.mean(down)) if down else 0,
+        **traffic.compression(),
+        **({"reclipped": len(traffic.reclipped)} if cfg.dp == "central" else {}),
+        **({"clipped": len(traffic.reclipped)} if cfg.clip_update_norm > 0 else {}),
+        **{key: float(value) for key, value in (agg or {}).items() if key.startswith("agg_")},
+    }
+
+
+def finish_run(cfg: FedPeftConfig, model: Any, state: Mapping[str, np.ndarray], *, label_names: list[str],
+               canaries: list[Any], privacy: RunPrivacy) -> None:
+    """Save the final adapter, score the empirical audit's canaries (if any), write the report."""
+    run_dir = Path(cfg.out)
     save_adapter(model, state, run_dir / "adapter", cfg=cfg, label_names=label_names)
     if canaries:  # save_adapter left the final adapter in the model
         audit = audit_run_canaries(model, site.tokenizer(cfg), canaries, label_names=label_names,
@@ -336,7 +300,6 @@ def run_federation(
     except Exception as err:  # the run's results are saved; a figure that fails must not lose them
         logger.warning("the run finished, but its report could not be written (%s); try: fedpeft report %s",
                        err, run_dir)
-    return record
 
 
 def resume_from(checkpoint: Checkpoint, run_dir: Path, model: Any) -> tuple[dict[str, Any], dict[str, Any], int]:

@@ -208,3 +208,22 @@ def test_node_data_reads_the_file_not_a_partition(tmp_path: Path, tiny_model_dir
     os.utime(data, ns=(1, 1))
     data.write_text('{"text": "dull", "label": "rotten"}\n')  # a changed file is read again
     assert len(node_data(cfg, {"data-path": str(data)}, label_names=["fresh", "rotten"])) == 1
+
+
+def test_a_causal_lm_site_trains_on_its_own_conversations(tmp_path: Path, tiny_lm_dir: Path,
+                                                          instruction_data: Path) -> None:
+    from fedpeft.config import FedPeftConfig
+    from fedpeft.site import node_data
+    from fedpeft.training import IGNORE
+
+    data = tmp_path / "ward-7.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "What colour is the sky?"}, '
+                    '{"role": "assistant", "content": "The sky is blue."}]}\n')
+    cfg = FedPeftConfig(task="causal-lm", model=str(tiny_lm_dir), data=str(instruction_data))
+    encoded = node_data(cfg, {"data-path": str(data)}, label_names=[])
+    assert len(encoded) == 1 and encoded.per_token
+    assert IGNORE in encoded.labels[0] and any(label != IGNORE for label in encoded.labels[0])
+    data.write_text('{"text": "dull", "label": "rotten"}\n')
+    os.utime(data, ns=(2, 2))
+    with pytest.raises(FedPeftError, match="needs a messages column, or prompt and response columns"):
+        node_data(cfg, {"data-path": str(data)}, label_names=[])

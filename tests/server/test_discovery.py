@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, Re
 
 from fedpeft.errors import FedPeftError
 from fedpeft.wire import CONFIG, METRICS, NUM_EXAMPLES
-from server.run import finish_discovery
+from server.discovery import finish_discovery
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -50,7 +50,7 @@ class FakeGrid:
 def test_failed_and_silent_clients_are_left_out_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     grid = FakeGrid({11: "hospital-a", 12: "error:site data file not found: /data/b.jsonl", 13: "silent",
                      14: "hospital-d"})
-    with caplog.at_level(logging.WARNING, logger="server.run"):
+    with caplog.at_level(logging.WARNING, logger="server.discovery"):
         sites, ranks = finish_discovery(grid, grid.push(), timeout=0.3, min_sites=2)
     assert sites == {11: "hospital-a", 14: "hospital-d"} and ranks == {}
     assert "client 12 could not start: site data file not found: /data/b.jsonl; the run goes on without it" \
