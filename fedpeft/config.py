@@ -17,6 +17,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedpeft.config_checks import (  # noqa: F401  (PEFT_FIELDS, ...: part of this module's interface)
+    PEFT_DEFAULT_STRATEGY,
+    PEFT_FIELDS,
+    SEQ_CLS_FIELDS,
+    check_codecs,
+    check_device,
+    check_peft,
+    check_privacy,
+    check_reliability,
+    check_task,
+)
 from fedpeft.errors import FedPeftError
 
 
@@ -158,7 +169,7 @@ class FedPeftConfig:
         for name in ("round_timeout", "startup_timeout"):
             if not getattr(self, name) > 0:
                 raise FedPeftError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
-        _check_reliability(self)
+        check_reliability(self)
         if self.canaries < 0 or self.canaries == 1:
             raise FedPeftError(f"canaries must be 0 (off) or at least 2, got {self.canaries}")
         for name in ("text_column", "label_column"):
@@ -166,11 +177,11 @@ class FedPeftConfig:
                 raise FedPeftError(f"{name} must not be empty")
         if self.text_column == self.label_column:
             raise FedPeftError("text_column and label_column must differ")
-        _check_peft(self)
-        _check_task(self)
-        _check_device(self)
-        _check_privacy(self)
-        _check_codecs(self)
+        check_peft(self)
+        check_task(self)
+        check_device(self)
+        check_privacy(self)
+        check_codecs(self)
 
     # --- conversions ----------------------------------------------------------------------------
     @classmethod
@@ -238,152 +249,6 @@ def describe_dp(cfg: FedPeftConfig) -> str:
         f"central DP: {budget} at delta {cfg.dp_delta:g} per client (user level), clip {cfg.dp_max_grad_norm:g} "
         f"per client update, {sigma}"
     )
-
-
-DP_MODES = ("off", "local", "central")
-DP_CLIPPING = ("hooks", "ghost")
-DP_ACCOUNTANTS = ("prv", "rdp")
-
-
-def _check_privacy(cfg: FedPeftConfig) -> None:
-    if cfg.dp not in DP_MODES:
-        raise FedPeftError(f"dp must be one of {', '.join(DP_MODES)}, got {cfg.dp!r}")
-    if cfg.dp_clipping not in DP_CLIPPING:
-        raise FedPeftError(f"dp_clipping must be one of {', '.join(DP_CLIPPING)}, got {cfg.dp_clipping!r}")
-    if cfg.dp_accountant not in DP_ACCOUNTANTS:
-        raise FedPeftError(f"dp_accountant must be one of {', '.join(DP_ACCOUNTANTS)}, got {cfg.dp_accountant!r}")
-    for name in ("dp_epsilon", "dp_noise_multiplier"):
-        value = getattr(cfg, name)
-        if not (value >= 0 and math.isfinite(value)):
-            raise FedPeftError(f"{name} must be a finite number >= 0, got {value}")
-    if not (cfg.dp_max_grad_norm > 0 and math.isfinite(cfg.dp_max_grad_norm)):
-        raise FedPeftError(f"dp_max_grad_norm must be a finite number > 0, got {cfg.dp_max_grad_norm}")
-    if cfg.dp == "off":
-        fields = dataclasses.fields(cfg)
-        changed = [f.name for f in fields if f.name.startswith("dp_") and getattr(cfg, f.name) != f.default]
-        if changed:
-            raise FedPeftError(f"{changed[0]} is set but dp is off; add --dp local or --dp central")
-        return
-    if not 0 < cfg.dp_delta < 1:
-        what = "dp_epsilon needs dp_delta" if cfg.dp_epsilon > 0 else "dp needs dp_delta"
-        raise FedPeftError(f"{what} in (0, 1), got {cfg.dp_delta:g}; add --dp-delta (e.g. 1e-5, below 1/examples)")
-    if cfg.dp_epsilon == 0 and cfg.dp_noise_multiplier == 0:
-        raise FedPeftError("dp needs a budget or a noise level: add --dp-epsilon (e.g. 8) or --dp-noise-multiplier")
-
-
-SHORT_ROUND = ("skip", "retry", "stop")
-
-
-def _check_reliability(cfg: FedPeftConfig) -> None:
-    if cfg.min_clients < 1 or cfg.min_clients > cfg.clients:
-        raise FedPeftError(f"min_clients must lie in 1..clients={cfg.clients}, got {cfg.min_clients}")
-    if cfg.short_round not in SHORT_ROUND:
-        raise FedPeftError(f"short_round must be one of {', '.join(SHORT_ROUND)}, got {cfg.short_round!r}")
-    if cfg.round_retries < 0:
-        raise FedPeftError(f"round_retries must be >= 0, got {cfg.round_retries}")
-    if not (math.isfinite(cfg.max_update_norm) and cfg.max_update_norm >= 0):
-        raise FedPeftError(f"max_update_norm must be a finite number >= 0 (0: no bound), got {cfg.max_update_norm}")
-    if not (math.isfinite(cfg.clip_update_norm) and cfg.clip_update_norm >= 0):
-        raise FedPeftError(f"clip_update_norm must be a finite number >= 0 (0: off), got {cfg.clip_update_norm}")
-    if cfg.clip_update_norm > 0 and cfg.dp == "central":
-        raise FedPeftError("clip_update_norm under central DP: the server already clips every update to "
-                           "dp_max_grad_norm; set that instead")
-    if not (math.isfinite(cfg.max_norm_ratio) and (cfg.max_norm_ratio == 0 or cfg.max_norm_ratio > 1)):
-        raise FedPeftError(f"max_norm_ratio must be 0 (off) or a finite number > 1, got {cfg.max_norm_ratio}")
-    if cfg.short_round == "retry" and cfg.dp == "local":
-        raise FedPeftError(
-            "short_round=retry would have sites train, and spend privacy budget, twice in one round under "
-            "local DP; use skip or stop"
-        )
-    if cfg.max_norm_ratio > 0 and cfg.dp == "central":
-        raise FedPeftError(
-            "max_norm_ratio compares sites with each other, so under central DP one site's data could decide "
-            "whether another's update counts; use max_update_norm (central DP clips every update to C anyway)"
-        )
-
-
-# The settings each PEFT method reads; setting another method's is a mistake worth one line.
-PEFT_FIELDS = {
-    "lora": ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "client_ranks"),
-    "ssf": ("ssf_target_modules",),
-}
-# The aggregation a PEFT method gets when no strategy is named (the CLI fills it in).
-PEFT_DEFAULT_STRATEGY = {"lora": "fedit", "ssf": "ssf-avg"}
-
-
-def _check_peft(cfg: FedPeftConfig) -> None:
-    from fedpeft.adapters import PEFT_METHODS
-
-    PEFT_METHODS.get(cfg.peft)  # unknown: lists the known ones
-    defaults = FedPeftConfig.__dataclass_fields__
-    for method, names in PEFT_FIELDS.items():
-        if method == cfg.peft:
-            continue
-        for name in names:
-            if getattr(cfg, name) != defaults[name].default:
-                raise FedPeftError(
-                    f"{name} is a {method} setting but peft is {cfg.peft}; drop it or use --peft {method}"
-                )
-
-
-TASKS = ("seq-cls", "causal-lm")
-# The settings only classification reads; setting one for causal-lm is a mistake worth one line.
-SEQ_CLS_FIELDS = ("text_column", "label_column", "head_lr")
-
-
-def _check_task(cfg: FedPeftConfig) -> None:
-    if cfg.task not in TASKS:
-        raise FedPeftError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
-    if cfg.task == "seq-cls":
-        return
-    defaults = FedPeftConfig.__dataclass_fields__
-    for name in SEQ_CLS_FIELDS:
-        if getattr(cfg, name) != defaults[name].default:
-            raise FedPeftError(f"{name} is a seq-cls setting but task is causal-lm; drop it (causal-lm reads "
-                               "prompt/response or messages columns)")
-    if not cfg.model:
-        raise FedPeftError("task causal-lm needs --model: a decoder LM's directory (Llama, Qwen, Mistral, GPT-2, ...); "
-                           "the bundled MiniLM is an encoder")
-    if not cfg.data:
-        raise FedPeftError("task causal-lm needs --data: a JSONL file with prompt/response columns or chat messages")
-    if cfg.partition.strip().startswith("dirichlet"):
-        raise FedPeftError("partition dirichlet draws label shares, and causal-lm data has no labels; use iid or "
-                           "natural:<column>")
-    if cfg.canaries:
-        raise FedPeftError("canaries (the empirical privacy audit) are labelled texts: seq-cls only")
-
-
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def _check_device(cfg: FedPeftConfig) -> None:
-    if cfg.device not in DEVICES:
-        raise FedPeftError(f"device must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
-    if cfg.precision not in PRECISIONS:
-        raise FedPeftError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
-    if not (math.isfinite(cfg.client_gpus) and cfg.client_gpus >= 0):
-        raise FedPeftError(f"client_gpus must be a finite number >= 0 (0: no GPU), got {cfg.client_gpus}")
-    if cfg.client_gpus > 0 and cfg.device == "cpu":
-        raise FedPeftError("client_gpus reserves GPUs for clients that device=cpu keeps off them; drop one")
-    if cfg.gradient_checkpointing and cfg.dp == "local":
-        raise FedPeftError("gradient_checkpointing under local DP: Opacus's per-sample hooks would see every "
-                           "recomputed layer twice; turn one off")
-
-
-def _check_codecs(cfg: FedPeftConfig) -> None:
-    from fedpeft.codecs import CodecError, parse_codec
-
-    for name in ("codec", "downlink_codec"):
-        try:
-            codec = parse_codec(getattr(cfg, name))
-        except CodecError as err:
-            raise FedPeftError(f"{name}: {err}") from None
-        if name == "downlink_codec" and codec.sparsifier is not None:
-            raise FedPeftError(
-                "downlink_codec cannot be a sparsifier: the broadcast is the whole adapter, and a server "
-                "cannot feed back what each site missed; use none, fp16, int8 or int4"
-            )
 
 
 def parse_ranks(spec: str) -> list[int]:
