@@ -227,9 +227,9 @@ def main() -> None:
         name = torch.cuda.get_device_name() if where.device == "cuda" else "CPU"
         vocab = SHAPES[args.shape][1]["vocab_size"]
         data = token_data(args.batch_size * args.steps, args.seq, vocab)
-        print(f"{args.shape}: {params / 1e6:.0f}M parameters on {name}, {where.autocast or 'fp32'}, LoRA r={args.lora_r}"
-              f" on {len(TARGETS)} projections; batch {args.batch_size} x {args.seq} tokens, {args.steps} steps, "
-              f"torch {torch.__version__}")
+        print(f"{args.shape}: {params / 1e6:.0f}M parameters on {name}, {where.autocast or 'fp32'}, "
+              f"LoRA r={args.lora_r} on {len(TARGETS)} projections; batch {args.batch_size} x {args.seq} tokens, "
+              f"{args.steps} steps, torch {torch.__version__}")
         results = {"shape": args.shape, "parameters": params, "device": name, "precision": where.autocast or "fp32",
                    "batch_size": args.batch_size, "seq": args.seq, "steps": args.steps}
         results["plain"] = measure(cfg, directory, data, dp=None, repeats=args.repeats)

@@ -41,6 +41,7 @@ PROJECTIONS: dict[str, tuple[str, ...]] = {
     "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
 }
 ALL_LINEAR = "all-linear"  # peft: every linear layer but the output head
+LOGIT_BUDGET = 2**27  # logits evaluated per forward pass (512 MiB in fp32), whatever eval_batch_size says
 
 
 def lora_targets(model: Any) -> list[str] | str:
@@ -92,15 +93,20 @@ def evaluate(model: torch.nn.Module, data: Encoded, *, batch_size: int, runtime:
     """Held-out loss over every labelled token, its perplexity, next-token accuracy."""
     model.eval()
     order = np.argsort([len(x) for x in data.input_ids], kind="stable")  # less padding
+    vocab = int(getattr(model.config, "vocab_size", 0) or 1)
     loss_sum, correct, tokens = 0.0, 0, 0
-    for batch in batches(data, order, batch_size):
-        labels = batch.pop("labels").to(runtime.device)
-        with runtime.autocast_context():
-            logits = model(**runtime.to_device(batch)).logits
-        loss, mask = token_losses(logits, labels)
-        loss_sum += float((loss * mask).sum())
-        correct += int(((logits[:, :-1].argmax(-1) == labels[:, 1:]) & mask).sum())
-        tokens += int(mask.sum())
+    for whole in batches(data, order, batch_size):
+        # a 150k-token vocabulary makes logits of 64 x 512 positions 20 GB: pass fewer rows at a time
+        rows = max(1, LOGIT_BUDGET // (whole["input_ids"].shape[1] * vocab))
+        for start in range(0, len(whole["input_ids"]), rows):
+            batch = {k: v[start:start + rows] for k, v in whole.items()}
+            labels = batch.pop("labels").to(runtime.device)
+            with runtime.autocast_context():
+                logits = model(**runtime.to_device(batch)).logits
+            loss, mask = token_losses(logits, labels)
+            loss_sum += float((loss * mask).sum())
+            correct += int(((logits[:, :-1].argmax(-1) == labels[:, 1:]) & mask).sum())
+            tokens += int(mask.sum())
     mean = loss_sum / max(tokens, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "accuracy": correct / max(tokens, 1),
             "num_examples": len(data), "tokens": tokens}

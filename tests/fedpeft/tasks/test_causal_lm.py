@@ -84,3 +84,24 @@ def test_evaluate_is_token_weighted_and_perplexity_is_exp_loss(tiny_lm_dir: Path
     assert got["accuracy"] == right / tokens
     # padding a batch together changes nothing
     assert evaluate(model, data, batch_size=2)["loss"] == pytest.approx(got["loss"], rel=1e-5)
+
+
+def test_a_large_vocabulary_evaluates_fewer_rows_at_a_time(tiny_lm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logits are rows x positions x vocabulary: over the budget, a batch passes in slices, same result."""
+    from transformers import AutoModelForCausalLM
+
+    import fedpeft.tasks.causal_lm as causal_lm
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(3, 200, size=int(n)).tolist() for n in rng.integers(4, 12, size=9)]
+    data = Encoded(input_ids=ids, labels=[[IGNORE] * 2 + x[2:] for x in ids], pad_id=0)
+    whole = evaluate(model, data, batch_size=9)
+    calls = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda **kw: calls.append(len(kw["input_ids"])) or forward(**kw))
+    monkeypatch.setattr(causal_lm, "LOGIT_BUDGET", 2 * 11 * model.config.vocab_size)  # two rows of 11 tokens
+    sliced = evaluate(model, data, batch_size=9)
+    assert calls == [2, 2, 2, 2, 1]
+    assert sliced["loss"] == pytest.approx(whole["loss"], rel=1e-5) and sliced["tokens"] == whole["tokens"]
+    assert sliced["accuracy"] == whole["accuracy"]
