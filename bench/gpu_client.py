@@ -153,7 +153,10 @@ def bare_round(cfg: FedPeftConfig, model, data: Encoded, *, dp: tuple | None) ->
                 module=model, optimizer=opt, data_loader=loader, noise_multiplier=sigma, max_grad_norm=clip,
                 criterion=torch.nn.CrossEntropyLoss(), poisson_sampling=True, grad_sample_mode=mode,
                 wrap_model=False)
-        hooks, dp_opt, criterion, dp_loader = made if mode == "ghost" else (*made, None)
+        if mode == "ghost":
+            hooks, dp_opt, criterion, dp_loader = made
+        else:
+            (hooks, dp_opt, dp_loader), criterion = made, None
         steps = 0
         while steps < cfg.max_local_steps:
             for x, y in dp_loader:

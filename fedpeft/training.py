@@ -66,7 +66,9 @@ def padded_batch(data: Encoded, rows: np.ndarray) -> dict[str, torch.Tensor]:
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     for j, i in enumerate(rows):
         labels[j, : len(data.labels[i])] = torch.tensor(data.labels[i], dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    # A causal LM needs no padding mask on the right: no real token attends to a later position, and the
+    # padded positions carry no label. Without one, attention takes its plain causal kernel.
+    return {"input_ids": ids, "labels": labels}
 
 
 def batches(data: Encoded, order: np.ndarray, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -111,7 +113,7 @@ def train_local(
     rng = np.random.default_rng(seed)
     optimizer = torch.optim.AdamW(param_groups(model, lr=lr, head_lr=head_lr), lr=lr, weight_decay=weight_decay)
     model.train()
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []  # read once at the end: a GPU need not wait for the host every step
     seen = 0
     for _ in range(epochs):
         for batch in batches(data, rng.permutation(len(data)), batch_size):
@@ -120,14 +122,15 @@ def train_local(
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())
             seen += len(batch["labels"])
             if max_steps and len(losses) >= max_steps:
                 break
         if max_steps and len(losses) >= max_steps:
             break
     model.eval()
-    return {"train_loss": float(np.mean(losses)) if losses else 0.0, "steps": len(losses), "examples_seen": seen}
+    mean = float(torch.stack(losses).float().mean()) if losses else 0.0
+    return {"train_loss": mean, "steps": len(losses), "examples_seen": seen}
 
 
 @torch.no_grad()

@@ -33,7 +33,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from fedpeft.runtime import CPU, Runtime
@@ -192,7 +191,7 @@ def dp_train_local(
             p.grad = None
         model.eval()
     metrics = {
-        "train_loss": float(np.mean(losses)) if losses else 0.0,
+        "train_loss": float(torch.stack(losses).float().mean()) if losses else 0.0,  # one host sync a round
         "steps": steps,
         "empty_steps": empty,
         "examples_seen": seen,
@@ -203,9 +202,9 @@ def dp_train_local(
 def _steps(
     model: Any, data: Encoded, loader: Any, optimizer: Any, criterion: Any, params: list, planned: int, clipping: str,
     runtime: Runtime,
-) -> tuple[list[float], int, int, int]:
+) -> tuple[list[torch.Tensor], int, int, int]:
     """Take ``planned`` DP-SGD steps; return (losses of non-empty steps, steps, empty steps, examples)."""
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []
     steps = empty = seen = 0
     while steps < planned:
         for sampled in loader:
@@ -221,7 +220,7 @@ def _steps(
                 loss = _loss(criterion, logits, labels, ghost=clipping == "ghost")
                 loss.backward()
                 optimizer.step()
-                losses.append(float(loss.detach()))
+                losses.append(loss.detach())
                 seen += len(rows)
             optimizer.zero_grad(set_to_none=True)
             steps += 1
