@@ -45,7 +45,7 @@ def load_classifier(model: str, *, num_labels: int):
 def load_model(model: str, *, task: str = "seq-cls", num_labels: int = 0, gradient_checkpointing: bool = False):
     """Load ``(model, tokenizer)`` on the CPU in fp32 with the task's auto-class.
 
-    A causal LM's tokenizer without a pad token pads with its EOS token (padding is masked anyway),
+    A causal LM's tokenizer without a pad token pads with its EOS token (pad positions carry no label),
     and the model keeps no generation cache while training.
     """
     import torch
