@@ -97,7 +97,8 @@ def local_table(cfg: FedPeftConfig, path: str, *, label_names: Sequence[str]) ->
     file = Path(path).expanduser()
     if not file.is_file():
         raise FedPeftError(f"site data file not found: {file}")
-    table = TASKS.get(cfg.task).read(file, cfg, min_classes=1)
+    table = TASKS.get(cfg.task).read(file, text_column=cfg.text_column, label_column=cfg.label_column,
+                                     min_classes=1)
     if not table.label_names:
         return table
     unknown = sorted(set(table.label_names) - set(label_names))
@@ -283,7 +284,7 @@ def derive_seed(*parts: int) -> int:
 
 @lru_cache(maxsize=4)
 def _split(task: str, path: str, text: str, label: str, fraction: float, seed: int) -> tuple[Any, Any]:
-    table = TASKS.get(task).read(path, FedPeftConfig(text_column=text, label_column=label))
+    table = TASKS.get(task).read(path, text_column=text, label_column=label)
     return split_test(table, test_fraction=fraction, seed=seed)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from fedpeft.runlog import atomic_write_text
+from fedpeft.runtime import CPU, Runtime
 from privacy.canaries import Canary, load_canaries, make_canaries, save_canaries, site_canaries
 from privacy.one_run_audit import audit_scores
 
@@ -44,7 +45,7 @@ def site_rows(canaries: Sequence[Canary], site: str) -> str:
 
 def audit_run_canaries(
     model: Any, tokenizer: Any, canaries: Sequence[Canary], *, label_names: Sequence[str], max_length: int,
-    delta: float, accountant_epsilon: float | None, batch_size: int = 64, runtime: Any = None,
+    delta: float, accountant_epsilon: float | None, batch_size: int = 64, runtime: Runtime = CPU,
 ) -> dict[str, Any]:
     """Score the canaries on the final ``model`` (loss: low ⇒ guessed trained on) and bound ε."""
     from fedpeft.training import encode, example_losses
@@ -52,7 +53,7 @@ def audit_run_canaries(
     names = list(label_names)
     data = encode(tokenizer, [c.text for c in canaries], np.array([names.index(c.label) for c in canaries]),
                   max_length=max_length)
-    scores = example_losses(model, data, batch_size=batch_size, **({"runtime": runtime} if runtime else {}))
+    scores = example_losses(model, data, batch_size=batch_size, runtime=runtime)
     members = [c.member for c in canaries]
     result = audit_scores(scores, members, delta=delta, confidence=CONFIDENCE)
     claimed = None if accountant_epsilon is None or math.isinf(accountant_epsilon) else float(accountant_epsilon)

@@ -115,7 +115,7 @@ class RoundReporter:
         )
         self.task = self.progress.add_task("rounds", total=rounds)
         self.rows: list[tuple[str, ...]] = []
-        self._first: Mapping[str, Any] = {}
+        self.columns = self.header({})  # fixed by the first record (a causal LM's shows perplexity)
 
     def __enter__(self) -> RoundReporter:
         self.progress.start()
@@ -140,20 +140,19 @@ class RoundReporter:
             row += (f"{record['epsilon_max']:.3f}" if "epsilon_max" in record else "-",)
         self.rows.append(row)
         if len(self.rows) == 1:
-            header = self.header(record)
-            self.progress.console.print(format_row(header), style="bold", highlight=False)
+            self.columns = self.header(record)
+            self.progress.console.print(format_row(self.columns), style="bold", highlight=False)
         self.progress.console.print(format_row(row), highlight=False)
         self.progress.update(self.task, completed=record["round"])  # a resumed run starts part-way
 
     def header(self, record: Mapping[str, Any]) -> tuple[str, ...]:
         """The column names: a causal LM's quality column is its perplexity."""
-        self._first = record
         columns = tuple("perplexity" if c == "accuracy" and "perplexity" in record else c for c in COLUMNS)
         return columns + ((DP_COLUMN,) if self.dp else ())
 
     def table(self) -> Table:
         """All rows so far as a rich table."""
-        table = Table(*self.header(self._first), title="fedpeft run")
+        table = Table(*self.columns, title="fedpeft run")
         for row in self.rows:
             table.add_row(*row)
         return table

@@ -22,8 +22,9 @@ class Task:
 
     Attributes
     ----------
-    read : (path, cfg, min_classes) -> table
-        Read a data file into a table with ``frame``, ``labels``, ``label_names``, ``subset``, ``len``.
+    read : (path, text_column, label_column, min_classes) -> table
+        Read a data file (the columns name a classification file's text and label) into a table
+        with ``frame``, ``labels``, ``label_names``, ``subset``, ``len``.
     encode : (tokenizer, table, max_length) -> Encoded
         Tokenize a table once (:class:`fedpeft.training.Encoded`).
     auto_class : str

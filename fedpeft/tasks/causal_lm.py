@@ -53,7 +53,7 @@ def lora_targets(model: Any) -> list[str] | str:
     return chosen or ALL_LINEAR
 
 
-def _read(path: Any, cfg: Any, *, min_classes: int = 2) -> Any:
+def _read(path: Any, **_columns: Any) -> Any:  # a conversation file names its own columns
     from fedpeft.data.conversations import load_conversations
 
     return load_conversations(path)

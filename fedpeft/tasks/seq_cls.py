@@ -10,9 +10,8 @@ from fedpeft.tasks import TASKS, Task
 from fedpeft.training import Encoded, encode, evaluate
 
 
-def _read(path: Any, cfg: Any, *, min_classes: int = 2) -> Any:
-    return load_labelled_table(path, text_column=cfg.text_column, label_column=cfg.label_column,
-                               min_classes=min_classes)
+def _read(path: Any, *, text_column: str, label_column: str, min_classes: int = 2) -> Any:
+    return load_labelled_table(path, text_column=text_column, label_column=label_column, min_classes=min_classes)
 
 
 def _encode(tokenizer: Any, table: Any, *, max_length: int) -> Encoded:

@@ -26,7 +26,7 @@ def lm_data(tiny_lm_dir: Path, instruction_data: Path) -> Any:
     from transformers import AutoTokenizer
 
     task = TASKS.get("causal-lm")
-    table = task.read(instruction_data, None).subset(np.arange(40))
+    table = task.read(instruction_data).subset(np.arange(40))
     return task.encode(AutoTokenizer.from_pretrained(tiny_lm_dir), table, max_length=48)
 
 

@@ -21,7 +21,7 @@ def apply_lora(model: Any, cfg: Any) -> Any:
 
     from fedpeft.tasks import TASKS
 
-    task = TASKS.get(getattr(cfg, "task", "seq-cls"))
+    task = TASKS.get(cfg.task)
     targets = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()] or task.lora_targets(model)
     config = LoraConfig(
         task_type=getattr(TaskType, task.peft_task_type),

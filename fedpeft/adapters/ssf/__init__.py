@@ -21,5 +21,5 @@ def apply_ssf(model: Any, cfg: Any) -> Any:
     from fedpeft.adapters.state import HEAD_MODULES
 
     targets = tuple(t.strip() for t in cfg.ssf_target_modules.split(",") if t.strip())
-    heads = () if getattr(cfg, "task", "seq-cls") == "causal-lm" else HEAD_MODULES  # an LM trains no head
+    heads = () if cfg.task == "causal-lm" else HEAD_MODULES  # an LM trains no head
     return SSFModel(model, SSFConfig(target_modules=targets, base_model=cfg.model, head_modules=heads))
