@@ -56,6 +56,11 @@ class FedPeftConfig:
     ssf_target_modules: str = _f(
         "", "SSF: comma-separated nn.Linear / nn.LayerNorm names it follows; empty: every one but the head"
     )
+    pooling: str = _f(
+        "auto", "seq-cls head: auto (the pooling the model directory declares, sentence-transformers layout: "
+        "all-MiniLM-L6-v2 -> mean, normalised; else the architecture's own head) | cls (the architecture's own "
+        "head, BERT: [CLS] pooler) | mean (a linear classifier on the mean of the non-padding token states)"
+    )
     # --- data -----------------------------------------------------------------------------------
     data: str = _f("", "JSONL/CSV file (optionally .gz); empty: bundled Rotten Tomatoes snippets")
     text_column: str = _f("text", "column holding the input text")
@@ -108,6 +113,13 @@ class FedPeftConfig:
     lr: float = _f(1e-3, "AdamW learning rate")
     head_lr: float = _f(0.0, "learning rate of the classification head; 0: the same as lr")
     weight_decay: float = _f(0.0, "AdamW weight decay")
+    probe_rounds: int = _f(
+        0, "seq-cls: the first probe_rounds rounds train only the classification head (a linear probe on the "
+        "encoder's pooled features, computed once per site), the rest train adapter and head; 0: none"
+    )
+    probe_steps: int = _f(20, "head steps per probe round")
+    probe_batch_size: int = _f(0, "examples per probe step (under DP: the expected Poisson batch); 0: all (full batch)")
+    probe_lr: float = _f(0.1, "AdamW learning rate of the probe's head steps")
     eval_batch_size: int = _f(64, "examples per evaluation batch")
     client_cpus: int = _f(2, "CPU threads each simulated client uses")
     client_gpus: float = _f(0.0, "share of a GPU each simulated client reserves (0.5: two clients per GPU); 0: none")
@@ -121,7 +133,7 @@ class FedPeftConfig:
     # --- privacy --------------------------------------------------------------------------------
     dp: str = _f("off", "off | local (DP-SGD at each site: sample-level) | central (clipped updates + server noise)")
     dp_epsilon: float = _f(0.0, "epsilon budget per site (local) or per client (central); sigma fits it; 0: none")
-    dp_delta: float = _f(0.0, "delta of every epsilon, in (0, 1); required with --dp (e.g. 1e-5, below 1/examples)")
+    dp_delta: float = _f(1e-5, "delta of every epsilon, in (0, 1); under local DP below 1/examples at every site")
     dp_noise_multiplier: float = _f(0.0, "noise multiplier sigma; 0: fitted once to dp_epsilon over all planned rounds")
     dp_max_grad_norm: float = _f(1.0, "clipping norm C: per example (local) or per client update (central)")
     dp_clipping: str = _f("hooks", "Opacus clipping for local DP: hooks (per-sample gradients) | ghost (fast clipping)")

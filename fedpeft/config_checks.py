@@ -99,12 +99,14 @@ def check_peft(cfg: Any) -> None:
 
 TASKS = ("seq-cls", "causal-lm")
 # The settings only classification reads; setting one for causal-lm is a mistake worth one line.
-SEQ_CLS_FIELDS = ("text_column", "label_column", "head_lr")
+SEQ_CLS_FIELDS = ("text_column", "label_column", "head_lr", "pooling", "probe_rounds", "probe_steps",
+                  "probe_batch_size", "probe_lr")
 
 
 def check_task(cfg: Any) -> None:
     if cfg.task not in TASKS:
         raise FedPeftError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+    check_head(cfg)
     if cfg.task == "seq-cls":
         return
     defaults = type(cfg).__dataclass_fields__
@@ -122,6 +124,21 @@ def check_task(cfg: Any) -> None:
                            "natural:<column>")
     if cfg.canaries:
         raise FedPeftError("canaries (the empirical privacy audit) are labelled texts: seq-cls only")
+
+
+def check_head(cfg: Any) -> None:
+    from fedpeft.heads import POOLING_MODES
+
+    if cfg.pooling not in POOLING_MODES:
+        raise FedPeftError(f"pooling must be one of {', '.join(POOLING_MODES)}, got {cfg.pooling!r}")
+    if not 0 <= cfg.probe_rounds <= cfg.rounds:
+        raise FedPeftError(f"probe_rounds must lie in 0..rounds={cfg.rounds}, got {cfg.probe_rounds}")
+    if cfg.probe_steps < 1:
+        raise FedPeftError(f"probe_steps must be >= 1, got {cfg.probe_steps}")
+    if cfg.probe_batch_size < 0:
+        raise FedPeftError(f"probe_batch_size must be >= 0 (0: full batch), got {cfg.probe_batch_size}")
+    if not (math.isfinite(cfg.probe_lr) and cfg.probe_lr > 0):
+        raise FedPeftError(f"probe_lr must be a finite number > 0, got {cfg.probe_lr}")
 
 
 DEVICES = ("auto", "cpu", "cuda")

@@ -1,7 +1,8 @@
 """``fedpeft export RUN_DIR --merge --out DIR``: the run's adapter folded into its base model, saved as a
 plain transformers model (weights, config with the label names, tokenizer) that loads without fedpeft
 or peft: with ``AutoModelForSequenceClassification`` (``seq-cls``) or ``AutoModelForCausalLM``
-(``causal-lm``).
+(``causal-lm``). A mean-pooling classifier ships its modeling file beside the weights and loads with
+``trust_remote_code=True``.
 
 LoRA: peft's ``merge_and_unload`` (W + (α/r)·B·A). SSF: :meth:`SSFModel.merge_and_unload`
 (W' = diag(γ)W, b' = γ⊙b + β). The directory is built beside ``DIR`` and renamed into place, so a
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.errors import FedPeftError
+from fedpeft.heads import model_pooling, save_remote_code
 from fedpeft.models import load_model
 from fedpeft.runlog import atomic_replace_dir
 
@@ -42,7 +44,8 @@ def merged_model(run_dir: str | Path, *, base: str | None = None) -> tuple[Any, 
     meta = adapter_meta(run_dir)
     labels, task = meta["label_names"], str(meta.get("task", "seq-cls"))
     try:
-        model, tokenizer = load_model(base or meta.get("base_model", ""), task=task, num_labels=len(labels))
+        model, tokenizer = load_model(base or meta.get("base_model", ""), task=task, num_labels=len(labels),
+                                      pooling=str(meta.get("pooling", "cls")))  # runs before pooling: native head
     except FedPeftError as err:
         if base:
             raise
@@ -94,6 +97,8 @@ def export_merged(run_dir: str | Path, out: str | Path, *, base: str | None = No
             warnings.simplefilter("ignore", FutureWarning)
             model.save_pretrained(str(build))
         tokenizer.save_pretrained(str(build))
+        if model_pooling(model).mode == "mean":
+            save_remote_code(build)  # AutoModelForSequenceClassification(..., trust_remote_code=True) loads it
         atomic_replace_dir(build, out)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)

@@ -34,16 +34,23 @@ def resolve_model_path(model: str) -> str:
     return model  # a hub name; load_classifier checks that it is cached
 
 
-def load_classifier(model: str, *, num_labels: int):
+def load_classifier(model: str, *, num_labels: int, pooling: str = "auto"):
     """Load ``(model, tokenizer)`` for sequence classification with a fresh ``num_labels`` head.
 
     The head is random; callers seed torch first when they need it reproducible.
     """
-    return load_model(model, task="seq-cls", num_labels=num_labels)
+    return load_model(model, task="seq-cls", num_labels=num_labels, pooling=pooling)
 
 
-def load_model(model: str, *, task: str = "seq-cls", num_labels: int = 0, gradient_checkpointing: bool = False):
+def load_model(
+    model: str, *, task: str = "seq-cls", num_labels: int = 0, gradient_checkpointing: bool = False,
+    pooling: str = "auto",
+):
     """Load ``(model, tokenizer)`` on the CPU in fp32 with the task's auto-class.
+
+    A classifier's head follows ``pooling`` (:func:`fedpeft.heads.resolve_pooling`): ``mean`` puts a
+    linear classifier on the mean-pooled token states
+    (:class:`fedpeft.heads.modeling_mean_pooling.MeanPoolingForSequenceClassification`).
 
     A causal LM's tokenizer without a pad token pads with its EOS token (pad positions carry no label),
     and the model keeps no generation cache while training.
@@ -52,6 +59,7 @@ def load_model(model: str, *, task: str = "seq-cls", num_labels: int = 0, gradie
     import transformers
     from transformers import AutoTokenizer
 
+    from fedpeft.heads import mean_pooling_classifier, resolve_pooling
     from fedpeft.tasks import TASKS
 
     transformers.logging.set_verbosity_error()
@@ -62,7 +70,11 @@ def load_model(model: str, *, task: str = "seq-cls", num_labels: int = 0, gradie
     try:
         check_model_fits_task(path, task)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        net = auto.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kwargs)
+        head = resolve_pooling(pooling, path if Path(path).is_dir() else None) if task == "seq-cls" else None
+        if head is not None and head.mode == "mean":
+            net = mean_pooling_classifier(path, num_labels=num_labels, normalize=head.normalize, dtype=torch.float32)
+        else:
+            net = auto.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as err:  # ValueError: a config the auto-class has no model for
         raise FedPeftError(f"cannot load model {model!r} offline for {task}: {str(err).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None and task == "causal-lm" and tokenizer.eos_token is not None:

@@ -187,7 +187,7 @@ def initial_adapter(cfg: FedPeftConfig, num_labels: int) -> dict[str, np.ndarray
 
 
 # The config fields that decide what the PEFT model is (the cache key).
-ADAPTER_FIELDS = ("task", "model", "peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+ADAPTER_FIELDS = ("task", "model", "pooling", "peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
                   "ssf_target_modules", "seed", "device", "precision", "gradient_checkpointing")
 
 
@@ -242,10 +242,18 @@ def train_client_round(
 ) -> dict[str, float]:
     """One client-round of local training as ``cfg`` configures it, seeded by (seed, round, partition).
 
-    Parameters whose names contain a ``frozen`` path component (``"lora_A"``) are not trained.
+    Parameters whose names contain a ``frozen`` path component (``"lora_A"``) are not trained. The
+    first ``cfg.probe_rounds`` rounds train the head alone on pooled features (:mod:`fedpeft.probe`).
     """
+    seed = derive_seed(cfg.seed, server_round, partition_id)
+    if server_round <= cfg.probe_rounds:
+        from fedpeft.probe import HeadProbe, head_inputs, head_module
+
+        settings = probe_settings(cfg, len(data))
+        inputs = head_inputs(model, data, batch_size=settings.pop("feature_batch_size"), runtime=settings["runtime"])
+        return train_local(HeadProbe(head_module(model)), inputs, **settings, seed=seed)
     with frozen_parameters(model, frozen):
-        return train_local(model, data, **train_settings(cfg), seed=derive_seed(cfg.seed, server_round, partition_id))
+        return train_local(model, data, **train_settings(cfg), seed=seed)
 
 
 def train_settings(cfg: FedPeftConfig) -> dict[str, Any]:
@@ -258,6 +266,20 @@ def train_settings(cfg: FedPeftConfig) -> dict[str, Any]:
         "head_lr": cfg.head_lr,
         "weight_decay": cfg.weight_decay,
         "runtime": runtime(cfg),
+    }
+
+
+def probe_settings(cfg: FedPeftConfig, num_examples: int) -> dict[str, Any]:
+    """The training keywords of a probe round at a site of ``num_examples`` (plain or DP-SGD), plus
+    ``feature_batch_size``: how many examples one feature-extraction pass takes."""
+    from fedpeft.probe import probe_plan
+
+    return {
+        **probe_plan(num_examples, batch_size=cfg.probe_batch_size, steps=cfg.probe_steps),
+        "lr": cfg.probe_lr,
+        "weight_decay": cfg.weight_decay,
+        "runtime": runtime(cfg),
+        "feature_batch_size": cfg.eval_batch_size,
     }
 
 
@@ -352,7 +374,7 @@ def _peft_model(key: tuple[tuple[str, Any], ...], num_labels: int) -> tuple[Any,
     where = runtime(cfg)
     torch.manual_seed(cfg.seed)
     net, _ = load_model(cfg.model, task=cfg.task, num_labels=num_labels,
-                        gradient_checkpointing=cfg.gradient_checkpointing)
+                        gradient_checkpointing=cfg.gradient_checkpointing, pooling=cfg.pooling)
     # in fp32 on the CPU: the seeded initial adapter (and head) is the same in every process, whatever its
     # device and precision — FFA-LoRA's frozen A is never sent, every site draws it from here
     wrapped = apply_peft(net, cfg)

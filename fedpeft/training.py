@@ -44,6 +44,18 @@ class Encoded:
         return not isinstance(self.labels, np.ndarray)
 
 
+@dataclass(frozen=True)
+class HeadInputs:
+    """Examples as the classification head sees them: one pooled feature vector per example (a linear
+    probe's inputs, :mod:`fedpeft.probe`) and its class label."""
+
+    features: torch.Tensor  # [examples, width]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
 def encode(tokenizer: Any, texts: Sequence[str], labels: np.ndarray, *, max_length: int) -> Encoded:
     """Tokenize ``texts`` (truncated to ``max_length`` tokens) once, without padding."""
     ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
@@ -51,9 +63,13 @@ def encode(tokenizer: Any, texts: Sequence[str], labels: np.ndarray, *, max_leng
     return Encoded(input_ids=ids, labels=np.asarray(labels, dtype=np.int64), pad_id=pad)
 
 
-def padded_batch(data: Encoded, rows: np.ndarray) -> dict[str, torch.Tensor]:
+def padded_batch(data: Encoded | HeadInputs, rows: np.ndarray) -> dict[str, torch.Tensor]:
     """The examples at ``rows`` padded (on the right) to the longest one: ``input_ids``,
-    ``attention_mask``, ``labels`` (token labels padded with :data:`IGNORE`)."""
+    ``attention_mask``, ``labels`` (token labels padded with :data:`IGNORE`); head inputs:
+    ``features`` and ``labels``."""
+    if isinstance(data, HeadInputs):
+        return {"features": data.features[torch.as_tensor(rows, dtype=torch.long)],
+                "labels": torch.from_numpy(data.labels[rows])}
     width = max(len(data.input_ids[i]) for i in rows)
     ids = torch.full((len(rows), width), data.pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -71,7 +87,7 @@ def padded_batch(data: Encoded, rows: np.ndarray) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels}
 
 
-def batches(data: Encoded, order: np.ndarray, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+def batches(data: Encoded | HeadInputs, order: np.ndarray, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
     """Padded batches of the rows in ``order``."""
     for start in range(0, len(order), batch_size):
         yield padded_batch(data, order[start : start + batch_size])
@@ -91,7 +107,7 @@ def param_groups(model: torch.nn.Module, *, lr: float, head_lr: float = 0.0) -> 
 
 def train_local(
     model: torch.nn.Module,
-    data: Encoded,
+    data: Encoded | HeadInputs,
     *,
     epochs: int,
     max_steps: int,

@@ -109,10 +109,20 @@ def epsilon(history: History, *, delta: float, accountant: str) -> float:
 
 
 def noise_for_budget(
-    *, epsilon_budget: float, delta: float, sample_rate: float, steps: int, accountant: str, tolerance: float = 0.01
+    *,
+    epsilon_budget: float,
+    delta: float,
+    accountant: str,
+    sample_rate: float = 0.0,
+    steps: int = 0,
+    plan: Sequence[tuple[float, int]] = (),
+    tolerance: float = 0.01,
 ) -> float:
     """The smallest σ (to within the search) whose ``steps`` Poisson steps at rate q spend at most
     ``epsilon_budget`` at ``delta``; ε(σ) is within ``tolerance`` below the budget.
+
+    ``plan`` instead of (``sample_rate``, ``steps``): several runs of steps ``[(q, steps), ...]``, all at
+    the same σ, composed (e.g. probe rounds at one rate, then adapter rounds at another).
 
     Raises
     ------
@@ -121,18 +131,17 @@ def noise_for_budget(
     """
     if not epsilon_budget > 0:
         raise ValueError(f"epsilon budget must be > 0, got {epsilon_budget}")
+    runs = [(float(q), int(n)) for q, n in plan] if plan else [(float(sample_rate), int(steps))]
 
     def eps(sigma: float) -> float:
-        return epsilon([(sigma, sample_rate, steps)], delta=delta, accountant=accountant)
+        return epsilon([(sigma, q, n) for q, n in runs], delta=delta, accountant=accountant)
 
     low, high = 0.0, 1.0
     while eps(high) > epsilon_budget:
         low, high = high, 2 * high
         if high > 1e6:
-            raise ValueError(
-                f"no noise level meets epsilon {epsilon_budget} at delta {delta} "
-                f"over {steps} steps at rate {sample_rate:.4g}"
-            )
+            described = " then ".join(f"{n} steps at rate {q:.4g}" for q, n in runs)
+            raise ValueError(f"no noise level meets epsilon {epsilon_budget} at delta {delta} over {described}")
     while True:
         spent = eps(high)
         if epsilon_budget - spent <= tolerance or high - low < 1e-6:

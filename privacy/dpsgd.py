@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from fedpeft.runtime import CPU, Runtime
-from fedpeft.training import Encoded, padded_batch, param_groups
+from fedpeft.training import Encoded, HeadInputs, padded_batch, param_groups
 
 CLIPPING_MODES = ("hooks", "ghost")
 
@@ -111,7 +111,7 @@ def _as_rows(batch: Any) -> torch.Tensor:
 
 def dp_train_local(
     model: torch.nn.Module,
-    data: Encoded,
+    data: Encoded | HeadInputs,
     *,
     dp: DPSGD,
     epochs: int,
@@ -200,7 +200,7 @@ def dp_train_local(
 
 
 def _steps(
-    model: Any, data: Encoded, loader: Any, optimizer: Any, criterion: Any, params: list, planned: int, clipping: str,
+    model: Any, data: Encoded | HeadInputs, loader: Any, optimizer: Any, criterion: Any, params: list, planned: int, clipping: str,
     runtime: Runtime,
 ) -> tuple[list[torch.Tensor], int, int, int]:
     """Take ``planned`` DP-SGD steps; return (losses of non-empty steps, steps, empty steps, examples)."""

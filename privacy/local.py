@@ -3,9 +3,10 @@
 One client-round, as the ClientApp runs it:
 
 1. **open the account** for this run from the site's own disk (:mod:`privacy.state`); on the site's
-   first round, σ is fixed once for the *whole planned run*: calibrated so that ``rounds`` rounds of
-   this round's (q, steps) spend at most the budget — the site plans for being sampled every round,
-   because it cannot know that it will not be;
+   first round, σ is fixed once for the *whole planned run*: calibrated so that the planned rounds
+   spend at most the budget, composed — ``probe_rounds`` probe rounds (the head alone on pooled
+   features, :mod:`fedpeft.probe`) at their (q, steps), then the other rounds at the adapter's — the
+   site plans for being sampled every round, because it cannot know that it will not be;
 2. **plan** the round's (q, steps) (:func:`privacy.dpsgd.poisson_plan`) and compute the ε the site
    would have spent after it;
 3. **refuse** if that exceeds the budget: no training, nothing spent, a signed ``refused`` entry;
@@ -54,6 +55,8 @@ class LocalPolicy:
         ``rdp`` or ``prv``.
     planned_rounds : int
         Rounds of the run (the site assumes it takes part in all of them).
+    probe_rounds : int
+        How many of the first rounds are probe rounds (DP-SGD on the head alone).
     """
 
     budget: float
@@ -63,6 +66,7 @@ class LocalPolicy:
     clipping: str
     accountant: str
     planned_rounds: int
+    probe_rounds: int = 0
 
     @classmethod
     def from_config(cls, cfg: FedPeftConfig, *, site_budget: float | None = None) -> LocalPolicy:
@@ -76,6 +80,7 @@ class LocalPolicy:
             clipping=cfg.dp_clipping,
             accountant=cfg.dp_accountant,
             planned_rounds=cfg.rounds,
+            probe_rounds=cfg.probe_rounds,
         )
 
 
@@ -104,7 +109,7 @@ def configured_private_round(
 ) -> PrivateRound:
     """:func:`private_round` as a site runs it from the run config and its own node config: the site's
     budget (``dp-epsilon``) overrides the run's, and its ``state-dir`` holds its accounts and key."""
-    from fedpeft.site import state_dir, train_settings
+    from fedpeft.site import probe_settings, state_dir, train_settings
 
     budget = node_config.get("dp-epsilon")
     policy = LocalPolicy.from_config(cfg, site_budget=None if budget is None else float(budget))
@@ -113,6 +118,7 @@ def configured_private_round(
         model,
         data,
         train=train_settings(cfg),
+        probe=probe_settings(cfg, len(data)) if cfg.probe_rounds else None,
         site=site,
         run_id=cfg.run_id,
         server_round=server_round,
@@ -121,16 +127,23 @@ def configured_private_round(
     )
 
 
-def open_account(policy: LocalPolicy, *, site: str, run_id: str, q: float, steps: int) -> SiteAccount:
-    """A new account: σ as given, or calibrated to the budget over the planned run."""
+def run_plan(
+    policy: LocalPolicy, *, adapter: tuple[float, int], probe: tuple[float, int] | None = None
+) -> list[tuple[float, int]]:
+    """``[(q, steps), ...]`` of the whole planned run: the probe rounds at ``probe``'s (q, steps per
+    round), the others at ``adapter``'s."""
+    probe_rounds = policy.probe_rounds if probe is not None else 0
+    runs = [(probe[0], probe[1] * probe_rounds)] if probe is not None and probe_rounds else []
+    rest = policy.planned_rounds - probe_rounds
+    return [*runs, (adapter[0], adapter[1] * rest)] if rest > 0 else runs
+
+
+def open_account(policy: LocalPolicy, *, site: str, run_id: str, plan: list[tuple[float, int]]) -> SiteAccount:
+    """A new account: σ as given, or calibrated to the budget over the planned run (:func:`run_plan`)."""
     sigma = policy.noise_multiplier
     if sigma <= 0:
         sigma = noise_for_budget(
-            epsilon_budget=policy.budget,
-            delta=policy.delta,
-            sample_rate=q,
-            steps=steps * policy.planned_rounds,
-            accountant=policy.accountant,
+            epsilon_budget=policy.budget, delta=policy.delta, plan=plan, accountant=policy.accountant
         )
     return SiteAccount(
         run_id=run_id,
@@ -153,6 +166,7 @@ def private_round(
     run_id: str,
     server_round: int,
     state_dir: str | Path,
+    probe: Mapping[str, Any] | None = None,
     generator_seed: int | None = None,
     ledger_seq: int | None = None,
 ) -> PrivateRound:
@@ -162,13 +176,19 @@ def private_round(
     round); the site's signed entries after those travel again with this one (``backlog``).
 
     ``train`` holds :func:`privacy.dpsgd.dp_train_local`'s training settings (``epochs``,
-    ``max_steps``, ``batch_size``, ``lr``, ``head_lr``, ``weight_decay``).
+    ``max_steps``, ``batch_size``, ``lr``, ``head_lr``, ``weight_decay``); ``probe`` those of a probe
+    round (:func:`fedpeft.site.probe_settings`), needed when ``policy.probe_rounds`` > 0.
     """
+    if policy.probe_rounds and probe is None:
+        raise ValueError("a policy with probe rounds needs the probe's training settings")
     path = account_path(state_dir, site, run_id)
-    q, steps = poisson_plan(
-        len(data), batch_size=train["batch_size"], epochs=train["epochs"], max_steps=train["max_steps"]
+    adapter_plan = _poisson(len(data), train)
+    probe_plan = _poisson(len(data), probe) if probe is not None else None
+    in_probe = probe_plan is not None and server_round <= policy.probe_rounds
+    q, steps = probe_plan if in_probe else adapter_plan
+    account = load_account(path) or open_account(
+        policy, site=site, run_id=run_id, plan=run_plan(policy, adapter=adapter_plan, probe=probe_plan)
     )
-    account = load_account(path) or open_account(policy, site=site, run_id=run_id, q=q, steps=steps)
     account = dataclasses.replace(account, budget=policy.budget)  # the site's current budget applies
     planned = RoundSpend(server_round, account.noise_multiplier, q, steps)
     after = epsilon(account.spend(planned).history, delta=account.delta, accountant=account.accountant)
@@ -186,7 +206,15 @@ def private_round(
         return _signed(path, account, entry, ledger_seq, trained=False, metrics={"dp-epsilon": spent}, reason=reason)
 
     mechanism = DPSGD(account.noise_multiplier, account.max_grad_norm, policy.clipping, account.accountant)
-    metrics, history = dp_train_local(model, data, dp=mechanism, generator_seed=generator_seed, **train)
+    if in_probe:  # the head alone, on the encoder's pooled features (computed without privacy cost: no release)
+        from fedpeft.probe import HeadProbe, head_inputs, head_module
+
+        settings = {k: v for k, v in probe.items() if k != "feature_batch_size"}
+        inputs = head_inputs(model, data, batch_size=probe["feature_batch_size"], runtime=settings["runtime"])
+        metrics, history = dp_train_local(HeadProbe(head_module(model)), inputs, dp=mechanism,
+                                          generator_seed=generator_seed, **settings)
+    else:
+        metrics, history = dp_train_local(model, data, dp=mechanism, generator_seed=generator_seed, **train)
     taken = sum(n for _, _, n in history)
     if taken != steps or any(abs(r - q) > 1e-12 for _, r, _ in history):
         raise RuntimeError(f"accountant recorded {history}, planned {steps} steps at q={q}")  # never silently
@@ -201,6 +229,11 @@ def private_round(
         "dp-empty-steps": float(metrics["empty_steps"]),
     }
     return _signed(path, account, entry, ledger_seq, trained=True, metrics={**metrics, **dp_metrics})
+
+
+def _poisson(num_examples: int, train: Mapping[str, Any]) -> tuple[float, int]:
+    return poisson_plan(num_examples, batch_size=train["batch_size"], epochs=train["epochs"],
+                        max_steps=train["max_steps"])
 
 
 def _entry(account: SiteAccount, server_round: int, status: str, spent: RoundSpend, eps: float) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from fedpeft import site
 from fedpeft.adapters import adapter_state, load_adapter_state
 from fedpeft.config import FedPeftConfig
 from fedpeft.errors import FedPeftError
+from fedpeft.heads import model_pooling, save_remote_code
 from fedpeft.runlog import append_jsonl, atomic_replace_dir, atomic_write_text
 from fedpeft.wire import CANARIES, NUM_EXAMPLES, config_record, from_array_record, to_array_record
 from privacy.empirical import audit_run_canaries, run_canaries, save_result, site_rows
@@ -334,5 +335,10 @@ def save_adapter(
         "max_length": cfg.max_length,
         "base_model": cfg.model or "all-MiniLM-L6-v2",
     }
+    if cfg.task == "seq-cls":  # the head a reload or an export must rebuild
+        pooling = model_pooling(model)
+        meta |= {"pooling": pooling.mode, "pooling_normalize": pooling.normalize}
+        if pooling.mode == "mean":
+            save_remote_code(build)
     (build / "fedpeft.json").write_text(json.dumps(meta, indent=2) + "\n")
     atomic_replace_dir(build, out)
