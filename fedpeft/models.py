@@ -66,7 +66,8 @@ def load_model(
     transformers.utils.logging.disable_progress_bar()
     auto = getattr(transformers, TASKS.get(task).auto_class)
     path = resolve_model_path(model)
-    kwargs: dict[str, Any] = {"num_labels": num_labels} if task == "seq-cls" else {}
+    # seq-cls: the head is always new, whatever head (and label count) the directory saved
+    kwargs: dict[str, Any] = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if task == "seq-cls" else {}
     try:
         check_model_fits_task(path, task)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

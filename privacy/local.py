@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.config import FedPeftConfig
+from fedpeft.errors import FedPeftError
 from fedpeft.training import Encoded
 from privacy.accounting import epsilon, noise_for_budget
 from privacy.dpsgd import DPSGD, dp_train_local, poisson_plan
@@ -181,6 +182,9 @@ def private_round(
     """
     if policy.probe_rounds and probe is None:
         raise ValueError("a policy with probe rounds needs the probe's training settings")
+    if policy.delta * len(data) >= 1:  # the coordinator checks this at start-up too; a site never trusts it
+        raise FedPeftError(f"site {site}: delta {policy.delta:g} is not below 1/examples (1/{len(data)}); "
+                           "refusing to train")
     path = account_path(state_dir, site, run_id)
     adapter_plan = _poisson(len(data), train)
     probe_plan = _poisson(len(data), probe) if probe is not None else None

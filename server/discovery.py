@@ -15,7 +15,7 @@ from flwr.app import Message, MessageType, RecordDict
 
 from fedpeft.config import FedPeftConfig
 from fedpeft.errors import FedPeftError
-from fedpeft.wire import CONFIG, METRICS, config_record
+from fedpeft.wire import CONFIG, METRICS, NUM_EXAMPLES, config_record
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +46,14 @@ def start_discovery(grid: Any, cfg: FedPeftConfig, nodes: list[int], *, label_na
 
 
 def finish_discovery(
-    grid: Any, message_ids: list[str], *, timeout: float, min_sites: int = 1
+    grid: Any, message_ids: list[str], *, timeout: float, min_sites: int = 1, example_delta: float = 0.0
 ) -> tuple[dict[int, str], dict[str, int]]:
     """Collect the query replies; return node id → site key, and site key → the LoRA rank it trains.
 
     A client that fails to start (an error reply: say, a missing data file) or does not answer within
     ``timeout`` is left out of the run with a warning naming it; the run starts when at least
-    ``min_sites`` clients did, and otherwise raises with the reasons.
+    ``min_sites`` clients did, and otherwise raises with the reasons. ``example_delta`` (local DP's δ,
+    per example) must lie below 1/examples at every site, or the run does not start.
     """
     pending, replies = set(message_ids), []
     deadline = time.monotonic() + timeout
@@ -70,6 +71,11 @@ def finish_discovery(
             problems.append(f"client {reply.metadata.src_node_id} could not start: {reply.error.reason}")
             continue
         key = str(reply.content[CONFIG]["site"])
+        examples = int(reply.content[METRICS].get(NUM_EXAMPLES, 0))
+        if example_delta > 0 and example_delta * examples >= 1:
+            raise FedPeftError(f"dp_delta {example_delta:g} is not below 1/examples at site {key} ({examples} "
+                               f"examples): a mechanism may then reveal a whole example; set --dp-delta below "
+                               f"{1 / examples:.2g}")
         sites[reply.metadata.src_node_id] = key
         if "lora-r" in reply.content[METRICS]:
             ranks[key] = int(reply.content[METRICS]["lora-r"])

@@ -167,7 +167,8 @@ def run_federation(
         commit(0, 0, None)
     else:
         record, state, seed = resume_from(checkpoint, run_dir, model)
-    sites, ranks = finish_discovery(grid, queries, timeout=cfg.startup_timeout, min_sites=cfg.min_clients)
+    sites, ranks = finish_discovery(grid, queries, timeout=cfg.startup_timeout, min_sites=cfg.min_clients,
+                                    example_delta=cfg.dp_delta if cfg.dp == "local" else 0.0)
     population = checkpoint.population if checkpoint is not None and checkpoint.population else len(sites)
     privacy = RunPrivacy(cfg, run_dir, num_sites=population, key_dir=site.state_dir() / "coordinator",
                          resume=checkpoint)

@@ -30,6 +30,32 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_st_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide random BERT encoder saved in the sentence-transformers layout that declares
+    mean pooling and normalisation (modules.json, 1_Pooling/config.json), like all-MiniLM-L6-v2."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer, BertConfig
+
+    from fedpeft.models import resolve_model_path
+
+    out = tmp_path_factory.mktemp("tiny-st")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(""))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, initializer_range=0.2)
+    AutoModel.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+    (out / "modules.json").write_text(json.dumps(modules))
+    (out / "1_Pooling").mkdir()
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}))
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 32-wide random Llama with a small BPE tokenizer and a ChatML chat template."""
     from causal_lm import make_tiny_lm

@@ -48,8 +48,8 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
         (["--model", "./no-such-model"], "model path not found: ./no-such-model"),
         (["--client-cpus", "4096"], "client_cpus 4096 exceeds"),
         (["--dp-epsilon", "3"], "dp_epsilon is set but dp is off; add --dp local or --dp central"),
-        (["--dp", "local", "--dp-epsilon", "3"], "dp_epsilon needs dp_delta in (0, 1), got 0; add --dp-delta"),
-        (["--dp", "--dp-delta", "2"], "dp needs dp_delta in (0, 1), got 2"),
+        (["--dp", "local", "--dp-epsilon", "3", "--dp-delta", "0"], "dp_epsilon needs dp_delta in (0, 1), got 0"),
+        (["--dp", "--dp-delta", "2"], "dp_epsilon needs dp_delta in (0, 1), got 2"),
         (["--dp", "central", "--dp-delta", "1e-5"], "dp needs a budget or a noise level"),
         (["--dp", "secret"], "dp must be one of off, local, central, got 'secret'"),
         (["--dp", "--dp-clipping", "flat"], "dp_clipping must be one of hooks, ghost"),
@@ -148,9 +148,15 @@ def test_dp_defaults_fill_only_what_the_user_left_unset() -> None:
     merged = {**dp_defaults(given), **given}
     assert merged["rounds"] == 2 and merged["lr"] == 5e-4
     assert merged["head_lr"] == DP_DEFAULTS["head_lr"] and merged["dp_epsilon"] == DP_DEFAULTS["dp_epsilon"]
-    # a privacy setting of the user's own takes none of the preset's: epsilon and delta only come as a pair
+    # a noise level of the user's own takes no epsilon from the preset (sigma would not fit it); delta it does
     own = {"dp": "local", "dp_noise_multiplier": 1.0}
-    assert not {"dp_epsilon", "dp_delta"} & set(dp_defaults(own))
+    assert "dp_epsilon" not in dp_defaults(own) and dp_defaults(own)["dp_delta"] == DP_DEFAULTS["dp_delta"]
+    # one flag: an epsilon alone keeps the preset's delta
+    one = {"dp": "local", "dp_epsilon": 3.0}
+    config = FedPeftConfig(**{**dp_defaults(one), **one})
+    assert (config.dp_epsilon, config.dp_delta) == (3.0, DP_DEFAULTS["dp_delta"])
+    # the probe follows --rounds unless set
+    assert merged["probe_rounds"] == 2 and FedPeftConfig(**merged).probe_rounds == 2
     assert FedPeftConfig(dp="local", **DP_DEFAULTS).head_lr == DP_DEFAULTS["head_lr"]  # the preset validates
 
 

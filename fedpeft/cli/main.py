@@ -11,7 +11,6 @@ from pathlib import Path
 
 from fedpeft.config import (
     DP_DEFAULTS,
-    DP_PRIVACY_KEYS,
     PEFT_DEFAULT_STRATEGY,
     PEFT_FIELDS,
     SEQ_CLS_FIELDS,
@@ -49,7 +48,8 @@ _METAVARS = {
 _EXAMPLES = """examples:
   fedpeft simulate --out runs/demo                          the main job: MiniLM, 10 clients, 5 rounds
   fedpeft simulate --data my.csv --partition natural:site   one client per value of a column
-  fedpeft simulate --dp --out runs/private                  local DP-SGD, epsilon 8 per site
+  fedpeft simulate --dp --out runs/private                  local DP, epsilon 8 per site (delta 1e-5)
+  fedpeft simulate --dp local --dp-epsilon 3                the same preset at epsilon 3
   fedpeft simulate --codec topk:0.1+int8                    compressed updates
   fedpeft simulate --resume runs/demo                       continue a run that stopped
   fedpeft simulate --task causal-lm --model ~/llama --data chat.jsonl   instruction-tune a decoder LM
@@ -165,15 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def dp_defaults(given: dict) -> dict:
-    """The ``--dp`` defaults that apply: epsilon and delta come only as a pair, never one alone; the
-    LoRA settings (and the LoRA strategy) only when the PEFT method is LoRA."""
+    """The ``--dp`` defaults that apply: ε only when the user set neither ε nor σ, δ unless given; the
+    probe follows ``--rounds`` (every round a probe round, as the preset has it) unless set; the LoRA
+    settings (and the LoRA strategy) only when the PEFT method is LoRA."""
     defaults = dict(DP_DEFAULTS)
-    if any(name in given for name in DP_PRIVACY_KEYS):
-        defaults = {k: v for k, v in defaults.items() if k not in DP_PRIVACY_KEYS}
+    if "dp_epsilon" in given or "dp_noise_multiplier" in given:
+        defaults.pop("dp_epsilon", None)
+    if "rounds" in given and "probe_rounds" not in given and defaults.get("probe_rounds") == defaults.get("rounds"):
+        defaults["probe_rounds"] = given["rounds"]
     peft = given.get("peft", "lora")
     if peft != "lora":
         defaults = {k: v for k, v in defaults.items() if k not in PEFT_FIELDS["lora"] and k != "strategy"}
-    if given.get("task", "seq-cls") != "seq-cls":  # no classification head to give its own learning rate
+    if given.get("task", "seq-cls") != "seq-cls":  # no classification head to probe or give its own learning rate
         defaults = {k: v for k, v in defaults.items() if k not in SEQ_CLS_FIELDS}
     return defaults
 

@@ -180,10 +180,10 @@ def test_dp_config_from_flower_run_config_keys() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"dp": "local", "dp_epsilon": 1.0}, "dp_epsilon needs dp_delta"),
+    ({"dp": "local", "dp_epsilon": 1.0, "dp_delta": 0.0}, "dp_epsilon needs dp_delta"),
     ({"dp": "central", "dp_epsilon": 1.0, "dp_delta": 1.5}, "dp_epsilon needs dp_delta in (0, 1)"),
     ({"dp": "local", "dp_delta": 1e-5}, "dp needs a budget or a noise level"),
-    ({"dp_delta": 1e-5}, "dp_delta is set but dp is off"),
+    ({"dp_delta": 1e-6}, "dp_delta is set but dp is off"),
     ({"dp_clipping": "ghost"}, "dp_clipping is set but dp is off"),
     ({"dp": "local", "dp_epsilon": -1.0, "dp_delta": 1e-5}, "dp_epsilon must be a finite number >= 0"),
     ({"dp": "local", "dp_epsilon": float("inf"), "dp_delta": 1e-5}, "dp_epsilon must be a finite number >= 0"),

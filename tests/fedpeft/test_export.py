@@ -45,10 +45,15 @@ def finished_run(tmp_path: Path, model_dir: Path, peft: str) -> tuple[Path, np.n
     return run, logits
 
 
-@pytest.mark.parametrize("peft", ["lora", "ssf"])
+@pytest.mark.parametrize(("peft", "pooling"), [("lora", "cls"), ("ssf", "cls"), ("lora", "mean"), ("ssf", "mean")])
 def test_merged_model_loads_without_fedpeft_and_matches(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                                       tiny_model_dir: Path, peft: str) -> None:
-    run, want = finished_run(tmp_path, tiny_model_dir, peft)
+                                                       tiny_model_dir: Path, tiny_st_model_dir: Path, peft: str,
+                                                       pooling: str) -> None:
+    # mean: a sentence-transformers directory whose declared pooling (auto) the run and the export keep
+    run, want = finished_run(tmp_path, tiny_st_model_dir if pooling == "mean" else tiny_model_dir, peft)
+    meta = json.loads((run / "adapter" / "fedpeft.json").read_text())
+    assert meta["pooling"] == pooling and meta["pooling_normalize"] == (pooling == "mean")
+    assert (run / "adapter" / "modeling_mean_pooling.py").exists() == (pooling == "mean")
     out = tmp_path / "merged"
     assert main(["export", str(run), "--merge", "--out", str(out)]) == 0
     assert "merged model saved to" in capsys.readouterr().out
@@ -56,7 +61,9 @@ def test_merged_model_loads_without_fedpeft_and_matches(capsys: pytest.CaptureFi
         import json, sys
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        model = AutoModelForSequenceClassification.from_pretrained({str(out)!r}).eval()
+        model = AutoModelForSequenceClassification.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+        assert type(model).__name__ == {"MeanPoolingForSequenceClassification" if pooling == "mean"
+                                        else "BertForSequenceClassification"!r}
         tok = AutoTokenizer.from_pretrained({str(out)!r})
         with torch.no_grad():
             logits = model(**tok({TEXTS!r}, return_tensors="pt", padding=True)).logits

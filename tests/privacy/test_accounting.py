@@ -76,3 +76,12 @@ def test_epsilon_grows_with_steps_and_falls_with_noise(sigma: float, q: float, s
     eps = epsilon([(sigma, q, steps)], delta=1e-5, accountant="rdp")
     assert epsilon([(sigma, q, steps + extra)], delta=1e-5, accountant="rdp") >= eps
     assert epsilon([(sigma * 1.5, q, steps)], delta=1e-5, accountant="rdp") <= eps
+
+
+def test_noise_for_budget_over_a_composed_plan() -> None:
+    plan = [(1.0, 40), (0.05, 200)]
+    sigma = noise_for_budget(epsilon_budget=8.0, delta=1e-5, plan=plan, accountant="rdp")
+    spent = epsilon([(sigma, q, n) for q, n in plan], delta=1e-5, accountant="rdp")
+    assert 8.0 - 0.011 <= spent <= 8.0
+    alone = noise_for_budget(epsilon_budget=8.0, delta=1e-5, sample_rate=0.05, steps=200, accountant="rdp")
+    assert sigma > alone  # the probe's steps cost budget too

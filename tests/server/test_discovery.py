@@ -69,3 +69,11 @@ def test_two_clients_claiming_one_site_are_refused() -> None:
     grid = FakeGrid({11: "hospital-a", 12: "hospital-a"})
     with pytest.raises(FedPeftError, match="two clients reported the same site"):
         finish_discovery(grid, grid.push(), timeout=0.3)
+
+
+def test_a_delta_not_below_one_over_a_sites_examples_stops_the_run_naming_it() -> None:
+    grid = FakeGrid({11: "hospital-a", 12: "hospital-b"})  # 5 examples each
+    with pytest.raises(FedPeftError, match=r"dp_delta 0.2 is not below 1/examples at site hospital-a \(5 examples\)"):
+        finish_discovery(grid, grid.push(), timeout=0.3, example_delta=0.2)
+    sites, _ = finish_discovery(grid, grid.push(), timeout=0.3, example_delta=0.19)
+    assert set(sites.values()) == {"hospital-a", "hospital-b"}
