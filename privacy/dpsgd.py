@@ -200,8 +200,8 @@ def dp_train_local(
 
 
 def _steps(
-    model: Any, data: Encoded | HeadInputs, loader: Any, optimizer: Any, criterion: Any, params: list, planned: int, clipping: str,
-    runtime: Runtime,
+    model: Any, data: Encoded | HeadInputs, loader: Any, optimizer: Any, criterion: Any, params: list, planned: int,
+    clipping: str, runtime: Runtime,
 ) -> tuple[list[torch.Tensor], int, int, int]:
     """Take ``planned`` DP-SGD steps; return (losses of non-empty steps, steps, empty steps, examples)."""
     losses: list[torch.Tensor] = []
