@@ -31,6 +31,7 @@ from fedpeft.runtime import CPU, Runtime
 from fedpeft.training import Encoded, HeadInputs, padded_batch
 
 _CACHE_ATTR = "_fedpeft_probe_features"
+_CACHED_SETS = 4
 
 
 class HeadProbe(torch.nn.Module):
@@ -69,15 +70,16 @@ def head_inputs(model: torch.nn.Module, data: Encoded, *, batch_size: int, runti
     """The head's inputs for every example of ``data`` (eval mode, no gradients), in ``data``'s order.
 
     Cached on ``model`` by a digest of the data and of the non-head trainable parameters: the same
-    site data under the same adapter is encoded once.
+    data under the same adapter is encoded once (a few data sets per model: a site's training data,
+    the coordinator's test split).
     """
     if data.per_token:
         raise FedPeftError("probe rounds train a classification head: seq-cls only")
     head = head_module(model)
-    key = (_data_digest(data), _adapter_digest(model))
-    cached = getattr(model, _CACHE_ATTR, None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    data_key, adapter_key = _data_digest(data), _adapter_digest(model)
+    cache: dict[str, tuple[str, HeadInputs]] = model.__dict__.setdefault(_CACHE_ATTR, {})
+    if data_key in cache and cache[data_key][0] == adapter_key:
+        return cache[data_key][1]
     captured: list[torch.Tensor] = []
 
     def grab(_module: Any, args: tuple[torch.Tensor, ...]) -> None:
@@ -103,8 +105,25 @@ def head_inputs(model: torch.nn.Module, data: Encoded, *, batch_size: int, runti
                            f"{tuple(features.shape)} (use --pooling mean)")
     inputs = HeadInputs(features=features[torch.from_numpy(np.argsort(order))].to(runtime.device),
                         labels=np.asarray(data.labels))
-    setattr(model, _CACHE_ATTR, (key, inputs))
+    cache.pop(data_key, None)
+    while len(cache) >= _CACHED_SETS:
+        cache.pop(next(iter(cache)))
+    cache[data_key] = (adapter_key, inputs)
     return inputs
+
+
+@torch.no_grad()
+def evaluate_probed(model: torch.nn.Module, data: Encoded, *, batch_size: int, runtime: Runtime = CPU
+                    ) -> dict[str, float]:
+    """:func:`fedpeft.training.evaluate` through the cached head inputs: the same accuracy and loss, and
+    no encoder pass while the adapter stays as it was (every probe round)."""
+    inputs = head_inputs(model, data, batch_size=batch_size, runtime=runtime)
+    logits = HeadProbe(head_module(model))(inputs.features).logits.float()
+    labels = torch.from_numpy(inputs.labels).to(logits.device)
+    n = len(inputs)
+    return {"accuracy": int((logits.argmax(-1) == labels).sum()) / n,
+            "loss": float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum")) / n,
+            "num_examples": n}
 
 
 def probe_plan(num_examples: int, *, batch_size: int, steps: int) -> dict[str, int]:

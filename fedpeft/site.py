@@ -222,7 +222,14 @@ def runtime(cfg: FedPeftConfig) -> Runtime:
 
 
 def evaluate(cfg: FedPeftConfig, model: Any, data: Encoded) -> dict[str, float]:
-    """The task's held-out metrics of ``model`` on ``data`` (``loss``, ``accuracy``; LMs: ``perplexity``)."""
+    """The task's held-out metrics of ``model`` on ``data`` (``loss``, ``accuracy``; LMs: ``perplexity``).
+
+    A run with probe rounds evaluates through the head's cached inputs (:func:`fedpeft.probe.evaluate_probed`):
+    the same figures, without an encoder pass in rounds that left the adapter as it was."""
+    if cfg.probe_rounds and cfg.task == "seq-cls":
+        from fedpeft.probe import evaluate_probed
+
+        return evaluate_probed(model, data, batch_size=cfg.eval_batch_size, runtime=runtime(cfg))
     return TASKS.get(cfg.task).evaluate(model, data, batch_size=cfg.eval_batch_size, runtime=runtime(cfg))
 
 

@@ -108,3 +108,33 @@ def test_extra_examples_are_appended_with_the_runs_labels(tiny_model_dir: Path) 
     assert site.with_extra_examples(cfg, data, [], label_names=["fresh", "rotten"]) is data
     with pytest.raises(FedPeftError, match="labels \\['meh'\\] the run does not know"):
         site.with_extra_examples(cfg, data, [["x", "meh"]], label_names=["fresh", "rotten"])
+
+
+@pytest.mark.parametrize("peft", ["lora"])
+def test_readme_snippet_loads_a_mean_pooling_adapter_with_plain_peft(tmp_path: Path, tiny_st_model_dir: Path,
+                                                                     peft: str) -> None:
+    """README, "Load the result with plain transformers + peft": the adapter directory ships the head's code."""
+    run, want = finished_run(tmp_path, tiny_st_model_dir, peft)
+    adapter, base_dir = run / "adapter", tiny_st_model_dir
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(adapter)!r})          # the run ships the head's code beside the adapter
+        from modeling_mean_pooling import MeanPoolingForSequenceClassification
+        from peft import PeftModel
+        from transformers import AutoConfig, AutoTokenizer
+        import torch
+        base_dir = {str(base_dir)!r}
+        meta = json.load(open({str(adapter / "fedpeft.json")!r}))
+        config = AutoConfig.from_pretrained(base_dir, num_labels=len(meta["label_names"]))
+        config.pooling_normalize = meta["pooling_normalize"]
+        base = MeanPoolingForSequenceClassification.from_pretrained(base_dir, config=config)
+        model = PeftModel.from_pretrained(base, {str(adapter)!r}).eval()
+        tok = AutoTokenizer.from_pretrained(base_dir)
+        with torch.no_grad():
+            logits = model(**tok({TEXTS!r}, return_tensors="pt", padding=True)).logits
+        assert "fedpeft" not in sys.modules, "imported fedpeft"
+        print(json.dumps(logits.tolist()))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_allclose(np.array(json.loads(proc.stdout.strip().splitlines()[-1])), want, rtol=1e-4, atol=1e-5)

@@ -82,3 +82,16 @@ def test_probe_settings_are_refused_for_causal_lm() -> None:
         FedPeftConfig(rounds=2, probe_rounds=3)
     with pytest.raises(FedPeftError, match="probe_lr must be a finite number > 0"):
         dataclasses.replace(FedPeftConfig(), probe_lr=0.0)
+
+
+@pytest.mark.parametrize("make", [tiny_lora_bert, tiny_ssf_bert])
+def test_probed_evaluation_equals_the_full_one(make) -> None:
+    from fedpeft.probe import evaluate_probed
+    from fedpeft.training import evaluate
+
+    model = make(seed=5)
+    data = toy_task(30, seed=4)
+    want = evaluate(model, data, batch_size=7)
+    got = evaluate_probed(model, data, batch_size=7)
+    assert got["accuracy"] == want["accuracy"] and got["num_examples"] == 30
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
