@@ -1,15 +1,15 @@
-"""Final accuracy under local DP-SGD at several ε, against the same runs without DP, per strategy.
+"""Final accuracy of ``fedpeft simulate --dp`` (the preset) at several ε, against the non-DP main job,
+over several seeds.
 
-    python bench/dp_accuracy.py                                 # ffa-lora and fedit at ε = 1, 3, 8 (δ = 1e-5)
-    python bench/dp_accuracy.py --strategies ffa-lora           # the README's table (about 45 minutes, 2 cores)
-    python bench/dp_accuracy.py --strategies ffa-lora --epsilons 8 --extra "--rounds 20"
+    python bench/dp_accuracy.py                              # the README's table: ε 8, 3, 1 and no DP, seeds 0-2
+    python bench/dp_accuracy.py --epsilons 8 --seeds 0 --no-baseline --extra "--probe-rounds 5"
 
 Every run is a real ``fedpeft simulate`` on the default data and model, in its own process, one after
-the other (two at once would fight over the cores). The DP runs use ``--dp`` and its defaults (the
-README's regime) with ``--dp-epsilon E --dp-delta 1e-5``; the non-DP run of each strategy uses the same
-settings without ``--dp`` (except that the head trains at the adapter's lr: see :func:`regime_flags`),
-so the difference is the privacy mechanism (clipping + noise + Poisson sampling) and the head's lr.
-Prints one row per run and writes them to ``--out-root/results.jsonl``.
+the other (two at once would fight over the cores). The DP runs are ``--dp --dp-epsilon E --seed S``
+(δ 1e-5, the preset's) plus ``--extra``; the baseline is the main job, ``fedpeft simulate --seed S``.
+The seed changes the split, the partition and the initial head; DP runs also draw fresh noise. Prints
+one row per run and a summary (mean ± half-range over seeds, ratio to the baseline's mean) and writes
+the rows to ``--out-root/results.jsonl``.
 """
 
 from __future__ import annotations
@@ -17,26 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sys
+import statistics
 import time
 from pathlib import Path
 
 from simulation import simulate
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fedpeft.config import DP_DEFAULTS, DP_PRIVACY_KEYS  # noqa: E402
-
-
-def regime_flags(*, private: bool) -> list[str]:
-    """The ``--dp`` defaults other than ε/δ, as flags. Without DP the head trains at the adapter's lr:
-    under DP, AdamW's denominator is the noise, so its steps are lr × (signal/noise) and the head needs
-    ``head_lr``; without noise the same ``head_lr`` takes full steps and oscillates (0.43 at round 3)."""
-    flags = []
-    for key, value in DP_DEFAULTS.items():
-        if key not in DP_PRIVACY_KEYS and key != "strategy" and (private or key != "head_lr"):
-            flags += [f"--{key.replace('_', '-')}", str(value)]
-    return flags
 
 
 def run(out: Path, flags: list[str]) -> dict:
@@ -44,51 +29,54 @@ def run(out: Path, flags: list[str]) -> dict:
     return {
         "final_accuracy": records[-1]["accuracy"],
         "best_accuracy": max(r["accuracy"] for r in records),
-        "accuracy_by_round": [round(r["accuracy"], 4) for r in records],
         "epsilon_max": records[-1].get("epsilon_max"),
         "seconds": round(seconds, 1),
     }
 
 
+def summary(rows: list[dict]) -> None:
+    settings: dict[str, list[dict]] = {}
+    for r in rows:
+        settings.setdefault(r["setting"], []).append(r)
+    base = settings.get("no DP (main job)")
+    base_mean = statistics.mean(r["final_accuracy"] for r in base) if base else None
+    print(f"\n{'setting':24} {'seeds':>5} {'final accuracy':>17} {'min':>7} {'max':>7} {'÷ no DP':>8} "
+          f"{'eps spent':>9} {'seconds':>8}")
+    for name, group in settings.items():
+        accs = [r["final_accuracy"] for r in group]
+        mean, half = statistics.mean(accs), (max(accs) - min(accs)) / 2
+        ratio = f"{mean / base_mean:8.3f}" if base_mean else f"{'-':>8}"
+        spent = [r["epsilon_max"] for r in group if r["epsilon_max"] is not None]
+        print(f"{name:24} {len(group):5d} {mean:9.4f} ± {half:.4f} {min(accs):7.4f} {max(accs):7.4f} {ratio} "
+              f"{max(spent) if spent else float('nan'):9.3f} {statistics.mean(r['seconds'] for r in group):8.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--strategies", default="ffa-lora,fedit")
-    parser.add_argument("--epsilons", default="1,3,8")
-    parser.add_argument("--delta", default="1e-5")
-    parser.add_argument("--extra", default="", help="more flags for every run, e.g. '--rounds 10'")
+    parser.add_argument("--epsilons", default="8,3,1")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--extra", default="", help="more flags for every DP run, e.g. '--probe-rounds 5'")
     parser.add_argument("--out-root", default="runs/bench-dp-accuracy")
     parser.add_argument("--no-baseline", action="store_true", help="skip the runs without DP")
     args = parser.parse_args()
     root = Path(args.out_root)
     root.mkdir(parents=True, exist_ok=True)
     extra = shlex.split(args.extra)
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    settings = [] if args.no_baseline else [("no DP (main job)", None, [])]
+    settings += [(f"--dp, epsilon {e}", float(e), ["--dp", "--dp-epsilon", e, *extra])
+                 for e in args.epsilons.split(",") if e]
     rows = []
-    for strategy in [s for s in args.strategies.split(",") if s]:
-        settings = [(None, [])] if not args.no_baseline else []
-        settings += [
-            (float(e), ["--dp", "--dp-epsilon", e, "--dp-delta", args.delta]) for e in args.epsilons.split(",") if e
-        ]
-        for eps, dp_flags in settings:
-            name = f"{strategy}-{'nodp' if eps is None else f'eps{eps:g}'}-{int(time.time())}"
-            flags = [*regime_flags(private=eps is not None), "--strategy", strategy, *dp_flags, *extra]
-            row = {
-                "strategy": strategy,
-                "epsilon": eps,
-                "delta": None if eps is None else float(args.delta),
-                **run(root / name, flags),
-            }
+    for name, eps, flags in settings:
+        for seed in seeds:
+            out = root / f"{'nodp' if eps is None else f'eps{eps:g}'}-s{seed}-{int(time.time())}"
+            row = {"setting": name, "epsilon": eps, "seed": seed, "flags": flags, **run(out, [*flags, "--seed",
+                                                                                              str(seed)])}
             rows.append(row)
             with open(root / "results.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
-    print(f"\n{'strategy':10} {'epsilon':>8} {'final acc':>9} {'best acc':>9} {'eps spent':>9} {'seconds':>8}")
-    for r in rows:
-        eps = "none" if r["epsilon"] is None else f"{r['epsilon']:g}"
-        spent = "-" if r["epsilon_max"] is None else f"{r['epsilon_max']:.3f}"
-        print(
-            f"{r['strategy']:10} {eps:>8} {r['final_accuracy']:9.4f} {r['best_accuracy']:9.4f} {spent:>9} "
-            f"{r['seconds']:8.0f}"
-        )
+    summary(rows)
 
 
 if __name__ == "__main__":

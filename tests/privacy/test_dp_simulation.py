@@ -67,7 +67,9 @@ def test_local_dp_run_ledgers_every_client_round_and_audits_clean(
     tmp_path: Path, tiny_model_dir: Path, small_data: Path
 ) -> None:
     out = tmp_path / "local"
+    # round 1 a DP probe round (the head alone, on mean-pooled features), round 2 the adapter: one budget
     proc = simulate(out, tiny_model_dir, small_data, "--dp", "--dp-epsilon", "4", "--dp-delta", "1e-5",
+                    "--probe-rounds", "1", "--pooling", "mean",
                     "--codec", "int8")  # compression after the noise: post-processing
     # int8 rounds every update (the tiny r=1 adapter is smaller than the signed entry beside it)
     assert all(0 < r["codec_error"] < 0.05 and r["failures"] == 0 for r in records(out)[1:])
@@ -82,6 +84,10 @@ def test_local_dp_run_ledgers_every_client_round_and_audits_clean(
     entries = [json.loads(line)["entry"] for line in lines]
     assert {e["site"] for e in entries} == {f"partition-{i:05d}" for i in range(3)}
     assert all(e["run_id"] == config["run_id"] and e["status"] == "trained" for e in entries)
+    probe_steps = {(e["round"], e["sample_rate"], e["steps"]) for e in entries if e["round"] == 1}
+    assert {(q, n) for _, q, n in probe_steps} == {(1.0, config["probe_steps"])}  # full batch: ~130 < 256 examples
+    assert all(e["steps"] == 3 and e["sample_rate"] < 1 for e in entries if e["round"] == 2)
+    assert json.loads((out / "adapter" / "fedpeft.json").read_text())["pooling"] == "mean"
     for site in ("partition-00000", "partition-00001", "partition-00002"):  # each site's own account
         account = json.loads((out / "sites" / site / f"privacy-{config['run_id']}.json").read_text())
         assert len(account["rounds"]) == 2
