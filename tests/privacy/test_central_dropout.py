@@ -47,6 +47,7 @@ def test_a_failed_and_a_silent_site_do_not_void_a_central_dp_round(
     assert [r["clients"] for r in records[1:]] == [4, 4], records  # round 1 without the straggler, 2 without the fault
     assert not any(r.get("skipped") for r in records)
     assert [r["failures"] for r in records[1:]] == [0, 1]
+    assert [r["dp_noise_std"] for r in records[1:]] == [pytest.approx(1.0 * 0.5 / 5)] * 2  # σC / m, m = 5 sampled
     traffic = {(t["round"], t["site"]): t for t in map(json.loads, (out / "traffic.jsonl").read_text().splitlines())}
     assert traffic[(1, "partition-00002")]["status"] == "no reply"
     assert traffic[(2, "partition-00001")]["status"] == "failed"
