@@ -1,6 +1,7 @@
-"""Central DP survives a dropout: of five sampled sites one raises in round 2 and one answers round 1
-after the round timeout (tests/faulty_client.py); every round aggregates the others, traffic.jsonl names
-both, and the coordinator's ledger accounts every round at the full noise multiplier (audit clean)."""
+"""Central DP end to end, and surviving a dropout: of five sampled sites one raises in round 2 and one
+answers round 1 after the round timeout (tests/faulty_client.py); every round aggregates the others over
+the fixed cohort, traffic.jsonl names both, and the coordinator's ledger accounts every round at the full
+noise multiplier (audit clean). Updates travel int4-encoded: the server clips what it decodes."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def test_a_failed_and_a_silent_site_do_not_void_a_central_dp_round(
         cfg = FedPeftConfig(model={str(tiny_model_dir)!r}, data={str(small_data)!r}, clients=5, rounds=2,
                             fraction=1.0, max_local_steps=1, batch_size=8, client_cpus=1, round_timeout=8.0,
                             dp="central", dp_noise_multiplier=1.0, dp_delta=1e-5, dp_max_grad_norm=0.5,
-                            out={str(out)!r})
+                            codec="int4", out={str(out)!r})
         simulate(cfg, client_app=app)
         print("run completed")
     """)
@@ -48,14 +49,15 @@ def test_a_failed_and_a_silent_site_do_not_void_a_central_dp_round(
     assert not any(r.get("skipped") for r in records)
     assert [r["failures"] for r in records[1:]] == [0, 1]
     assert [r["dp_noise_std"] for r in records[1:]] == [pytest.approx(1.0 * 0.5 / 5)] * 2  # σC / m, m = 5 sampled
+    assert all(r["compression_ratio"] > 2 and 0 <= r["reclipped"] <= 4 for r in records[1:])
     traffic = {(t["round"], t["site"]): t for t in map(json.loads, (out / "traffic.jsonl").read_text().splitlines())}
     assert traffic[(1, "partition-00002")]["status"] == "no reply"
     assert traffic[(2, "partition-00001")]["status"] == "failed"
     assert "injected fault: the site's disk is full" in traffic[(2, "partition-00001")]["reason"]
     assert sum(t["status"] == "accepted" for t in traffic.values()) == 8
     entries = [json.loads(x)["entry"] for x in (out / "privacy_ledger.jsonl").read_text().splitlines()]
-    assert [(e["mechanism"], e["round"], e["replies"], e["sample_size"]) for e in entries] == [
-        ("central-gaussian", 1, 4, 5), ("central-gaussian", 2, 4, 5)]  # fmt: skip
+    assert [(e["mechanism"], e["round"], e["replies"], e["sample_size"], e["sampling"]) for e in entries] == [
+        ("central-gaussian", 1, 4, 5, "none"), ("central-gaussian", 2, 4, 5, "none")]  # fmt: skip
     assert [e["noise_multiplier"] for e in entries] == [1.0, 1.0]  # not discounted for the absent sites
     assert 0 < records[1]["epsilon_max"] < records[2]["epsilon_max"] == entries[-1]["epsilon"]
     audit = subprocess.run([sys.executable, "-m", "fedpeft.cli.main", "audit", str(out), "--json"],
