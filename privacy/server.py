@@ -154,10 +154,10 @@ class RunPrivacy:
         self.central: CentralAccountant | None = None
         self.central_ledger: CentralLedger | None = None
         self.clipping_norm = cfg.dp_max_grad_norm
-        self._noise = np.random.default_rng()  # OS entropy: a seeded run must not make the noise predictable
         if cfg.dp == "central":
             from privacy.central import calibrate_central_sigma
 
+            self._noise = np.random.default_rng()  # OS entropy: a seeded run must not make the noise predictable
             m = sample_count(num_sites, cfg.fraction)
             sigma = cfg.dp_noise_multiplier or calibrate_central_sigma(
                 budget=cfg.dp_epsilon, delta=cfg.dp_delta, population=num_sites, sample_size=m, rounds=cfg.rounds
