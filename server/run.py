@@ -260,6 +260,7 @@ def round_metrics(cfg: FedPeftConfig, traffic: RoundTraffic, agg: Mapping[str, A
     return {
         "clients": clients,
         "failures": len(traffic.failures),
+        "no_reply": len(set(traffic.sent) - set(traffic.failures) - set(traffic.refused) - set(traffic.received)),
         "rejected": len(traffic.rejected()),
         **({"skipped": True} if skipped else {}),
         "refused": len(traffic.refused),

@@ -47,7 +47,7 @@ def test_a_failed_and_a_silent_site_do_not_void_a_central_dp_round(
     assert [r["round"] for r in records] == [0, 1, 2]
     assert [r["clients"] for r in records[1:]] == [4, 4], records  # round 1 without the straggler, 2 without the fault
     assert not any(r.get("skipped") for r in records)
-    assert [r["failures"] for r in records[1:]] == [0, 1]
+    assert [(r["failures"], r["no_reply"]) for r in records[1:]] == [(0, 1), (1, 0)]
     assert [r["dp_noise_std"] for r in records[1:]] == [pytest.approx(1.0 * 0.5 / 5)] * 2  # σC / m, m = 5 sampled
     assert all(r["compression_ratio"] > 2 and 0 <= r["reclipped"] <= 4 for r in records[1:])
     traffic = {(t["round"], t["site"]): t for t in map(json.loads, (out / "traffic.jsonl").read_text().splitlines())}
@@ -64,4 +64,4 @@ def test_a_failed_and_a_silent_site_do_not_void_a_central_dp_round(
                            capture_output=True, text=True, timeout=300)
     report = json.loads(audit.stdout)
     assert audit.returncode == 0 and report["ok"], report
-    assert elapsed < 300, f"the run took {elapsed:.0f} s"
+    assert elapsed < 420, f"the run took {elapsed:.0f} s"  # a hang would wait out timeouts
