@@ -31,7 +31,7 @@ from fedpeft.runtime import CPU, Runtime
 from fedpeft.training import Encoded, HeadInputs, padded_batch
 
 _CACHE_ATTR = "_fedpeft_probe_features"
-_CACHED_SETS = 4
+_CACHE_BYTES = 512 * 2**20  # a simulation actor serves every site: 10 MiniLM sites take 17 MiB
 
 
 class HeadProbe(torch.nn.Module):
@@ -70,8 +70,8 @@ def head_inputs(model: torch.nn.Module, data: Encoded, *, batch_size: int, runti
     """The head's inputs for every example of ``data`` (eval mode, no gradients), in ``data``'s order.
 
     Cached on ``model`` by a digest of the data and of the non-head trainable parameters: the same
-    data under the same adapter is encoded once (a few data sets per model: a site's training data,
-    the coordinator's test split).
+    data under the same adapter is encoded once (up to 512 MiB of features per model: in a simulation
+    one process serves many sites; the coordinator keeps its test split's).
     """
     if data.per_token:
         raise FedPeftError("probe rounds train a classification head: seq-cls only")
@@ -106,9 +106,10 @@ def head_inputs(model: torch.nn.Module, data: Encoded, *, batch_size: int, runti
     inputs = HeadInputs(features=features[torch.from_numpy(np.argsort(order))].to(runtime.device),
                         labels=np.asarray(data.labels))
     cache.pop(data_key, None)
-    while len(cache) >= _CACHED_SETS:
-        cache.pop(next(iter(cache)))
     cache[data_key] = (adapter_key, inputs)
+    while sum(c[1].features.nelement() * c[1].features.element_size() for c in cache.values()) > _CACHE_BYTES \
+            and len(cache) > 1:
+        cache.pop(next(iter(cache)))  # the oldest
     return inputs
 
 

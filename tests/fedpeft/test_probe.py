@@ -95,3 +95,10 @@ def test_probed_evaluation_equals_the_full_one(make) -> None:
     got = evaluate_probed(model, data, batch_size=7)
     assert got["accuracy"] == want["accuracy"] and got["num_examples"] == 30
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
+def test_head_inputs_of_many_sites_stay_cached_in_one_process() -> None:
+    model = tiny_lora_bert(seed=2)
+    sites = [toy_task(8, seed=s) for s in range(12)]  # a simulation actor serves every site in turn
+    first = [head_inputs(model, d, batch_size=4) for d in sites]
+    assert all(head_inputs(model, d, batch_size=4) is f for d, f in zip(sites, first, strict=True))
