@@ -38,6 +38,7 @@ from privacy.dpsgd import DPSGD, dp_train_local, poisson_plan  # noqa: E402
 GRIDS = {
     # (pooling, batch (0: full), steps per round, lr, clip norm)
     "quick": [("mean", 256, 20, 0.1, 1.0), ("cls", 256, 20, 0.1, 1.0)],
+    "preset": [("mean", 256, 20, 0.1, 1.0)],
     "readme": [
         ("mean", 64, 5, 0.1, 1.0),
         ("mean", 256, 5, 0.1, 1.0),
