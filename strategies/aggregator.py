@@ -236,12 +236,12 @@ def aggregate(
         or shapes that do not match (ranks may differ only for
         ``heterogeneous_ranks`` rules, and never exceed the global rank).
     """
-    if agg.alternates:
-        raise ValueError(f"{agg.name} alternates by round: aggregate with its for_round(server_round)")
     p = normalised(weights)
     if len(states) != len(p):
         raise ValueError(f"got {len(states)} states for {len(p)} weights")
     check_adapter(agg, previous.keys())
+    if agg.alternates:
+        raise ValueError(f"{agg.name} alternates by round: aggregate with its for_round(server_round)")
     combine = combiner(options.robust)
     if combine is not None and not agg.linear:
         raise ValueError(f"robust={options.robust} replaces averages; {agg.name!r} does not average (use fedit, "
