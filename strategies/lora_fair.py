@@ -94,11 +94,9 @@ def cosine_correction(objective: CosineObjective, *, steps: int) -> np.ndarray:
     if objective.w <= 0 or not np.isfinite(f):
         return np.zeros_like(B)
     for _ in range(steps):
-        moved = None
-        for direction in (lambda: objective.fixed_point(c, q) - B, lambda: _normalised_descent(objective, B, c, q)):
-            moved = _backtrack(objective, B, direction(), f)
-            if moved is not None:
-                break
+        moved = _backtrack(objective, B, objective.fixed_point(c, q) - B, f)
+        if moved is None:
+            moved = _backtrack(objective, B, _normalised_descent(objective, B, c, q), f)
         if moved is None:
             break
         B, (f_new, c, q) = moved

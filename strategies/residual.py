@@ -11,9 +11,10 @@ global factors (B', A'):
 
 (⟨X, Y⟩ = Σ_ij X_ij Y_ij), and cos(ΔW, B'A') = ⟨ΔW, B'A'⟩ / (‖ΔW‖ ‖B'A'‖). The size of the server's
 correction of B relative to FedIT's B̄ = Σ_k p_k B_k = B_s E (E stacks each client's r_k × r identity
-block) comes from the same products: ‖B' − B̄‖² = ‖B'‖² − 2⟨B_sᵀB', E⟩ + ⟨B_sᵀB_s, EEᵀ⟩. The cost is O((d + n) R²); memory O(R²). Computed in the inputs' precision,
-so with float32 factors the relative residual has a floor of about 1e-3 (cancellation in the
-difference of squares).
+block) comes from the same products: ‖B' − B̄‖² = ‖B'‖² − 2⟨B_sᵀB', E⟩ + ⟨B_sᵀB_s, EEᵀ⟩.
+
+The cost is O((d + n) R²); memory O(R²). Computed in the inputs' precision, so with float32 factors
+the relative residual has a floor of about 1e-3 (cancellation in the difference of squares).
 """
 
 from __future__ import annotations
