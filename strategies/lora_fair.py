@@ -81,10 +81,16 @@ class CosineObjective:
 def cosine_objective(
     A_s: np.ndarray, B_s: np.ndarray, A_bar: np.ndarray, B_bar: np.ndarray, lam: float
 ) -> CosineObjective:
-    """The objective of one layer from its stacked factors and averages (all cast to float64)."""
-    A_s, B_s, A_bar, B_bar = (np.asarray(x, dtype=np.float64) for x in (A_s, B_s, A_bar, B_bar))
+    """The objective of one layer from its stacked factors and averages.
+
+    The R × R Grams behind ‖ΔW‖² (R = Σ r_k, the costly part: O((d + n) R²)) are formed in the
+    factors' own precision — an inner product of two PSD matrices, so float32 loses nothing that
+    matters — and everything of size d × r or r × r is kept in float64.
+    """
+    A_bar, B_bar = np.asarray(A_bar, dtype=np.float64), np.asarray(B_bar, dtype=np.float64)
     w2 = float(np.vdot(B_s.T @ B_s, A_s @ A_s.T))
-    return CosineObjective(B_s @ (A_s @ A_bar.T), A_bar @ A_bar.T, B_bar, float(np.sqrt(max(w2, 0.0))), lam)
+    M = np.asarray(B_s @ (A_s @ A_bar.T.astype(A_s.dtype)), dtype=np.float64)
+    return CosineObjective(M, A_bar @ A_bar.T, B_bar, float(np.sqrt(max(w2, 0.0))), lam)
 
 
 def cosine_correction(objective: CosineObjective, *, steps: int) -> np.ndarray:

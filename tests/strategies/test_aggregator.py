@@ -224,7 +224,7 @@ def test_driver_accepts_lazy_mappings(name: str) -> None:
 
 def test_default_options_are_the_documented_defaults() -> None:
     options = AggregationOptions()
-    assert (options.lam, options.ab_iterations, options.exact_max_stack) == (1e-2, 5, 512)
+    assert (options.lam, options.ab_iterations, options.fair_steps, options.exact_max_stack) == (1e-2, 5, 20, 512)
     assert (options.sketch_oversample, options.sketch_power_iters, options.seed) == (16, 2, 0)
     problem = make_problem(6, d=5, n=4, r=2, K=3)
     agg = AGGREGATORS.get("lora-fair-ab")
@@ -238,7 +238,8 @@ def test_default_options_are_the_documented_defaults() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"lam": -1e-3}, {"lam": float("nan")}, {"lam": float("inf")}, {"ab_iterations": 0}, {"exact_max_stack": 0},
+    [{"lam": -1e-3}, {"lam": float("nan")}, {"lam": float("inf")}, {"ab_iterations": 0}, {"fair_steps": 0},
+     {"exact_max_stack": 0},
      {"sketch_power_iters": -1}, {"sketch_oversample": -1}],
 )  # fmt: skip
 def test_options_validate(bad: dict) -> None:
