@@ -10,8 +10,9 @@ does to one layer: a *pair rule* maps the clients' factors and weights to the ne
 1. normalise the weights p_k = n_k / Σ n_k;
 2. weighted-average every tensor that is not a LoRA factor;
 3. for each LoRA layer, collect the clients' (A_k, B_k) — a factor a client does not train
-   (``Aggregator.frozen``, e.g. FFA-LoRA's A) is taken from the broadcast it started from — and apply
-   the pair rule;
+   (``Aggregator.frozen``, e.g. FFA-LoRA's A, or ``held`` this round, RoLoRA's other factor) is taken
+   from the broadcast it started from — and apply the pair rule (a rule that alternates by round is
+   first resolved with :meth:`Aggregator.for_round`);
 4. measure the aggregation bias of that layer, ‖ΔW − B'A'‖_F / ‖ΔW‖_F with ΔW = Σ_k p_k B_k A_k, the
    cosine cos(ΔW, B'A') and the size of the correction of B, ‖B' − B̄‖_F / ‖B̄‖_F
    (:mod:`strategies.residual`), and report ``agg_residual_mean``/``_max``, ``agg_cosine_mean``/``_min``
