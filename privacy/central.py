@@ -1,45 +1,55 @@
-"""Central (user-level) DP: each site's whole update clipped, Gaussian noise added to the average.
+"""Central (user-level) DP: each site's whole update clipped, the sum noised, divided by the fixed cohort.
 
 DP-FedAvg (McMahan, Ramage, Talwar, Zhang, ICLR 2018, arXiv 1710.06963) with client-side clipping
-(Andrew et al., NeurIPS 2021, arXiv 1905.03871), built from Flower's pieces:
+(Andrew et al., NeurIPS 2021, arXiv 1905.03871) and its *fixed-denominator* estimator:
 
 1. **clip** at the site: Flower's ``fixedclipping_mod`` clips the update (trained − broadcast) of
-   all sent tensors to L2 norm C. :func:`clipping_mod` applies it only when the server asked for it,
-   so the same ClientApp serves runs without central DP. The site's codec encodes the clipped update
-   (with error feedback), so what arrives may exceed C slightly; the server clips every decoded
-   update to C again (:func:`clip_update`) before averaging, so the sensitivity is C/m whatever the
-   codec did;
-2. **average** uniformly on the server (every sampled client counts 1/m; weighting by examples would
-   let one client move the average by more than C/m);
-3. **noise**: Flower's ``DifferentialPrivacyClientSideFixedClipping`` wrapper adds N(0, (σC/m)²) to
-   every aggregated tensor;
-4. **account** with Flower's ``RdpAccountant``: one sampled Gaussian release per round.
+   all sent tensors to L2 norm C. :func:`clipping_mod` applies it only when the server asked for it
+   (the train config carries ``KEY_CLIPPING_NORM``, :func:`train_config`), so the same ClientApp
+   serves runs without central DP. The site's codec encodes the clipped update (with error
+   feedback), so what arrives may exceed C slightly; the server clips every decoded update to C
+   again (:func:`clip_update`), and :func:`central_release` clips once more, so no contribution
+   exceeds C whatever the codec did;
+2. **noise** the *sum* of the clipped updates of the sites whose replies were accepted with
+   N(0, (σC)²) per coordinate (:func:`central_release`);
+3. **divide** by m, the number of sites the server samples per round, fixed before the run from
+   ``--clients`` and ``--fraction``, never by the number that answered. A sampled site that failed,
+   was rejected or stayed silent contributes 0; the noise scale σC and the denominator m are the same
+   whoever answered, so a round aggregates the replies it got;
+4. **account** with Flower's ``RdpAccountant`` (:class:`CentralAccountant`): one sampled Gaussian
+   release per round that releases, at the same noise multiplier whoever answered.
 
-**Which aggregators compose.** The release is the noised *average of clipped updates*; anything
-computed from it alone is post-processing and keeps the guarantee. ``fedit`` and ``ffa-lora`` return
-exactly that average (:attr:`strategies.aggregator.Aggregator.linear`). ``lora-fair``,
-``lora-fair-ab`` and ``exact-svd`` read each client's factors through non-linear maps (the products
-B_k A_k, QR/SVD of the stacked factors); their output is not a function of the noised average and
-the noise scale C/m does not bound their sensitivity, so fedpeft refuses them with central DP.
+**Sensitivity and neighbours.** Under add/remove-one-site, one site changes the sum by its own
+contribution, 0 or a clipped update: at most C, so the noise multiplier of the release is σ. Under
+replace-one-site, the sum changes by the difference of two contributions: at most 2C, so the
+multiplier is σ/2. The accountant uses add/remove when every site is sampled (m = N, no
+amplification) and replace-one when m < N (sampling without replacement: Wang, Balle &
+Kasiviswanathan, AISTATS 2019, the only relation dp-accounting supports for it), and composes the
+multiplier of that relation (:attr:`CentralAccountant.accounted_sigma`).
+
+**Which aggregators compose.** The release is the noised mean of clipped updates; anything computed
+from it alone is post-processing and keeps the guarantee. ``fedit``, ``ffa-lora`` and ``ssf-avg``
+return exactly that mean (:attr:`strategies.aggregator.Aggregator.linear`), and under central DP the
+strategy computes it here instead of calling the aggregator (whose per-site metrics are not covered).
+``lora-fair``, ``lora-fair-ab`` and ``exact-svd`` read each client's factors through non-linear maps
+(the products B_k A_k, QR/SVD of the stacked factors); their output is not a function of the noised
+mean, so fedpeft refuses them with central DP.
 
 **Sampling, stated honestly.** m of the N sites are drawn per round *without replacement*; the
-accountant amplifies by that sampling (Flower's ``without-replacement`` model, replace-one
-neighbours) only when m < N, and then the draw comes from the OS entropy pool, not the run seed,
-because amplification holds only while the sampled set is secret. With m = N there is no
-amplification. If fewer than m sites reply, the noise (fixed at σC/m) covers a sensitivity of C/m'
-and the round is accounted with the smaller effective σ·m'/m.
+accountant amplifies by that sampling only when m < N, and then the draw comes from the OS entropy
+pool, not the run seed, because amplification holds only while the sampled set is secret.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM  # the train config's clipping-norm key
 
-from fedpeft.adapters.state import key_matches
 from fedpeft.errors import FedPeftError
 
 
@@ -76,8 +86,74 @@ def check_composes(aggregator: Any) -> None:
         )
 
 
+def train_config(*, clipping_norm: float) -> dict[str, float]:
+    """The train-config entry that makes every sampled site clip its update to C (:func:`clipping_mod`)."""
+    return {KEY_CLIPPING_NORM: float(clipping_norm)}
+
+
+def central_release(
+    updates: Sequence[Mapping[str, np.ndarray]],
+    *,
+    clipping_norm: float,
+    noise_multiplier: float,
+    sample_size: int,
+    rng: np.random.Generator,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The noised mean update of a round: (Σ_k clip_C(Δ_k) + N(0, (σC)² I)) / m.
+
+    Parameters
+    ----------
+    updates : sequence of mappings
+        The decoded updates of the sampled sites whose replies were accepted, in site order (all with
+        the same keys and shapes); may be fewer than ``sample_size``, the absent sites count 0.
+    clipping_norm : float
+        C: every update is clipped to L2 norm C over all its tensors (a no-op for one already clipped).
+    noise_multiplier : float
+        σ: the noise on the sum has standard deviation σC per coordinate (0: no noise, for tests).
+    sample_size : int
+        m, the number of sites sampled per round, fixed for the run: the denominator, whoever answered.
+    rng : numpy.random.Generator
+        Source of the noise (the coordinator's comes from OS entropy; tests pass a seeded one).
+
+    Returns
+    -------
+    tuple
+        The release (float32 arrays, the updates' keys in their order) and its metrics:
+        ``contributions`` (m'), ``noise_std`` (σC/m, the noise on the mean) and ``clipped`` (how many
+        updates this step had to scale down).
+
+    Raises
+    ------
+    ValueError
+        No update, more updates than ``sample_size``, keys or shapes that differ, a clipping norm
+        that is not positive or a negative noise multiplier.
+    """
+    if not updates:
+        raise ValueError("a central release needs at least one update")
+    if not 1 <= len(updates) <= sample_size:
+        raise ValueError(f"{len(updates)} updates for a sampled cohort of {sample_size}")
+    if not clipping_norm > 0 or not noise_multiplier >= 0:
+        raise ValueError(f"need clipping_norm > 0 and noise_multiplier >= 0, got {clipping_norm}, {noise_multiplier}")
+    keys = list(updates[0])
+    total = {k: np.zeros(np.shape(updates[0][k]), dtype=np.float64) for k in keys}
+    clipped = 0
+    for i, update in enumerate(updates):
+        if list(update) != keys or any(np.shape(update[k]) != total[k].shape for k in keys):
+            raise ValueError(f"update {i} has other tensors than update 0")
+        bounded, changed = clip_update(dict(update), clipping_norm=clipping_norm)
+        clipped += int(changed)
+        for k in keys:
+            total[k] += np.asarray(bounded[k], dtype=np.float64)
+    std = noise_multiplier * clipping_norm
+    release = {k: ((v + rng.normal(0.0, std, v.shape)) / sample_size).astype(np.float32) for k, v in total.items()}
+    return release, {"contributions": len(updates), "noise_std": std / sample_size, "clipped": clipped}
+
+
 class CentralAccountant:
     """User-level accounting of the noised rounds, with Flower's ``RdpAccountant``.
+
+    Every release is composed at the same multiplier (:attr:`accounted_sigma`), however many of the m
+    sampled sites answered: the noise std σC and the denominator m do not depend on it.
 
     Parameters
     ----------
@@ -90,7 +166,7 @@ class CentralAccountant:
     budget : float
         ε not to exceed (``inf``: none).
     noise_multiplier : float
-        σ of every release.
+        σ: the noise on the sum of clipped updates has std σC.
     """
 
     def __init__(self, *, population: int, sample_size: int, delta: float, budget: float, noise_multiplier: float):
@@ -100,6 +176,7 @@ class CentralAccountant:
         self.delta, self.budget, self.noise_multiplier = float(delta), float(budget), float(noise_multiplier)
         amplified = self.sample_size < self.population
         self.sampling = "without-replacement" if amplified else "none"
+        self.neighbours = "replace-one" if amplified else "add-or-remove-one"
         config = PrivacyConfig(
             target_delta=self.delta,
             population_size=self.population,
@@ -109,31 +186,38 @@ class CentralAccountant:
             sampling_method=SamplingMethod.WITHOUT_REPLACEMENT if amplified else SamplingMethod.NO_AMPLIFICATION,
         )
         self._accountant = RdpAccountant(config)
-        self.releases: list[float] = []  # effective σ of every composed release
+        self.releases: list[float] = []  # the accounted multiplier of every composed release
 
-    def effective_sigma(self, replies: int) -> float:
-        """σ·m'/m: the noise multiplier of a release averaged over ``replies`` of the m sampled sites."""
-        return self.noise_multiplier * min(replies, self.sample_size) / self.sample_size
+    @property
+    def sensitivity(self) -> float:
+        """L2 sensitivity of the sum of clipped updates, in units of C, under the accountant's neighbours."""
+        return 2.0 if self.neighbours == "replace-one" else 1.0
 
-    def _event(self, replies: int) -> Any:
+    @property
+    def accounted_sigma(self) -> float:
+        """σ / sensitivity: the noise std σC over the sum's sensitivity (σ/2 under replace-one)."""
+        return self.noise_multiplier / self.sensitivity
+
+    def _event(self) -> Any:
         from flwr.serverapp import GaussianPrivacyEvent
 
         return GaussianPrivacyEvent(
-            noise_multiplier=self.effective_sigma(replies),
-            sample_size=self.sample_size,
-            population_size=self.population,
+            noise_multiplier=self.accounted_sigma, sample_size=self.sample_size, population_size=self.population
         )
 
-    def would_exceed(self, replies: int | None = None) -> bool:
-        """Whether one more release (of all m replies by default) would pass the budget."""
+    def would_exceed(self) -> bool:
+        """Whether one more release would pass the budget."""
         if math.isinf(self.budget):
             return False
-        return self._accountant.would_exceed(self._event(replies or self.sample_size), max_epsilon=self.budget)
+        sigmas = [accounted * self.sensitivity for accounted in self.releases] + [self.noise_multiplier]
+        after = central_epsilon(sigmas=sigmas, population=self.population, sample_size=self.sample_size,
+                                delta=self.delta)  # equal releases composed at once: Flower's replays one by one
+        return after > self.budget
 
-    def compose(self, replies: int) -> float:
-        """Account one release averaged over ``replies`` sites; return ε spent so far."""
-        self._accountant.compose(self._event(replies))
-        self.releases.append(self.effective_sigma(replies))
+    def compose(self, count: int = 1) -> float:
+        """Account ``count`` releases (whoever of the m sampled sites answered); return ε spent so far."""
+        self._accountant.compose(self._event(), count)
+        self.releases += [self.accounted_sigma] * count
         return self.epsilon()
 
     def epsilon(self) -> float:
@@ -141,14 +225,13 @@ class CentralAccountant:
 
 
 def central_epsilon(*, sigmas: Iterable[float], population: int, sample_size: int, delta: float) -> float:
-    """ε of releases with noise multipliers ``sigmas``, by the same sampling model as the run."""
-    sigmas = list(sigmas)
+    """ε of releases with noise multipliers ``sigmas`` (std σC on the sum), by the same model as the run."""
     accountant = CentralAccountant(
         population=population, sample_size=sample_size, delta=delta, budget=math.inf, noise_multiplier=1.0
     )
-    for sigma in sigmas:
+    for sigma, count in Counter(float(s) for s in sigmas).items():  # composition commutes: once per σ
         accountant.noise_multiplier = sigma
-        accountant.compose(sample_size)
+        accountant.compose(count)
     return accountant.epsilon()
 
 
@@ -167,35 +250,3 @@ def calibrate_central_sigma(*, budget: float, delta: float, population: int, sam
         mid = (low + high) / 2
         low, high = (mid, high) if eps(mid) > budget else (low, mid)
     return high
-
-
-def wrap_strategy(strategy: Any, *, noise_multiplier: float, clipping_norm: float, sample_size: int) -> Any:
-    """``strategy`` inside Flower's client-side fixed-clipping DP wrapper.
-
-    Tensors the aggregator freezes (FFA-LoRA's A) are neither trained nor sent; the wrapper's noise
-    on them is dropped, so they stay at the shared initial value every site uses.
-    """
-    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
-
-    check_composes(strategy.aggregator)
-
-    class _Wrapped(DifferentialPrivacyClientSideFixedClipping):
-        def aggregate_train(self, server_round: int, replies: Iterable[Any]) -> tuple[Any, Any]:
-            from flwr.app import ArrayRecord
-
-            arrays, metrics = super().aggregate_train(server_round, replies)
-            frozen = self.strategy.aggregator.frozen
-            if arrays is not None and frozen:
-                previous = self.strategy.previous
-                arrays = ArrayRecord(
-                    {k: (previous_array(previous, k) if key_matches(k, frozen) else v) for k, v in arrays.items()}
-                )
-            return arrays, metrics
-
-    return _Wrapped(strategy, noise_multiplier, clipping_norm, sample_size)
-
-
-def previous_array(previous: dict[str, Any], key: str) -> Any:
-    from flwr.app import Array
-
-    return Array(previous[key])

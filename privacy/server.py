@@ -5,14 +5,18 @@
   ``RUN_DIR/privacy_ledger.jsonl`` before the strategy may use the reply. A reply whose entry does not
   verify is rejected and never reaches the aggregate. Refused rounds are ledgered too.
 - **Central DP** (:class:`CentralLedger`): the coordinator adds the noise, so it signs one entry per
-  release with its own key.
+  release with its own key; every release is accounted at the same multiplier, however many of the
+  sampled sites answered (:mod:`privacy.central`).
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fedpeft.errors import FedPeftError
 from fedpeft.wire import LEDGER_SEQ, read_privacy
@@ -99,7 +103,12 @@ class CentralLedger:
         self.clipping_norm = clipping_norm
 
     def record(self, accountant: CentralAccountant, *, server_round: int, replies: int) -> dict[str, Any]:
-        """Ledger the release just composed into ``accountant``; return the entry."""
+        """Ledger the release just composed into ``accountant``; return the entry.
+
+        ``noise_multiplier`` is the accounted one (std over the sum's sensitivity under ``neighbours``),
+        which is what the audit recomputes ε from; ``noise_std`` is σC on the sum, divided by
+        ``sample_size`` whatever ``replies`` (the sampled sites whose update was used) is.
+        """
         entry = {
             "version": ENTRY_VERSION,
             "mechanism": "central-gaussian",
@@ -110,10 +119,12 @@ class CentralLedger:
             "status": "released",
             "accountant": "rdp",
             "noise_multiplier": accountant.releases[-1],
+            "noise_std": accountant.noise_multiplier * self.clipping_norm,
             "sample_size": accountant.sample_size,
             "population": accountant.population,
             "replies": replies,
             "sampling": accountant.sampling,
+            "neighbours": accountant.neighbours,
             "max_grad_norm": self.clipping_norm,
             "delta": accountant.delta,
             "epsilon": accountant.epsilon(),
@@ -126,9 +137,10 @@ class CentralLedger:
 class RunPrivacy:
     """Everything privacy adds to a run on the coordinator, behind four calls for the round loop.
 
-    Build it with :meth:`for_run`; then ``checks`` and ``uniform_weights`` go to the strategy,
-    :meth:`wrap` wraps it (central DP), :meth:`stop_reason` is asked before each round and
-    :meth:`after_round` gives the round's privacy metrics.
+    Build it for a run; then ``checks``, ``uniform_weights``, ``bound`` and ``release`` go to the
+    strategy, ``train_config`` into every train message (central DP: the sites' clipping norm),
+    :meth:`stop_reason` is asked before each round and :meth:`after_round` accounts a release and
+    gives the round's privacy metrics.
     """
 
     def __init__(self, cfg: Any, run_dir: Path, *, num_sites: int, key_dir: Path, resume: Any = None) -> None:
@@ -145,6 +157,7 @@ class RunPrivacy:
         if cfg.dp == "central":
             from privacy.central import calibrate_central_sigma
 
+            self._noise = np.random.default_rng()  # OS entropy: a seeded run must not make the noise predictable
             m = sample_count(num_sites, cfg.fraction)
             sigma = cfg.dp_noise_multiplier or calibrate_central_sigma(
                 budget=cfg.dp_epsilon, delta=cfg.dp_delta, population=num_sites, sample_size=m, rounds=cfg.rounds
@@ -178,7 +191,7 @@ class RunPrivacy:
             if self.local is not None and entry.get("mechanism") == "dp-sgd":
                 self.local._note(str(entry["site"]), entry)
             if self.central is not None and entry.get("mechanism") == "central-gaussian":
-                self.central.compose(int(entry["replies"]))
+                self.central.compose()
 
     @property
     def site_config(self) -> Any:
@@ -202,23 +215,29 @@ class RunPrivacy:
         """Central DP: clip every decoded update to C on the server (see :mod:`privacy.central`)."""
         if self.central is None:
             return None
-        from functools import partial
-
         from privacy.central import clip_update
 
         return partial(clip_update, clipping_norm=self.clipping_norm)
 
-    def wrap(self, strategy: Any) -> Any:
+    @property
+    def train_config(self) -> dict[str, Any]:
+        """Central DP: the clipping norm every sampled site clips its update to; else nothing."""
         if self.central is None:
-            return strategy
-        from privacy.central import wrap_strategy
+            return {}
+        from privacy.central import train_config
 
-        return wrap_strategy(
-            strategy,
-            noise_multiplier=self.central.noise_multiplier,
-            clipping_norm=self.clipping_norm,
-            sample_size=self.central.sample_size,
-        )
+        return train_config(clipping_norm=self.clipping_norm)
+
+    @property
+    def release(self) -> Any:
+        """Central DP: the round's release, (Σ clipped updates + N(0, (σC)²)) / m, m the fixed cohort size."""
+        if self.central is None:
+            return None
+        from privacy.central import central_release
+
+        c = self.central
+        return partial(central_release, clipping_norm=self.clipping_norm, noise_multiplier=c.noise_multiplier,
+                       sample_size=c.sample_size, rng=self._noise)
 
     def stop_reason(self) -> str | None:
         """Why no further round may run (the central budget), or None."""
@@ -234,8 +253,8 @@ class RunPrivacy:
         if self.ledger is None:
             return {}
         if self.central is not None and self.central_ledger is not None:
-            if clients > 0:
-                self.central.compose(clients)
+            if clients > 0:  # a release happened: accounted at full σ, however many of the m sampled answered
+                self.central.compose()
                 self.central_ledger.record(self.central, server_round=server_round, replies=clients)
             eps, delta = self.central.epsilon(), self.central.delta
         else:
@@ -256,8 +275,9 @@ class RunPrivacy:
         if self.central is not None:
             c = self.central
             return (
-                f"central DP: clip {self.clipping_norm:g}, sigma {c.noise_multiplier:.3f}, {c.sample_size} of "
-                f"{c.population} sites per round (amplification: {c.sampling}), budget epsilon {c.budget:g} "
+                f"central DP: clip {self.clipping_norm:g}, sigma {c.noise_multiplier:.3f} (noise std sigma*C on the "
+                f"sum, divided by {c.sample_size} whoever answers), {c.sample_size} of {c.population} sites per "
+                f"round (amplification: {c.sampling}; {c.neighbours} neighbours), budget epsilon {c.budget:g} "
                 f"at delta {c.delta:g}"
             )
         return "local DP-SGD at every site; signed entries in " + LEDGER_FILE if self.local else "no DP"

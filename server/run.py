@@ -133,7 +133,6 @@ def run_federation(
     model = site.peft_model(cfg, num_labels=len(label_names))
     state = adapter_state(model)  # the seeded initial adapter every client starts from
     test = site.encoded_test(cfg)
-    base_config = config_record(cfg, **{"label-names": label_names})
     # Central DP amplified by sampling needs a draw the run seed does not reveal (kept in the checkpoint).
     seed = secrets.randbits(32) if cfg.dp == "central" and cfg.fraction < 1 else cfg.seed
 
@@ -170,6 +169,7 @@ def run_federation(
     population = checkpoint.population if checkpoint is not None and checkpoint.population else len(sites)
     privacy = RunPrivacy(cfg, run_dir, num_sites=population, key_dir=site.state_dir() / "coordinator",
                          resume=checkpoint)
+    base_config = config_record(cfg, **{"label-names": label_names}, **privacy.train_config)
     check_robust(cfg, AGGREGATORS.get(cfg.strategy))  # the same one-line errors as `fedpeft simulate`
     canaries = run_canaries(run_dir, cfg.canaries, label_names=label_names, sites=list(sites.values())) \
         if cfg.canaries else []
@@ -197,8 +197,8 @@ def run_federation(
         limits=ReplyLimits(max_norm=cfg.max_update_norm, ratio=cfg.max_norm_ratio),
         min_replies=cfg.min_clients,
         message_ttl=cfg.round_timeout,
+        release=privacy.release,
     )
-    flower_strategy = privacy.wrap(strategy)
     strategy.summary()
     logger.info("privacy: %s", privacy.describe())
 
@@ -208,8 +208,7 @@ def run_federation(
             logger.warning("stopping before round %d: %s", rnd, stop)
             break
         started = time.monotonic()
-        arrays, agg, traffic = play_round(rnd, state, cfg=cfg, strategy=strategy, flower_strategy=flower_strategy,
-                                          base_config=base_config, grid=grid)
+        arrays, agg, traffic = play_round(rnd, state, cfg=cfg, strategy=strategy, base_config=base_config, grid=grid)
         if arrays is not None:
             state = {**state, **from_array_record(arrays)}
         clients = int(agg["clients"]) if agg is not None else 0
@@ -233,15 +232,15 @@ def run_federation(
 
 
 def play_round(rnd: int, state: Mapping[str, np.ndarray], *, cfg: FedPeftConfig, strategy: FedPeftStrategy,
-               flower_strategy: Any, base_config: Any, grid: Any) -> tuple[Any, Any, RoundTraffic]:
+               base_config: Any, grid: Any) -> tuple[Any, Any, RoundTraffic]:
     """Send round ``rnd`` and aggregate its replies: ``(arrays, aggregate metrics, traffic)``, arrays None
     when too few valid replies came (then ``short_round`` decides: retry, skip, or stop with the reasons)."""
     attempts = 1 + (cfg.round_retries if cfg.short_round == "retry" else 0)
     for attempt in range(1, attempts + 1):
         strategy.traffic.pop(rnd, None)  # the round's record is its last attempt's
-        messages = flower_strategy.configure_train(rnd, to_array_record(state), base_config, grid)
+        messages = strategy.configure_train(rnd, to_array_record(state), base_config, grid)
         replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
-        arrays, agg = flower_strategy.aggregate_train(rnd, replies)
+        arrays, agg = strategy.aggregate_train(rnd, replies)
         traffic = strategy.traffic.setdefault(rnd, RoundTraffic())
         if arrays is not None:
             break
@@ -261,6 +260,7 @@ def round_metrics(cfg: FedPeftConfig, traffic: RoundTraffic, agg: Mapping[str, A
     return {
         "clients": clients,
         "failures": len(traffic.failures),
+        "no_reply": len(set(traffic.sent) - set(traffic.failures) - set(traffic.refused) - set(traffic.received)),
         "rejected": len(traffic.rejected()),
         **({"skipped": True} if skipped else {}),
         "refused": len(traffic.refused),
@@ -274,6 +274,7 @@ def round_metrics(cfg: FedPeftConfig, traffic: RoundTraffic, agg: Mapping[str, A
         **({"reclipped": len(traffic.reclipped)} if cfg.dp == "central" else {}),
         **({"clipped": len(traffic.reclipped)} if cfg.clip_update_norm > 0 else {}),
         **{key: float(value) for key, value in (agg or {}).items() if key.startswith("agg_")},
+        **({"dp_noise_std": float(agg["dp_noise_std"])} if agg is not None and "dp_noise_std" in agg else {}),
     }
 
 

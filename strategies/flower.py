@@ -14,6 +14,10 @@ update's norm is within the absolute bound and, against the round's median, with
 (:mod:`strategies.validation`). An accepted update is then bounded, if asked (central DP's clip, or
 norm bounding: :mod:`strategies.norm_bound`). Anything else is logged with its reason and the round goes on with
 the other replies; with fewer than ``min_replies`` valid ones it aggregates nothing.
+
+Under central DP a ``release`` replaces the aggregator: it gets the accepted updates and returns the
+noised mean over the fixed sampled cohort (:func:`privacy.central.central_release`), so a site that
+failed, was rejected or stayed silent is one more absent contribution, never a voided round.
 """
 
 from __future__ import annotations
@@ -111,6 +115,10 @@ class RoundTraffic:
 ReplyCheck = Callable[[str, int, Any], "str | None"]
 """``check(site, server_round, content)``: a reason to reject the reply, or None to accept it."""
 
+Release = Callable[[Sequence[dict[str, Any]]], "tuple[dict[str, Any], dict[str, Any]]"]
+"""``release(updates)``: the round's mean update from the accepted updates (in site order), and its
+metrics (central DP: the noised sum of clipped updates over the fixed cohort size)."""
+
 UpdateBound = Callable[[dict[str, Any]], "tuple[dict[str, Any], bool]"]
 """``bound(update)``: the decoded update made safe to aggregate (central DP: clipped to C), and
 whether it had to change."""
@@ -157,6 +165,10 @@ class FedPeftStrategy(Strategy):
     min_replies : int
         Fewest valid replies a round aggregates; with fewer it returns no arrays (a short round: the
         server skips, retries or stops it) and nothing is aggregated.
+    release : Release, optional
+        Central DP: computes the new global adapter's change from the accepted updates in place of
+        the aggregator (which must be linear); the aggregator's own metrics, computed from each
+        site's factors, are then not reported.
 
     The broadcast leaves out the tensors the aggregator freezes and tells clients which they are
     (config ``frozen``), and names those it holds this round (config ``held``: broadcast, not trained,
@@ -181,6 +193,7 @@ class FedPeftStrategy(Strategy):
         limits: ReplyLimits | None = None,
         min_replies: int = 1,
         message_ttl: float | None = None,
+        release: Release | None = None,
     ) -> None:
         self.aggregator_name = aggregator
         self.aggregator = AGGREGATORS.get(aggregator)
@@ -199,6 +212,9 @@ class FedPeftStrategy(Strategy):
             raise ValueError(f"min_replies must be >= 1, got {min_replies}")
         self.min_replies = min_replies
         self.message_ttl = message_ttl
+        if release is not None and not self.aggregator.linear:
+            raise FedPeftError(f"strategy {aggregator!r} does not average, so a release cannot replace it")
+        self.release = release
         self.baselines: dict[int | None, dict[str, Any]] = {}  # rank → the decoded broadcast at that rank
         self._rank_of: dict[str, int | None] = {}
         self.traffic: dict[int, RoundTraffic] = {}
@@ -265,7 +281,7 @@ class FedPeftStrategy(Strategy):
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
         rule = self.aggregator.for_round(server_round)
         held = rule.held
-        candidates: list[tuple[str, dict[str, Any], float, float, int]] = []  # site, state, weight, norm, raw
+        candidates: list[tuple[str, dict[str, Any], float, float, int]] = []  # site, state|update, weight, norm, raw
         for msg in replies:
             site = self.sites.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
             if msg.has_error():
@@ -312,7 +328,9 @@ class FedPeftStrategy(Strategy):
                 if changed:
                     traffic.reclipped.add(site)
             weight = 1.0 if self.uniform_weights else float(metrics.get(NUM_EXAMPLES, 0))
-            candidates.append((site, {k: baseline[k] + update[k] for k in shapes}, weight, norm, raw))
+            if self.release is None:  # the aggregator reads states; a release reads the updates themselves
+                update = {k: baseline[k] + update[k] for k in shapes}
+            candidates.append((site, update, weight, norm, raw))
         outliers = relative_outliers({c[0]: c[3] for c in candidates}, self.limits)
         for site, reason in sorted(outliers.items()):
             self._reject(traffic, server_round, site, reason)
@@ -327,9 +345,12 @@ class FedPeftStrategy(Strategy):
             if site not in outliers:
                 traffic.raw_received[site] = raw
         accepted.sort(key=lambda item: item[0])
-        state, agg_metrics = rule(
-            [a[1] for a in accepted], [a[2] for a in accepted], previous=self.previous, options=self.options
-        )
+        if self.release is not None:
+            state, agg_metrics = self._released([a[1] for a in accepted])
+        else:
+            state, agg_metrics = rule(
+                [a[1] for a in accepted], [a[2] for a in accepted], previous=self.previous, options=self.options
+            )
         metrics = MetricRecord({"clients": len(accepted), **agg_metrics})
         losses = [
             (w, traffic.client_metrics[s]["train-loss"])
@@ -339,6 +360,13 @@ class FedPeftStrategy(Strategy):
         if losses:  # DP sites do not report it: a loss on private data is not covered by their epsilon
             metrics["train-loss"] = sum(w * loss for w, loss in losses) / sum(w for w, _ in losses)
         return to_array_record(state), metrics
+
+    def _released(self, updates: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The broadcast plus the release; tensors the aggregator freezes stay as they were."""
+        assert self.release is not None
+        change, metrics = self.release(updates)
+        state = {k: (v + change[k]).astype(v.dtype) if k in change else v for k, v in self.previous.items()}
+        return state, {f"dp_{k}": v for k, v in metrics.items()}
 
     @staticmethod
     def _reject(traffic: RoundTraffic, server_round: int, site: str, reason: str) -> None:

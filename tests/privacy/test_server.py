@@ -103,3 +103,23 @@ def test_central_releases_are_composed_again_on_resume(tmp_path: Path) -> None:
     again = RunPrivacy(cfg, tmp_path, num_sites=4, key_dir=tmp_path / "coord", resume=at)
     assert again.central.releases == first.central.releases
     assert again.central.epsilon() == pytest.approx(first.central.epsilon())
+
+
+def test_every_central_release_is_accounted_alike_however_many_answered(tmp_path: Path) -> None:
+    """The noise (σC on the sum) and the denominator m are fixed, so a round of 1 of 3 sampled sites costs
+    what a round of all 3 does; the ledger names how many answered and the relation accounted."""
+    import json
+
+    cfg = FedPeftConfig(dp="central", dp_epsilon=0.0, dp_delta=1e-5, dp_noise_multiplier=2.0, run_id="run1",
+                        clients=6, fraction=0.5, dp_max_grad_norm=0.5, out=str(tmp_path))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    some = RunPrivacy(cfg, tmp_path / "a", num_sites=6, key_dir=tmp_path / "coord")
+    every = RunPrivacy(cfg, tmp_path / "b", num_sites=6, key_dir=tmp_path / "coord")
+    for rnd, (answered, sampled) in enumerate([(1, 3), (2, 3), (3, 3)], start=1):
+        some.after_round(rnd, clients=answered)
+        every.after_round(rnd, clients=sampled)
+    assert some.central.epsilon() == every.central.epsilon() > 0
+    lines = [json.loads(x)["entry"] for x in (tmp_path / "a" / LEDGER_FILE).read_text().splitlines()]
+    assert [e["replies"] for e in lines] == [1, 2, 3] and {e["sample_size"] for e in lines} == {3}
+    assert {(e["noise_multiplier"], e["noise_std"], e["neighbours"]) for e in lines} == {(1.0, 1.0, "replace-one")}
