@@ -12,7 +12,9 @@ layer, so only one layer of every client (100 × 1 MB) is alive at a time.
 Every strategy runs in its own subprocess (so ``ru_maxrss`` is its own peak) and prints the wall
 time of one whole aggregation, including the aggregation-bias metric (Gram traces). A further
 subprocess (``generate``) only generates and touches every tensor in the same order; its time is
-what data generation costs inside the others, and ``aggregate s`` = total − that.
+what data generation costs inside the others, and ``aggregate s`` = total − that. ``CPU s`` is the
+worker's process time over the same span (data generation included): on a shared machine it is the
+fairer figure.
 
 Running it::
 
@@ -75,11 +77,12 @@ def worker(name: str, args: argparse.Namespace) -> dict:
     names = keys(args.layers)
     previous = dict(LazyClient(args.clients, names, dim=args.dim, rank=args.rank))  # the broadcast
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    frozen = () if name == "generate" else AGGREGATORS.get(name).frozen
+    rule = None if name == "generate" else AGGREGATORS.get(name).for_round(1)  # rolora: its B round
+    frozen = () if rule is None else rule.fixed
     client_names = [k for k in names if not any(c in k.split(".") for c in frozen)]
     clients = [LazyClient(k, client_names, dim=args.dim, rank=args.rank) for k in range(args.clients)]
     weights = np.random.default_rng(0).integers(50, 500, size=args.clients).astype(float)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     metrics: dict = {}
     if name == "generate":
         pairs, _ = lora_layers(previous.keys())
@@ -89,10 +92,11 @@ def worker(name: str, args: argparse.Namespace) -> dict:
                     float(c[a_key].sum())
                 float(c[b_key].sum())
     else:
-        _, metrics = AGGREGATORS.get(name)(clients, weights, previous=previous, options=AggregationOptions())
-    seconds = time.perf_counter() - started
+        _, metrics = rule(clients, weights, previous=previous, options=AggregationOptions())
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"strategy": name, "seconds": seconds, "peak_rss_mb": peak, "rss_before_mb": rss_before, **metrics}
+    return {"strategy": name, "seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": peak,
+            "rss_before_mb": rss_before, **metrics}  # fmt: skip
 
 
 def main() -> None:
@@ -101,7 +105,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32, help="transformer layers (4 LoRA pairs each)")
     parser.add_argument("--dim", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--strategies", default="fedit,lora-fair,lora-fair-ab,ffa-lora,exact-svd")
+    parser.add_argument(
+        "--strategies", default="fedit,lora-fair,lora-fair-ridge,lora-fair-ab,ffa-lora,rolora,exact-svd"
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -121,11 +127,13 @@ def main() -> None:
     pairs = args.layers * len(PROJECTIONS)
     print(f"{args.clients} clients × {pairs} LoRA pairs (d = n = {args.dim}, r = {args.rank}): "
           f"{per_client_mb:.0f} MB per client, {per_client_mb * args.clients / 1024:.1f} GB in all")  # fmt: skip
-    print(f"{'strategy':<14}{'total s':>9}{'aggregate s':>13}{'peak RSS MB':>13}{'residual mean':>15}{'max':>8}")
+    print(f"{'strategy':<16}{'total s':>9}{'aggregate s':>13}{'CPU s':>8}{'peak RSS MB':>13}{'residual mean':>15}"
+          f"{'max':>8}")  # fmt: skip
     for r in results:
         agg = r["seconds"] - gen if r["strategy"] != "generate" else float("nan")
         res = r.get("agg_residual_mean", float("nan"))
-        print(f"{r['strategy']:<14}{r['seconds']:>9.1f}{agg:>13.1f}{r['peak_rss_mb']:>13.0f}{res:>15.4f}"
+        print(f"{r['strategy']:<16}{r['seconds']:>9.1f}{agg:>13.1f}{r['cpu_seconds']:>8.1f}"
+              f"{r['peak_rss_mb']:>13.0f}{res:>15.4f}"
               f"{r.get('agg_residual_max', float('nan')):>8.4f}")  # fmt: skip
 
 

@@ -79,12 +79,12 @@ def main() -> None:
         return float(np.mean(full)), float(np.mean(update))
 
     print(f"{cfg.clients} clients, Dirichlet 0.1, round {args.rounds}, <= {args.max_local_steps} local steps")
-    print(f"{'rule':<14}{'lambda':>10}{'residual (product)':>20}{'residual (update)':>20}")
+    print(f"{'rule':<16}{'lambda':>10}{'residual (product)':>20}{'residual (update)':>20}")
     for name in ("fedit", "exact-svd"):
-        print(f"{name:<14}{'-':>10}" + "".join(f"{v:>20.4f}" for v in residuals(name, 0.0)))
+        print(f"{name:<16}{'-':>10}" + "".join(f"{v:>20.4f}" for v in residuals(name, 0.0)))
     for lam in (float(x) for x in args.lambdas.split(",")):
-        for name in ("lora-fair", "lora-fair-ab"):
-            print(f"{name:<14}{lam:>10g}" + "".join(f"{v:>20.4f}" for v in residuals(name, lam)))
+        for name in ("lora-fair", "lora-fair-ridge", "lora-fair-ab"):
+            print(f"{name:<16}{lam:>10g}" + "".join(f"{v:>20.4f}" for v in residuals(name, lam)))
 
 
 if __name__ == "__main__":

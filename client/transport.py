@@ -19,10 +19,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import Context, Message, MetricRecord
 
 from fedpeft import site
-from fedpeft.adapters.state import without_keys
+from fedpeft.adapters.state import key_matches, without_keys
 from fedpeft.codecs import compress, parse_codec
 from fedpeft.config import FedPeftConfig
 from fedpeft.errors import FedPeftError
@@ -54,8 +55,24 @@ def site_config(cfg: FedPeftConfig, context: Context, partition_id: int) -> FedP
 
 
 def frozen_components(config: Any) -> tuple[str, ...]:
-    """The tensor names the strategy freezes (never broadcast, never sent back)."""
-    return tuple(c for c in str(config.get("frozen", "")).split(",") if c)
+    """The tensor names the site does not train this round and never sends back: those the strategy
+    freezes (config ``frozen``, never broadcast either) and those it holds this round (config ``held``,
+    broadcast: RoLoRA's other factor)."""
+    return unbroadcast_components(config) + held_components(config)
+
+
+def unbroadcast_components(config: Any) -> tuple[str, ...]:
+    """The tensor names the strategy freezes: never broadcast, never sent back (FFA-LoRA's A)."""
+    return _components(config, "frozen")
+
+
+def held_components(config: Any) -> tuple[str, ...]:
+    """The tensor names broadcast this round but neither trained nor sent back."""
+    return _components(config, "held")
+
+
+def _components(config: Any, key: str) -> tuple[str, ...]:
+    return tuple(c for c in str(config.get(key, "")).split(",") if c)
 
 
 def codec_mod(msg: Message, context: Context, call_next: Any) -> Message:
@@ -69,7 +86,7 @@ def codec_mod(msg: Message, context: Context, call_next: Any) -> Message:
         msg,
         context,
         call_next,
-        expected={k: v.shape for k, v in without_keys(initial, frozen_components(config)).items()},
+        expected={k: v.shape for k, v in without_keys(initial, unbroadcast_components(config)).items()},
         codec=str(context.node_config.get("codec") or cfg.codec),
         residual_file=residual_path(site.state_dir(context.node_config), key, cfg.run_id),
     )
@@ -96,7 +113,11 @@ def encoded_exchange(
     trained = from_array_record(reply.content[ARRAYS])
     if trained and set(trained) != set(broadcast):
         raise FedPeftError("the trained adapter holds other tensors than the broadcast")
-    update = {k: trained[k] - broadcast[k] for k in broadcast} if trained else {}  # empty: a refused round
+    held = held_components(msg.content[CONFIG])
+    sent = without_keys(broadcast, held)  # a held factor is not sent back: the server has it
+    if trained and any(not np.array_equal(trained[k], broadcast[k]) for k in broadcast if k not in sent):
+        raise FedPeftError(f"the site trained a factor the strategy holds this round ({', '.join(held)})")
+    update = {k: trained[k] - broadcast[k] for k in sent} if trained else {}  # empty: a refused round
     chosen = parse_codec(codec)
     carry = bool(update) and not chosen.lossless
     residual = None
@@ -106,8 +127,9 @@ def encoded_exchange(
         except ValueError as err:  # costs accuracy, not privacy: restart the feedback from zero
             logger.warning("%s; starting error feedback from zero", err)
     parts, left, metrics = compress(chosen, update, residual)
-    if carry:
-        save_residual(residual_file, left)
+    if carry:  # a held factor's residual waits for the round that sends it
+        kept = {k: v for k, v in (residual or {}).items() if key_matches(k, held)}
+        save_residual(residual_file, {**kept, **left})
     records = payload_records(chosen, parts, {k: v.shape for k, v in update.items()})
     reply.content[ARRAYS], reply.content[CODEC] = records[ARRAYS], records[CODEC]
     if update:

@@ -73,9 +73,13 @@ class FedPeftConfig:
     rounds: int = _f(5, "federated rounds")
     fraction: float = _f(0.5, "share of clients sampled each round, in (0, 1]")
     strategy: str = _f(
-        "fedit", "LoRA: fedit (alias fedavg) | lora-fair | lora-fair-ab | ffa-lora | exact-svd; SSF: ssf-avg"
+        "fedit", "LoRA: fedit (alias fedavg) | lora-fair | lora-fair-ridge | lora-fair-ab | ffa-lora | rolora | "
+        "exact-svd; SSF: ssf-avg"
     )
-    fair_lambda: float = _f(1e-2, "lora-fair / lora-fair-ab ridge strength, relative to mean(singular(A-bar)^2)")
+    fair_lambda: float = _f(
+        1e-2, "lora-fair: weight of ||dB||^2 beside 1 - cosine; lora-fair-ridge / lora-fair-ab: ridge strength "
+        "relative to mean(singular(A-bar)^2)"
+    )
     fair_iterations: int = _f(5, "alternating sweeps of lora-fair-ab")
     client_ranks: str = _f("", "comma-separated LoRA ranks given to clients in turn (exact-svd); empty: all lora_r")
     round_timeout: float = _f(3600.0, "seconds the server waits for replies in a round")

@@ -15,7 +15,16 @@ from strategies.aggregator import AggregationOptions, Aggregator
 
 AGGREGATORS: Registry[Aggregator] = Registry("strategy")
 
-from strategies import exact_svd, fedit, ffa_lora, lora_fair, lora_fair_ab, ssf_avg  # noqa: E402,F401  (register)
+from strategies import (  # noqa: E402,F401  (register)
+    exact_svd,
+    fedit,
+    ffa_lora,
+    lora_fair,
+    lora_fair_ab,
+    lora_fair_ridge,
+    rolora,
+    ssf_avg,
+)
 
 
 def strategies_for(adapter: str) -> list[str]:

@@ -10,10 +10,13 @@ does to one layer: a *pair rule* maps the clients' factors and weights to the ne
 1. normalise the weights p_k = n_k / Σ n_k;
 2. weighted-average every tensor that is not a LoRA factor;
 3. for each LoRA layer, collect the clients' (A_k, B_k) — a factor a client does not train
-   (``Aggregator.frozen``, e.g. FFA-LoRA's A) is taken from the broadcast it started from — and apply
-   the pair rule;
-4. measure the aggregation bias of that layer, ‖ΔW − B'A'‖_F / ‖ΔW‖_F with ΔW = Σ_k p_k B_k A_k
-   (:mod:`strategies.residual`), and report its mean and max over layers.
+   (``Aggregator.frozen``, e.g. FFA-LoRA's A, or ``held`` this round, RoLoRA's other factor) is taken
+   from the broadcast it started from — and apply the pair rule (a rule that alternates by round is
+   first resolved with :meth:`Aggregator.for_round`);
+4. measure the aggregation bias of that layer, ‖ΔW − B'A'‖_F / ‖ΔW‖_F with ΔW = Σ_k p_k B_k A_k, the
+   cosine cos(ΔW, B'A') and the size of the correction of B, ‖B' − B̄‖_F / ‖B̄‖_F
+   (:mod:`strategies.residual`), and report ``agg_residual_mean``/``_max``, ``agg_cosine_mean``/``_min``
+   and ``agg_correction_mean``/``_max`` over layers.
 
 Layers are processed one at a time, so at most one layer of every client is held in memory beyond
 the inputs themselves; inputs may be lazy mappings that build a layer only when it is asked for.
@@ -28,7 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedpeft.adapters.state import adapter_kind, key_matches
-from strategies.residual import relative_residual
+from strategies.residual import layer_geometry
 from strategies.robust import combiner
 
 A_SUFFIX = ".lora_A.weight"
@@ -42,10 +45,13 @@ class AggregationOptions:
     Parameters
     ----------
     lam : float
-        Ridge strength λ of ``lora-fair`` / ``lora-fair-ab``, relative to the mean squared singular
+        ``lora-fair``: the weight of the penalty λ‖ΔB‖²_F beside 1 − cosine (absolute, as in the paper).
+        ``lora-fair-ridge`` / ``lora-fair-ab``: the ridge strength, relative to the mean squared singular
         value of Ā (λ_eff = λ · tr(ĀĀᵀ) / r), so one value means the same for every model and round.
     ab_iterations : int
         Alternating (B-step, A-step) sweeps of ``lora-fair-ab``.
+    fair_steps : int
+        Most descent steps ``lora-fair`` takes from ΔB = 0 (it stops earlier once f no longer falls).
     exact_max_stack : int
         ``exact-svd`` factorises the stacked factors exactly (QR + small SVD) while Σ r_k is at most
         this; above it, a randomized range finder with power iterations keeps the cost linear in Σ r_k.
@@ -60,6 +66,7 @@ class AggregationOptions:
 
     lam: float = 1e-2
     ab_iterations: int = 5
+    fair_steps: int = 20
     exact_max_stack: int = 512
     sketch_oversample: int = 16
     sketch_power_iters: int = 2
@@ -69,7 +76,7 @@ class AggregationOptions:
     def __post_init__(self) -> None:
         if not (self.lam >= 0 and np.isfinite(self.lam)):
             raise ValueError(f"lam must be a finite number >= 0, got {self.lam}")
-        for name in ("ab_iterations", "exact_max_stack", "sketch_power_iters"):
+        for name in ("ab_iterations", "fair_steps", "exact_max_stack", "sketch_power_iters"):
             if getattr(self, name) < (1 if name != "sketch_power_iters" else 0):
                 raise ValueError(f"{name} must be >= 1 (power iterations >= 0), got {getattr(self, name)}")
         if self.sketch_oversample < 0:
@@ -107,6 +114,12 @@ class Aggregator:
     frozen : tuple[str, ...]
         Key components (``"lora_A"``) that clients neither train nor send and the server does not
         broadcast: they stay at the seeded initial value every process builds for itself.
+    held : tuple[str, ...]
+        Key components the server broadcasts but clients neither train nor send back this round; the
+        result keeps them exactly as broadcast (RoLoRA's factor of the other round).
+    alternates : tuple[Aggregator, ...]
+        Per-round rules in turn: round t (from 1) uses ``alternates[(t - 1) % len]``
+        (:meth:`for_round`); empty: this rule every round.
     heterogeneous_ranks : bool
         Whether clients may train LoRA of a lower rank than the global adapter (they get the
         global factors truncated to their rank, so the rule must keep components sorted by importance).
@@ -123,10 +136,25 @@ class Aggregator:
     name: str
     pair: PairRule | None
     frozen: tuple[str, ...] = ()
+    held: tuple[str, ...] = ()
+    alternates: tuple[Aggregator, ...] = ()
     heterogeneous_ranks: bool = False
     linear: bool = False
     summary: str = ""
     adapter: str = "lora"
+
+    def for_round(self, server_round: int) -> Aggregator:
+        """The rule round ``server_round`` (from 1) aggregates with: itself, or its turn of ``alternates``."""
+        if not self.alternates:
+            return self
+        if server_round < 1:
+            raise ValueError(f"{self.name} alternates by round; rounds count from 1, got {server_round}")
+        return self.alternates[(server_round - 1) % len(self.alternates)]
+
+    @property
+    def fixed(self) -> tuple[str, ...]:
+        """Components clients do not train or send this round (``frozen`` + ``held``)."""
+        return self.frozen + self.held
 
     def __call__(
         self,
@@ -204,21 +232,24 @@ def aggregate(
     Raises
     ------
     ValueError
-        Weights that cannot be normalised, a client with missing/extra keys, a frozen factor that a
-        client sent anyway, or shapes that do not match (ranks may differ only for
+        Weights that cannot be normalised, a client with missing/extra keys, a frozen or held factor
+        that a client sent anyway, a rule that alternates by round (aggregate with ``for_round(t)``),
+        or shapes that do not match (ranks may differ only for
         ``heterogeneous_ranks`` rules, and never exceed the global rank).
     """
     p = normalised(weights)
     if len(states) != len(p):
         raise ValueError(f"got {len(states)} states for {len(p)} weights")
     check_adapter(agg, previous.keys())
+    if agg.alternates:
+        raise ValueError(f"{agg.name} alternates by round: aggregate with its for_round(server_round)")
     combine = combiner(options.robust)
     if combine is not None and not agg.linear:
         raise ValueError(f"robust={options.robust} replaces averages; {agg.name!r} does not average (use fedit, "
                          "ffa-lora or ssf-avg)")
     average = combine if combine is not None else (lambda arrays: weighted_sum(arrays, p))
     pairs, others = lora_layers(previous.keys())
-    expected = {k for k in previous if not key_matches(k, agg.frozen)}
+    expected = {k for k in previous if not key_matches(k, agg.fixed)}
     for i, state in enumerate(states):
         if set(state.keys()) != expected:
             missing, extra = sorted(expected - set(state.keys())), sorted(set(state.keys()) - expected)
@@ -235,7 +266,7 @@ def aggregate(
                 raise ValueError(f"client {i} tensor {key} has shape {value.shape}, expected {shape}")
         out[key] = average(values).astype(np.asarray(previous[key]).dtype)
 
-    residuals = []
+    geometry = []
     for a_key, b_key in pairs:
         prev_A, prev_B = np.asarray(previous[a_key]), np.asarray(previous[b_key])
         As = [np.asarray(s[a_key]) if a_key in s else prev_A for s in states]
@@ -243,17 +274,22 @@ def aggregate(
         _check_ranks(agg, a_key, As, Bs, prev_A, prev_B)
         if agg.pair is None:
             raise ValueError(f"strategy {agg.name!r} has no rule for LoRA layers")
-        if combine is not None:  # a linear rule averages each factor (or keeps a frozen one): robustly here
-            new_A = prev_A if key_matches(a_key, agg.frozen) else combine(As)
-            new_B = prev_B if key_matches(b_key, agg.frozen) else combine(Bs)
+        if combine is not None:  # a linear rule averages each factor (or keeps a fixed one): robustly here
+            new_A = prev_A if key_matches(a_key, agg.fixed) else combine(As)
+            new_B = prev_B if key_matches(b_key, agg.fixed) else combine(Bs)
         else:
             new_A, new_B = agg.pair(As, Bs, p, prev_A=prev_A, prev_B=prev_B, options=options)
         out[a_key], out[b_key] = new_A.astype(prev_A.dtype), new_B.astype(prev_B.dtype)
-        residuals.append(relative_residual(As, Bs, p, out[a_key], out[b_key]))
+        geometry.append(layer_geometry(As, Bs, p, out[a_key], out[b_key]))
     out = {key: out[key] for key in previous}  # the broadcast's key order
     metrics: dict[str, Any] = {}
-    if residuals:
-        metrics = {"agg_residual_mean": float(np.mean(residuals)), "agg_residual_max": float(np.max(residuals))}
+    if geometry:
+        residual, cosine, correction = ([g[k] for g in geometry] for k in ("residual", "cosine", "correction"))
+        metrics = {
+            "agg_residual_mean": float(np.mean(residual)), "agg_residual_max": float(np.max(residual)),
+            "agg_cosine_mean": float(np.mean(cosine)), "agg_cosine_min": float(np.min(cosine)),
+            "agg_correction_mean": float(np.mean(correction)), "agg_correction_max": float(np.max(correction)),
+        }
     return out, metrics
 
 

@@ -171,7 +171,8 @@ class FedPeftStrategy(Strategy):
         site's factors, are then not reported.
 
     The broadcast leaves out the tensors the aggregator freezes and tells clients which they are
-    (config ``frozen``); a site of lower rank gets the global factors truncated to its rank. The
+    (config ``frozen``), and names those it holds this round (config ``held``: broadcast, not trained,
+    not sent back); a site of lower rank gets the global factors truncated to its rank. The
     aggregator sees the broadcast of the round as ``previous``.
     """
 
@@ -238,8 +239,10 @@ class FedPeftStrategy(Strategy):
             check_adapter(self.aggregator, self.previous.keys())
         except ValueError as err:
             raise FedPeftError(str(err)) from None
-        frozen = self.aggregator.frozen
-        config = ConfigRecord({**config, "server-round": server_round, "frozen": ",".join(frozen)})
+        rule = self.aggregator.for_round(server_round)  # RoLoRA: the factor clients hold this round
+        frozen = rule.frozen
+        config = ConfigRecord({**config, "server-round": server_round, "frozen": ",".join(frozen),
+                               "held": ",".join(rule.held)})
         broadcast = without_keys(self.previous, frozen)
         pairs, _ = lora_layers(self.previous.keys())
         global_rank = self.previous[pairs[0][0]].shape[0] if pairs else None
@@ -276,6 +279,8 @@ class FedPeftStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
+        rule = self.aggregator.for_round(server_round)
+        held = rule.held
         candidates: list[tuple[str, dict[str, Any], float, float, int]] = []  # site, state|update, weight, norm, raw
         for msg in replies:
             site = self.sites.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
@@ -302,13 +307,14 @@ class FedPeftStrategy(Strategy):
                 traffic.failures[site] = "replied to a round it was not sampled for"
                 logger.warning("round %d: rejected the reply of %s: not sampled", server_round, site)
                 continue
-            raw = raw_nbytes({k: v.shape for k, v in baseline.items()})
+            shapes = {k: v.shape for k, v in without_keys(baseline, held).items()}  # what the site sends
+            raw = raw_nbytes(shapes)
             if traffic.received[site] > reply_bound(raw):
                 self._reject(traffic, server_round, site, f"reply of {traffic.received[site]} bytes exceeds the "
                              f"bound {reply_bound(raw)} for this adapter")
                 continue
             try:
-                update, _ = decode_payload(content, {k: v.shape for k, v in baseline.items()})
+                update, _ = decode_payload(content, shapes)
             except PayloadError as err:
                 self._reject(traffic, server_round, site, f"payload rejected: {err}")
                 continue
@@ -323,7 +329,7 @@ class FedPeftStrategy(Strategy):
                     traffic.reclipped.add(site)
             weight = 1.0 if self.uniform_weights else float(metrics.get(NUM_EXAMPLES, 0))
             if self.release is None:  # the aggregator reads states; a release reads the updates themselves
-                update = {k: baseline[k] + update[k] for k in baseline}
+                update = {k: baseline[k] + update[k] for k in shapes}
             candidates.append((site, update, weight, norm, raw))
         outliers = relative_outliers({c[0]: c[3] for c in candidates}, self.limits)
         for site, reason in sorted(outliers.items()):
@@ -342,7 +348,7 @@ class FedPeftStrategy(Strategy):
         if self.release is not None:
             state, agg_metrics = self._released([a[1] for a in accepted])
         else:
-            state, agg_metrics = self.aggregator(
+            state, agg_metrics = rule(
                 [a[1] for a in accepted], [a[2] for a in accepted], previous=self.previous, options=self.options
             )
         metrics = MetricRecord({"clients": len(accepted), **agg_metrics})

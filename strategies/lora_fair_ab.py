@@ -25,7 +25,7 @@ import numpy as np
 
 from strategies import AGGREGATORS
 from strategies.aggregator import AggregationOptions, Aggregator, weighted_sum
-from strategies.lora_fair import relative_lambda, ridge_right
+from strategies.lora_fair_ridge import relative_lambda, ridge_right
 from strategies.residual import squared_residual, stack
 
 

@@ -9,9 +9,12 @@ global factors (B', A'):
     ‖B'A'‖²      = ⟨B'ᵀB', A'A'ᵀ⟩
     ‖ΔW − B'A'‖² = ‖ΔW‖² − 2⟨ΔW, B'A'⟩ + ‖B'A'‖²
 
-(⟨X, Y⟩ = Σ_ij X_ij Y_ij). The cost is O((d + n) R²); memory O(R²). Computed in the inputs' precision,
-so with float32 factors the relative residual has a floor of about 1e-3 (cancellation in the
-difference of squares).
+(⟨X, Y⟩ = Σ_ij X_ij Y_ij), and cos(ΔW, B'A') = ⟨ΔW, B'A'⟩ / (‖ΔW‖ ‖B'A'‖). The size of the server's
+correction of B relative to FedIT's B̄ = Σ_k p_k B_k = B_s E (E stacks each client's r_k × r identity
+block) comes from the same products: ‖B' − B̄‖² = ‖B'‖² − 2⟨B_sᵀB', E⟩ + ⟨B_sᵀB_s, EEᵀ⟩.
+
+The cost is O((d + n) R²); memory O(R²). Computed in the inputs' precision, so with float32 factors
+the relative residual has a floor of about 1e-3 (cancellation in the difference of squares).
 """
 
 from __future__ import annotations
@@ -39,6 +42,29 @@ def residual_traces(
     cross = float(np.vdot(B_s.T @ new_B, A_s @ new_A.T))
     ours = float(np.vdot(new_B.T @ new_B, new_A @ new_A.T))
     return ideal, cross, ours
+
+
+def layer_geometry(
+    As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], p: np.ndarray, new_A: np.ndarray, new_B: np.ndarray
+) -> dict[str, float]:
+    """``residual`` (relative, as :func:`relative_residual`), ``cosine`` (cos(ΔW, B'A'); 1 when both are
+    zero, 0 when only one is) and ``correction`` (‖B' − B̄‖_F / ‖B̄‖_F; 0 when both are zero) of one layer."""
+    A_s, B_s = stack(As, Bs, p)
+    new_A, new_B = new_A.astype(A_s.dtype, copy=False), new_B.astype(B_s.dtype, copy=False)
+    BsBs, BsB = B_s.T @ B_s, B_s.T @ new_B
+    ideal = float(np.vdot(BsBs, A_s @ A_s.T))
+    cross = float(np.vdot(BsB, A_s @ new_A.T))
+    ours = float(np.vdot(new_B.T @ new_B, new_A @ new_A.T))
+    E = np.concatenate([np.eye(np.shape(b)[1], new_B.shape[1], dtype=B_s.dtype) for b in Bs], axis=0)  # R × r
+    bar2 = float(np.vdot(E.T @ BsBs, E.T))
+    shift2 = max(float(np.vdot(new_B, new_B)) - 2.0 * float(np.vdot(BsB, E)) + bar2, 0.0)
+    if ideal <= 0.0:
+        residual, cosine = (0.0, 1.0) if ours <= 0.0 else (1.0, 0.0)
+    else:
+        residual = float(np.sqrt(max(ideal - 2.0 * cross + ours, 0.0) / ideal))
+        cosine = float(np.clip(cross / np.sqrt(ideal * ours), -1.0, 1.0)) if ours > 0.0 else 0.0
+    correction = float(np.sqrt(shift2 / bar2)) if bar2 > 0.0 else (0.0 if shift2 <= 0.0 else 1.0)
+    return {"residual": residual, "cosine": cosine, "correction": correction}
 
 
 def squared_residual(

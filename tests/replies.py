@@ -34,9 +34,11 @@ def reply(
     codec: str = "none",
     extra: Mapping[str, Any] | None = None,
 ) -> Message:
-    """The reply of a site that trained the broadcast of ``out`` into ``state``."""
+    """The reply of a site that trained the broadcast of ``out`` into ``state`` (a factor the config
+    names ``held`` is left out, as client.transport does)."""
     broadcast = sent(out, state)
-    update = {k: np.asarray(state[k], dtype=np.float32) - broadcast[k] for k in broadcast}
+    held = tuple(c for c in str(out.content[CONFIG].get("held", "")).split(",") if c)
+    update = {k: np.asarray(state[k], dtype=np.float32) - broadcast[k] for k in broadcast if not key_matches(k, held)}
     chosen = parse_codec(codec)
     parts, _, _ = compress(chosen, update)
     records = payload_records(chosen, parts, {k: v.shape for k, v in update.items()})

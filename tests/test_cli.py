@@ -35,7 +35,8 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
         (["--rounds", "0"], "rounds must be >= 1"),
         (
             ["--strategy", "fedmagic"],
-            "unknown strategy 'fedmagic'; known: exact-svd, fedavg, fedit, ffa-lora, lora-fair, lora-fair-ab, ssf-avg",
+            "unknown strategy 'fedmagic'; known: exact-svd, fedavg, fedit, ffa-lora, lora-fair, lora-fair-ab, "
+            "lora-fair-ridge, rolora, ssf-avg",
         ),
         (["--peft", "prefix"], "unknown PEFT method 'prefix'; known: lora, ssf"),
         (["--peft", "ssf", "--strategy", "fedit"],

@@ -10,6 +10,7 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 
 from client.transport import encoded_exchange
 from fedpeft.codecs import parse_codec
+from fedpeft.errors import FedPeftError
 from fedpeft.feedback_state import load_residual
 from fedpeft.wire import (
     ARRAYS,
@@ -167,3 +168,35 @@ def test_codec_mod_takes_the_site_codec_and_its_tensors_from_the_model(
     assert set(update) == set(state) and all("lora_A" not in k for k in update) == bool(frozen)
     residual = tmp_path / "partition-00001" / "codec-residual-r1.npz"
     assert residual.exists()  # fp16, int8 and ternary are all lossy
+
+
+def held_instruction(state: dict[str, np.ndarray], held: str) -> Message:
+    msg = instruction(state)
+    msg.content[CONFIG] = ConfigRecord({"server-round": 2, "held": held})
+    return msg
+
+
+def moving_all_but(held: str, delta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: (np.zeros_like(v) if held in k else v) for k, v in delta.items()}
+
+
+def test_a_held_factor_is_not_sent_and_its_residual_waits(tmp_path: Path) -> None:
+    """RoLoRA: the factor held this round is broadcast and kept, but neither sent back nor forgotten by
+    error feedback (its residual waits for the round that sends it)."""
+    path, state = tmp_path / "r.npz", broadcast()
+    exchange(instruction(state), handler_moving_by(step(0)), "topk:0.1", path)  # a round that sent everything
+    owed = load_residual(path)
+    assert owed is not None
+    reply = exchange(held_instruction(state, "lora_A"), handler_moving_by(moving_all_but("lora_A", step(1))),
+                     "topk:0.1", path)  # fmt: skip
+    kept = {k: v for k, v in SHAPES.items() if "lora_A" not in k}
+    update, _ = decode_payload(reply.content, kept)  # only B and the head come back
+    assert set(update) == set(kept)
+    saved = load_residual(path)
+    np.testing.assert_array_equal(saved["l.lora_A.weight"], owed["l.lora_A.weight"])
+    assert not np.array_equal(saved["l.lora_B.weight"], owed["l.lora_B.weight"])
+
+
+def test_a_site_that_moves_a_held_factor_raises() -> None:
+    with pytest.raises(FedPeftError, match="holds this round \\(lora_B\\)"):
+        exchange(held_instruction(broadcast(), "lora_B"), handler_moving_by(step(0)), "none", Path("/nonexistent/r"))

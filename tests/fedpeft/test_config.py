@@ -188,6 +188,7 @@ def test_dp_config_from_flower_run_config_keys() -> None:
     ({"dp": "local", "dp_epsilon": -1.0, "dp_delta": 1e-5}, "dp_epsilon must be a finite number >= 0"),
     ({"dp": "local", "dp_epsilon": float("inf"), "dp_delta": 1e-5}, "dp_epsilon must be a finite number >= 0"),
     ({"dp": "local", "dp_noise_multiplier": -0.5, "dp_delta": 1e-5}, "dp_noise_multiplier must be"),
+    ({"dp": "central", "dp_epsilon": 8.0, "dp_delta": 1e-5, "strategy": "rolora"}, "strategy rolora under dp central"),
 ])
 def test_dp_config_errors_name_the_field(kwargs: dict, message: str) -> None:
     with pytest.raises(FedPeftError, match=re.escape(message)):

@@ -55,22 +55,25 @@ class Problem:
         return dense_update(self.As, self.Bs, self.p)
 
     def states(self, frozen: tuple[str, ...] = ()) -> list[dict[str, np.ndarray]]:
-        """What the clients send: A left out when the rule freezes it."""
+        """What the clients send: a factor left out when the rule freezes or holds it."""
         out = []
         for a, b, h in zip(self.As, self.Bs, self.heads, strict=True):
-            state = {B_KEY: b, HEAD: h}
+            state = {HEAD: h}
             if "lora_A" not in frozen:
                 state[A_KEY] = a
+            if "lora_B" not in frozen:
+                state[B_KEY] = b
             out.append(state)
         return out
 
     def previous(self) -> dict[str, np.ndarray]:
         return {A_KEY: self.prev_A, B_KEY: self.prev_B, HEAD: self.prev_head}
 
-    def run(self, name: str, **options: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        agg = AGGREGATORS.get(name)
+    def run(self, name: str, *, server_round: int = 1, **options: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Aggregate with the rule ``name`` uses in ``server_round`` (RoLoRA alternates)."""
+        agg = AGGREGATORS.get(name).for_round(server_round)
         options_ = AggregationOptions(**options)
-        return agg(self.states(agg.frozen), self.weights, previous=self.previous(), options=options_)
+        return agg(self.states(agg.fixed), self.weights, previous=self.previous(), options=options_)
 
     def astype(self, dtype: type) -> Problem:
         return Problem(

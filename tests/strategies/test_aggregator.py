@@ -25,10 +25,12 @@ from lora_cases import (
 )
 
 from fedpeft.adapters.state import key_matches, without_keys
-from strategies import AGGREGATORS, AggregationOptions, strategies_for
+from strategies import AGGREGATORS, AggregationOptions, Aggregator, strategies_for
 from strategies.aggregator import lora_layers, normalised, truncate_to_rank, weighted_sum
 
 LORA_NAMES = strategies_for("lora")  # the LoRA contract; SSF's aggregator has its own tests
+METRIC_KEYS = {"agg_residual_mean", "agg_residual_max", "agg_cosine_mean", "agg_cosine_min", "agg_correction_mean",
+               "agg_correction_max"}  # fmt: skip
 
 # --- lora_layers -----------------------------------------------------------------------------------
 
@@ -130,7 +132,7 @@ def test_driver_averages_heads_and_reports_mean_and_max_over_layers(name: str) -
         residuals.append(relative_error(dW, out[a_key], out[b_key]))
     assert metrics["agg_residual_mean"] == pytest.approx(np.mean(residuals), abs=1e-7)
     assert metrics["agg_residual_max"] == pytest.approx(np.max(residuals), abs=1e-7)
-    assert set(metrics) == {"agg_residual_mean", "agg_residual_max"}
+    assert set(metrics) == METRIC_KEYS
 
 
 def test_driver_without_lora_layers_reports_no_metrics() -> None:
@@ -208,11 +210,11 @@ class LazyState(Mapping[str, np.ndarray]):
 @pytest.mark.parametrize("name", LORA_NAMES)
 def test_driver_accepts_lazy_mappings(name: str) -> None:
     states, weights, previous = two_layer_problem(5)
-    frozen = AGGREGATORS.get(name).frozen
-    states = [without_keys(s, frozen) for s in states]
-    want, want_metrics = AGGREGATORS.get(name)(states, weights, previous=previous)
+    agg = AGGREGATORS.get(name).for_round(1)
+    states = [without_keys(s, agg.fixed) for s in states]
+    want, want_metrics = agg(states, weights, previous=previous)
     lazy = [LazyState(s) for s in states]
-    got, metrics = AGGREGATORS.get(name)(lazy, weights, previous=LazyState(previous))
+    got, metrics = agg(lazy, weights, previous=LazyState(previous))
     assert metrics == want_metrics
     for key in want:
         np.testing.assert_array_equal(got[key], want[key])
@@ -222,7 +224,7 @@ def test_driver_accepts_lazy_mappings(name: str) -> None:
 
 def test_default_options_are_the_documented_defaults() -> None:
     options = AggregationOptions()
-    assert (options.lam, options.ab_iterations, options.exact_max_stack) == (1e-2, 5, 512)
+    assert (options.lam, options.ab_iterations, options.fair_steps, options.exact_max_stack) == (1e-2, 5, 20, 512)
     assert (options.sketch_oversample, options.sketch_power_iters, options.seed) == (16, 2, 0)
     problem = make_problem(6, d=5, n=4, r=2, K=3)
     agg = AGGREGATORS.get("lora-fair-ab")
@@ -236,7 +238,8 @@ def test_default_options_are_the_documented_defaults() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"lam": -1e-3}, {"lam": float("nan")}, {"lam": float("inf")}, {"ab_iterations": 0}, {"exact_max_stack": 0},
+    [{"lam": -1e-3}, {"lam": float("nan")}, {"lam": float("inf")}, {"ab_iterations": 0}, {"fair_steps": 0},
+     {"exact_max_stack": 0},
      {"sketch_power_iters": -1}, {"sketch_oversample": -1}],
 )  # fmt: skip
 def test_options_validate(bad: dict) -> None:
@@ -284,21 +287,36 @@ def contract_problem(seed: int) -> Problem:
     return make_problem(seed, d=7, n=6, r=3, K=4)
 
 
-def run_as(name: str, problem: Problem, **options: object) -> tuple[dict[str, np.ndarray], dict]:
-    """``problem.run``, except that for a rule that freezes A the clients' A is the previous A."""
-    if AGGREGATORS.get(name).frozen:
-        problem = Problem([problem.prev_A.copy() for _ in problem.As], problem.Bs, problem.heads, problem.weights,
-                          problem.prev_A, problem.prev_B, problem.prev_head)  # fmt: skip
-    return problem.run(name, **options)
+CASES = [*NAMES, "rolora@2"]  # name@round: a rule that alternates by round, in its other round
 
 
-def dW_as(name: str, problem: Problem) -> np.ndarray:
-    As = [problem.prev_A] * len(problem.As) if AGGREGATORS.get(name).frozen else problem.As
-    return dense_update(As, problem.Bs, problem.p)
+def rule(case: str) -> Aggregator:
+    name, _, server_round = case.partition("@")
+    return AGGREGATORS.get(name).for_round(int(server_round or 1))
+
+
+def as_trained(case: str, problem: Problem) -> Problem:
+    """``problem`` as the clients of ``case`` train it: a factor the rule freezes or holds is the previous one."""
+    fixed = rule(case).fixed
+    As = [problem.prev_A.copy() for _ in problem.As] if "lora_A" in fixed else problem.As
+    Bs = [problem.prev_B.copy() for _ in problem.Bs] if "lora_B" in fixed else problem.Bs
+    return Problem(As, Bs, problem.heads, problem.weights, problem.prev_A, problem.prev_B, problem.prev_head)
+
+
+def run_as(case: str, problem: Problem, **options: object) -> tuple[dict[str, np.ndarray], dict]:
+    agg, problem = rule(case), as_trained(case, problem)
+    return agg(problem.states(agg.fixed), problem.weights, previous=problem.previous(),
+               options=AggregationOptions(**options))  # type: ignore[arg-type]  # fmt: skip
+
+
+def dW_as(case: str, problem: Problem) -> np.ndarray:
+    problem = as_trained(case, problem)
+    return dense_update(problem.As, problem.Bs, problem.p)
 
 
 def test_registry_names() -> None:
-    assert NAMES == ["exact-svd", "fedavg", "fedit", "ffa-lora", "lora-fair", "lora-fair-ab"]
+    assert NAMES == ["exact-svd", "fedavg", "fedit", "ffa-lora", "lora-fair", "lora-fair-ab", "lora-fair-ridge",
+                     "rolora"]  # fmt: skip
     assert AGGREGATORS.names() == sorted([*NAMES, "ssf-avg"])  # SSF's: tests/strategies/test_ssf_avg.py
     for name in NAMES:
         assert AGGREGATORS.get(name).name == ("fedit" if name == "fedavg" else name)
@@ -306,7 +324,7 @@ def test_registry_names() -> None:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CASES)
 def test_contract_keys_shapes_dtypes_and_metrics(name: str, seed: int) -> None:
     problem = contract_problem(seed)
     out, metrics = run_as(name, problem)
@@ -317,15 +335,23 @@ def test_contract_keys_shapes_dtypes_and_metrics(name: str, seed: int) -> None:
         assert value.dtype == previous[key].dtype and value.shape == previous[key].shape, key
         assert np.isfinite(value).all()
     np.testing.assert_allclose(out[HEAD], dense_average(problem.heads, problem.p), rtol=1e-12)
-    assert set(metrics) == {"agg_residual_mean", "agg_residual_max"}
-    assert np.isfinite(metrics["agg_residual_mean"]) and np.isfinite(metrics["agg_residual_max"])
+    assert set(metrics) == METRIC_KEYS
+    assert all(np.isfinite(v) for v in metrics.values())
     assert 0.0 <= metrics["agg_residual_mean"] <= metrics["agg_residual_max"]
-    assert metrics["agg_residual_max"] == pytest.approx(relative_error(dW_as(name, problem), out[A_KEY], out[B_KEY]),
-                                                        abs=1e-7)  # fmt: skip
+    assert -1.0 <= metrics["agg_cosine_min"] <= metrics["agg_cosine_mean"] <= 1.0
+    assert 0.0 <= metrics["agg_correction_mean"] <= metrics["agg_correction_max"]
+    dW = dW_as(name, problem)
+    assert metrics["agg_residual_max"] == pytest.approx(relative_error(dW, out[A_KEY], out[B_KEY]), abs=1e-7)
+    product = out[B_KEY] @ out[A_KEY]  # dense references of the cosine and of the correction of B
+    cosine = np.vdot(dW, product) / (np.linalg.norm(dW) * np.linalg.norm(product))
+    B_bar = dense_average(as_trained(name, problem).Bs, problem.p)
+    assert metrics["agg_cosine_min"] == pytest.approx(cosine, abs=1e-7)
+    assert metrics["agg_correction_max"] == pytest.approx(np.linalg.norm(out[B_KEY] - B_bar) / np.linalg.norm(B_bar),
+                                                          abs=1e-7)  # fmt: skip
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CASES)
 def test_contract_identical_clients_are_reproduced_exactly(name: str, seed: int) -> None:
     problem = contract_problem(seed)
     K = len(problem.As)
@@ -338,7 +364,7 @@ def test_contract_identical_clients_are_reproduced_exactly(name: str, seed: int)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CASES)
 def test_contract_client_order_does_not_matter(name: str, seed: int) -> None:
     problem = contract_problem(seed)
     out, metrics = run_as(name, problem)
@@ -351,7 +377,7 @@ def test_contract_client_order_does_not_matter(name: str, seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CASES)
 def test_contract_weights_are_relative_and_zero_weight_clients_ignored(name: str, seed: int) -> None:
     problem = contract_problem(seed)
     out, _ = run_as(name, problem)
@@ -369,7 +395,7 @@ def test_contract_weights_are_relative_and_zero_weight_clients_ignored(name: str
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CASES)
 def test_contract_float32_in_float32_out(name: str, seed: int) -> None:
     problem = contract_problem(seed)
     out64, _ = run_as(name, problem)
@@ -381,13 +407,11 @@ def test_contract_float32_in_float32_out(name: str, seed: int) -> None:
     assert 0.0 <= metrics["agg_residual_mean"] <= metrics["agg_residual_max"] < 1.5
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CASES)
 def test_contract_inputs_are_not_modified_and_outputs_not_aliased(name: str) -> None:
-    problem = contract_problem(SEEDS[0])
-    if AGGREGATORS.get(name).frozen:
-        problem.As = [problem.prev_A.copy() for _ in problem.As]
-    agg = AGGREGATORS.get(name)
-    states, previous = problem.states(agg.frozen), problem.previous()
+    problem = as_trained(name, contract_problem(SEEDS[0]))
+    agg = rule(name)
+    states, previous = problem.states(agg.fixed), problem.previous()
     copies = [{k: v.copy() for k, v in s.items()} for s in states], {k: v.copy() for k, v in previous.items()}
     out, _ = agg(states, problem.weights, previous=previous)
     for state, copy in zip(states, copies[0], strict=True):

@@ -139,7 +139,8 @@ def test_zero_update_keeps_the_previous_A() -> None:
     out, metrics = problem.run("exact-svd")
     np.testing.assert_array_equal(out[B_KEY], 0.0)
     np.testing.assert_array_equal(out[A_KEY], problem.prev_A)
-    assert metrics == {"agg_residual_mean": 0.0, "agg_residual_max": 0.0}
+    assert metrics == {"agg_residual_mean": 0.0, "agg_residual_max": 0.0, "agg_cosine_mean": 1.0,
+                       "agg_cosine_min": 1.0, "agg_correction_mean": 0.0, "agg_correction_max": 0.0}  # fmt: skip
 
 
 def test_fewer_stacked_components_than_the_rank() -> None:

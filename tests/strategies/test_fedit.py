@@ -223,7 +223,9 @@ def test_one_client_is_exact_and_two_are_biased() -> None:
     states = [{"l.lora_A.weight": one, "l.lora_B.weight": one}, {"l.lora_A.weight": zero, "l.lora_B.weight": zero}]
     out, metrics = FEDIT(states, [2, 2], previous={"l.lora_A.weight": zero, "l.lora_B.weight": zero})
     assert out["l.lora_B.weight"] @ out["l.lora_A.weight"] == pytest.approx(0.25)
-    assert metrics == {"agg_residual_mean": pytest.approx(0.5), "agg_residual_max": pytest.approx(0.5)}
+    assert metrics == {"agg_residual_mean": pytest.approx(0.5), "agg_residual_max": pytest.approx(0.5),
+                       "agg_cosine_mean": 1.0, "agg_cosine_min": 1.0,  # 0.25 points the way ΔW = 0.5 does
+                       "agg_correction_mean": 0.0, "agg_correction_max": 0.0}  # fmt: skip
 
 
 def test_fedavg_alias_runs_the_same_rule() -> None:

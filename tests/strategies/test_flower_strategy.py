@@ -36,11 +36,15 @@ pytestmark = pytest.mark.usefixtures("server_identity")
 class _Recorder:
     name = "recorder"
     frozen: tuple[str, ...] = ()
+    held: tuple[str, ...] = ()
     heterogeneous_ranks = False
     adapter = "lora"
 
     def __init__(self, fn: object) -> None:
         self.fn = fn
+
+    def for_round(self, server_round: int) -> _Recorder:
+        return self
 
     def __call__(self, *args: object, **kwargs: object) -> object:
         return self.fn(*args, **kwargs)

@@ -73,14 +73,14 @@ def test_sweeps_match_a_dense_block_coordinate_descent(problem: Problem, lam: fl
 @given(problems(), LAMS)
 def test_first_B_step_is_lora_fair(problem: Problem, lam: float) -> None:
     ab, _ = problem.run("lora-fair-ab", lam=lam, ab_iterations=1)
-    fair, _ = problem.run("lora-fair", lam=lam)
+    fair, _ = problem.run("lora-fair-ridge", lam=lam)
     np.testing.assert_allclose(ab[B_KEY], fair[B_KEY], rtol=0, atol=1e-10 * np.abs(fair[B_KEY]).max())
 
 
 @settings(max_examples=30, deadline=None)
 @given(problems(), LAMS)
 def test_objective_at_most_lora_fair_and_non_increasing_in_sweeps(problem: Problem, lam: float) -> None:
-    fair, _ = problem.run("lora-fair", lam=lam)
+    fair, _ = problem.run("lora-fair-ridge", lam=lam)
     f_fair = objective(problem, fair, lam)
     outs = [problem.run("lora-fair-ab", lam=lam, ab_iterations=k)[0] for k in (1, 2, 5, 20)]
     values = [objective(problem, out, lam) for out in outs]
@@ -141,7 +141,7 @@ def test_vanishing_lambda_converges_slowly_from_an_unbalanced_first_step() -> No
 @pytest.mark.parametrize("seed", range(6))
 def test_vanishing_lambda_beats_lora_fair_on_a_typical_layer(seed: int) -> None:
     problem = make_problem(seed, d=10, n=9, r=3, K=4)
-    fair = relative_error(problem.dW, *(lambda o: (o[A_KEY], o[B_KEY]))(problem.run("lora-fair", lam=1e-9)[0]))
+    fair = relative_error(problem.dW, *(lambda o: (o[A_KEY], o[B_KEY]))(problem.run("lora-fair-ridge", lam=1e-9)[0]))
     ab = relative_error(problem.dW, *(lambda o: (o[A_KEY], o[B_KEY]))(problem.run("lora-fair-ab", lam=1e-9,
                                                                                     ab_iterations=200)[0]))  # fmt: skip
     _, optimum = best_rank(problem.dW, 3)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lora_cases import Problem, dense_update, make_problem, problems
 
-from strategies.residual import relative_residual, residual_traces, squared_residual, stack
+from strategies.residual import layer_geometry, relative_residual, residual_traces, squared_residual, stack
 
 
 def new_factors(problem: Problem, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -123,3 +123,25 @@ def test_mixed_precision_stacks_in_the_wider_type() -> None:
                      np.array([0.25, 0.75]))  # fmt: skip
     assert A_s.dtype == B_s.dtype == np.float64
     np.testing.assert_array_equal(B_s, np.concatenate([np.full((4, 1), 0.25), np.full((4, 2), 0.75)], axis=1))
+
+
+@settings(max_examples=30, deadline=None)
+@given(problems(heterogeneous=True), st.integers(0, 2**16))
+def test_layer_geometry_matches_dense(problem: Problem, seed: int) -> None:
+    """Residual, cosine and ‖B' − B̄‖/‖B̄‖ (B̄ the zero-padded average when ranks differ) from Gram traces."""
+    new_A, new_B = new_factors(problem, seed)
+    got = layer_geometry(problem.As, problem.Bs, problem.p, new_A, new_B)
+    dW, ours = problem.dW, new_B @ new_A
+    B_bar = sum(pk * np.pad(b, ((0, 0), (0, problem.r - b.shape[1]))) for pk, b in zip(problem.p, problem.Bs,
+                                                                                          strict=True))  # fmt: skip
+    assert got["residual"] == pytest.approx(np.linalg.norm(dW - ours) / np.linalg.norm(dW), abs=1e-7)
+    assert got["cosine"] == pytest.approx(np.vdot(dW, ours) / (np.linalg.norm(dW) * np.linalg.norm(ours)), abs=1e-9)
+    assert got["correction"] == pytest.approx(np.linalg.norm(new_B - B_bar) / np.linalg.norm(B_bar), rel=1e-7)
+
+
+def test_layer_geometry_zero_conventions() -> None:
+    zero_A, zero_B = np.zeros((2, 3)), np.zeros((4, 2))
+    both_zero = layer_geometry([zero_A], [zero_B], np.ones(1), zero_A, zero_B)
+    assert both_zero == {"residual": 0.0, "cosine": 1.0, "correction": 0.0}
+    only_ours = layer_geometry([zero_A], [zero_B], np.ones(1), np.ones((2, 3)), np.ones((4, 2)))
+    assert only_ours == {"residual": 1.0, "cosine": 0.0, "correction": 1.0}
