@@ -101,8 +101,34 @@ def load_data(out: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     return x[: len(train)], train.labels, x[len(train) :], test.labels, train
 
 
-def client_tensors(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray]):
-    """Clients padded to one tensor: features with a constant 1 (bias) ``[N, R, D+1]``, labels, row mask."""
+@dataclass(frozen=True)
+class Clients:
+    """All clients' rows, padded: ``feats [N, R, D+1]``, ``labels [N, R]``, ``mask [N, R]``, and the Gram
+    matrices ``gram [N, R, R]`` when R is small (else ``None``: products go through ``feats``)."""
+
+    feats: object
+    labels: object
+    mask: object
+    gram: object
+
+    def take(self, picked) -> Clients:
+        """The clients at positions ``picked`` (``None``: all of them, without copying)."""
+        if picked is None:
+            return self
+        gram = None if self.gram is None else self.gram[picked]
+        return Clients(self.feats[picked], self.labels[picked], self.mask[picked], gram)
+
+    def times_gram(self, coef):
+        """``G_n A_n = F_n (F_nᵀ A_n)`` for every client, ``[n, R, K]``."""
+        import torch
+
+        if self.gram is not None:
+            return torch.bmm(self.gram, coef)
+        return torch.bmm(self.feats, torch.bmm(coef.transpose(1, 2), self.feats).transpose(1, 2))
+
+
+def client_tensors(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray]) -> Clients:
+    """Clients padded to one tensor: features with a constant 1 (bias) ``[N, R, D+1]``, labels, row mask, Gram."""
     import torch
 
     rows = max(len(p) for p in parts)
@@ -112,58 +138,76 @@ def client_tensors(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray]):
     for k, p in enumerate(parts):
         feats[k, : len(p), :-1], feats[k, : len(p), -1] = x[p], 1.0
         labels[k, : len(p)], mask[k, : len(p)] = y[p], 1.0
-    return torch.from_numpy(feats), torch.from_numpy(labels), torch.from_numpy(mask)
+    feats_t = torch.from_numpy(feats)
+    # Padded rows are zero, so they never contribute. R x R beats 2 x R x D per product only for small R.
+    gram = torch.bmm(feats_t, feats_t.transpose(1, 2)) if rows < feats.shape[2] else None
+    return Clients(feats_t, torch.from_numpy(labels), torch.from_numpy(mask), gram)
 
 
 # ------------------------------------------------------------------------------------------ simulation
 
 
-def local_updates(w, feats, labels, mask, *, steps: int, lr: float):
-    """Each client's update after ``steps`` full-batch gradient steps of cross-entropy from ``w``: ``[n, D+1, K]``."""
+def local_coefficients(base, clients: Clients, *, steps: int, lr: float):
+    """Full-batch gradient descent on each client's cross-entropy, in the span of its own rows.
+
+    A linear head's gradient on client n is ``F_nᵀ (p − y) / r_n``, so after any number of steps the
+    update is ``Δ_n = F_nᵀ A_n`` for an ``[R, K]`` matrix ``A_n``, and the logits are
+    ``F_n w + G_n A_n`` with the Gram matrix ``G_n = F_n F_nᵀ``. Iterating on ``A`` costs R×R instead
+    of R×D per step and gives the same updates. ``base`` is ``F_n w`` ``[n, R, K]``; returns ``A``.
+    """
     import torch
 
-    onehot = torch.nn.functional.one_hot(labels, w.shape[1]).to(feats.dtype) * mask.unsqueeze(-1)
-    count = mask.sum(1).clamp(min=1).view(-1, 1, 1)
-    local = w.expand(feats.shape[0], *w.shape).clone()
+    mask = clients.mask.unsqueeze(-1)
+    onehot = torch.nn.functional.one_hot(clients.labels, base.shape[-1]).to(base.dtype) * mask
+    count = clients.mask.sum(1).clamp(min=1).view(-1, 1, 1)
+    coef = torch.zeros_like(base)
     for _ in range(steps):
-        probs = torch.softmax(torch.bmm(feats, local), dim=-1) * mask.unsqueeze(-1)
-        local -= lr * torch.bmm(feats.transpose(1, 2), probs - onehot) / count
-    return local - w
+        probs = torch.softmax(base + clients.times_gram(coef), dim=-1) * mask
+        coef = coef - lr * (probs - onehot) / count
+    return coef
+
+
+def client_updates(w, clients: Clients, settings: Settings):
+    """``(A, norms)`` of the clients' local updates ``Δ_n = F_nᵀ A_n`` from the global head ``w``."""
+
+    n, rows, dim = clients.feats.shape
+    base = (clients.feats.reshape(n * rows, dim) @ w).view(n, rows, -1)
+    coef = local_coefficients(base, clients, steps=settings.local_steps, lr=settings.local_lr)
+    norms = (coef * clients.times_gram(coef)).sum((1, 2)).clamp(min=0).sqrt()  # ‖F_nᵀA_n‖_F² = tr(AᵀGA)
+    return coef, norms
 
 
 def federate(
-    data, test, *, settings: Settings, cohort: float, sigma: float | None, seed: int, trace: bool = False
+    clients: Clients, test, *, settings: Settings, cohort: float, sigma: float | None, seed: int, trace: bool = False
 ) -> dict:
     """One run. ``sigma=None``: non-private FedAvg (no clipping, mean over repliers); else DP-FedAvg with
     clipping to C and N(0, σ²C²) on the sum, divided by the expected cohort ``cohort``."""
     import torch
 
-    feats, labels, mask = data
     test_x, test_y = test
-    n_clients, dim, classes = feats.shape[0], feats.shape[2], int(labels.max()) + 1
+    n_clients, dim, classes = clients.feats.shape[0], clients.feats.shape[2], int(clients.labels.max()) + 1
     gen = torch.Generator().manual_seed(seed)
     q = min(1.0, cohort / n_clients)
     w = torch.zeros(dim, classes)
     velocity = torch.zeros_like(w)
     answered, clipped, curve = [], [], []
     for t in range(settings.rounds):
-        picked = torch.nonzero(torch.rand(n_clients, generator=gen) < q).flatten() if q < 1 else torch.arange(n_clients)
-        answered.append(len(picked))
-        if len(picked):
-            delta = local_updates(w, feats[picked], labels[picked], mask[picked], steps=settings.local_steps,
-                                  lr=settings.local_lr)
-        else:
-            delta = torch.zeros(0, dim, classes)
+        picked = None if q >= 1 else torch.nonzero(torch.rand(n_clients, generator=gen) < q).flatten()
+        cohort_now = clients.take(picked)
+        replied = cohort_now.feats.shape[0]
+        answered.append(replied)
+        coef, norms = client_updates(w, cohort_now, settings)
         if sigma is None:
-            if not len(picked):
+            if not replied:
                 continue
-            step = delta.mean(0)
+            scale = torch.full_like(norms, 1.0 / replied)
         else:
-            norms = delta.flatten(1).norm(dim=1)
-            clipped.append(float((norms > settings.clip).float().mean()) if len(picked) else 0.0)
-            scale = (settings.clip / norms.clamp(min=1e-12)).clamp(max=1.0)
-            total = (delta * scale.view(-1, 1, 1)).sum(0)
-            step = (total + sigma * settings.clip * torch.randn(total.shape, generator=gen)) / cohort
+            clipped.append(float((norms > settings.clip).float().mean()) if replied else 0.0)
+            scale = (settings.clip / norms.clamp(min=1e-12)).clamp(max=1.0) / cohort
+        flat = (coef * scale.view(-1, 1, 1)).reshape(-1, classes)
+        step = (flat.T @ cohort_now.feats.reshape(-1, dim)).T  # Σ_n scale_n F_nᵀ A_n
+        if sigma is not None:
+            step = step + (sigma * settings.clip / cohort) * torch.randn(step.shape, generator=gen)
         velocity = settings.server_momentum * velocity + step
         w = w + velocity
         if trace and (t + 1) % 10 == 0:
@@ -180,25 +224,31 @@ def accuracy(w, test_x, test_y) -> float:
     return float(((test_x @ w[:-1] + w[-1]).argmax(1) == test_y).float().mean())
 
 
-def calibrate(*, epsilon: float, delta: float, q: float, rounds: int) -> float:
-    """σ whose T Poisson rounds at rate q spend at most ε at δ (RDP, the project's accountant)."""
+def calibrate(*, epsilon: float, delta: float, q: float, rounds: int, cache: dict[str, float]) -> float:
+    """σ whose T Poisson rounds at rate q spend at most ε at δ (RDP, the project's accountant).
+
+    ``cache`` (kept in ``--out/sigmas.json``) saves the search on a rerun: at small q it takes seconds.
+    """
     from privacy.accounting import noise_for_budget
 
-    return noise_for_budget(epsilon_budget=epsilon, delta=delta, sample_rate=q, steps=rounds, accountant="rdp")
+    key = f"eps={epsilon:g} delta={delta:g} q={q:.6g} T={rounds} rdp"
+    if key not in cache:
+        cache[key] = noise_for_budget(
+            epsilon_budget=epsilon, delta=delta, sample_rate=q, steps=rounds, accountant="rdp"
+        )
+    return cache[key]
 
 
 # ----------------------------------------------------------------------------------------------- main
 
 
-def median_update_norm(data, test, settings: Settings, cohort: float, seed: int) -> float:
+def median_update_norm(clients: Clients, settings: Settings, cohort: float, seed: int) -> float:
     """Median L2 norm of the clients' first-round updates (from the zero head): what C is set against."""
     import torch
 
-    feats, labels, mask = data
-    w = torch.zeros(feats.shape[2], int(labels.max()) + 1)
-    rows = torch.randperm(feats.shape[0], generator=torch.Generator().manual_seed(seed))[: int(cohort)]
-    delta = local_updates(w, feats[rows], labels[rows], mask[rows], steps=settings.local_steps, lr=settings.local_lr)
-    return float(delta.flatten(1).norm(dim=1).median())
+    w = torch.zeros(clients.feats.shape[2], int(clients.labels.max()) + 1)
+    picked = torch.randperm(clients.feats.shape[0], generator=torch.Generator().manual_seed(seed))[: int(cohort)]
+    return float(client_updates(w, clients.take(picked), settings)[1].median())
 
 
 def tune(data, test, *, cohort: float) -> None:
@@ -208,31 +258,103 @@ def tune(data, test, *, cohort: float) -> None:
             for rounds in (30, 100, 300):
                 s = replace(SETTINGS, local_steps=steps, local_lr=lr, rounds=rounds)
                 acc = federate(data, test, settings=s, cohort=cohort, sigma=None, seed=0)["accuracy"]
-                med = median_update_norm(data, test, s, cohort, 0)
-                print(f"steps {steps:>2}  lr {lr:>4}  rounds {rounds:>3}: non-DP {acc:.4f}  median |Δ| {med:.3f}",
-                      flush=True)
+                med = median_update_norm(data, s, cohort, 0)
+                print(
+                    f"steps {steps:>2}  lr {lr:>4}  rounds {rounds:>3}: non-DP {acc:.4f}  median |Δ| {med:.3f}",
+                    flush=True,
+                )
 
 
 def spread(values: list[float]) -> dict:
-    return {"mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values)),
-            "runs": [round(v, 4) for v in values]}
+    return {
+        "mean": float(np.mean(values)),
+        "min": float(np.min(values)),
+        "max": float(np.max(values)),
+        "runs": [round(v, 4) for v in values],
+    }
+
+
+def split_clients(table, spec: str, *, clients: int, seed: int) -> list[np.ndarray]:
+    """Row positions of each client: ``iid`` (the project's partitioner) or ``shards`` (label skew: rows
+    sorted by label and cut into equal contiguous shards, McMahan et al. 2017's pathological non-IID
+    split; almost every client holds one class). The project's ``dirichlet:<alpha>`` cannot give 1000
+    clients of ~11 rows each."""
+    from fedpeft.data import partition_indices
+
+    if spec != "shards":
+        return partition_indices(table, spec, num_clients=clients, seed=seed)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(table.labels))
+    order = order[np.argsort(table.labels[order], kind="stable")]
+    shards = np.array_split(order, clients)
+    return [np.sort(shards[i]) for i in rng.permutation(clients)]
+
+
+def group(users: list[np.ndarray], sites: int, *, seed: int) -> list[np.ndarray]:
+    """The users' rows merged into ``sites`` sites of (almost) equal numbers of users, at random."""
+    order = np.random.default_rng(seed + 1).permutation(len(users))
+    return [np.sort(np.concatenate([users[u] for u in chunk])) for chunk in np.array_split(order, sites)]
+
+
+def sweep(
+    federations: dict[float, tuple[dict[int, Clients], float]],
+    test,
+    *,
+    settings: Settings,
+    epsilons: list[float],
+    delta: float,
+    seeds: list[int],
+    sigmas: dict[str, float],
+) -> list[dict]:
+    """One row per cohort m: non-DP, clipping alone, and DP at each ε (mean and range over the seeds)."""
+    rows = []
+    header = f"{'m':>6} {'N':>6} {'q':>6} {'non-DP':>13} {'clip only':>13}"
+    for eps in epsilons:
+        header += f" {'ε ' + f'{eps:g}':>13} {'σ':>6} {'÷non-DP':>7}"
+    print(header, flush=True)
+    for m, (data, q) in federations.items():
+        n_clients = data[seeds[0]].feats.shape[0]
+        row = {"cohort": m, "clients": n_clients, "q": q}
+        for name, sigma in (("non_dp", None), ("clip_only", 0.0)):
+            row[name] = spread(
+                [federate(data[s], test, settings=settings, cohort=m, sigma=sigma, seed=s)["accuracy"] for s in seeds]
+            )
+        line = f"{m:>6g} {n_clients:>6} {q:>6.3f} {_fmt(row['non_dp']):>13} {_fmt(row['clip_only']):>13}"
+        for eps in epsilons:
+            sigma = calibrate(epsilon=eps, delta=delta, q=q, rounds=settings.rounds, cache=sigmas)
+            runs = [federate(data[s], test, settings=settings, cohort=m, sigma=sigma, seed=1000 + s) for s in seeds]
+            entry = spread([r["accuracy"] for r in runs])
+            entry.update(
+                sigma=sigma,
+                noise_std_on_average=sigma * settings.clip / m,
+                ratio_to_non_dp=entry["mean"] / row["non_dp"]["mean"],
+                clipped_share=float(np.mean([r["clipped_share"] for r in runs])),
+            )
+            row[f"eps_{eps:g}"] = entry
+            line += f" {_fmt(entry):>13} {sigma:>6.2f} {entry['ratio_to_non_dp']:>7.3f}"
+        print(line, flush=True)
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=1000, help="N, the number of clients (users)")
-    parser.add_argument("--cohorts", default="10,30,100,300,1000", help="expected clients per round m (q = m/N)")
+    parser.add_argument("--clients", type=int, default=1000, help="N of the sampled federation (users)")
+    parser.add_argument("--cohorts", default="1,3,10,30,100,300,1000", help="expected clients per round m")
+    parser.add_argument(
+        "--full-cohorts",
+        default="10,30,100,300",
+        help="the second table: federations of exactly m clients, all of them every round (q = 1); '' skips it",
+    )
     parser.add_argument("--epsilons", default="8,3")
     parser.add_argument("--delta", type=float, default=1e-5, help="must be below 1/N")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--partition", default="iid", help="iid | dirichlet:<alpha> (label skew)")
+    parser.add_argument("--partition", default="iid", help="iid | shards (label skew)")
     for field, value in asdict(SETTINGS).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--tune", action="store_true", help="print the non-DP grid at m = 100 and stop")
     parser.add_argument("--out", default="runs/bench-central-cohort")
     args = parser.parse_args()
-
-    from fedpeft.data import partition_indices
 
     started = time.perf_counter()
     out = Path(args.out)
@@ -244,59 +366,69 @@ def main() -> None:
     torch.set_num_threads(1)
     test = (torch.from_numpy(test_x), torch.from_numpy(test_y))
     settings = Settings(**{f: getattr(args, f) for f in asdict(SETTINGS)})
-    cohorts = [float(m) for m in args.cohorts.split(",")]
     epsilons = [float(e) for e in args.epsilons.split(",")]
     majority = float(np.bincount(test_y).max() / len(test_y))
     seeds = list(range(args.seeds))
-    parts = {s: partition_indices(train_table, args.partition, num_clients=args.clients, seed=s) for s in seeds}
-    data = {s: client_tensors(train_x, train_y, parts[s]) for s in seeds}
-    sizes = [len(p) for p in parts[0]]
-    print(f"{args.clients} clients ({args.partition}), {min(sizes)}-{max(sizes)} rows each (median "
-          f"{int(np.median(sizes))}); test {len(test_y)} rows, majority class {majority:.4f}; {settings}", flush=True)
+
+    users = {s: split_clients(train_table, args.partition, clients=args.clients, seed=s) for s in seeds}
+    data = {s: client_tensors(train_x, train_y, users[s]) for s in seeds}
+    sizes = [int(c) for c in data[0].mask.sum(1)]
+    print(
+        f"{args.clients} clients ({args.partition}), {min(sizes)}-{max(sizes)} rows each; test {len(test_y)} rows, "
+        f"majority class {majority:.4f}; {settings}",
+        flush=True,
+    )
     if args.tune:
         tune(data[0], test, cohort=100.0)
         return
-    median_norm = median_update_norm(data[0], test, settings, 100.0, 0)
+    median_norm = median_update_norm(data[0], settings, 100.0, 0)
     print(f"median first-round update norm {median_norm:.3f} (C = {settings.clip})", flush=True)
+    sigma_file = out / "sigmas.json"
+    sigmas = json.loads(sigma_file.read_text()) if sigma_file.is_file() else {}
+    common = {"settings": settings, "epsilons": epsilons, "delta": args.delta, "seeds": seeds, "sigmas": sigmas}
 
-    rows = []
-    header = f"{'m':>6} {'q':>6} {'non-DP':>15} {'clip only':>15}"
-    for eps in epsilons:
-        header += f" {'ε ' + f'{eps:g}':>15} {'σ':>6} {'÷ non-DP':>8}"
-    print(header)
-    for m in cohorts:
-        q = min(1.0, m / args.clients)
-        row = {"cohort": m, "q": q}
-        row["non_dp"] = spread([federate(data[s], test, settings=settings, cohort=m, sigma=None, seed=s)["accuracy"]
-                                for s in seeds])
-        row["clip_only"] = spread([federate(data[s], test, settings=settings, cohort=m, sigma=0.0, seed=s)["accuracy"]
-                                   for s in seeds])
-        line = f"{m:>6g} {q:>6.3f} {_fmt(row['non_dp']):>15} {_fmt(row['clip_only']):>15}"
-        for eps in epsilons:
-            sigma = calibrate(epsilon=eps, delta=args.delta, q=q, rounds=settings.rounds)
-            runs = [federate(data[s], test, settings=settings, cohort=m, sigma=sigma, seed=1000 + s) for s in seeds]
-            entry = spread([r["accuracy"] for r in runs])
-            entry.update(sigma=sigma, noise_std_on_average=sigma * settings.clip / m,
-                         ratio_to_non_dp=entry["mean"] / row["non_dp"]["mean"],
-                         clipped_share=float(np.mean([r["clipped_share"] for r in runs])))
-            row[f"eps_{eps:g}"] = entry
-            line += f" {_fmt(entry):>15} {sigma:>6.2f} {entry['ratio_to_non_dp']:>8.3f}"
-        print(line, flush=True)
-        rows.append(row)
+    print(f"\nSampled: N = {args.clients} clients, each in a round with probability q = m/N (Poisson)")
+    cohorts = [float(m) for m in args.cohorts.split(",")]
+    sampled = sweep({m: (data, min(1.0, m / args.clients)) for m in cohorts}, test, **common)
+    full = []
+    if args.full_cohorts:
+        print(
+            f"\nFull participation: the {args.clients} users grouped into N = m sites, all of them every round (q = 1)"
+        )
+        full_cohorts = [float(m) for m in args.full_cohorts.split(",")]
+        sites = {
+            m: ({s: client_tensors(train_x, train_y, group(users[s], int(m), seed=s)) for s in seeds}, 1.0)
+            for m in full_cohorts
+        }
+        full = sweep(sites, test, **common)
     seconds = time.perf_counter() - started
-    print(f"majority class {majority:.4f}; δ {args.delta:g}; RDP accountant; {len(seeds)} seeds (mean [min, max]); "
-          f"{seconds:.0f} s")
-    result = {"clients": args.clients, "partition": args.partition, "delta": args.delta, "accountant": "rdp",
-              "settings": asdict(settings), "median_first_update_norm": median_norm, "majority_class": majority,
-              "test_rows": int(len(test_y)), "client_rows": {"min": min(sizes), "max": max(sizes)},
-              "seeds": len(seeds), "rows": rows, "seconds": round(seconds, 1)}
+    print(
+        f"\nmajority class {majority:.4f}; δ {args.delta:g}; RDP accountant; {len(seeds)} seeds, "
+        f"mean ± half the range; {seconds:.0f} s"
+    )
+    result = {
+        "clients": args.clients,
+        "partition": args.partition,
+        "delta": args.delta,
+        "accountant": "rdp",
+        "settings": asdict(settings),
+        "median_first_update_norm": median_norm,
+        "majority_class": majority,
+        "test_rows": int(len(test_y)),
+        "client_rows": {"min": min(sizes), "max": max(sizes)},
+        "seeds": len(seeds),
+        "sampled": sampled,
+        "full_participation": full,
+        "seconds": round(seconds, 1),
+    }
     out.mkdir(parents=True, exist_ok=True)
+    sigma_file.write_text(json.dumps(sigmas, indent=2))
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print(f"-> {out / 'results.json'}")
 
 
 def _fmt(entry: dict) -> str:
-    return f"{entry['mean']:.3f} ±{(entry['max'] - entry['min']) / 2:.3f}"
+    return f"{entry['mean']:.3f}±{(entry['max'] - entry['min']) / 2:.3f}"
 
 
 if __name__ == "__main__":
