@@ -185,9 +185,7 @@ def client_updates(w, clients: Clients, settings: Settings):
     return coef, norms
 
 
-def federate(
-    clients: Clients, test, *, settings: Settings, cohort: float, sigma: float | None, seed: int, trace: bool = False
-) -> dict:
+def federate(clients: Clients, test, *, settings: Settings, cohort: float, sigma: float | None, seed: int) -> dict:
     """One run. ``sigma=None``: non-private FedAvg (no clipping, mean over repliers); else DP-FedAvg with
     clipping to C and N(0, σ²C²) on the sum, divided by the expected cohort ``cohort``."""
     import torch
@@ -198,8 +196,8 @@ def federate(
     q = min(1.0, cohort / n_clients)
     w = torch.zeros(dim, classes)
     velocity = torch.zeros_like(w)
-    answered, clipped, curve = [], [], []
-    for t in range(settings.rounds):
+    answered, clipped = [], []
+    for _ in range(settings.rounds):
         picked = None if q >= 1 else torch.nonzero(torch.rand(n_clients, generator=gen) < q).flatten()
         cohort_now = clients.take(picked)
         replied = cohort_now.feats.shape[0]
@@ -218,13 +216,9 @@ def federate(
             step = step + (sigma * settings.clip / cohort) * torch.randn(step.shape, generator=gen)
         velocity = settings.server_momentum * velocity + step
         w = w + velocity
-        if trace and (t + 1) % 10 == 0:
-            curve.append(round(accuracy(w, test_x, test_y), 4))
     result = {"accuracy": accuracy(w, test_x, test_y), "mean_cohort": float(np.mean(answered))}
     if clipped:
         result["clipped_share"] = float(np.mean(clipped))
-    if trace:
-        result["curve_every_10"] = curve
     return result
 
 
@@ -274,12 +268,8 @@ def tune(data, test, *, cohort: float) -> None:
 
 
 def spread(values: list[float]) -> dict:
-    return {
-        "mean": float(np.mean(values)),
-        "min": float(np.min(values)),
-        "max": float(np.max(values)),
-        "runs": [round(v, 4) for v in values],
-    }
+    stats = {"mean": np.mean(values), "min": np.min(values), "max": np.max(values)}
+    return {**{k: float(v) for k, v in stats.items()}, "runs": [round(v, 4) for v in values]}
 
 
 def split_clients(table, spec: str, *, clients: int, seed: int) -> list[np.ndarray]:
