@@ -59,3 +59,41 @@ def test_mean_pooling_reads_only_real_tokens_and_normalises(tiny_st_model_dir: P
     torch.testing.assert_close(pooled[0], want / want.norm())  # the mean over the unpadded tokens, unit length
     torch.testing.assert_close(alone[0], pooled[0], atol=1e-5, rtol=1e-5)  # padding changes nothing
     torch.testing.assert_close(logits, model.classifier(pooled))
+
+
+def test_per_sample_gradients_of_a_mean_pooling_lora_model_match_brute_force(tiny_st_model_dir: Path) -> None:
+    """What DP-SGD clips: Opacus's per-example gradients (hooks) of the adapter and the mean-pooling head,
+    in one padded batch, equal each example's own gradient computed alone (no padding)."""
+    from opacus import GradSampleModule
+
+    from fedpeft import site
+    from fedpeft.config import FedPeftConfig
+
+    cfg = FedPeftConfig(model=str(tiny_st_model_dir), lora_r=2, lora_alpha=4)
+    model = site.peft_model(cfg, num_labels=2)
+    with torch.no_grad():  # B = 0 would give A no gradient at all
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    model.train()
+    for module in model.modules():  # deterministic: no dropout
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    tokenizer = site.tokenizer(cfg)
+    texts, labels = ["short", "a much longer review of the film", "fine acting"], torch.tensor([0, 1, 1])
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    want = []
+    for text, label in zip(texts, labels, strict=True):
+        model.zero_grad()
+        logits = model(**tokenizer([text], return_tensors="pt")).logits
+        torch.nn.functional.cross_entropy(logits, label.view(1)).backward()
+        want.append([p.grad.detach().clone() for _, p in trainable])
+    model.zero_grad()
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    logits = wrapped(**batch).logits
+    torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
+    for j, (name, p) in enumerate(trainable):
+        for i in range(len(texts)):
+            torch.testing.assert_close(p.grad_sample[i], want[i][j], atol=1e-5, rtol=1e-4, msg=name)
+    wrapped._close()
