@@ -263,9 +263,12 @@ def describe_dp(cfg: FedPeftConfig) -> str:
     budget = f"epsilon {cfg.dp_epsilon:g}" if cfg.dp_epsilon > 0 else "no epsilon budget"
     sigma = f"sigma {cfg.dp_noise_multiplier:g}" if cfg.dp_noise_multiplier > 0 else "sigma calibrated to the budget"
     if cfg.dp == "local":
+        probe = "" if not cfg.probe_rounds else (
+            ", every round a linear probe of the head" if cfg.probe_rounds == cfg.rounds
+            else f", the first {cfg.probe_rounds} round(s) a linear probe of the head")
         return (
             f"local DP-SGD at every site: {budget} at delta {cfg.dp_delta:g} per site, clip {cfg.dp_max_grad_norm:g} "
-            f"per example, {sigma}, {cfg.dp_clipping} clipping, {cfg.dp_accountant} accounting"
+            f"per example, {sigma}, {cfg.dp_clipping} clipping, {cfg.dp_accountant} accounting{probe}"
         )
     return (
         f"central DP: {budget} at delta {cfg.dp_delta:g} per client (user level), clip {cfg.dp_max_grad_norm:g} "

@@ -75,6 +75,7 @@ def test_local_dp_run_ledgers_every_client_round_and_audits_clean(
     # int8 rounds every update (the tiny r=1 adapter is smaller than the signed entry beside it)
     assert all(0 < r["codec_error"] < 0.05 and r["failures"] == 0 for r in records(out)[1:])
     assert "local DP-SGD at every site: epsilon 4 at delta 1e-05" in proc.stdout
+    assert "the first 1 round(s) a linear probe of the head" in proc.stdout
     rs = records(out)
     assert [r["clients"] for r in rs[1:]] == [3, 3] and all(r["refused"] == 0 for r in rs[1:])
     assert 0 < rs[1]["epsilon_max"] < rs[2]["epsilon_max"] <= 4.0
