@@ -67,6 +67,7 @@ class RoundTraffic:
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)  # site → reason
     refused: dict[str, str] = field(default_factory=dict)  # site → why it did not train (its privacy budget)
+    unreachable: dict[str, str] = field(default_factory=dict)  # site → what the SuperLink said in its place
 
     def per_site(self) -> list[dict[str, Any]]:
         """One record per site this round touched: bytes each way, compression, what became of it."""
@@ -81,7 +82,7 @@ class RoundTraffic:
             elif site in self.failures:
                 status, reason = ("rejected" if site in self.received else "failed"), self.failures[site]
             else:
-                status, reason = "no reply", ""
+                status, reason = "no reply", self.unreachable.get(site, "")
             rows.append({
                 "site": site,
                 "status": status,
@@ -220,6 +221,7 @@ class FedPeftStrategy(Strategy):
         self.traffic: dict[int, RoundTraffic] = {}
         self.previous: dict[str, Any] = {}
         self._node_of = {site: node for node, site in self.sites.items()}
+        self._sent: list[Message] = []  # this round's instructions: the grid gives each its message id
 
     def summary(self) -> None:
         logger.info(
@@ -273,7 +275,22 @@ class FedPeftStrategy(Strategy):
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=self._node_of[site],
                                     ttl=self.message_ttl))
         logger.info("round %d: sampled %d of %d sites", server_round, len(chosen), len(self.sites))
+        self._sent = messages
         return messages
+
+    def _site_of(self, msg: Message) -> tuple[str, bool]:
+        """The site a reply stands for, and whether the SuperLink wrote it in that site's place.
+
+        The SuperLink answers for a node that went silent (its heartbeat lapsed, the instruction expired) with
+        an error whose source is the SuperLink itself; the instruction it replies to names the site."""
+        src = msg.metadata.src_node_id
+        if src in self.sites:
+            return self.sites[src], False
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent if m.metadata.message_id}
+        node = sent.get(msg.metadata.reply_to_message_id)
+        if node is not None and msg.has_error():
+            return self.sites[node], True
+        return f"node-{src}", False
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -283,7 +300,11 @@ class FedPeftStrategy(Strategy):
         held = rule.held
         candidates: list[tuple[str, dict[str, Any], float, float, int]] = []  # site, state|update, weight, norm, raw
         for msg in replies:
-            site = self.sites.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
+            site, unreachable = self._site_of(msg)
+            if unreachable:  # not an answer from the site: it stays "no reply", with the SuperLink's reason
+                traffic.unreachable[site] = msg.error.reason
+                logger.warning("round %d: %s did not reply: %s", server_round, site, msg.error.reason)
+                continue
             if msg.has_error():
                 traffic.failures[site] = msg.error.reason
                 logger.warning("round %d: %s failed: %s", server_round, site, msg.error.reason)

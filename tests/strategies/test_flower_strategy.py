@@ -309,6 +309,24 @@ def test_unknown_source_node_named_by_id() -> None:
     assert strategy.traffic[1].failures == {"node-424242": "who am I"}
 
 
+def test_a_superlink_error_for_a_silent_node_names_its_site_as_no_reply() -> None:
+    """The SuperLink answers for a node whose heartbeat lapsed with an error from node 1 (itself) that replies to
+    the instruction: the round names the sampled site as silent, not a stranger "node-1" as failed."""
+    strategy = _strategy(fraction=1.0)
+    messages = _configure(strategy)
+    for m in messages:  # what the grid's push does
+        m.metadata.__dict__["_message_id"] = m.object_id
+    silent = messages[2]
+    from_link = Message(Error(code=3, reason="Node unavailable"), reply_to=silent)
+    from_link.metadata.__dict__["_src_node_id"] = 1
+    _, metrics = strategy.aggregate_train(1, [from_link, *(_reply(m) for m in messages if m is not silent)])
+    rows = {row["site"]: row for row in strategy.traffic[1].per_site()}
+    assert set(rows) == set(NODES.values())
+    assert rows[NODES[silent.metadata.dst_node_id]]["status"] == "no reply"
+    assert rows[NODES[silent.metadata.dst_node_id]]["reason"] == "Node unavailable"
+    assert metrics["clients"] == len(messages) - 1
+
+
 def test_rounds_keep_separate_traffic() -> None:
     strategy = _strategy(fraction=0.3)
     first = _configure(strategy, server_round=1)
