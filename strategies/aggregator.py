@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedpeft.adapters.state import adapter_kind, key_matches
-from strategies.residual import layer_geometry
+from strategies.residual import LayerGrams, layer_geometry
 from strategies.robust import combiner
 
 A_SUFFIX = ".lora_A.weight"
@@ -87,7 +87,10 @@ class AggregationOptions:
 
 
 class PairRule(Protocol):
-    """New global ``(A', B')`` of one LoRA layer from the clients' factors."""
+    """New global ``(A', B')`` of one LoRA layer from the clients' factors.
+
+    ``grams`` holds the layer's stacked factors and ‖ΔW‖², shared with the round's metrics; a rule that
+    needs them reads them there (a linear rule needs none), and forms its own when called without."""
 
     def __call__(
         self,
@@ -98,6 +101,7 @@ class PairRule(Protocol):
         prev_A: np.ndarray,
         prev_B: np.ndarray,
         options: AggregationOptions,
+        grams: LayerGrams | None = None,
     ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
@@ -274,13 +278,14 @@ def aggregate(
         _check_ranks(agg, a_key, As, Bs, prev_A, prev_B)
         if agg.pair is None:
             raise ValueError(f"strategy {agg.name!r} has no rule for LoRA layers")
+        grams = LayerGrams(As, Bs, p)  # formed once, read by the rule and by the metrics
         if combine is not None:  # a linear rule averages each factor (or keeps a fixed one): robustly here
             new_A = prev_A if key_matches(a_key, agg.fixed) else combine(As)
             new_B = prev_B if key_matches(b_key, agg.fixed) else combine(Bs)
         else:
-            new_A, new_B = agg.pair(As, Bs, p, prev_A=prev_A, prev_B=prev_B, options=options)
+            new_A, new_B = agg.pair(As, Bs, p, prev_A=prev_A, prev_B=prev_B, options=options, grams=grams)
         out[a_key], out[b_key] = new_A.astype(prev_A.dtype), new_B.astype(prev_B.dtype)
-        geometry.append(layer_geometry(As, Bs, p, out[a_key], out[b_key]))
+        geometry.append(layer_geometry(As, Bs, p, out[a_key], out[b_key], grams))
     out = {key: out[key] for key in previous}  # the broadcast's key order
     metrics: dict[str, Any] = {}
     if geometry:

@@ -30,7 +30,7 @@ import numpy as np
 
 from strategies import AGGREGATORS
 from strategies.aggregator import AggregationOptions, Aggregator
-from strategies.residual import stack
+from strategies.residual import LayerGrams
 
 ZERO_TOL = 1e-6  # a singular value below ZERO_TOL · s_max counts as zero
 
@@ -65,10 +65,11 @@ def exact_svd_pair(
     prev_A: np.ndarray,
     prev_B: np.ndarray,
     options: AggregationOptions,
+    grams: LayerGrams | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(A', B')``: the top-r singular triplets of ΔW, split evenly between the factors."""
     r = prev_A.shape[0]
-    A_s, B_s = stack(As, Bs, p)
+    A_s, B_s = (grams or LayerGrams(As, Bs, p)).stacked
     U, S, Vt = svd_of_product(B_s, A_s, r, options)
     k = min(r, len(S))
     S, U, Vt = S[:k], U[:, :k], Vt[:k]

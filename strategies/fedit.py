@@ -14,6 +14,7 @@ import numpy as np
 
 from strategies import AGGREGATORS
 from strategies.aggregator import AggregationOptions, Aggregator, weighted_sum
+from strategies.residual import LayerGrams
 
 
 def fedit_pair(
@@ -24,6 +25,7 @@ def fedit_pair(
     prev_A: np.ndarray,
     prev_B: np.ndarray,
     options: AggregationOptions,
+    grams: LayerGrams | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(Ā, B̄)``: the weighted averages of the factors."""
     return weighted_sum(As, p), weighted_sum(Bs, p)

@@ -18,6 +18,7 @@ import numpy as np
 
 from strategies import AGGREGATORS
 from strategies.aggregator import AggregationOptions, Aggregator, weighted_sum
+from strategies.residual import LayerGrams
 
 
 def ffa_lora_pair(
@@ -28,6 +29,7 @@ def ffa_lora_pair(
     prev_A: np.ndarray,
     prev_B: np.ndarray,
     options: AggregationOptions,
+    grams: LayerGrams | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(A, Σ_k p_k B_k)`` with A the frozen shared factor."""
     return prev_A, weighted_sum(Bs, p)

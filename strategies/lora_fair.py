@@ -10,7 +10,7 @@ average ΔW = Σ_k p_k B_k A_k:
 3. Broadcast (Ā, B̄ + ΔB): the aggregate and every client's starting point next round.
 
 Only r × r Gram quantities and d × r matrices are formed, never the dense d × n ΔW. With B = B̄ + ΔB,
-G = ĀĀᵀ and M = ΔW Āᵀ = B_s (A_s Āᵀ) (stacked factors, :func:`strategies.residual.stack`):
+G = ĀĀᵀ and M = ΔW Āᵀ = B_s (A_s Āᵀ) (stacked factors, :class:`strategies.residual.LayerGrams`):
 
     ⟨ΔW, BĀ⟩ = ⟨M, B⟩ =: c,    ‖BĀ‖²_F = ⟨BᵀB, G⟩ =: q,    ‖ΔW‖²_F = ⟨B_sᵀB_s, A_sA_sᵀ⟩ =: w².
 
@@ -43,7 +43,7 @@ import numpy as np
 
 from strategies import AGGREGATORS
 from strategies.aggregator import AggregationOptions, Aggregator, weighted_sum
-from strategies.residual import stack
+from strategies.residual import LayerGrams
 
 HALVINGS = 30
 TOLERANCE = 1e-12
@@ -78,17 +78,16 @@ class CosineObjective:
         return (2.0 * self.lam * self.B_bar + s * self.M) @ np.linalg.pinv(system, hermitian=True)
 
 
-def cosine_objective(
-    A_s: np.ndarray, B_s: np.ndarray, A_bar: np.ndarray, B_bar: np.ndarray, lam: float
-) -> CosineObjective:
-    """The objective of one layer from its stacked factors and averages.
+def cosine_objective(grams: LayerGrams, A_bar: np.ndarray, B_bar: np.ndarray, lam: float) -> CosineObjective:
+    """The objective of one layer from its stacked factors (``grams``) and averages.
 
-    The R × R Grams behind ‖ΔW‖² (R = Σ r_k, the costly part: O((d + n) R²)) are formed in the
+    ‖ΔW‖² (R × R Grams, R = Σ r_k, the costly part: O((d + n) R²)) comes from ``grams``, formed in the
     factors' own precision — an inner product of two PSD matrices, so float32 loses nothing that
-    matters — and everything of size d × r or r × r is kept in float64.
+    matters — and shared with the round's metrics; everything of size d × r or r × r is kept in float64.
     """
+    A_s, B_s = grams.stacked
     A_bar, B_bar = np.asarray(A_bar, dtype=np.float64), np.asarray(B_bar, dtype=np.float64)
-    w2 = float(np.vdot(B_s.T @ B_s, A_s @ A_s.T))
+    w2 = grams.dw_sq
     M = np.asarray(B_s @ (A_s @ A_bar.T.astype(A_s.dtype)), dtype=np.float64)
     return CosineObjective(M, A_bar @ A_bar.T, B_bar, float(np.sqrt(max(w2, 0.0))), lam)
 
@@ -159,11 +158,12 @@ def lora_fair_pair(
     prev_A: np.ndarray,
     prev_B: np.ndarray,
     options: AggregationOptions,
+    grams: LayerGrams | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(Ā, B̄ + ΔB)`` with ΔB the cosine-similarity correction of the paper."""
     A_bar, B_bar = weighted_sum(As, p), weighted_sum(Bs, p)
-    A_s, B_s = stack(As, Bs, p)
-    delta = cosine_correction(cosine_objective(A_s, B_s, A_bar, B_bar, options.lam), steps=options.fair_steps)
+    objective = cosine_objective(grams or LayerGrams(As, Bs, p), A_bar, B_bar, options.lam)
+    delta = cosine_correction(objective, steps=options.fair_steps)
     return A_bar, (B_bar + delta).astype(B_bar.dtype)
 
 

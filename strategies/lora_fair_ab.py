@@ -26,7 +26,7 @@ import numpy as np
 from strategies import AGGREGATORS
 from strategies.aggregator import AggregationOptions, Aggregator, weighted_sum
 from strategies.lora_fair_ridge import relative_lambda, ridge_right
-from strategies.residual import squared_residual, stack
+from strategies.residual import LayerGrams, squared_residual
 
 
 def lora_fair_ab_pair(
@@ -37,10 +37,11 @@ def lora_fair_ab_pair(
     prev_A: np.ndarray,
     prev_B: np.ndarray,
     options: AggregationOptions,
+    grams: LayerGrams | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(Ā + ΔA, B̄ + ΔB)`` after ``options.ab_iterations`` alternating ridge sweeps."""
     A_bar, B_bar = weighted_sum(As, p), weighted_sum(Bs, p)
-    A_s, B_s = stack(As, Bs, p)
+    A_s, B_s = (grams or LayerGrams(As, Bs, p)).stacked
     lam = relative_lambda(options.lam, A_bar)
     A, B = A_bar, B_bar
     for _ in range(options.ab_iterations):

@@ -32,7 +32,7 @@ import numpy as np
 
 from strategies import AGGREGATORS
 from strategies.aggregator import AggregationOptions, Aggregator, weighted_sum
-from strategies.residual import stack
+from strategies.residual import LayerGrams
 
 
 def ridge_right(Y: np.ndarray, G: np.ndarray, lam: float) -> np.ndarray:
@@ -54,10 +54,11 @@ def lora_fair_ridge_pair(
     prev_A: np.ndarray,
     prev_B: np.ndarray,
     options: AggregationOptions,
+    grams: LayerGrams | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(Ā, B̄ + ΔB)`` with the closed-form ridge correction ΔB."""
     A_bar, B_bar = weighted_sum(As, p), weighted_sum(Bs, p)
-    A_s, B_s = stack(As, Bs, p)
+    A_s, B_s = (grams or LayerGrams(As, Bs, p)).stacked
     G = A_bar @ A_bar.T
     M = B_s @ (A_s @ A_bar.T)
     delta_B = ridge_right(M - B_bar @ G, G, relative_lambda(options.lam, A_bar))

@@ -13,13 +13,16 @@ global factors (B', A'):
 correction of B relative to FedIT's B̄ = Σ_k p_k B_k = B_s E (E stacks each client's r_k × r identity
 block) comes from the same products: ‖B' − B̄‖² = ‖B'‖² − 2⟨B_sᵀB', E⟩ + ⟨B_sᵀB_s, EEᵀ⟩.
 
-The cost is O((d + n) R²); memory O(R²). Computed in the inputs' precision, so with float32 factors
-the relative residual has a floor of about 1e-3 (cancellation in the difference of squares).
+The cost is O((d + n) R²); memory O(R²). :class:`LayerGrams` forms the stacks and ‖ΔW‖² once per layer:
+the aggregation driver hands the same instance to the rule and to :func:`layer_geometry`, so a rule that
+needs ‖ΔW‖ (``lora-fair``) does not pay for the products twice. Computed in the inputs' precision, so with
+float32 factors the relative residual has a floor of about 1e-3 (cancellation in the difference of squares).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 
 import numpy as np
 
@@ -30,6 +33,33 @@ def stack(As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], p: np.ndarray) -> 
     A_s = np.concatenate([np.asarray(a, dtype=dtype) for a in As], axis=0)
     B_s = np.concatenate([np.asarray(b, dtype=dtype) * dtype.type(w) for b, w in zip(Bs, p, strict=True)], axis=1)
     return A_s, B_s
+
+
+class LayerGrams:
+    """One layer's stacked factors and the R × R products behind ‖ΔW‖², each formed on first use.
+
+    The driver makes one per layer and passes it to the rule (``grams=``) and to :func:`layer_geometry`,
+    so the O((d + n) R²) products are paid at most once per layer, whoever reads them first."""
+
+    def __init__(self, As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], p: np.ndarray) -> None:
+        self.As, self.Bs, self.p = list(As), list(Bs), p
+
+    @cached_property
+    def stacked(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(A_s, B_s)`` of :func:`stack`."""
+        return stack(self.As, self.Bs, self.p)
+
+    @cached_property
+    def B_gram(self) -> np.ndarray:
+        """B_sᵀB_s (R × R)."""
+        B_s = self.stacked[1]
+        return B_s.T @ B_s
+
+    @cached_property
+    def dw_sq(self) -> float:
+        """‖ΔW‖²_F = ⟨B_sᵀB_s, A_sA_sᵀ⟩."""
+        A_s = self.stacked[0]
+        return float(np.vdot(self.B_gram, A_s @ A_s.T))
 
 
 def residual_traces(
@@ -45,14 +75,21 @@ def residual_traces(
 
 
 def layer_geometry(
-    As: Sequence[np.ndarray], Bs: Sequence[np.ndarray], p: np.ndarray, new_A: np.ndarray, new_B: np.ndarray
+    As: Sequence[np.ndarray],
+    Bs: Sequence[np.ndarray],
+    p: np.ndarray,
+    new_A: np.ndarray,
+    new_B: np.ndarray,
+    grams: LayerGrams | None = None,
 ) -> dict[str, float]:
     """``residual`` (relative, as :func:`relative_residual`), ``cosine`` (cos(ΔW, B'A'); 1 when both are
-    zero, 0 when only one is) and ``correction`` (‖B' − B̄‖_F / ‖B̄‖_F; 0 when both are zero) of one layer."""
-    A_s, B_s = stack(As, Bs, p)
+    zero, 0 when only one is) and ``correction`` (‖B' − B̄‖_F / ‖B̄‖_F; 0 when both are zero) of one layer.
+    ``grams``: the layer's :class:`LayerGrams` when the rule already formed them (of the same As, Bs, p)."""
+    grams = LayerGrams(As, Bs, p) if grams is None else grams
+    A_s, B_s = grams.stacked
     new_A, new_B = new_A.astype(A_s.dtype, copy=False), new_B.astype(B_s.dtype, copy=False)
-    BsBs, BsB = B_s.T @ B_s, B_s.T @ new_B
-    ideal = float(np.vdot(BsBs, A_s @ A_s.T))
+    BsBs, BsB = grams.B_gram, B_s.T @ new_B
+    ideal = grams.dw_sq
     cross = float(np.vdot(BsB, A_s @ new_A.T))
     ours = float(np.vdot(new_B.T @ new_B, new_A @ new_A.T))
     E = np.concatenate([np.eye(np.shape(b)[1], new_B.shape[1], dtype=B_s.dtype) for b in Bs], axis=0)  # R × r

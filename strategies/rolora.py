@@ -23,6 +23,7 @@ import numpy as np
 from strategies import AGGREGATORS
 from strategies.aggregator import AggregationOptions, Aggregator, weighted_sum
 from strategies.ffa_lora import ffa_lora_pair
+from strategies.residual import LayerGrams
 
 SUMMARY = "odd rounds train and send only B, even rounds only A (the other held); exact average (RoLoRA)"
 
@@ -35,6 +36,7 @@ def rolora_a_pair(
     prev_A: np.ndarray,
     prev_B: np.ndarray,
     options: AggregationOptions,
+    grams: LayerGrams | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(Σ_k p_k A_k, B)`` with B the held broadcast factor (an even round)."""
     return weighted_sum(As, p), prev_B

@@ -3,6 +3,8 @@ checked against a brute-force dense evaluation of the same objective (the d × n
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -11,7 +13,7 @@ from lora_cases import A_KEY, B_KEY, Problem, dense_average, make_problem, probl
 
 from strategies import AGGREGATORS
 from strategies.lora_fair import cosine_objective
-from strategies.residual import stack
+from strategies.residual import LayerGrams
 
 LAMS = st.sampled_from([1e-3, 1e-2, 0.1, 1.0])
 
@@ -32,7 +34,7 @@ def fit(problem: Problem, name: str = "lora-fair", **options: object) -> np.ndar
 @given(problems(), LAMS, st.integers(0, 2**32 - 1))
 def test_gram_objective_is_the_dense_objective(problem: Problem, lam: float, seed: int) -> None:
     A_bar, B_bar = dense_average(problem.As, problem.p), dense_average(problem.Bs, problem.p)
-    objective = cosine_objective(*stack(problem.As, problem.Bs, problem.p), A_bar, B_bar, lam)
+    objective = cosine_objective(LayerGrams(problem.As, problem.Bs, problem.p), A_bar, B_bar, lam)
     B = B_bar + np.random.default_rng(seed).normal(size=B_bar.shape) * np.abs(B_bar).mean()
     assert objective.value(B)[0] == pytest.approx(dense_objective(problem, B, lam), rel=1e-9, abs=1e-12)
 
@@ -115,3 +117,30 @@ def test_registration() -> None:
     agg = AGGREGATORS.get("lora-fair")
     assert agg.name == "lora-fair" and agg.frozen == () and agg.held == () and not agg.linear
     assert not agg.heterogeneous_ranks and "LoRA-FAIR" in agg.summary
+
+
+@pytest.mark.parametrize("name", ["lora-fair", "lora-fair-ridge", "exact-svd", "fedit"])
+def test_each_layer_stacks_and_forms_its_grams_once(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """The rule and the round's metrics share one ‖ΔW‖² per layer: the O((d + n) R²) products are the cost of
+    aggregating a 7B-shaped adapter, so paying them twice doubles it (bench/aggregation.py)."""
+    import strategies.residual as residual
+
+    calls = {"stack": 0, "gram": 0}
+    stack, gram = residual.stack, residual.LayerGrams.dw_sq.func
+
+    def counted_stack(*args: object) -> tuple[np.ndarray, np.ndarray]:
+        calls["stack"] += 1
+        return stack(*args)
+
+    def counted_gram(self: LayerGrams) -> float:
+        calls["gram"] += 1
+        return gram(self)
+
+    counted = functools.cached_property(counted_gram)
+    counted.__set_name__(residual.LayerGrams, "dw_sq")
+    monkeypatch.setattr(residual, "stack", counted_stack)
+    monkeypatch.setattr(residual.LayerGrams, "dw_sq", counted)
+    problem = make_problem(0, d=6, n=5, r=2, K=4)
+    out, metrics = problem.run(name)
+    assert calls == {"stack": 1, "gram": 1}, calls
+    assert 0.0 <= metrics["agg_residual_mean"] <= 1.0 and out[B_KEY].shape == (6, 2)
