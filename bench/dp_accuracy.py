@@ -3,10 +3,13 @@ over several seeds.
 
     python bench/dp_accuracy.py                              # the README's table: ε 8, 3, 1 and no DP, seeds 0-2
     python bench/dp_accuracy.py --epsilons 8 --seeds 0 --no-baseline --extra "--probe-rounds 5"
+    python bench/dp_accuracy.py --epsilons 8 --out-root runs/bench-dp-airline \
+        --common "--data bench/data/airline_tweets.jsonl --partition natural:airline"   # the second dataset
 
 Every run is a real ``fedpeft simulate`` on the default data and model, in its own process, one after
 the other (two at once would fight over the cores). The DP runs are ``--dp --dp-epsilon E --seed S``
 (δ 1e-5, the preset's) plus ``--extra``; the baseline is the main job, ``fedpeft simulate --seed S``.
+``--common`` goes to every run, the baseline included (another data set and its partition).
 The seed changes the split, the partition and the initial head; DP runs also draw fresh noise. Prints
 one row per run and a summary (mean ± half-range over seeds, ratio to the baseline's mean) and writes
 the rows to ``--out-root/results.jsonl``.
@@ -56,15 +59,16 @@ def main() -> None:
     parser.add_argument("--epsilons", default="8,3,1")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--extra", default="", help="more flags for every DP run, e.g. '--probe-rounds 5'")
+    parser.add_argument("--common", default="", help="flags for every run, the baseline included, e.g. '--data F'")
     parser.add_argument("--out-root", default="runs/bench-dp-accuracy")
     parser.add_argument("--no-baseline", action="store_true", help="skip the runs without DP")
     args = parser.parse_args()
     root = Path(args.out_root)
     root.mkdir(parents=True, exist_ok=True)
-    extra = shlex.split(args.extra)
+    extra, common = shlex.split(args.extra), shlex.split(args.common)
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    settings = [] if args.no_baseline else [("no DP (main job)", None, [])]
-    settings += [(f"--dp, epsilon {e}", float(e), ["--dp", "--dp-epsilon", e, *extra])
+    settings = [] if args.no_baseline else [("no DP (main job)", None, [*common])]
+    settings += [(f"--dp, epsilon {e}", float(e), [*common, "--dp", "--dp-epsilon", e, *extra])
                  for e in args.epsilons.split(",") if e]
     rows = []
     for name, eps, flags in settings:
