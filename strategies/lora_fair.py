@@ -21,7 +21,9 @@ halving it until it does (up to 30 times); if it cannot, a normalised gradient s
 way. Each step ends with an exact step along B's own direction: the cosine does not see a positive
 scale, so f along t·B is minimised at t = ⟨B, B̄⟩/‖B‖² (taken when it lowers f; this flat direction
 is the one the other steps cross slowly). The loop ends when nothing lowers f, when f changes by less
-than 1e-12, or after ``fair_steps`` steps. f therefore never rises above its value at ΔB = 0 (FedIT).
+than 1e-12, or after ``fair_steps`` steps. f is not convex, so the descent runs from two starts, ΔB = 0
+and the ridge fit at the same λ (``lora-fair-ridge``'s closed form, d × r work), and keeps the lower f:
+it therefore never ends above FedIT's value (ΔB = 0) nor above the ridge fit's.
 
 Being scale-blind, the cosine leaves the size of B' to the penalty: when B̄Ā points far from ΔW, the
 minimiser can be much shorter than B̄. That is the paper's objective as stated; the logged correction
@@ -43,6 +45,7 @@ import numpy as np
 
 from strategies import AGGREGATORS
 from strategies.aggregator import AggregationOptions, Aggregator, weighted_sum
+from strategies.lora_fair_ridge import relative_lambda, ridge_right
 from strategies.residual import LayerGrams
 
 HALVINGS = 30
@@ -92,12 +95,26 @@ def cosine_objective(grams: LayerGrams, A_bar: np.ndarray, B_bar: np.ndarray, la
     return CosineObjective(M, A_bar @ A_bar.T, B_bar, float(np.sqrt(max(w2, 0.0))), lam)
 
 
-def cosine_correction(objective: CosineObjective, *, steps: int) -> np.ndarray:
-    """ΔB (float64) after at most ``steps`` descent steps on ``objective`` from ΔB = 0."""
-    B = objective.B_bar.copy()
+def cosine_correction(objective: CosineObjective, *, steps: int, starts: Sequence[np.ndarray] = ()) -> np.ndarray:
+    """ΔB (float64): the lowest f reached by at most ``steps`` descent steps from ΔB = 0 and from each of
+    ``starts`` (more ΔB to start from; f is not convex, and one start can stop in a shallower basin)."""
+    if objective.w <= 0 or not np.isfinite(objective.value(objective.B_bar)[0]):
+        return np.zeros_like(objective.B_bar)
+    best, best_f = np.zeros_like(objective.B_bar), objective.value(objective.B_bar)[0]
+    for start in (np.zeros_like(objective.B_bar), *starts):
+        delta = _descend(objective, objective.B_bar + start, steps=steps)
+        f = objective.value(objective.B_bar + delta)[0]
+        if f < best_f:
+            best, best_f = delta, f
+    return best
+
+
+def _descend(objective: CosineObjective, B: np.ndarray, *, steps: int) -> np.ndarray:
+    """ΔB after at most ``steps`` descent steps from B (never above f(B); B itself if f(B) is undefined)."""
+    B = np.array(B, dtype=np.float64)
     f, c, q = objective.value(B)
-    if objective.w <= 0 or not np.isfinite(f):
-        return np.zeros_like(B)
+    if not np.isfinite(f):
+        return B - objective.B_bar
     for _ in range(steps):
         moved = _backtrack(objective, B, objective.fixed_point(c, q) - B, f)
         if moved is None:
@@ -163,7 +180,10 @@ def lora_fair_pair(
     """``(Ā, B̄ + ΔB)`` with ΔB the cosine-similarity correction of the paper."""
     A_bar, B_bar = weighted_sum(As, p), weighted_sum(Bs, p)
     objective = cosine_objective(grams or LayerGrams(As, Bs, p), A_bar, B_bar, options.lam)
-    delta = cosine_correction(objective, steps=options.fair_steps)
+    # a second start: the ridge fit at the same λ (lora-fair-ridge), so the result is never worse than it
+    G = objective.G
+    ridge = ridge_right(objective.M - objective.B_bar @ G, G, relative_lambda(options.lam, A_bar))
+    delta = cosine_correction(objective, steps=options.fair_steps, starts=[ridge])
     return A_bar, (B_bar + delta).astype(B_bar.dtype)
 
 
