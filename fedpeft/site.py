@@ -10,7 +10,6 @@ keyed by every setting that changes what they hold.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
@@ -24,21 +23,12 @@ from fedpeft.config import FedPeftConfig, parse_ranks
 from fedpeft.data import DEFAULT_DATA, LabelledTable, partition_indices, split_test
 from fedpeft.errors import FedPeftError
 from fedpeft.runtime import Runtime, resolve_runtime
+from fedpeft.state_dir import STATE_DIR_ENV, state_dir  # noqa: F401 — re-exported: callers read site.state_dir
 from fedpeft.tasks import TASKS
 from fedpeft.training import Encoded, encode, train_local
 
-STATE_DIR_ENV = "FEDPEFT_STATE_DIR"
 DATA_PATH = "data-path"  # node config: this site's own data file (a deployed site); else a partition
 SITE_NAME = "site"  # node config: this site's name (default: the data file's stem)
-
-
-def state_dir(node_config: Mapping[str, Any] | None = None) -> Path:
-    """Where this process keeps state that must outlive it (privacy accounts, ledger keys).
-
-    A node's ``state-dir`` node config, else ``$FEDPEFT_STATE_DIR``, else ``~/.fedpeft/state``.
-    """
-    configured = (node_config or {}).get("state-dir") or os.environ.get(STATE_DIR_ENV)
-    return Path(str(configured)).expanduser() if configured else Path.home() / ".fedpeft" / "state"
 
 
 def node_identity(node_config: Mapping[str, Any], fallback_partitions: int) -> tuple[int, int, str]:

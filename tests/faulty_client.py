@@ -14,7 +14,7 @@ import time
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client.app import clipping_mod, codec_mod, identify, train
+from client.local import clipping_mod, codec_mod, identify, train
 
 app = ClientApp()
 

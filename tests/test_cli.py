@@ -194,10 +194,17 @@ def test_deployment_commands_print_what_they_would_run(capsys: pytest.CaptureFix
     link = capsys.readouterr().out
     assert link.startswith("flower-superlink ") and "--enable-supernode-auth" in link
     assert not (tmp_path / "s").exists()  # --print starts nothing and creates nothing
-    assert main(["node", "--link", "127.0.0.1:9092", "--ca", str(tmp_path / "c" / "ca.crt"), "--key",
-                 str(tmp_path / "c" / "nodes" / "site-a.key"), "--data", str(small_data), "--print"]) == 0
-    node = capsys.readouterr().out
-    assert node.startswith("flower-supernode ") and f'data-path="{small_data}"' in node
+    args = ["node", "--link", "127.0.0.1:9092", "--ca", str(tmp_path / "c" / "ca.crt"), "--key",
+            str(tmp_path / "c" / "nodes" / "site-a.key"), "--data", str(small_data),
+            "--state-dir", str(tmp_path / "st")]
+    assert main([*args, "--print"]) == 0
+    worker, node = capsys.readouterr().out.splitlines()  # the site worker first, then the SuperNode relaying to it
+    assert worker.endswith(f"-m client.worker --state-dir {tmp_path / 'st'}")
+    assert node.startswith("flower-supernode ") and f'data-path="{small_data}"' in node and "worker=1" in node
+    assert f'state-dir="{tmp_path / "st"}"' in node  # the relay finds the worker's socket there
+    assert main([*args, "--no-worker", "--print"]) == 0
+    (node,) = capsys.readouterr().out.splitlines()
+    assert node.startswith("flower-supernode ") and "worker" not in node
 
 
 @pytest.mark.parametrize(("args", "expected"), [

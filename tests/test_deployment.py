@@ -164,7 +164,8 @@ def online_nodes(fed: Federation) -> list[dict]:
 def fleet_connections(fed: Federation, pid: int) -> list:
     import psutil
 
-    return [c for c in psutil.Process(pid).net_connections(kind="tcp")
+    node = psutil.Process(pid)  # `fedpeft node`: its SuperNode child holds the connection
+    return [c for p in (node, *node.children(recursive=True)) for c in p.net_connections(kind="tcp")
             if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port == fed.fleet]
 
 
@@ -201,6 +202,9 @@ def test_two_sites_complete_a_two_round_run_over_grpc_with_tls_and_auth(federati
     assert audit.returncode == 0, audit.stdout[-2000:] + audit.stderr[-2000:]
     for site, pid in fed.node_pids.items():
         assert fleet_connections(fed, pid), f"{site} lost its Fleet connection"
+        log = fed.log(site)  # one site worker held the model for the whole run: started once, trained each round
+        assert log.count("site worker started") == 1, log[-3000:]
+        assert "train round 1:" in log and "train round 2:" in log, log[-3000:]
 
 
 def metrics(out: Path) -> list[dict]:

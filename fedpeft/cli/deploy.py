@@ -63,7 +63,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                       "node on a host)")
     node.add_argument("--max-retries", type=int, default=None, help="give up after this many connection attempts")
     node.add_argument("--max-wait", type=float, default=None, metavar="SECONDS", help="give up after this long")
-    node.add_argument("--print", action="store_true", help="print the flower-supernode command instead of running it")
+    node.add_argument("--no-worker", action="store_true", help="no site worker: Flower's per-message process loads "
+                      "the model and data for every message (the default keeps them in one long-lived worker)")
+    node.add_argument("--print", action="store_true", help="print the commands instead of running them")
 
     conn = sub.add_parser(
         "connection",
@@ -118,7 +120,7 @@ def run_node(args: argparse.Namespace) -> int:
     cmd = supernode_command(
         link=args.link, ca=args.ca, key=args.key, data=args.data, site=args.name, state_dir=args.state_dir,
         dp_epsilon=args.dp_epsilon, codec=args.codec, port=args.port, max_retries=args.max_retries,
-        max_wait=args.max_wait,
+        max_wait=args.max_wait, worker=not args.no_worker,
     )
     if args.codec:
         from fedpeft.codecs import CodecError, parse_codec
@@ -127,7 +129,32 @@ def run_node(args: argparse.Namespace) -> int:
             parse_codec(args.codec)
         except CodecError as err:
             raise FedPeftError(f"--codec: {err}") from None
-    return _exec(cmd, dry_run=args.print)
+    if args.no_worker:
+        return _exec(cmd, dry_run=args.print)
+    from fedpeft.deploy.commands import printable
+    from fedpeft.deploy.supervise import supervise, worker_command
+
+    state = Path(node_config_value(cmd, "state-dir"))
+    print(printable(worker_command(state)), flush=True)
+    print(printable(cmd), flush=True)
+    if args.print:
+        return 0
+    if shutil.which(cmd[0]) is None:
+        raise FedPeftError(f"{cmd[0]} not found on PATH; install flwr[simulation]>=1.39,<1.40")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    return supervise(cmd, state)
+
+
+def node_config_value(cmd: list[str], key: str) -> str:
+    """A string value of the ``--node-config`` in a flower-supernode command."""
+    import shlex
+
+    for part in shlex.split(cmd[cmd.index("--node-config") + 1]):
+        name, _, value = part.partition("=")
+        if name == key:
+            return value.strip('"')
+    raise KeyError(key)
 
 
 def run_connection(args: argparse.Namespace) -> int:

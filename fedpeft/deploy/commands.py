@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.errors import FedPeftError
+from fedpeft.state_dir import state_dir as default_state_dir
 
 
 def split_address(address: str, *, what: str) -> tuple[str, int]:
@@ -87,8 +88,12 @@ def supernode_command(
     port: int = 9094,
     max_retries: int | None = None,
     max_wait: float | None = None,
+    worker: bool = False,
 ) -> list[str]:
     """``flower-supernode`` for one site: its data file, name, budget and state travel as node config.
+
+    ``worker``: a site worker serves this node (node config ``worker = 1``); the state directory is then
+    always given, so the relay and the worker agree on the socket.
 
     ``port`` is the node's local API (give nodes on one host distinct ports); ``max_retries`` /
     ``max_wait`` bound how long a refused node keeps trying (Flower retries forever by default).
@@ -98,6 +103,9 @@ def supernode_command(
     config: dict[str, Any] = {"data-path": str(data_file), "site": site or data_file.stem}
     if state_dir is not None:
         config["state-dir"] = str(Path(state_dir).expanduser().resolve())
+    if worker:
+        config["state-dir"] = str(Path(state_dir or default_state_dir()).expanduser().resolve())
+        config["worker"] = 1
     if dp_epsilon is not None:
         if not dp_epsilon > 0:
             raise FedPeftError(f"--dp-epsilon must be > 0, got {dp_epsilon}")

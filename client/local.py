@@ -1,0 +1,116 @@
+"""The site's handlers: receive the global adapter, train it on this site's data, reply with the adapter.
+
+This is the ClientApp that trains. It runs in-process (simulation, or a deployed site without a worker:
+:mod:`client.app` calls it) or inside the long-lived site worker (:mod:`client.worker`), which keeps
+everything cached here warm between rounds.
+
+Steps (see the round diagram in the README): the base model is loaded once per process and frozen;
+the adapter is set from the broadcast (tensors the strategy freezes, named in the config's ``frozen``,
+are not broadcast and come from the seeded initial adapter); local training runs on this site's
+data; the reply carries only the trained, non-frozen adapter tensors (the adapter state dict) and
+metrics with ``num-examples``. A simulated node trains its partition of the run's data; a deployed
+site (node config ``data-path``, optionally ``site``) trains on its own file, never on a partition.
+A client may train a lower LoRA rank than the global adapter (node config ``lora-r``, or
+``client-ranks``); the server then sends it the truncated factors.
+Adapters travel encoded (:mod:`client.transport`): the broadcast is decoded before the handler runs,
+and the reply carries the update encoded with the site's codec (node config ``codec``, else the
+run's) and error feedback.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.transport import codec_mod, frozen_components, site_config, site_identity
+from fedpeft import site
+from fedpeft.adapters import adapter_state, load_adapter_state
+from fedpeft.wire import (
+    ARRAYS,
+    CANARIES,
+    CONFIG,
+    LEDGER_SEQ,
+    METRICS,
+    NUM_EXAMPLES,
+    PRIVACY,
+    REFUSED,
+    TRAINED,
+    config_from_record,
+    from_array_record,
+    privacy_record,
+    to_array_record,
+)
+from privacy.central import clipping_mod
+from privacy.local import configured_private_round
+
+app = ClientApp()
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Tell the server which site this node is and how much data it holds.
+
+    Also loads the model and tokenizes this site's data, so that the first round does not wait for it.
+    """
+    config = msg.content[CONFIG]
+    cfg = config_from_record(config)
+    pid, num, key = site_identity(context, cfg.clients)
+    label_names = list(config["label-names"])
+    local = site_config(cfg, context, pid)
+    site.peft_model(local, num_labels=len(label_names))
+    n = len(site.node_data(cfg, context.node_config, label_names=label_names))
+    metrics = MetricRecord({"partition-id": pid, "num-partitions": num, NUM_EXAMPLES: n})
+    if local.peft == "lora":
+        metrics["lora-r"] = local.lora_r
+    return Message(RecordDict({METRICS: metrics, CONFIG: ConfigRecord({"site": key})}), reply_to=msg)
+
+
+# codec_mod outermost: it encodes what the clipping mod (central DP, only when asked) has clipped
+@app.train(mods=[codec_mod, clipping_mod])
+def train(msg: Message, context: Context) -> Message:
+    """One client-round of local training on the broadcast adapter (with DP-SGD under local DP)."""
+    config = msg.content[CONFIG]
+    cfg = config_from_record(config)
+    server_round = int(config["server-round"])
+    label_names: list[Any] = list(config["label-names"])
+    frozen = frozen_components(config)
+    pid, num, key = site_identity(context, cfg.clients)
+    torch.set_num_threads(cfg.client_cpus)
+
+    local = site_config(cfg, context, pid)
+    model = site.peft_model(local, num_labels=len(label_names))
+    broadcast = from_array_record(msg.content[ARRAYS])
+    load_adapter_state(model, {**site.initial_adapter(local, num_labels=len(label_names)), **broadcast})
+    data = site.node_data(cfg, context.node_config, label_names=label_names)
+    if CANARIES in config:  # an empirical privacy audit: the canaries the coordinator drew for this site
+        data = site.with_extra_examples(cfg, data, json.loads(str(config[CANARIES])), label_names=label_names)
+    content = RecordDict()
+    if cfg.dp == "local":
+        with site.frozen_parameters(model, frozen):
+            seq = config.get(LEDGER_SEQ)
+            report = configured_private_round(local, model, data, node_config=context.node_config, site=key,
+                                              server_round=server_round, ledger_seq=None if seq is None else int(seq))
+        status = TRAINED if report.trained else REFUSED
+        content[PRIVACY] = privacy_record(
+            status=status, entry=report.entry, signature=report.signature, public_key=report.public_key,
+            reason=report.reason, backlog=report.backlog,
+        )
+        result = report.metrics
+    else:
+        result = site.train_client_round(local, model, data, server_round=server_round, partition_id=pid, frozen=frozen)
+    trained = cfg.dp != "local" or report.trained
+    metrics = {
+        NUM_EXAMPLES: len(data) if trained else 0,
+        "steps": result.get("steps", 0),
+        **{k: v for k, v in result.items() if k.startswith("dp-")},
+    }
+    if cfg.dp == "off":  # a loss on private data, and the examples seen, are not covered by any epsilon
+        metrics |= {"train-loss": result["train_loss"], "examples-seen": result["examples_seen"]}
+    state = adapter_state(model)  # sent back: the broadcast's tensors (never the frozen ones), in its order
+    content[ARRAYS] = to_array_record({k: state[k] for k in broadcast} if trained else {})
+    content[METRICS] = MetricRecord(metrics)
+    return Message(content, reply_to=msg)
