@@ -236,6 +236,7 @@ class SiteWorker:
             _send_json(conn, {"ok": False, "reason": refusal})
             return
         msg, context = message_from_proto(msg_proto), context_from_proto(ctx_proto)
+        logger.info("site worker: %s received", _head(msg))
         started = time.monotonic()
         try:
             reply = self.handler(msg, context)
@@ -260,11 +261,16 @@ class SiteWorker:
         return None
 
 
-def _summary(msg: Message, reply: Message, seconds: float) -> str:
-    """One log line per message: round, steps, examples, seconds (or the failure)."""
+def _head(msg: Message) -> str:
+    """``train round 3``: the message's type and round."""
     kind = msg.metadata.message_type
     config = msg.content.config_records.get("config", {}) if msg.has_content() else {}
-    head = f"{kind} round {config['server-round']}" if "server-round" in config else kind
+    return f"{kind} round {config['server-round']}" if "server-round" in config else kind
+
+
+def _summary(msg: Message, reply: Message, seconds: float) -> str:
+    """One log line per message: round, steps, examples, seconds (or the failure)."""
+    head = _head(msg)
     if reply.has_error():
         return f"{head} failed after {seconds:.2f} s: {reply.error.reason}"
     metrics = reply.content.metric_records.get("metrics", {})

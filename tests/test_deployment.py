@@ -269,6 +269,46 @@ def test_a_frozen_site_and_a_stopped_run_resumed_by_run_config(federation: Feder
     assert audit.returncode == 0, audit.stdout[-2000:] + audit.stderr[-2000:]
 
 
+def test_a_worker_killed_mid_round_fails_that_round_and_the_next_trains(federation: Federation) -> None:
+    """kill -9 hospital-a's site worker while it trains round 2: the round records the site as failed with the
+    relay's reason, `fedpeft node` starts a new worker, round 3 trains, no privacy spend is lost or doubled."""
+    fed = federation
+    wait_for(lambda: len(online_nodes(fed)) == 2, 120, "both SuperNodes online")
+    out = fed.root / "killed"
+    seen = len(fed.log("hospital-a"))  # the site's log so far (earlier tests ran on this node)
+    proc = submit(fed, f'rounds=3 fraction=1.0 model="{fed.model}" data="{fed.root / "eval.jsonl"}" '
+                       f'test-fraction=0.5 local-epochs=3 max-local-steps=0 batch-size=8 client-cpus=1 out="{out}" '
+                       'round-timeout=300.0 dp="local" dp-epsilon=20.0 dp-delta=1e-5')
+    try:
+        wait_for(lambda: "train round 2 received" in fed.log("hospital-a")[seen:], 400, "round 2 at hospital-a")
+        pid = int(re.findall(r"site worker started \(pid (\d+)\)", fed.log("hospital-a"))[-1])
+        os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    log = fed.log("hospital-a")[seen:]
+    assert "train round 2:" not in log, log[-3000:]  # killed before it answered
+    assert log.count("site worker started") == 1 and "train round 3:" in log, log[-3000:]  # the restart trained
+    records = metrics(out)
+    assert [r["round"] for r in records] == [0, 1, 2, 3], (fed.root / "submit.log").read_text()[-3000:]
+    assert [r["clients"] for r in records[1:]] == [2, 1, 2]
+    traffic = {(t["round"], t["site"]): t for t in
+               (json.loads(x) for x in (out / "traffic.jsonl").read_text().splitlines())}
+    assert traffic[(2, "hospital-a")]["status"] == "failed"
+    assert "site worker" in traffic[(2, "hospital-a")]["reason"], traffic[(2, "hospital-a")]
+    assert traffic[(3, "hospital-a")]["status"] == "accepted"
+    run_id = json.loads((out / "config.json").read_text())["run_id"]
+    entries = [json.loads(x)["entry"] for x in (out / "privacy_ledger.jsonl").read_text().splitlines()]
+    for site in SITES:  # every entry the site signed reached the coordinator's ledger, in order, once
+        (account,) = (fed.root / "state").glob(f"{site}/**/privacy-{run_id}.json")
+        signed = json.loads(account.read_text())["entries"]
+        assert [e["site_seq"] for e in entries if e["site"] == site] == list(range(1, signed + 1))
+    audit = subprocess.run([sys.executable, "-m", "fedpeft.cli.main", "audit", str(out)], capture_output=True,
+                           text=True, timeout=300, env=fed.env)
+    assert audit.returncode == 0, audit.stdout[-2000:] + audit.stderr[-2000:]
+
+
 def test_an_unregistered_key_is_refused(federation: Federation) -> None:
     fed = federation
     line = fed.node_line("intruder", free_port())  # a key made by `fedpeft certs`, never registered
