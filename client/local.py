@@ -20,6 +20,7 @@ run's) and error feedback.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import torch
@@ -38,6 +39,8 @@ from fedpeft.wire import (
     NUM_EXAMPLES,
     PRIVACY,
     REFUSED,
+    SECONDS_LOAD,
+    SECONDS_TRAIN,
     TRAINED,
     config_from_record,
     from_array_record,
@@ -81,6 +84,7 @@ def train(msg: Message, context: Context) -> Message:
     pid, num, key = site_identity(context, cfg.clients)
     torch.set_num_threads(cfg.client_cpus)
 
+    started = time.monotonic()
     local = site_config(cfg, context, pid)
     model = site.peft_model(local, num_labels=len(label_names))
     broadcast = from_array_record(msg.content[ARRAYS])
@@ -88,6 +92,7 @@ def train(msg: Message, context: Context) -> Message:
     data = site.node_data(cfg, context.node_config, label_names=label_names)
     if CANARIES in config:  # an empirical privacy audit: the canaries the coordinator drew for this site
         data = site.with_extra_examples(cfg, data, json.loads(str(config[CANARIES])), label_names=label_names)
+    loaded = time.monotonic()
     content = RecordDict()
     if cfg.dp == "local":
         with site.frozen_parameters(model, frozen):
@@ -106,6 +111,8 @@ def train(msg: Message, context: Context) -> Message:
     metrics = {
         NUM_EXAMPLES: len(data) if trained else 0,
         "steps": result.get("steps", 0),
+        SECONDS_LOAD: loaded - started,  # the model, the broadcast and the data: ~0 once a process is warm
+        SECONDS_TRAIN: time.monotonic() - loaded,
         **{k: v for k, v in result.items() if k.startswith("dp-")},
     }
     if cfg.dp == "off":  # a loss on private data, and the examples seen, are not covered by any epsilon

@@ -43,6 +43,7 @@ from flwr.proto.message_pb2 import Message as ProtoMessage
 from fedpeft import __version__
 from fedpeft.state_dir import state_dir
 from fedpeft.state_dir import worker_socket_path as socket_path
+from fedpeft.wire import METRICS, SECONDS, SECONDS_RELAY, SECONDS_WAIT
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,10 @@ def check_private(path: Path) -> None:
 def exchange(path: Path, msg: Message, context: Context, *, timeout: float | None = None) -> Message:
     """Send ``msg`` and ``context`` to the worker at ``path``; its reply. Raises :class:`WorkerError`."""
     check_private(path)
-    header = json.dumps({"protocol": PROTOCOL, "version": __version__}).encode()
+    # when the relay sent (wall clock: the worker is another process on this machine) and how long this
+    # process had run by then (Flower's start of the per-message process, its imports, the relay's own)
+    header = json.dumps({"protocol": PROTOCOL, "version": __version__, "sent": time.time(),
+                         "process-age": process_age()}).encode()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
@@ -237,6 +241,7 @@ class SiteWorker:
             return
         msg, context = message_from_proto(msg_proto), context_from_proto(ctx_proto)
         logger.info("site worker: %s received", _head(msg))
+        waited = max(0.0, time.time() - float(header.get("sent", time.time())))
         started = time.monotonic()
         try:
             reply = self.handler(msg, context)
@@ -244,6 +249,7 @@ class SiteWorker:
             logger.exception("site worker: the %s handler raised", msg.metadata.message_type)
             reply = Message(Error(code=ERROR_CODE, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
         self.served += 1
+        timed(reply, {SECONDS_WAIT: waited, SECONDS_RELAY: header.get("process-age")})
         logger.info("site worker: %s", _summary(msg, reply, time.monotonic() - started))
         try:
             _send_json(conn, {"ok": True})
@@ -258,6 +264,28 @@ class SiteWorker:
         if header.get("version") != self.version:
             return (f"fedpeft version mismatch: relay {header.get('version')}, worker {self.version}; "
                     "restart `fedpeft node` after upgrading")
+        return None
+
+
+def timed(reply: Message, seconds: Mapping[str, Any]) -> None:
+    """Add ``seconds`` (those that are numbers) to a train reply's metrics; error replies stay as they are."""
+    if reply.has_error() or reply.metadata.message_type != "train" or METRICS not in reply.content.metric_records:
+        return
+    metrics = reply.content.metric_records[METRICS]
+    for key, value in seconds.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            metrics[key] = float(value)
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux ``/proc``), or None where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:  # field 22, after the parenthesised command name
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
         return None
 
 
@@ -276,7 +304,8 @@ def _summary(msg: Message, reply: Message, seconds: float) -> str:
     metrics = reply.content.metric_records.get("metrics", {})
     parts = [f"{metrics[key]} {name}" for key, name in (("steps", "steps"), ("num-examples", "examples"))
              if key in metrics]
-    return f"{head}: {', '.join([*parts, f'{seconds:.2f} s'])}"
+    spent = ", ".join(f"{key.removeprefix('seconds-')} {metrics[key]:.2f}" for key in SECONDS if key in metrics)
+    return f"{head}: {', '.join([*parts, f'{seconds:.2f} s'])}" + (f" ({spent})" if spent else "")
 
 
 def _send_json(conn: socket.socket, payload: dict[str, Any]) -> None:

@@ -38,6 +38,7 @@ from fedpeft.wire import (
     METRICS,
     NUM_EXAMPLES,
     REFUSED,
+    SECONDS,
     PayloadError,
     decode_payload,
     encode_tensors,
@@ -93,6 +94,9 @@ class RoundTraffic:
                 "compression_ratio": raw_up / up if up and raw_up else 0.0,
                 **({"codec_error": self.client_metrics[site]["codec-error"]}
                    if "codec-error" in self.client_metrics.get(site, {}) else {}),
+                # where the site's time went (load, train; at a deployed site with a worker: wait, relay)
+                **{key.replace("-", "_"): round(value, 3) for key, value in self.client_metrics.get(site, {}).items()
+                   if key in SECONDS},
             })
         return rows
 

@@ -191,6 +191,11 @@ def test_two_sites_complete_a_two_round_run_over_grpc_with_tls_and_auth(federati
     traffic = [json.loads(x) for x in (out / "traffic.jsonl").read_text().splitlines()]
     assert sorted((t["round"], t["site"], t["status"]) for t in traffic) == [
         (rnd, site, "accepted") for rnd in (1, 2) for site in SITES]
+    for row in traffic:  # where each site's time went; the worker holds the model, so round 2 loads nothing
+        assert {"seconds_load", "seconds_train", "seconds_wait", "seconds_relay"} <= set(row), row
+        assert row["seconds_train"] > 0 and row["seconds_wait"] >= 0 and row["seconds_relay"] > 0, row
+        if row["round"] == 2:
+            assert row["seconds_load"] < 1.0, row
     assert json.loads((out / "config.json").read_text())["clients"] == 2
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     ledger = [json.loads(x) for x in (out / "privacy_ledger.jsonl").read_text().splitlines()]

@@ -177,6 +177,38 @@ def test_a_worker_killed_mid_round_is_a_failed_reply(state_dir: Path) -> None:
         proc.wait(10)
 
 
+def test_a_train_reply_says_how_long_it_waited_for_the_worker_and_how_old_the_relay_was(state_dir: Path) -> None:
+    """One training at a time: a message that arrives while another trains waits, and its reply says so."""
+    def slow(msg: Message, ctx: Context) -> Message:
+        time.sleep(1.5 if int(msg.content["config"]["server-round"]) == 1 else 0)
+        return echo(msg, ctx)
+
+    running = Running(SiteWorker(socket_path(state_dir), slow))
+    replies: dict[int, Message] = {}
+    try:
+        first = threading.Thread(target=lambda: replies.update({1: relay(incoming(1), context(),
+                                                                         socket_path(state_dir), timeout=10)}))
+        first.start()
+        time.sleep(0.3)  # the first message is being trained on
+        replies[2] = relay(incoming(2), context(), socket_path(state_dir), timeout=10)
+        first.join(10)
+    finally:
+        running.close()
+    waits = {rnd: replies[rnd].content["metrics"]["seconds-wait"] for rnd in (1, 2)}
+    assert waits[1] < 0.5 and 0.8 < waits[2] < 5, waits
+    # the relay's process (this test's interpreter) had run for a while before it sent the message
+    assert replies[2].content["metrics"]["seconds-relay"] > 0
+    query = Message(RecordDict({"config": ConfigRecord({"server-round": 0})}), dst_node_id=7,
+                    message_type=MessageType.QUERY)
+    query.metadata.__dict__["_message_id"] = query.object_id
+    running = Running(SiteWorker(socket_path(state_dir), echo))
+    try:  # only a train reply carries the training's seconds
+        reply = relay(query, context(), socket_path(state_dir), timeout=10)
+    finally:
+        running.close()
+    assert "seconds-wait" not in reply.content["metrics"]
+
+
 def test_a_state_directory_too_long_for_a_socket_is_a_clear_error(state_dir: Path) -> None:
     deep = state_dir / ("d" * 120)
     with pytest.raises(WorkerError, match="shorter state directory"):

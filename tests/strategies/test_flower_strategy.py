@@ -235,6 +235,23 @@ def test_client_metrics_recorded_per_site() -> None:
         assert traffic.client_metrics[site] == expected
 
 
+def test_a_sites_seconds_go_to_its_traffic_row_and_nothing_else_does() -> None:
+    strategy = _strategy(fraction=0.3)
+    messages = _configure(strategy)
+    replies = [_reply(m) for m in messages]
+    timed = replies[0]
+    timed.content["metrics"]["seconds-load"] = 0.01234
+    timed.content["metrics"]["seconds-train"] = 31.5
+    timed.content["metrics"]["seconds-wait"] = 0.5
+    strategy.aggregate_train(1, replies)
+    rows = {row["site"]: row for row in strategy.traffic[1].per_site()}
+    site = NODES[timed.metadata.src_node_id]
+    assert {k: v for k, v in rows[site].items() if k.startswith("seconds")} == {
+        "seconds_load": 0.012, "seconds_train": 31.5, "seconds_wait": 0.5}
+    assert all(not k.startswith("seconds") for s, row in rows.items() if s != site for k in row)
+    assert all(not k.startswith("steps") and k != "train-loss" for row in rows.values() for k in row)
+
+
 def test_bytes_received_recorded_per_site_and_positive() -> None:
     strategy = _strategy(fraction=0.5)
     messages = _configure(strategy)
