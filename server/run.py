@@ -18,9 +18,9 @@ import secrets
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,9 +39,13 @@ from strategies import AGGREGATORS, AggregationOptions
 from strategies.flower import FedPeftStrategy, RoundTraffic
 from strategies.validation import ReplyLimits
 
+if TYPE_CHECKING:
+    from flwr.app import Message
+
 logger = logging.getLogger(__name__)
 
 RoundCallback = Callable[[Mapping[str, Any], float], None]
+REPLY_POLL_SECONDS = 0.2  # how often a round asks the SuperLink for replies
 
 
 def check_robust(cfg: FedPeftConfig, aggregator: Any) -> None:
@@ -241,7 +245,7 @@ def play_round(rnd: int, state: Mapping[str, np.ndarray], *, cfg: FedPeftConfig,
     for attempt in range(1, attempts + 1):
         strategy.traffic.pop(rnd, None)  # the round's record is its last attempt's
         messages = strategy.configure_train(rnd, to_array_record(state), base_config, grid)
-        replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
+        replies = send_and_receive(grid, messages, timeout=cfg.round_timeout)
         arrays, agg = strategy.aggregate_train(rnd, replies)
         traffic = strategy.traffic.setdefault(rnd, RoundTraffic())
         if arrays is not None:
@@ -253,6 +257,25 @@ def play_round(rnd: int, state: Mapping[str, np.ndarray], *, cfg: FedPeftConfig,
         logger.warning("round %d (attempt %d of %d): fewer than min_clients=%d valid replies (%s); %s",
                        rnd, attempt, attempts, cfg.min_clients, reasons, then)
     return arrays, agg, traffic
+
+
+def send_and_receive(grid: Any, messages: Iterable[Message], *, timeout: float,
+                     poll: float = REPLY_POLL_SECONDS) -> list[Message]:
+    """Push ``messages`` and pull their replies until all came or ``timeout`` passed.
+
+    What ``Grid.send_and_receive`` does, but asking every ``poll`` seconds: a deployed ServerApp's grid
+    (Flower 1.39) sleeps 3 s between pulls, which a round pays after its last reply (1.5 s on average)."""
+    pending = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+    return replies
 
 
 def round_metrics(cfg: FedPeftConfig, traffic: RoundTraffic, agg: Mapping[str, Any] | None, *, skipped: bool,

@@ -200,11 +200,14 @@ def test_deployment_commands_print_what_they_would_run(capsys: pytest.CaptureFix
     assert main([*args, "--print"]) == 0
     worker, node = capsys.readouterr().out.splitlines()  # the site worker first, then the SuperNode relaying to it
     assert worker.endswith(f"-m client.worker --state-dir {tmp_path / 'st'}")
-    assert node.startswith("flower-supernode ") and f'data-path="{small_data}"' in node and "worker=1" in node
+    # the SuperNode asks for messages every 0.5 s while idle (Flower's own waits 3 s): fedpeft's entry point
+    assert node.startswith(f"{sys.executable} -m fedpeft.deploy.supernode --poll 0.5 --superlink ")
+    assert f'data-path="{small_data}"' in node and "worker=1" in node
     assert f'state-dir="{tmp_path / "st"}"' in node  # the relay finds the worker's socket there
-    assert main([*args, "--no-worker", "--print"]) == 0
-    (node,) = capsys.readouterr().out.splitlines()
+    assert main([*args, "--no-worker", "--poll", "3", "--print"]) == 0
+    (node,) = capsys.readouterr().out.splitlines()  # --poll 3: Flower's own SuperNode, as it is
     assert node.startswith("flower-supernode ") and "worker" not in node
+    assert main([*args, "--poll", "0", "--print"]) == 2 and "--poll must be > 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("args", "expected"), [

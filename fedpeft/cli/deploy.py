@@ -10,6 +10,9 @@ from pathlib import Path
 
 from fedpeft.errors import FedPeftError
 
+SUPEREXEC_POLL_SECONDS = "0.05"
+DEFAULT_POLL = 0.5  # fedpeft node's SuperNode idle poll, seconds (Flower's: 3)
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     certs = sub.add_parser(
@@ -65,6 +68,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--max-wait", type=float, default=None, metavar="SECONDS", help="give up after this long")
     node.add_argument("--no-worker", action="store_true", help="no site worker: Flower's per-message process loads "
                       "the model and data for every message (the default keeps them in one long-lived worker)")
+    node.add_argument("--poll", type=float, default=DEFAULT_POLL, metavar="SECONDS",
+                      help=f"while idle, ask the SuperLink for a message this often (default: {DEFAULT_POLL:g}; "
+                      "3 or more: Flower's own SuperNode, which waits 3 s, unpatched)")
     node.add_argument("--print", action="store_true", help="print the commands instead of running them")
 
     conn = sub.add_parser(
@@ -120,7 +126,7 @@ def run_node(args: argparse.Namespace) -> int:
     cmd = supernode_command(
         link=args.link, ca=args.ca, key=args.key, data=args.data, site=args.name, state_dir=args.state_dir,
         dp_epsilon=args.dp_epsilon, codec=args.codec, port=args.port, max_retries=args.max_retries,
-        max_wait=args.max_wait, worker=not args.no_worker,
+        max_wait=args.max_wait, worker=not args.no_worker, poll=args.poll,
     )
     if args.codec:
         from fedpeft.codecs import CodecError, parse_codec
@@ -129,6 +135,9 @@ def run_node(args: argparse.Namespace) -> int:
             parse_codec(args.codec)
         except CodecError as err:
             raise FedPeftError(f"--codec: {err}") from None
+    # the SuperNode's SuperExec looks for a pulled message once a second by default: a round would wait
+    # 0.5 s on average for the ClientApp's process to be started
+    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL_SECONDS)
     if args.no_worker:
         return _exec(cmd, dry_run=args.print)
     from fedpeft.deploy.commands import printable

@@ -12,10 +12,12 @@ Both use Flower 1.39's gRPC-rere Fleet API with TLS and SuperNode authentication
 from __future__ import annotations
 
 import shlex
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedpeft.deploy.supernode import FLOWER_IDLE_SECONDS
 from fedpeft.errors import FedPeftError
 from fedpeft.state_dir import state_dir as default_state_dir
 
@@ -89,11 +91,15 @@ def supernode_command(
     max_retries: int | None = None,
     max_wait: float | None = None,
     worker: bool = False,
+    poll: float | None = None,
 ) -> list[str]:
     """``flower-supernode`` for one site: its data file, name, budget and state travel as node config.
 
     ``worker``: a site worker serves this node (node config ``worker = 1``); the state directory is then
     always given, so the relay and the worker agree on the socket.
+
+    ``poll``: below Flower's own 3 s, the SuperNode runs through :mod:`fedpeft.deploy.supernode`, which asks the
+    SuperLink for messages every ``poll`` seconds while idle.
 
     ``port`` is the node's local API (give nodes on one host distinct ports); ``max_retries`` /
     ``max_wait`` bound how long a refused node keeps trying (Flower retries forever by default).
@@ -127,6 +133,11 @@ def supernode_command(
         cmd += ["--max-retries", str(max_retries)]
     if max_wait is not None:
         cmd += ["--max-wait-time", str(max_wait)]
+    if poll is not None:
+        if not poll > 0:
+            raise FedPeftError(f"--poll must be > 0 seconds, got {poll}")
+        if poll < FLOWER_IDLE_SECONDS:
+            cmd = [sys.executable, "-m", "fedpeft.deploy.supernode", "--poll", f"{poll:g}", *cmd[1:]]
     return cmd
 
 

@@ -227,3 +227,22 @@ def test_a_causal_lm_site_trains_on_its_own_conversations(tmp_path: Path, tiny_l
     os.utime(data, ns=(2, 2))
     with pytest.raises(FedPeftError, match="needs a messages column, or prompt and response columns"):
         node_data(cfg, {"data-path": str(data)}, label_names=[])
+
+
+def test_the_supernode_entry_point_caps_the_loops_sleeps_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from flwr.supernode import start_client_internal as loop
+
+    from fedpeft.deploy.supernode import patch_supernode
+
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    monkeypatch.setattr(loop, "time", time)  # restored after the test
+    patch_supernode(0.5)
+    loop.time.sleep(3)  # Flower's idle wait
+    loop.time.sleep(0.2)
+    assert slept == [0.5, 0.2]
+    assert loop.time.monotonic is time.monotonic and time.sleep == slept.append  # the real module is untouched
+    with pytest.raises(RuntimeError, match="--poll 3"):  # patched already, or a Flower that sleeps otherwise
+        patch_supernode(0.5)

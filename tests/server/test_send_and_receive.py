@@ -1,0 +1,41 @@
+"""A round's exchange with the grid: push once, pull until every reply came or the round timed out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import SimpleNamespace
+
+from server.run import send_and_receive
+
+
+class Grid:
+    """Replies to message ``i`` on pull number ``answers[i]`` (never when None)."""
+
+    def __init__(self, answers: dict[str, int | None]) -> None:
+        self.answers, self.pulls, self.pushed = answers, 0, []
+
+    def push_messages(self, messages: Iterable[str]) -> list[str]:
+        self.pushed = list(messages)
+        return list(self.pushed)
+
+    def pull_messages(self, ids: Iterable[str]) -> list[SimpleNamespace]:
+        self.pulls += 1
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in ids
+                if self.answers[i] is not None and self.answers[i] <= self.pulls]
+
+
+def replied(replies: list[SimpleNamespace]) -> list[str]:
+    return sorted(r.metadata.reply_to_message_id for r in replies)
+
+
+def test_pulls_until_every_reply_came_and_not_once_more() -> None:
+    grid = Grid({"a": 1, "b": 4, "c": 2})
+    replies = send_and_receive(grid, ["a", "b", "c"], timeout=60, poll=0.001)
+    assert replied(replies) == ["a", "b", "c"]  # each once, though "a" was ready from the first pull on
+    assert grid.pulls == 4 and grid.pushed == ["a", "b", "c"]
+
+
+def test_a_silent_site_ends_the_exchange_at_the_timeout_with_the_others_replies() -> None:
+    grid = Grid({"a": 1, "b": None})
+    replies = send_and_receive(grid, ["a", "b"], timeout=0.05, poll=0.001)
+    assert replied(replies) == ["a"] and grid.pulls >= 2
