@@ -113,7 +113,8 @@ def run_bare(root: Path, args: argparse.Namespace) -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"bare site failed:\n{err[-3000:]}")
         results.append(json.loads(out.strip().splitlines()[-1]))
-    return {"wall": max(r["seconds"] for r in results), "sites": results}
+    per_round = [max(r["rounds"][i] for r in results) for i in range(args.rounds)]
+    return {"wall": max(r["seconds"] for r in results), "per_round": per_round[1:] or per_round, "sites": results}
 
 
 def run_federated(root: Path, args: argparse.Namespace, *, worker: bool) -> dict:
@@ -152,6 +153,7 @@ def run_federated(root: Path, args: argparse.Namespace, *, worker: bool) -> dict
         proc.wait(600)
         traffic = [json.loads(x) for x in (out / "traffic.jsonl").read_text().splitlines()]
         loads = [fed.log(s).count("site worker started") for s in SITES] if worker else None
+        cpu = cpu_seconds(fed)
     finally:
         fed.close()
     rounds = [b - a for a, b in zip(landed, landed[1:], strict=False)]
@@ -161,9 +163,33 @@ def run_federated(root: Path, args: argparse.Namespace, *, worker: bool) -> dict
     first_step = [t.get("seconds_relay", 0.0) + t.get("seconds_wait", 0.0) + t["seconds_load"]
                   for t in traffic if t["round"] in later and t["status"] == "accepted"]
     return {"wall": landed[-1] - landed[0], "startup": landed[0] - submitted, "rounds": rounds,
+            "train": [train[r] for r in later],
             "overhead": statistics.median(overhead), "first_step": statistics.median(first_step),
             "loads": statistics.median(t["seconds_load"] for t in traffic if t["round"] in later),
-            "statuses": sorted({t["status"] for t in traffic}), "worker_starts": loads}
+            "statuses": sorted({t["status"] for t in traffic}), "worker_starts": loads, "cpu": cpu}
+
+
+def cpu_seconds(fed: object) -> dict[str, float]:
+    """CPU seconds used so far by the federation's processes: the site workers, and everything else
+    (SuperLink, ServerApp, SuperNodes, SuperExec, the per-message ClientApp processes that were waited for)."""
+    import psutil
+
+    used = {"workers": 0.0, "flower": 0.0}
+    for proc in fed.procs:  # type: ignore[attr-defined]
+        try:
+            top = psutil.Process(proc.pid)
+            tree = [top, *top.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for p in tree:
+            try:
+                t = p.cpu_times()
+                kind = "workers" if "client.worker" in " ".join(p.cmdline()) else "flower"
+            except psutil.Error:
+                continue
+            used[kind] += t.user + t.system
+            used["flower"] += t.children_user + t.children_system
+    return {k: round(v, 1) for k, v in used.items()}
 
 
 def passthrough(args: argparse.Namespace) -> list[str]:
@@ -181,6 +207,7 @@ def main() -> None:
     parser.add_argument("--site-rows", type=int, default=600)
     parser.add_argument("--eval-rows", type=int, default=64, help="rows of the evaluation file")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--repeats", type=int, default=1, help="bare and federated runs, alternating order")
     parser.add_argument("--keep", type=Path, help="keep logs and run directories here")
     parser.add_argument("--bare-site", help=argparse.SUPPRESS)
     parser.add_argument("--eval", help=argparse.SUPPRESS)
@@ -191,33 +218,40 @@ def main() -> None:
     if not modes or set(modes) - set(MODES) or "bare" not in modes:
         parser.error(f"--modes takes bare (always needed: it is the denominator) and any of {MODES[1:]}")
     base = Path(tempfile.mkdtemp(prefix="fd-", dir="/tmp"))  # short: socket paths hold at most 107 bytes
-    results: dict[str, dict] = {}
+    results: list[dict[str, dict]] = []
     try:
-        for mode in ["bare", *[m for m in MODES[1:] if m in modes]]:
-            root = base / mode
-            root.mkdir()
-            make_files(root, args)
-            print(f"# {mode} ...", flush=True)
-            results[mode] = (run_bare(root, args) if mode == "bare"
-                             else run_federated(root, args, worker=mode == "worker"))
-            print(f"# {mode}: {json.dumps(results[mode])}", flush=True)
+        for repeat in range(args.repeats):
+            order = ["bare", *[m for m in MODES[1:] if m in modes]]
+            results.append({})
+            for mode in order if repeat % 2 == 0 else order[::-1]:  # alternate, against drift
+                root = base / f"{repeat}-{mode}"
+                root.mkdir()
+                make_files(root, args)
+                print(f"# repeat {repeat + 1}, {mode} ...", flush=True)
+                results[-1][mode] = (run_bare(root, args) if mode == "bare"
+                                     else run_federated(root, args, worker=mode == "worker"))
+                print(f"# repeat {repeat + 1}, {mode}: {json.dumps(results[-1][mode])}", flush=True)
     finally:
         if args.keep:
             shutil.copytree(base, args.keep, dirs_exist_ok=True)
         shutil.rmtree(base, ignore_errors=True)
-    bare = results["bare"]["wall"]
+    bare = [r["bare"]["wall"] for r in results]
     print(f"\nMiniLM + LoRA, 2 sites x {args.steps} steps x {args.rounds} rounds, batch {args.batch_size}, "
-          f"max length {args.max_length}, {args.cpus} thread(s) per site; bare {bare:.1f} s "
-          f"({bare / args.rounds:.1f} s of training per round)\n")
-    print("| mode | federated wall (s) | ÷ bare | non-training s per round (median, rounds 2..) "
-          "| process start → first step (s, median) | seconds_load (median) |")
-    print("|---|---:|---:|---:|---:|---:|")
+          f"max length {args.max_length}, {args.cpus} thread(s) per site, {args.repeats} repeat(s); bare "
+          f"{', '.join(f'{b:.1f}' for b in bare)} s\n")
+    print("| mode | federated ÷ bare (median; each repeat) | non-training s per round | process start → first "
+          "step (s) | seconds_load | a round's training ÷ bare's | Flower CPU s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for mode in MODES[1:]:
-        if mode in results:
-            r = results[mode]
-            print(f"| {mode} | {r['wall']:.1f} | {r['wall'] / bare:.3f} | {r['overhead']:.2f} | "
-                  f"{r['first_step']:.2f} | {r['loads']:.2f} |")
-
+        if mode not in results[0]:
+            continue
+        runs = [(r[mode], r["bare"]) for r in results]
+        ratios = [m["wall"] / b["wall"] for m, b in runs]
+        slow = [statistics.median(m["train"]) / statistics.median(b["per_round"]) for m, b in runs]
+        med = {key: statistics.median(m[key] for m, _ in runs) for key in ("overhead", "first_step", "loads")}
+        print(f"| {mode} | **{statistics.median(ratios):.3f}** ({', '.join(f'{x:.3f}' for x in ratios)}) | "
+              f"{med['overhead']:.2f} | {med['first_step']:.2f} | {med['loads']:.2f} | "
+              f"{statistics.median(slow):.3f} | {statistics.median(m['cpu']['flower'] for m, _ in runs):.0f} |")
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fedpeft.errors import FedPeftError
 
-SUPEREXEC_POLL_SECONDS = "0.05"
+SUPEREXEC_POLL_SECONDS = "0.2"
 DEFAULT_POLL = 0.5  # fedpeft node's SuperNode idle poll, seconds (Flower's: 3)
 
 
