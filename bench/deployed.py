@@ -160,11 +160,12 @@ def run_federated(root: Path, args: argparse.Namespace, *, worker: bool) -> dict
     train = {r: max(t.get("seconds_train", 0.0) for t in traffic if t["round"] == r) for r in range(1, args.rounds + 1)}
     later = range(2, args.rounds + 1) if args.rounds > 1 else range(1, 2)
     overhead = [rounds[r - 1] - train[r] for r in later]
-    first_step = [t.get("seconds_relay", 0.0) + t.get("seconds_wait", 0.0) + t["seconds_load"]
-                  for t in traffic if t["round"] in later and t["status"] == "accepted"]
+    first_step = [t["seconds_relay"] + t["seconds_wait"] + t["seconds_load"]  # only a worker's replies say
+                  for t in traffic if t["round"] in later and t["status"] == "accepted" and "seconds_relay" in t]
     return {"wall": landed[-1] - landed[0], "startup": landed[0] - submitted, "rounds": rounds,
             "train": [train[r] for r in later],
-            "overhead": statistics.median(overhead), "first_step": statistics.median(first_step),
+            "overhead": statistics.median(overhead),
+            "first_step": statistics.median(first_step) if first_step else None,
             "loads": statistics.median(t["seconds_load"] for t in traffic if t["round"] in later),
             "statuses": sorted({t["status"] for t in traffic}), "worker_starts": loads, "cpu": cpu}
 
@@ -248,9 +249,11 @@ def main() -> None:
         runs = [(r[mode], r["bare"]) for r in results]
         ratios = [m["wall"] / b["wall"] for m, b in runs]
         slow = [statistics.median(m["train"]) / statistics.median(b["per_round"]) for m, b in runs]
-        med = {key: statistics.median(m[key] for m, _ in runs) for key in ("overhead", "first_step", "loads")}
+        med = {key: statistics.median(m[key] for m, _ in runs) for key in ("overhead", "loads")}
+        firsts = [m["first_step"] for m, _ in runs if m["first_step"] is not None]
+        first = f"{statistics.median(firsts):.2f}" if firsts else "—"
         print(f"| {mode} | **{statistics.median(ratios):.3f}** ({', '.join(f'{x:.3f}' for x in ratios)}) | "
-              f"{med['overhead']:.2f} | {med['first_step']:.2f} | {med['loads']:.2f} | "
+              f"{med['overhead']:.2f} | {first} | {med['loads']:.2f} | "
               f"{statistics.median(slow):.3f} | {statistics.median(m['cpu']['flower'] for m, _ in runs):.0f} |")
 
 if __name__ == "__main__":
