@@ -14,6 +14,7 @@ post-processing and cost no privacy.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,8 +50,16 @@ def site_identity(context: Context, fallback_partitions: int) -> tuple[int, int,
 
 
 def site_config(cfg: FedPeftConfig, context: Context, partition_id: int) -> FedPeftConfig:
-    """The run config as this site trains it (its own LoRA rank)."""
-    node_rank = context.node_config.get("lora-r")
+    """The run config as this site trains it: its own LoRA rank, and its own ``device`` / ``precision``
+    when its node config sets them (``fedpeft node --device/--precision``; a site knows its hardware)."""
+    node = context.node_config
+    own = {key: str(node[key]) for key in ("device", "precision") if key in node}
+    if own:
+        try:
+            cfg = dataclasses.replace(cfg, **own)  # validates, as any config does
+        except FedPeftError as err:
+            raise FedPeftError(f"this site's node config: {err}") from None
+    node_rank = node.get("lora-r")
     return site.at_rank(cfg, site.client_rank(cfg, partition_id, None if node_rank is None else int(node_rank)))
 
 

@@ -208,6 +208,12 @@ def test_deployment_commands_print_what_they_would_run(capsys: pytest.CaptureFix
     (node,) = capsys.readouterr().out.splitlines()  # --poll 3: Flower's own SuperNode, as it is
     assert node.startswith("flower-supernode ") and "worker" not in node
     assert main([*args, "--poll", "0", "--print"]) == 2 and "--poll must be > 0" in capsys.readouterr().err
+    assert main([*args, "--device", "cuda", "--precision", "bf16", "--print"]) == 0  # this site's GPU
+    node = capsys.readouterr().out.splitlines()[-1]
+    assert 'device="cuda"' in node and 'precision="bf16"' in node
+    with pytest.raises(SystemExit) as exited:  # argparse: usage and one line, exit 2
+        main([*args, "--device", "tpu", "--print"])
+    assert exited.value.code == 2 and "invalid choice: 'tpu'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("args", "expected"), [

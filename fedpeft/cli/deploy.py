@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from fedpeft.config_checks import DEVICES, PRECISIONS
 from fedpeft.errors import FedPeftError
 
 SUPEREXEC_POLL_SECONDS = "0.2"
@@ -68,6 +69,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--max-wait", type=float, default=None, metavar="SECONDS", help="give up after this long")
     node.add_argument("--no-worker", action="store_true", help="no site worker: Flower's per-message process loads "
                       "the model and data for every message (the default keeps them in one long-lived worker)")
+    node.add_argument("--device", choices=DEVICES, default=None,
+                      help="where this site trains, over the run's device (default: the run's)")
+    node.add_argument("--precision", choices=PRECISIONS, default=None,
+                      help="this site's precision, over the run's (default: the run's)")
     node.add_argument("--poll", type=float, default=DEFAULT_POLL, metavar="SECONDS",
                       help=f"while idle, ask the SuperLink for a message this often (default: {DEFAULT_POLL:g}; "
                       "3 or more: Flower's own SuperNode, which waits 3 s, unpatched)")
@@ -126,7 +131,8 @@ def run_node(args: argparse.Namespace) -> int:
     cmd = supernode_command(
         link=args.link, ca=args.ca, key=args.key, data=args.data, site=args.name, state_dir=args.state_dir,
         dp_epsilon=args.dp_epsilon, codec=args.codec, port=args.port, max_retries=args.max_retries,
-        max_wait=args.max_wait, worker=not args.no_worker, poll=args.poll,
+        max_wait=args.max_wait, worker=not args.no_worker, poll=args.poll, device=args.device or "",
+        precision=args.precision or "",
     )
     if args.codec:
         from fedpeft.codecs import CodecError, parse_codec

@@ -92,6 +92,8 @@ def supernode_command(
     max_wait: float | None = None,
     worker: bool = False,
     poll: float | None = None,
+    device: str = "",
+    precision: str = "",
 ) -> list[str]:
     """``flower-supernode`` for one site: its data file, name, budget and state travel as node config.
 
@@ -118,6 +120,9 @@ def supernode_command(
         config["dp-epsilon"] = float(dp_epsilon)
     if codec:
         config["codec"] = codec
+    for name, value in (("device", device), ("precision", precision)):
+        if value:  # this site's hardware, over the run's setting
+            config[name] = value
     if not 0 < port < 65536:
         raise FedPeftError(f"--port must be in 1..65535, got {port}")
     cmd = [

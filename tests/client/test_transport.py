@@ -200,3 +200,20 @@ def test_a_held_factor_is_not_sent_and_its_residual_waits(tmp_path: Path) -> Non
 def test_a_site_that_moves_a_held_factor_raises() -> None:
     with pytest.raises(FedPeftError, match="holds this round \\(lora_B\\)"):
         exchange(held_instruction(broadcast(), "lora_B"), handler_moving_by(step(0)), "none", Path("/nonexistent/r"))
+
+
+def test_a_sites_node_config_sets_its_own_device_and_precision_and_a_bad_one_is_named() -> None:
+    from flwr.app import Context
+
+    from client.transport import site_config
+    from fedpeft.config import FedPeftConfig
+
+    def ctx(node: dict) -> Context:
+        return Context(run_id=1, node_id=2, node_config=node, state=RecordDict(), run_config={})
+
+    cfg = FedPeftConfig(device="auto", precision="auto", lora_r=8)
+    own = site_config(cfg, ctx({"device": "cpu", "precision": "fp32", "lora-r": 4}), 0)
+    assert (own.device, own.precision, own.lora_r) == ("cpu", "fp32", 4)
+    assert site_config(cfg, ctx({}), 0) is cfg  # nothing of its own: the run's settings, as they were
+    with pytest.raises(FedPeftError, match="this site's node config: device must be one of"):
+        site_config(cfg, ctx({"device": "tpu"}), 0)
