@@ -9,6 +9,7 @@ server writes it at the end of every run; the command redraws it for any run, fi
 from __future__ import annotations
 
 import json
+import statistics
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -195,6 +196,7 @@ def render(run: RunRecords, figures: Mapping[str, str]) -> str:
                 f"average of the clients' products): mean {_mean(res):.4g}, last {res[-1]:.4g}.", "",
                 f"![aggregation residual per round]({figures['residual']})", ""]
     out += _reliability(run)
+    out += _site_time(run)
     if cfg.get("dp", "off") != "off":
         out += _privacy(run, figures.get("epsilon"))
     audit = empirical_audit(run.run_dir)
@@ -226,6 +228,28 @@ def _reliability(run: RunRecords) -> list[str]:
         lines += [_table(["reason (traffic.jsonl)", "client-rounds"],
                          [[reason.replace("|", "/")[:160], n] for reason, n in reasons.most_common(10)]), ""]
     return lines
+
+
+SITE_SECONDS = (("seconds_wait", "waiting for the worker"), ("seconds_relay", "Flower's per-message process"),
+                ("seconds_load", "loading"), ("seconds_train", "training"))
+
+
+def _site_time(run: RunRecords) -> list[str]:
+    """Per site, the median seconds of its accepted client-rounds by phase (traffic.jsonl's ``seconds_*``)."""
+    by_site: dict[str, list[dict[str, Any]]] = {}
+    for row in run.traffic:
+        if row.get("status") == "accepted" and any(key in row for key, _ in SITE_SECONDS):
+            by_site.setdefault(str(row.get("site")), []).append(row)
+    if not by_site:
+        return []
+    keys = [(key, name) for key, name in SITE_SECONDS if any(key in r for rows in by_site.values() for r in rows)]
+    table = [[site, len(rows), *(f"{statistics.median(float(r[k]) for r in rows if k in r):.2f}"
+                                 if any(k in r for r in rows) else "" for k, _ in keys)]
+             for site, rows in sorted(by_site.items())]
+    return ["## Where the sites' time went", "",
+            "Median seconds per accepted client-round (`seconds_*` in traffic.jsonl); a deployed site with a "
+            "site worker also reports its wait and Flower's per-message process.", "",
+            _table(["site", "client-rounds", *(name for _, name in keys)], table), ""]
 
 
 def _privacy(run: RunRecords, figure: str | None) -> list[str]:
