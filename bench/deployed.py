@@ -20,10 +20,10 @@ In one run of this script, on this machine's loopback:
 Reported per federated mode: federated ÷ bare (target with the worker: <= 1.10); the median over rounds
 2.. of a round's wall time minus its slower site's ``seconds_train`` (everything a round costs that is not
 training: messages, process starts, loading, aggregation, evaluation); and from ``traffic.jsonl``, the
-median over rounds 2.. and sites of ``seconds_relay + seconds_wait + seconds_load``: from the start of
-Flower's per-message process to the first training step (target <= 1 s at a site that already trained a
-round). Flower's own delay before it starts that process (the SuperNode pulling the message, SuperExec
-launching the process) is not in that sum; it is in the round's overhead.
+median over rounds 2.. and sites of ``seconds_wait + seconds_load``: with the worker, from the moment the
+SuperNode stored the message as a task to the first training step (target <= 1 s at a site that already
+trained a round; the worker takes the task itself, no process starts). Without the worker no reply says
+where its time went (``—``); the per-message process start is in the round's overhead.
 
 Running it
 ----------
@@ -122,13 +122,7 @@ def run_federated(root: Path, args: argparse.Namespace, *, worker: bool) -> dict
 
     fed = Federation(root, Path(""))
     try:
-        fed.run(command("fedpeft certs")[0] + " --node intruder", "coordinator")
-        fed.start(fed.ports(command("fedpeft link")[0].rstrip("&").strip()), "link")
-        wait_for(lambda: "Starting Fleet API (gRPC-rere)" in fed.log("link") and "Uvicorn running" in fed.log("link"),
-                 60, "the SuperLink")
-        fed.run(fed.ports(command("fedpeft connection")[0]), "cli")
-        for line in command("flwr supernode register"):
-            fed.run(line, "cli")
+        fed.start_link()
         for site in SITES:
             line = fed.node_line(site, free_port()) + ("" if worker else " --no-worker")
             fed.start(line.replace(" --dp-epsilon 8", ""), site)
@@ -160,8 +154,8 @@ def run_federated(root: Path, args: argparse.Namespace, *, worker: bool) -> dict
     train = {r: max(t.get("seconds_train", 0.0) for t in traffic if t["round"] == r) for r in range(1, args.rounds + 1)}
     later = range(2, args.rounds + 1) if args.rounds > 1 else range(1, 2)
     overhead = [rounds[r - 1] - train[r] for r in later]
-    first_step = [t["seconds_relay"] + t["seconds_wait"] + t["seconds_load"]  # only a worker's replies say
-                  for t in traffic if t["round"] in later and t["status"] == "accepted" and "seconds_relay" in t]
+    first_step = [t.get("seconds_relay", 0.0) + t["seconds_wait"] + t["seconds_load"]  # only a worker's say
+                  for t in traffic if t["round"] in later and t["status"] == "accepted" and "seconds_wait" in t]
     return {"wall": landed[-1] - landed[0], "startup": landed[0] - submitted, "rounds": rounds,
             "train": [train[r] for r in later],
             "overhead": statistics.median(overhead),
@@ -170,12 +164,17 @@ def run_federated(root: Path, args: argparse.Namespace, *, worker: bool) -> dict
             "statuses": sorted({t["status"] for t in traffic}), "worker_starts": loads, "cpu": cpu}
 
 
+KINDS = (("client.worker", "workers"), ("flwr-serverapp", "serverapp"), ("flwr-clientapp", "clientapps"),
+         ("superexec", "superexec"), ("superlink", "superlink"), ("supernode", "supernodes"))  # in the program's name
+
+
 def cpu_seconds(fed: object) -> dict[str, float]:
-    """CPU seconds used so far by the federation's processes: the site workers, and everything else
-    (SuperLink, ServerApp, SuperNodes, SuperExec, the per-message ClientApp processes that were waited for)."""
+    """CPU seconds used so far by the federation's processes, by kind (the site workers, the SuperLink, the
+    ServerApp, the SuperNodes, SuperExec, the per-message ClientApp processes that were waited for), and
+    ``flower``: all but the workers. A process's waited-for children count as its own kind."""
     import psutil
 
-    used = {"workers": 0.0, "flower": 0.0}
+    used: dict[str, float] = {}
     for proc in fed.procs:  # type: ignore[attr-defined]
         try:
             top = psutil.Process(proc.pid)
@@ -185,12 +184,13 @@ def cpu_seconds(fed: object) -> dict[str, float]:
         for p in tree:
             try:
                 t = p.cpu_times()
-                kind = "workers" if "client.worker" in " ".join(p.cmdline()) else "flower"
+                line = " ".join(p.cmdline()[:3])  # the interpreter, the program or -m and its module
             except psutil.Error:
                 continue
-            used[kind] += t.user + t.system
-            used["flower"] += t.children_user + t.children_system
-    return {k: round(v, 1) for k, v in used.items()}
+            kind = next((name for key, name in KINDS if key in line), "other")
+            used[kind] = used.get(kind, 0.0) + t.user + t.system + t.children_user + t.children_system
+    used["flower"] = sum(v for k, v in used.items() if k != "workers")
+    return {k: round(v, 1) for k, v in sorted(used.items())}
 
 
 def passthrough(args: argparse.Namespace) -> list[str]:
@@ -240,8 +240,8 @@ def main() -> None:
     print(f"\nMiniLM + LoRA, 2 sites x {args.steps} steps x {args.rounds} rounds, batch {args.batch_size}, "
           f"max length {args.max_length}, {args.cpus} thread(s) per site, {args.repeats} repeat(s); bare "
           f"{', '.join(f'{b:.1f}' for b in bare)} s\n")
-    print("| mode | federated ÷ bare (median; each repeat) | non-training s per round | process start → first "
-          "step (s) | seconds_load | a round's training ÷ bare's | Flower CPU s |")
+    print("| mode | federated ÷ bare (median; each repeat) | non-training s per round | message at the site → "
+          "first step (s) | seconds_load | a round's training ÷ bare's | Flower CPU s |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for mode in MODES[1:]:
         if mode not in results[0]:

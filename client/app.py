@@ -1,11 +1,13 @@
-"""The ClientApp Flower starts for every message: it trains here, or relays to the site's worker.
+"""The ClientApp Flower starts for a message: it trains here, or relays to the site's worker.
 
-A deployed site whose node config sets ``worker`` (``fedpeft node`` does) has a long-lived worker process
-that holds its model and data; this app then only hands the message to it over the site's private socket
-(:mod:`client.worker`) and returns its reply, so it imports nothing heavy. Without ``worker`` (simulation,
-or a site that opts out) the message is handled in-process by :mod:`client.local`, the same code the worker
-runs. A worker that is configured but cannot answer is a failed reply naming why, never a silent fall-back
-to training here (that would load the model per message again, unnoticed).
+A site run by ``fedpeft node`` starts no ClientApp process at all: its SuperNode runs with ``--isolation
+process`` and the site worker takes the messages itself (:mod:`client.executor`). Where Flower does start
+this app for a node whose config sets ``worker`` (a SuperNode run by hand with Flower's default isolation),
+it only hands the message to the worker over the site's private socket (:mod:`client.worker`) and returns
+its reply, so it imports nothing heavy. Without ``worker`` (simulation, or a site that opts out) the message
+is handled in-process by :mod:`client.local`, the same code the worker runs. A worker that is configured
+but cannot answer is a failed reply naming why, never a silent fall-back to training here (that would load
+the model per message again, unnoticed).
 """
 
 from __future__ import annotations

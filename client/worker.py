@@ -5,7 +5,9 @@ memory survives a round there. A site worker is one long-lived process beside th
 site: it runs the ClientApp's handlers itself (the same code that trains in-process in simulation), so the
 base model, the tokenized data and every other per-process cache stay warm between rounds. The per-message
 ClientApp becomes a relay: :func:`relay` hands the message and its context to the worker and returns the
-worker's reply.
+worker's reply. Under ``fedpeft node`` no such process is started at all: the worker also takes the
+SuperNode's tasks itself (:mod:`client.executor`, ``--runtime-api``); the socket below remains for a
+ClientApp process that Flower starts anyway, and as the sign that the worker is up.
 
 The link is a Unix domain socket in the site's state directory, ``<state-dir>/worker/worker.sock``: the
 directory is mode 0700 and the socket 0600, both owned by the site's user, so only that user can open it;
@@ -16,7 +18,7 @@ Wire format, one exchange per connection: frames of an 8-byte big-endian length 
 The relay sends a JSON header (``protocol``, ``version``: fedpeft's), the message and the context as Flower
 protobufs; the worker answers with a JSON header (``ok``; else ``reason``) and, when ok, the reply message.
 A worker refuses a relay of another fedpeft version (the header says why). One training at a time: the
-worker serves one connection after another.
+worker serves one connection after another, and shares one lock with its task loop.
 
 This module imports nothing heavy (no torch, transformers or opacus): the relay runs in the short-lived
 process Flower starts per message, where an import of torch alone would cost about 2 s.
@@ -30,6 +32,7 @@ import os
 import socket
 import stat
 import struct
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -41,6 +44,7 @@ from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
 from fedpeft import __version__
+from fedpeft.deploy.supervise import answers
 from fedpeft.state_dir import state_dir
 from fedpeft.state_dir import worker_socket_path as socket_path
 from fedpeft.wire import METRICS, SECONDS, SECONDS_RELAY, SECONDS_WAIT
@@ -165,8 +169,9 @@ def relay(msg: Message, context: Context, path: Path, *, timeout: float | None =
 class SiteWorker:
     """Serves ``handler`` (the in-process ClientApp) on a private Unix socket, one message at a time."""
 
-    def __init__(self, path: Path, handler: Handler) -> None:
+    def __init__(self, path: Path, handler: Handler, *, lock: threading.Lock | None = None) -> None:
         self.path, self.handler = Path(path), handler
+        self.lock = lock or threading.Lock()  # one training at a time, whoever asks (relay or task loop)
         self.version = __version__
         self.served = 0
         self._sock: socket.socket | None = None
@@ -181,7 +186,7 @@ class SiteWorker:
         if self.path.exists() or self.path.is_symlink():
             if not stat.S_ISSOCK(self.path.lstat().st_mode):
                 raise WorkerError(f"{self.path} exists and is not a socket; remove it by hand")
-            if _answers(self.path):
+            if answers(self.path):
                 raise WorkerError(f"another site worker already serves {self.path}")
             logger.warning("site worker: replacing the stale socket %s (no worker answered on it)", self.path)
             self.path.unlink()
@@ -240,17 +245,14 @@ class SiteWorker:
             _send_json(conn, {"ok": False, "reason": refusal})
             return
         msg, context = message_from_proto(msg_proto), context_from_proto(ctx_proto)
-        logger.info("site worker: %s received", _head(msg))
+        logger.info("site worker: %s received", head(msg))
         waited = max(0.0, time.time() - float(header.get("sent", time.time())))
         started = time.monotonic()
-        try:
-            reply = self.handler(msg, context)
-        except Exception as err:  # noqa: BLE001 — as Flower does: the exception becomes the reply's error
-            logger.exception("site worker: the %s handler raised", msg.metadata.message_type)
-            reply = Message(Error(code=ERROR_CODE, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+        with self.lock:
+            reply = answer(self.handler, msg, context)
         self.served += 1
         timed(reply, {SECONDS_WAIT: waited, SECONDS_RELAY: header.get("process-age")})
-        logger.info("site worker: %s", _summary(msg, reply, time.monotonic() - started))
+        logger.info("site worker: %s", summary(msg, reply, time.monotonic() - started))
         try:
             _send_json(conn, {"ok": True})
             send_frame(conn, message_to_proto(reply).SerializeToString())
@@ -265,6 +267,15 @@ class SiteWorker:
             return (f"fedpeft version mismatch: relay {header.get('version')}, worker {self.version}; "
                     "restart `fedpeft node` after upgrading")
         return None
+
+
+def answer(handler: Handler, msg: Message, context: Context) -> Message:
+    """``handler``'s reply; an exception becomes an error reply naming it, as Flower does."""
+    try:
+        return handler(msg, context)
+    except Exception as err:  # noqa: BLE001
+        logger.exception("site worker: the %s handler raised", msg.metadata.message_type)
+        return Message(Error(code=ERROR_CODE, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
 
 
 def timed(reply: Message, seconds: Mapping[str, Any]) -> None:
@@ -289,69 +300,86 @@ def process_age() -> float | None:
         return None
 
 
-def _head(msg: Message) -> str:
+def head(msg: Message) -> str:
     """``train round 3``: the message's type and round."""
     kind = msg.metadata.message_type
     config = msg.content.config_records.get("config", {}) if msg.has_content() else {}
     return f"{kind} round {config['server-round']}" if "server-round" in config else kind
 
 
-def _summary(msg: Message, reply: Message, seconds: float) -> str:
+def summary(msg: Message, reply: Message, seconds: float) -> str:
     """One log line per message: round, steps, examples, seconds (or the failure)."""
-    head = _head(msg)
+    what = head(msg)
     if reply.has_error():
-        return f"{head} failed after {seconds:.2f} s: {reply.error.reason}"
+        return f"{what} failed after {seconds:.2f} s: {reply.error.reason}"
     metrics = reply.content.metric_records.get("metrics", {})
     parts = [f"{metrics[key]} {name}" for key, name in (("steps", "steps"), ("num-examples", "examples"))
              if key in metrics]
     spent = ", ".join(f"{key.removeprefix('seconds-')} {metrics[key]:.2f}" for key in SECONDS if key in metrics)
-    return f"{head}: {', '.join([*parts, f'{seconds:.2f} s'])}" + (f" ({spent})" if spent else "")
+    return f"{what}: {', '.join([*parts, f'{seconds:.2f} s'])}" + (f" ({spent})" if spent else "")
 
 
 def _send_json(conn: socket.socket, payload: dict[str, Any]) -> None:
     send_frame(conn, json.dumps(payload).encode())
 
 
-def _answers(path: Path) -> bool:
-    """Whether a process accepts connections on the socket at ``path``."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
-    """``python -m client.worker --state-dir DIR``: serve this site until SIGTERM/SIGINT (``fedpeft node`` runs it)."""
+    """``python -m client.worker --state-dir DIR [--runtime-api HOST:PORT]``: serve this site until SIGTERM/SIGINT.
+
+    ``fedpeft node`` runs it. With ``--runtime-api`` the worker also takes the SuperNode's ClientApp tasks
+    itself (:mod:`client.executor`): the SuperNode then runs with ``--isolation process`` and no message
+    starts a process."""
     import argparse
     import signal
     import sys
 
     parser = argparse.ArgumentParser(prog="python -m client.worker", description=main.__doc__)
     parser.add_argument("--state-dir", required=True, help="the site's state directory (node config state-dir)")
+    parser.add_argument("--runtime-api", default=None, metavar="HOST:PORT",
+                        help="the SuperNode's Runtime API: take its ClientApp tasks in this process")
+    parser.add_argument("--secret-file", default=None, metavar="FILE",
+                        help="the SuperExec secret the SuperNode was given (--superexec-auth-secret-file)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    stop = False
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per Runtime API request
+    stop = threading.Event()
+    on_stop: list[Callable[[], None]] = []
 
     def request_stop(signum: int, frame: Any) -> None:  # finish the message in hand, then leave
-        nonlocal stop
-        stop = True
+        stop.set()
+        for hook in on_stop:
+            hook()
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     from client.local import app as local  # the heavy imports, once, before the socket says "ready"
 
-    worker = SiteWorker(socket_path(Path(args.state_dir).expanduser()), local)
+    state = Path(args.state_dir).expanduser()
+    worker = SiteWorker(socket_path(state), local)
     try:
         worker.bind()
-    except WorkerError as err:
+        secret = Path(args.secret_file).read_bytes() if args.secret_file else None
+    except (WorkerError, OSError) as err:
         print(f"fedpeft worker: {err}", file=sys.stderr)
         return 2
     logger.info("site worker: pid %d serving %s (fedpeft %s)", os.getpid(), worker.path, worker.version)
-    worker.serve(should_stop=lambda: stop)
-    logger.info("site worker: stopped after %d message(s)", worker.served)
+    if args.runtime_api is None:
+        worker.serve(should_stop=stop.is_set)
+        logger.info("site worker: stopped after %d message(s)", worker.served)
+        return 0
+    from client.executor import TaskLoop, fail_abandoned_task
+
+    if fail_abandoned_task(state, args.runtime_api, "the worker that held this message died before it answered; "
+                           "`fedpeft node` started a new one"):
+        logger.warning("site worker: answered the message the previous worker died with as failed")
+    relays = threading.Thread(target=worker.serve, kwargs={"should_stop": stop.is_set}, daemon=True)
+    relays.start()
+    tasks = TaskLoop(args.runtime_api, local, state, secret=secret, lock=worker.lock)
+    on_stop.append(tasks.stopping)
+    logger.info("site worker: taking ClientApp tasks from the SuperNode at %s", args.runtime_api)
+    tasks.run(should_stop=stop.is_set)
+    relays.join(timeout=5)
+    logger.info("site worker: stopped after %d task(s) and %d relayed message(s)", tasks.done, worker.served)
     return 0
 
 

@@ -22,3 +22,13 @@ def state_dir(node_config: Mapping[str, Any] | None = None) -> Path:
 def worker_socket_path(directory: Path) -> Path:
     """Where a site's worker listens: ``<state dir>/worker/worker.sock`` (the directory 0700, the socket 0600)."""
     return Path(directory) / "worker" / "worker.sock"
+
+
+def worker_secret_path(directory: Path) -> Path:
+    """The SuperExec secret ``fedpeft node`` gives its SuperNode and its worker (0600, in the worker directory)."""
+    return Path(directory) / "worker" / "superexec.secret"
+
+
+def worker_task_path(directory: Path) -> Path:
+    """Where a worker notes the task in hand (token, message envelope), for answering it if the worker dies."""
+    return Path(directory) / "worker" / "task.json"

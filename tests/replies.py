@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedpeft.adapters.state import key_matches
 from fedpeft.codecs import compress, parse_codec
@@ -43,3 +43,12 @@ def reply(
     parts, _, _ = compress(chosen, update)
     records = payload_records(chosen, parts, {k: v.shape for k, v in update.items()})
     return Message(RecordDict({**records, METRICS: MetricRecord(dict(metrics)), **(extra or {})}), reply_to=out)
+
+
+def incoming(rnd: int = 1) -> Message:
+    """A train message as a SuperNode hands it to the ClientApp (with the id the grid gave it; needs the
+    ``server_identity`` fixture)."""
+    msg = Message(RecordDict({"config": ConfigRecord({"server-round": rnd})}), dst_node_id=7,
+                  message_type=MessageType.TRAIN)
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    return msg

@@ -198,8 +198,12 @@ def test_deployment_commands_print_what_they_would_run(capsys: pytest.CaptureFix
             str(tmp_path / "c" / "nodes" / "site-a.key"), "--data", str(small_data),
             "--state-dir", str(tmp_path / "st")]
     assert main([*args, "--print"]) == 0
-    worker, node = capsys.readouterr().out.splitlines()  # the site worker first, then the SuperNode relaying to it
-    assert worker.endswith(f"-m client.worker --state-dir {tmp_path / 'st'}")
+    worker, node = capsys.readouterr().out.splitlines()  # the site worker first, then the SuperNode it serves
+    secret = tmp_path / "st" / "worker" / "superexec.secret"  # the worker takes the SuperNode's tasks itself
+    assert worker.endswith(f"-m client.worker --state-dir {tmp_path / 'st'} --runtime-api 127.0.0.1:9094 "
+                           f"--secret-file {secret}")
+    assert node.endswith(f"--isolation process --superexec-auth-secret-file {secret}")
+    assert not secret.exists()  # --print makes no secret
     # the SuperNode asks for messages every 0.5 s while idle (Flower's own waits 3 s): fedpeft's entry point
     assert node.startswith(f"{sys.executable} -m fedpeft.deploy.supernode --poll 0.5 --superlink ")
     assert f'data-path="{small_data}"' in node and "worker=1" in node

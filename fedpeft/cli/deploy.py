@@ -150,7 +150,8 @@ def run_node(args: argparse.Namespace) -> int:
     from fedpeft.deploy.supervise import supervise, worker_command
 
     state = Path(node_config_value(cmd, "state-dir"))
-    print(printable(worker_command(state)), flush=True)
+    runtime_api = f"127.0.0.1:{args.port}"  # the SuperNode's Runtime API (supernode_command's --host/--port)
+    print(printable(worker_command(state, runtime_api)), flush=True)
     print(printable(cmd), flush=True)
     if args.print:
         return 0
@@ -158,7 +159,7 @@ def run_node(args: argparse.Namespace) -> int:
         raise FedPeftError(f"{cmd[0]} not found on PATH; install flwr[simulation]>=1.39,<1.40")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    return supervise(cmd, state)
+    return supervise(cmd, state, runtime_api)
 
 
 def node_config_value(cmd: list[str], key: str) -> str:

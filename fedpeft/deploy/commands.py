@@ -20,6 +20,7 @@ from typing import Any
 from fedpeft.deploy.supernode import FLOWER_IDLE_SECONDS
 from fedpeft.errors import FedPeftError
 from fedpeft.state_dir import state_dir as default_state_dir
+from fedpeft.state_dir import worker_secret_path
 
 
 def split_address(address: str, *, what: str) -> tuple[str, int]:
@@ -97,8 +98,10 @@ def supernode_command(
 ) -> list[str]:
     """``flower-supernode`` for one site: its data file, name, budget and state travel as node config.
 
-    ``worker``: a site worker serves this node (node config ``worker = 1``); the state directory is then
-    always given, so the relay and the worker agree on the socket.
+    ``worker``: a site worker serves this node: the SuperNode runs with ``--isolation process`` and the
+    worker, holding the secret ``<state-dir>/worker/superexec.secret``, takes its tasks (client/executor.py);
+    node config ``worker = 1`` and the state directory are always given, so a relay and the worker agree on the
+    socket.
 
     ``poll``: below Flower's own 3 s, the SuperNode runs through :mod:`fedpeft.deploy.supernode`, which asks the
     SuperLink for messages every ``poll`` seconds while idle.
@@ -113,7 +116,7 @@ def supernode_command(
         config["state-dir"] = str(Path(state_dir).expanduser().resolve())
     if worker:
         config["state-dir"] = str(Path(state_dir or default_state_dir()).expanduser().resolve())
-        config["worker"] = 1
+        config["worker"] = 1  # a ClientApp process started anyway (not by fedpeft node) relays to the worker
     if dp_epsilon is not None:
         if not dp_epsilon > 0:
             raise FedPeftError(f"--dp-epsilon must be > 0, got {dp_epsilon}")
@@ -134,6 +137,9 @@ def supernode_command(
         "--host", "127.0.0.1",
         "--port", str(port),
     ]  # fmt: skip
+    if worker:  # no SuperExec, no per-message process: the site worker takes the node's tasks
+        secret = worker_secret_path(Path(config["state-dir"]))
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
     if max_wait is not None:

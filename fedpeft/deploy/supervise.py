@@ -1,14 +1,16 @@
 """``fedpeft node`` with a site worker: start the worker, then the SuperNode; restart the worker if it dies.
 
-The worker (``python -m client.worker``) holds the site's model and data for the whole life of the node;
-the SuperNode's per-message ClientApp relays to it (see ``client/worker.py``). This module only manages
-the two processes:
+The worker (``python -m client.worker``) holds the site's model and data for the whole life of the node.
+The SuperNode runs with ``--isolation process`` (no SuperExec, no per-message process): the worker takes the
+node's ClientApp tasks from the SuperNode's Runtime API itself (``client/executor.py``), authenticated by a
+secret made fresh for each life of the node (``<state-dir>/worker/superexec.secret``, 0600). This module
+only manages the two processes:
 
 - the worker starts first, and the SuperNode only once the worker's socket answers, so no message
   arrives before the model is loaded;
-- a worker that exits is started again (the round it was in fails at the coordinator with the reason; the
-  next one trains); one that dies within ``quick_death`` seconds of starting ``max_quick_deaths`` times in
-  a row is a fault to report, not to retry: the node stops with status 1;
+- a worker that exits is started again (the message it held is answered as failed by the new worker, see
+  ``client/executor.py``; the next round trains); one that dies within ``quick_death`` seconds of starting
+  ``max_quick_deaths`` times in a row is a fault to report, not to retry: the node stops with status 1;
 - SIGTERM or Ctrl-C stops the SuperNode first (no new messages), then the worker, which finishes the
   message in hand (its privacy spend is on disk before any reply leaves); either gets ``grace`` seconds;
 - when the SuperNode exits on its own, the worker is stopped and its status is the node's.
@@ -16,6 +18,8 @@ the two processes:
 
 from __future__ import annotations
 
+import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -26,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.errors import FedPeftError
-from fedpeft.state_dir import worker_socket_path
+from fedpeft.runlog import atomic_write_bytes
+from fedpeft.state_dir import worker_secret_path, worker_socket_path
 
 
 def answers(path: Path) -> bool:
@@ -40,8 +45,19 @@ def answers(path: Path) -> bool:
     return True
 
 
-def worker_command(state_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "client.worker", "--state-dir", str(state_dir)]
+def worker_command(state_dir: Path, runtime_api: str | None = None) -> list[str]:
+    """The worker's command line; with ``runtime_api`` it takes the SuperNode's tasks itself (client/executor.py)."""
+    cmd = [sys.executable, "-m", "client.worker", "--state-dir", str(state_dir)]
+    if runtime_api is not None:
+        cmd += ["--runtime-api", runtime_api, "--secret-file", str(worker_secret_path(state_dir))]
+    return cmd
+
+
+def new_secret(path: Path) -> None:
+    """A fresh random SuperExec secret for this node's life: 0600 in a 0700 directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    atomic_write_bytes(path, secrets.token_hex(32).encode(), mode=0o600)
 
 
 class NodeSupervisor:
@@ -95,7 +111,7 @@ class NodeSupervisor:
             if self._stop:
                 return 0
             self.supernode = subprocess.Popen(self.supernode_cmd)
-            self.say(f"SuperNode started (pid {self.supernode.pid}); messages relay to the worker at {self.socket}")
+            self.say(f"SuperNode started (pid {self.supernode.pid}); the site worker answers its messages")
             return self._watch()
         finally:
             self._shutdown()
@@ -133,9 +149,12 @@ class NodeSupervisor:
                 proc.wait()
 
 
-def supervise(supernode: Sequence[str], state_dir: Path) -> int:
-    """Run the node until it ends; SIGTERM and SIGINT stop it cleanly."""
-    supervisor = NodeSupervisor(supernode, worker_command(state_dir), worker_socket_path(state_dir))
+def supervise(supernode: Sequence[str], state_dir: Path, runtime_api: str | None = None) -> int:
+    """Run the node until it ends; SIGTERM and SIGINT stop it cleanly. With ``runtime_api`` (the SuperNode runs
+    with ``--isolation process``) the worker takes the SuperNode's tasks, with a secret made for this run."""
+    if runtime_api is not None:
+        new_secret(worker_secret_path(state_dir))
+    supervisor = NodeSupervisor(supernode, worker_command(state_dir, runtime_api), worker_socket_path(state_dir))
     signal.signal(signal.SIGTERM, supervisor.request_stop)
     signal.signal(signal.SIGINT, supervisor.request_stop)
     return supervisor.run()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from replies import incoming
 
 from client.worker import ERROR_CODE, SiteWorker, WorkerError, relay, socket_path
 
@@ -30,14 +31,6 @@ def state_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="fw-", dir="/tmp"))  # short: a socket path holds at most 107 bytes
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-def incoming(rnd: int = 1) -> Message:
-    """A train message as a SuperNode hands it to the ClientApp (with the id the grid gave it)."""
-    msg = Message(RecordDict({"config": ConfigRecord({"server-round": rnd})}), dst_node_id=7,
-                  message_type=MessageType.TRAIN)
-    msg.metadata.__dict__["_message_id"] = msg.object_id
-    return msg
 
 
 def context() -> Context:

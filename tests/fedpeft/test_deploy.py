@@ -125,6 +125,31 @@ def test_supernode_command_carries_the_site_in_its_node_config(tmp_path: Path) -
     assert parsed == {"data-path": str(data.resolve()), "site": "notes", "state-dir": str((tmp_path / "st").resolve()),
                       "dp-epsilon": 4.0, "codec": "int8"}
     assert cmd[-2:] == ["--max-retries", "2"] and "9100" in cmd
+    assert "--isolation" not in cmd  # without a worker: Flower's own SuperExec, a process per message
+
+
+def test_with_a_worker_the_supernode_starts_no_superexec_and_the_worker_takes_its_tasks(tmp_path: Path) -> None:
+    from fedpeft.deploy.supervise import new_secret, worker_command
+
+    made = write_credentials(tmp_path / "c", nodes=["site-a"])
+    data = tmp_path / "notes.jsonl"
+    data.write_text('{"text": "x", "label": "a"}\n')
+    state = (tmp_path / "st").resolve()
+    cmd = supernode_command(link="link:9092", ca=made.ca_cert, key=made.node_keys["site-a"], data=data,
+                            state_dir=state, port=9100, worker=True)
+    secret = state / "worker" / "superexec.secret"
+    assert cmd[cmd.index("--isolation") + 1] == "process"
+    assert cmd[cmd.index("--superexec-auth-secret-file") + 1] == str(secret)
+    assert 'worker=1' in cmd[cmd.index("--node-config") + 1]
+    worker = worker_command(state, "127.0.0.1:9100")
+    assert worker[worker.index("--runtime-api") + 1] == "127.0.0.1:9100"
+    assert worker[worker.index("--secret-file") + 1] == str(secret)
+    new_secret(secret)
+    first = secret.read_bytes()
+    assert len(first) == 64 and stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert stat.S_IMODE(secret.parent.stat().st_mode) == 0o700
+    new_secret(secret)  # a new one for each life of the node
+    assert secret.read_bytes() != first
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -240,9 +265,10 @@ def test_the_supernode_entry_point_caps_the_loops_sleeps_and_nothing_else(monkey
     monkeypatch.setattr(time, "sleep", slept.append)
     monkeypatch.setattr(loop, "time", time)  # restored after the test
     patch_supernode(0.5)
-    loop.time.sleep(3)  # Flower's idle wait
-    loop.time.sleep(0.2)
-    assert slept == [0.5, 0.2]
+    loop.time.sleep(3)  # Flower's idle wait: a request to the SuperLink each time
+    loop.time.sleep(0.5)  # Flower's wait for the ClientApp's reply: a look into its own memory
+    loop.time.sleep(0.02)
+    assert slept == [0.5, 0.05, 0.02]
     assert loop.time.monotonic is time.monotonic and time.sleep == slept.append  # the real module is untouched
     with pytest.raises(RuntimeError, match="--poll 3"):  # patched already, or a Flower that sleeps otherwise
         patch_supernode(0.5)

@@ -1,0 +1,215 @@
+"""The site worker in SuperExec's place: deployed messages are trained with no per-message process at all.
+
+Flower 1.39's SuperNode stores each message it pulls as a *task*; in its default ``--isolation subprocess`` a
+SuperExec it starts looks for tasks and launches one ``flwr-clientapp`` process per task (1.3-2.0 s of process
+start and imports per message, measured in ``bench/deployed.py``). With ``--isolation process`` the SuperNode
+starts no SuperExec and waits for one to connect to its Runtime API. ``fedpeft node`` starts its SuperNode
+that way, and the site worker is what connects: :class:`TaskLoop` acquires the node's ClientApp tasks and
+runs each in the worker's own process, exactly as ``flwr-clientapp`` would (pull the task's message and
+context, call the ClientApp, push the reply and the task's output, heartbeating meanwhile), except that
+the ClientApp is the worker's in-process one, whose model and data stay loaded between rounds.
+
+- The Runtime API is the SuperNode's local address (``127.0.0.1:--port``). ``fedpeft node`` gives the
+  SuperNode and the worker one shared secret (``<state-dir>/worker/superexec.secret``, 0600 in the 0700
+  worker directory), so only a process of the site's user can take the node's tasks.
+- The run's app must be this fedpeft: a task whose FAB is another version is refused with the reason
+  (as the relay refuses a relay of another version).
+- While a task is in hand its token and its message's envelope (no content) are in
+  ``<state-dir>/worker/task.json`` (0600). A worker that dies mid-task leaves it behind; the worker
+  ``fedpeft node`` starts in its place answers that message first (:func:`fail_abandoned_task`) with an
+  error reply naming why, so the coordinator records the site as failed within seconds instead of after
+  Flower's token expiry (about a minute).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+from flwr.app import Error, Message
+from flwr.app.message import remove_content_from_message
+from flwr.common.constant import SubStatus
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.proto.message_pb2 import Message as ProtoMessage
+from flwr.proto.runtime_pb2 import AcquireTaskRequest
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
+from flwr.supercore.retry import RetryInvoker, make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+from client.worker import ERROR_CODE, Handler, answer, head, summary, timed
+from fedpeft import __version__
+from fedpeft.runlog import atomic_write_bytes
+from fedpeft.state_dir import worker_task_path
+from fedpeft.wire import SECONDS_WAIT
+
+logger = logging.getLogger(__name__)
+
+# the Runtime API methods only a holder of the SuperExec secret may call (flwr's run_superexec.py)
+PROTECTED = frozenset({"/flwr.proto.Runtime/AcquireTask", "/flwr.proto.Runtime/PullPendingTasks",
+                       "/flwr.proto.Runtime/ClaimTask"})
+
+
+def _client(address: str, interceptors: list[Any], retry: RetryInvoker | None = None) -> RuntimeHttpClient:
+    """A Runtime API client; without ``retry``, one try per call."""
+    return RuntimeHttpClient.from_server_address(server_address=address, insecure=True, root_certificates=None,
+                                                 interceptors=interceptors, retry_invoker=retry)
+
+
+def _task_client(address: str, token: str, retry: RetryInvoker | None = None) -> RuntimeHttpClient:
+    """A client holding a task's token, as flwr-clientapp's."""
+    return _client(address, [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                             RuntimeTokenHttpInterceptor(token)], retry)
+
+
+def seconds_since(timestamp: str, now: float | None = None) -> float | None:
+    """Seconds from an ISO timestamp (a task's ``pending_at``) to ``now``; None where it does not parse."""
+    try:
+        then = datetime.datetime.fromisoformat(timestamp)
+    except (TypeError, ValueError):
+        return None
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=datetime.UTC)
+    return max(0.0, (time.time() if now is None else now) - then.timestamp())
+
+
+class TaskLoop:
+    """Acquire this node's ClientApp tasks from the SuperNode's Runtime API and run each with ``handler``."""
+
+    def __init__(self, address: str, handler: Handler, state_dir: Path, *, secret: bytes | None = None,
+                 lock: threading.Lock | None = None, poll: float = 0.1, version: str = __version__) -> None:
+        self.address, self.handler, self.state_dir = address, handler, Path(state_dir)
+        self.lock = lock or threading.Lock()
+        self.poll, self.version = poll, version
+        self.done = 0
+        self._retry: RetryInvoker | None = None  # the task in hand's
+        interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+        if secret:
+            interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=PROTECTED))
+        self._interceptors = interceptors
+
+    def run(self, should_stop: Callable[[], bool] = lambda: False) -> None:
+        """Take and run tasks until ``should_stop()``; a SuperNode not up yet (or gone a while) is waited for."""
+        # no retries: a refused connection is normal here (the SuperNode starts after the worker), and Flower's
+        # retry invoker answers a refused secret by interrupting this process
+        client = _client(self.address, self._interceptors)
+        failing_since, said = 0.0, 0.0
+        try:
+            while not should_stop():
+                try:
+                    res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP],
+                                                                agentapp_fab_hashes=[]))
+                    failing_since = 0.0
+                except httpx.HTTPError as err:
+                    now = time.monotonic()
+                    failing_since = failing_since or now
+                    if now - failing_since > 10 and now - said > 60:  # a minute apart, after 10 s of failing
+                        logger.warning("site worker: the SuperNode's Runtime API at %s does not answer: %s",
+                                       self.address, _why(err))
+                        said = now
+                    time.sleep(max(self.poll, 0.2))
+                    continue
+                if res.HasField("task") and res.token:
+                    self.execute(res.token, res.task)
+                else:
+                    time.sleep(self.poll)
+        finally:
+            client.close()
+
+    def execute(self, token: str, task: Any) -> None:
+        """Run one task as ``flwr-clientapp`` does, in this process."""
+        acquired = time.time()
+        retry = self._retry = make_simple_http_retry_invoker()  # Flower's retries, as flwr-clientapp's
+        client = _task_client(self.address, token, retry)
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat.start()
+        context, status, details = None, SubStatus.FAILED, "the site worker failed before the message arrived"
+        try:
+            msg, context, run, _fab = pull_task_input(client)
+            self._hold(token, msg)
+            logger.info("site worker: %s received", head(msg))
+            started = time.monotonic()
+            if run.fab_version != self.version:
+                reason = (f"fedpeft version mismatch: the run's app {run.fab_id} {run.fab_version}, this site's "
+                          f"worker {self.version}; restart `fedpeft node` after upgrading")
+                logger.warning("site worker: refused a message: %s", reason)
+                reply = Message(Error(code=ERROR_CODE, reason=f"site worker: {reason}"), reply_to=msg)
+            else:
+                with self.lock:  # one training at a time (the relay's socket shares this lock)
+                    reply = answer(self.handler, msg, context)
+            timed(reply, {SECONDS_WAIT: seconds_since(task.pending_at, acquired)})
+            logger.info("site worker: %s", summary(msg, reply, time.monotonic() - started))
+            push_message(client, reply, context)
+            status, details = SubStatus.COMPLETED, ""
+            self.done += 1
+        except Exception as err:  # noqa: BLE001 — the Runtime API failed us: the task ends as failed
+            logger.error("site worker: task %s failed: %s", task.task_id, err)
+            details = f"site worker: {err}"
+        finally:
+            retry.max_tries = 1  # as flwr-clientapp on exit: a SuperNode that is gone must not hold the worker
+            push_task_output(client=client, context=context, sub_status=status, details=details)
+            heartbeat.stop()
+            client.close()
+            worker_task_path(self.state_dir).unlink(missing_ok=True)
+
+    def stopping(self) -> None:
+        """The node is stopping (its SuperNode first): finish the task in hand, but try each push once."""
+        if self._retry is not None:
+            self._retry.max_tries = 1
+
+    def _hold(self, token: str, msg: Message) -> None:
+        """Note the task in hand, so that the message can be answered if this process dies with it."""
+        envelope = message_to_proto(remove_content_from_message(msg)).SerializeToString()
+        atomic_write_bytes(worker_task_path(self.state_dir), json.dumps({
+            "token": token, "pid": os.getpid(), "message": base64.b64encode(envelope).decode()}).encode(), mode=0o600)
+
+
+def _why(err: httpx.HTTPError) -> str:
+    if isinstance(err, httpx.HTTPStatusError) and err.response.status_code == httpx.codes.UNAUTHORIZED:
+        return "it refused this worker's SuperExec secret (was the SuperNode started by another fedpeft node?)"
+    return str(err) or type(err).__name__
+
+
+def fail_abandoned_task(state_dir: Path, address: str, reason: str) -> bool:
+    """Answer the message a dead worker held (``task.json``) with an error reply; whether there was one."""
+    path = worker_task_path(state_dir)
+    try:
+        held = json.loads(path.read_text())
+        proto = ProtoMessage()
+        proto.ParseFromString(base64.b64decode(held["message"]))
+        msg, token = message_from_proto(proto), str(held["token"])
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        logger.warning("site worker: ignoring an unreadable %s: %s", path, err)
+        path.unlink(missing_ok=True)
+        return False
+    client = _task_client(address, token)  # one try: a token of a SuperNode since restarted is just refused
+    try:
+        reply = Message(Error(code=ERROR_CODE, reason=f"site worker: {reason}"), reply_to=msg)
+        try:
+            push_message(client, reply, SimpleNamespace(node_id=msg.metadata.dst_node_id, run_id=msg.metadata.run_id))
+        except Exception as err:  # noqa: BLE001 — Flower's token expiry will answer it instead
+            logger.warning("site worker: could not answer the abandoned message: %s", err)
+        push_task_output(client=client, context=None, sub_status=SubStatus.FAILED, details=reason)
+    finally:
+        client.close()
+        path.unlink(missing_ok=True)
+    return True
+

@@ -1,0 +1,213 @@
+"""The site worker in SuperExec's place (client/executor.py), against a stand-in for the SuperNode's Runtime API.
+
+The real Runtime API is exercised end to end by tests/test_deployment.py; here each decision of one task is
+checked on its own: the reply pushed, the task's final status, the note of the task in hand (and that it is
+gone after), a refused version, a handler that raises, and answering the message a dead worker held."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.common.constant import SubStatus
+from replies import incoming
+
+import client.executor as executor
+from client.worker import ERROR_CODE
+from fedpeft import __version__
+from fedpeft.state_dir import worker_task_path
+
+pytestmark = pytest.mark.usefixtures("server_identity")  # to build the incoming instruction as a grid would
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="fx-", dir="/tmp"))
+    (path / "worker").mkdir(mode=0o700)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class SuperNode:
+    """What the worker's Runtime API calls did: the task's input it hands out, and what was pushed back."""
+
+    def __init__(self, msg: Message, fab_version: str = __version__) -> None:
+        self.msg, self.fab_version = msg, fab_version
+        self.context = Context(run_id=3, node_id=7, node_config={"site": "a"}, state=RecordDict(), run_config={})
+        self.pushed: list[Message] = []
+        self.outputs: list[tuple[str, str]] = []
+        self.tokens: list[str] = []
+        self.closed = 0
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        node = self
+
+        class Client:
+            def __init__(self, token: str) -> None:
+                node.tokens.append(token)
+
+            def close(self) -> None:
+                node.closed += 1
+
+        class Heartbeat:
+            def __init__(self, fn: Any) -> None:
+                self.is_running = False
+
+            def start(self) -> None:
+                self.is_running = True
+
+            def stop(self) -> None:
+                self.is_running = False
+
+        monkeypatch.setattr(executor, "_task_client", lambda address, token, retry=None: Client(token))
+        monkeypatch.setattr(executor, "HeartbeatSender", Heartbeat)
+        monkeypatch.setattr(executor, "pull_task_input", lambda client: (
+            self.msg, self.context, SimpleNamespace(fab_id="fedpeft/fedpeft", fab_version=self.fab_version), None))
+        monkeypatch.setattr(executor, "push_message", lambda client, reply, context: self.pushed.append(reply))
+        monkeypatch.setattr(executor, "push_task_output", lambda client, context, sub_status, details:
+                            self.outputs.append((sub_status, details)))
+
+
+def task(pending: float = 1.5) -> SimpleNamespace:
+    pending_at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - pending)) + "+00:00"
+    return SimpleNamespace(task_id=11, pending_at=pending_at)
+
+
+def test_a_task_is_answered_in_process_and_its_note_removed(state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    node = SuperNode(incoming())
+    node.install(monkeypatch)
+    seen: dict[str, Any] = {}
+
+    def handler(msg: Message, ctx: Context) -> Message:
+        note = worker_task_path(state_dir)  # while it trains, the task in hand is noted, private to the site
+        seen["mode"] = stat.S_IMODE(note.stat().st_mode)
+        seen["note"] = json.loads(note.read_text())
+        seen["site"] = ctx.node_config["site"]
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 5})}), reply_to=msg)
+
+    loop = executor.TaskLoop("127.0.0.1:1", handler, state_dir)
+    loop.execute("tok-1", task())
+    assert seen["mode"] == 0o600 and seen["note"]["token"] == "tok-1" and seen["site"] == "a"
+    assert not worker_task_path(state_dir).exists()
+    (reply,) = node.pushed
+    assert not reply.has_error() and reply.metadata.reply_to_message_id == node.msg.metadata.message_id
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] == 5 and 1.0 <= metrics["seconds-wait"] < 60  # since the task was pending
+    assert node.outputs == [(SubStatus.COMPLETED, "")] and node.tokens == ["tok-1"] and loop.done == 1
+
+
+def test_a_run_of_another_fedpeft_version_is_refused_with_the_reason(state_dir: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    node = SuperNode(incoming(), fab_version="9.9.9")
+    node.install(monkeypatch)
+    calls: list[Message] = []
+    executor.TaskLoop("127.0.0.1:1", lambda m, c: calls.append(m) or m, state_dir).execute("t", task())
+    (reply,) = node.pushed
+    assert not calls  # nothing trained
+    assert reply.has_error() and reply.error.code == ERROR_CODE
+    assert "9.9.9" in reply.error.reason and __version__ in reply.error.reason and "site worker" in reply.error.reason
+
+
+def test_a_handler_that_raises_is_an_error_reply_and_the_worker_goes_on(state_dir: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    node = SuperNode(incoming())
+    node.install(monkeypatch)
+
+    def broken(msg: Message, ctx: Context) -> Message:
+        raise ValueError("no rows in the site's file")
+
+    loop = executor.TaskLoop("127.0.0.1:1", broken, state_dir)
+    loop.execute("t1", task())
+    loop.execute("t2", task())
+    assert [r.error.reason for r in node.pushed] == ["ValueError: no rows in the site's file"] * 2
+    assert node.outputs == [(SubStatus.COMPLETED, "")] * 2 and not worker_task_path(state_dir).exists()
+
+
+def test_a_runtime_api_that_fails_mid_task_ends_the_task_as_failed(state_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    node = SuperNode(incoming())
+    node.install(monkeypatch)
+
+    def gone(client: Any) -> Any:
+        raise ConnectionError("the SuperNode went away")
+
+    monkeypatch.setattr(executor, "pull_task_input", gone)
+    executor.TaskLoop("127.0.0.1:1", lambda m, c: m, state_dir).execute("t", task())
+    assert not node.pushed and node.outputs == [(SubStatus.FAILED, "site worker: the SuperNode went away")]
+    assert node.closed == 1
+
+
+def test_one_training_at_a_time(state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task loop and the relay's socket share one lock: a task waits while a relayed message trains."""
+    node = SuperNode(incoming())
+    node.install(monkeypatch)
+    lock = threading.Lock()
+    loop = executor.TaskLoop("127.0.0.1:1", lambda m, c: Message(RecordDict(), reply_to=m), state_dir, lock=lock)
+    with lock:
+        thread = threading.Thread(target=loop.execute, args=("t", task()))
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive() and not node.pushed  # waiting for the lock
+    thread.join(10)
+    assert len(node.pushed) == 1
+
+
+def test_the_message_a_dead_worker_held_is_answered_as_failed(state_dir: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker killed mid-task leaves its note (SIGKILL runs no clean-up); the next worker answers from it."""
+    node = SuperNode(incoming(3))
+    node.install(monkeypatch)
+    executor.TaskLoop("127.0.0.1:1", lambda m, c: m, state_dir)._hold("tok-dead", node.msg)
+    assert executor.fail_abandoned_task(state_dir, "127.0.0.1:1", "the worker died")
+    (reply,) = node.pushed
+    assert reply.has_error() and reply.error.reason == "site worker: the worker died"
+    assert reply.metadata.reply_to_message_id == node.msg.metadata.message_id
+    assert reply.metadata.dst_node_id == node.msg.metadata.src_node_id
+    assert node.outputs == [(SubStatus.FAILED, "the worker died")] and node.tokens[-1] == "tok-dead"
+    assert not worker_task_path(state_dir).exists()
+    assert not executor.fail_abandoned_task(state_dir, "127.0.0.1:1", "again")  # nothing held any more
+
+
+def test_an_unreadable_note_is_dropped_not_trusted(state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    node = SuperNode(incoming())
+    node.install(monkeypatch)
+    worker_task_path(state_dir).write_text("{not json")
+    assert not executor.fail_abandoned_task(state_dir, "127.0.0.1:1", "x")
+    assert not node.pushed and not worker_task_path(state_dir).exists()
+
+
+def test_the_loop_waits_for_a_supernode_not_up_yet_and_stops_when_asked(state_dir: Path) -> None:
+    """No Runtime API listens: the loop keeps trying (the SuperNode starts after the worker) and stops cleanly."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    stop = threading.Event()
+    loop = executor.TaskLoop(f"127.0.0.1:{port}", lambda m, c: m, state_dir, poll=0.05)
+    thread = threading.Thread(target=loop.run, kwargs={"should_stop": stop.is_set})
+    thread.start()
+    time.sleep(0.6)
+    assert thread.is_alive()
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive() and loop.done == 0
+
+
+@pytest.mark.parametrize(("stamp", "expected"), [("2026-12-04T10:00:00+00:00", 5.0), ("2026-12-04T10:00:00", 5.0),
+                                                 ("garbage", None), ("", None)])
+def test_seconds_since_a_task_was_pending(stamp: str, expected: float | None) -> None:
+    import datetime
+
+    now = datetime.datetime(2026, 12, 4, 10, 0, 5, tzinfo=datetime.UTC).timestamp()
+    assert executor.seconds_since(stamp, now) == expected
