@@ -53,7 +53,7 @@ from flwr.supercore.retry import RetryInvoker, make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-from client.worker import ERROR_CODE, Handler, answer, head, summary, timed
+from client.handling import ERROR_CODE, Handler, answer, head, summary, timed
 from fedpeft import __version__
 from fedpeft.runlog import atomic_write_bytes
 from fedpeft.state_dir import worker_task_path

@@ -43,22 +43,19 @@ from flwr.common.serde import context_from_proto, context_to_proto, message_from
 from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
+from client.handling import ERROR_CODE, Handler, answer, head, summary, timed
 from fedpeft import __version__
 from fedpeft.deploy.supervise import answers
 from fedpeft.state_dir import state_dir
 from fedpeft.state_dir import worker_socket_path as socket_path
-from fedpeft.wire import METRICS, SECONDS, SECONDS_RELAY, SECONDS_WAIT
+from fedpeft.wire import SECONDS_RELAY, SECONDS_WAIT
 
 logger = logging.getLogger(__name__)
 
 PROTOCOL = 1
-ERROR_CODE = 20  # fedpeft's code for "the site worker could not answer" (Flower uses 0-5 for its own)
 _HEADER = struct.Struct(">Q")
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with its terminating NUL (Linux)
 MAX_FRAME = 1 << 34  # 16 GiB: a bound against a corrupt length, far above any adapter
-
-Handler = Callable[[Message, Context], Message]
-
 
 class WorkerError(RuntimeError):
     """The site worker could not be reached, refused the message, or broke the exchange."""
@@ -269,25 +266,6 @@ class SiteWorker:
         return None
 
 
-def answer(handler: Handler, msg: Message, context: Context) -> Message:
-    """``handler``'s reply; an exception becomes an error reply naming it, as Flower does."""
-    try:
-        return handler(msg, context)
-    except Exception as err:  # noqa: BLE001
-        logger.exception("site worker: the %s handler raised", msg.metadata.message_type)
-        return Message(Error(code=ERROR_CODE, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
-
-
-def timed(reply: Message, seconds: Mapping[str, Any]) -> None:
-    """Add ``seconds`` (those that are numbers) to a train reply's metrics; error replies stay as they are."""
-    if reply.has_error() or reply.metadata.message_type != "train" or METRICS not in reply.content.metric_records:
-        return
-    metrics = reply.content.metric_records[METRICS]
-    for key, value in seconds.items():
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            metrics[key] = float(value)
-
-
 def process_age() -> float | None:
     """Seconds since this process started (Linux ``/proc``), or None where that cannot be read."""
     try:
@@ -298,25 +276,6 @@ def process_age() -> float | None:
         return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return None
-
-
-def head(msg: Message) -> str:
-    """``train round 3``: the message's type and round."""
-    kind = msg.metadata.message_type
-    config = msg.content.config_records.get("config", {}) if msg.has_content() else {}
-    return f"{kind} round {config['server-round']}" if "server-round" in config else kind
-
-
-def summary(msg: Message, reply: Message, seconds: float) -> str:
-    """One log line per message: round, steps, examples, seconds (or the failure)."""
-    what = head(msg)
-    if reply.has_error():
-        return f"{what} failed after {seconds:.2f} s: {reply.error.reason}"
-    metrics = reply.content.metric_records.get("metrics", {})
-    parts = [f"{metrics[key]} {name}" for key, name in (("steps", "steps"), ("num-examples", "examples"))
-             if key in metrics]
-    spent = ", ".join(f"{key.removeprefix('seconds-')} {metrics[key]:.2f}" for key in SECONDS if key in metrics)
-    return f"{what}: {', '.join([*parts, f'{seconds:.2f} s'])}" + (f" ({spent})" if spent else "")
 
 
 def _send_json(conn: socket.socket, payload: dict[str, Any]) -> None:
