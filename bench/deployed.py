@@ -29,7 +29,7 @@ Running it
 ----------
 From the repository root::
 
-    python bench/deployed.py                                  # the README's run (about 15 minutes)
+    python bench/deployed.py --repeats 2                      # the README's run (about 25 minutes)
     python bench/deployed.py --rounds 2 --steps 3 --modes bare,worker   # a quick check
 
 This is a benchmark, not a test: it prints results and asserts nothing about them.
@@ -201,7 +201,7 @@ def passthrough(args: argparse.Namespace) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=60, help="local steps per site per round (60: about 30 s here)")
+    parser.add_argument("--steps", type=int, default=90, help="local steps per site per round (90: about 32 s here)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--cpus", type=int, default=1, help="torch threads per site (client-cpus)")
