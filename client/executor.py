@@ -27,7 +27,6 @@ import base64
 import datetime
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -177,7 +176,7 @@ class TaskLoop:
         """Note the task in hand, so that the message can be answered if this process dies with it."""
         envelope = message_to_proto(remove_content_from_message(msg)).SerializeToString()
         atomic_write_bytes(worker_task_path(self.state_dir), json.dumps({
-            "token": token, "pid": os.getpid(), "message": base64.b64encode(envelope).decode()}).encode(), mode=0o600)
+            "token": token, "message": base64.b64encode(envelope).decode()}).encode(), mode=0o600)
 
 
 def _why(err: httpx.HTTPError) -> str:
