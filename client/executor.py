@@ -37,18 +37,19 @@ from typing import Any
 import httpx
 from flwr.app import Error, Message
 from flwr.app.message import remove_content_from_message
-from flwr.common.constant import SubStatus
+from flwr.common.constant import MAX_RETRY_DELAY, SubStatus
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
-from flwr.proto.runtime_pb2 import AcquireTaskRequest
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest
 from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.heartbeat import HeartbeatSender
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
     SuperExecAuthHttpInterceptor,
 )
-from flwr.supercore.retry import RetryInvoker, make_simple_http_retry_invoker
+from flwr.supercore.retry import RetryInvoker, exponential
+from flwr.supercore.run import RunNotRunningException
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
@@ -63,6 +64,50 @@ logger = logging.getLogger(__name__)
 # the Runtime API methods only a holder of the SuperExec secret may call (flwr's run_superexec.py)
 PROTECTED = frozenset({"/flwr.proto.Runtime/AcquireTask", "/flwr.proto.Runtime/PullPendingTasks",
                        "/flwr.proto.Runtime/ClaimTask"})
+
+
+# what Flower's own HTTP retries treat as passing (flwr/supercore/retry/http_retry.py)
+PASSING_STATUS = frozenset({httpx.codes.SERVICE_UNAVAILABLE, httpx.codes.GATEWAY_TIMEOUT})
+PASSING_ERRORS: tuple[type[Exception], ...] = (httpx.ConnectError, httpx.ReadError, httpx.WriteError,
+                                               httpx.RemoteProtocolError, httpx.TimeoutException)
+
+
+def task_retry() -> RetryInvoker:
+    """Flower's retries for one task's calls (as ``flwr-clientapp``'s: unbounded, backing off to 20 s), except
+    for an answer that the task is no longer this worker's: 403 (its run stopped) or 401 (its token is void)
+    end the *task*. Flower's own invoker raises a BaseException for the first and interrupts its own process
+    for the second, which for ``flwr-clientapp`` ends a process that held one task, but would end this
+    worker, which outlives its tasks."""
+
+    def give_up(err: Exception) -> bool:
+        if isinstance(err, httpx.HTTPStatusError):
+            return err.response.status_code not in PASSING_STATUS
+        return not isinstance(err, PASSING_ERRORS) or any(t in str(err).lower() for t in ("certificate", "ssl", "tls"))
+
+    return RetryInvoker(lambda: exponential(max_delay=MAX_RETRY_DELAY), (httpx.TransportError, httpx.HTTPStatusError),
+                        max_tries=None, max_time=None, should_giveup=give_up)
+
+
+def heartbeat_fn(client: RuntimeHttpClient, lost: threading.Event) -> Callable[[], bool]:
+    """A task's heartbeat, as Flower's (False: try again soon), except that a SuperNode that no longer holds
+    the task sets ``lost`` where Flower's would interrupt the process."""
+    request = SendTaskHeartbeatRequest()
+
+    def beat() -> bool:
+        try:
+            res = client.SendTaskHeartbeat(request)
+        except httpx.TransportError:
+            return False
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code in PASSING_STATUS:
+                return False
+            lost.set()
+            return True
+        if not res.success:
+            lost.set()
+        return True
+
+    return beat
 
 
 def _client(address: str, interceptors: list[Any], retry: RetryInvoker | None = None) -> RuntimeHttpClient:
@@ -134,9 +179,10 @@ class TaskLoop:
     def execute(self, token: str, task: Any) -> None:
         """Run one task as ``flwr-clientapp`` does, in this process."""
         acquired = time.time()
-        retry = self._retry = make_simple_http_retry_invoker()  # Flower's retries, as flwr-clientapp's
+        retry = self._retry = task_retry()
         client = _task_client(self.address, token, retry)
-        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        lost = threading.Event()
+        heartbeat = HeartbeatSender(heartbeat_fn(client, lost))
         heartbeat.start()
         context, status, details = None, SubStatus.FAILED, "the site worker failed before the message arrived"
         try:
@@ -157,13 +203,21 @@ class TaskLoop:
             push_message(client, reply, context)
             status, details = SubStatus.COMPLETED, ""
             self.done += 1
-        except Exception as err:  # noqa: BLE001 — the Runtime API failed us: the task ends as failed
-            logger.error("site worker: task %s failed: %s", task.task_id, err)
-            details = f"site worker: {err}"
+        except (Exception, RunNotRunningException) as err:  # noqa: BLE001 — the task ends as failed; the worker goes on
+            if lost.is_set() or _gone(err):
+                logger.warning("site worker: task %s is no longer this node's (its run stopped, or the SuperNode "
+                               "restarted): its reply is dropped", task.task_id)
+            else:
+                logger.error("site worker: task %s failed: %s", task.task_id, err)
+            details = f"site worker: {err or type(err).__name__}"
         finally:
             retry.max_tries = 1  # as flwr-clientapp on exit: a SuperNode that is gone must not hold the worker
-            push_task_output(client=client, context=context, sub_status=status, details=details)
-            heartbeat.stop()
+            try:
+                push_task_output(client=client, context=context, sub_status=status, details=details)
+            except (Exception, RunNotRunningException) as err:  # noqa: BLE001 — nothing is left to tell it
+                logger.debug("site worker: the task's status was not taken: %s", err)
+            if heartbeat.is_running:
+                heartbeat.stop()
             client.close()
             worker_task_path(self.state_dir).unlink(missing_ok=True)
 
@@ -177,6 +231,13 @@ class TaskLoop:
         envelope = message_to_proto(remove_content_from_message(msg)).SerializeToString()
         atomic_write_bytes(worker_task_path(self.state_dir), json.dumps({
             "token": token, "message": base64.b64encode(envelope).decode()}).encode(), mode=0o600)
+
+
+def _gone(err: BaseException) -> bool:
+    """Whether the SuperNode answered that the task is no longer ours (403: run stopped, 401: token void)."""
+    if isinstance(err, httpx.HTTPStatusError):
+        return err.response.status_code in (httpx.codes.FORBIDDEN, httpx.codes.UNAUTHORIZED)
+    return isinstance(err, RunNotRunningException)
 
 
 def _why(err: httpx.HTTPError) -> str:
@@ -204,9 +265,9 @@ def fail_abandoned_task(state_dir: Path, address: str, reason: str) -> bool:
         reply = Message(Error(code=ERROR_CODE, reason=f"site worker: {reason}"), reply_to=msg)
         try:
             push_message(client, reply, SimpleNamespace(node_id=msg.metadata.dst_node_id, run_id=msg.metadata.run_id))
-        except Exception as err:  # noqa: BLE001 — Flower's token expiry will answer it instead
+            push_task_output(client=client, context=None, sub_status=SubStatus.FAILED, details=reason)
+        except (Exception, RunNotRunningException) as err:  # noqa: BLE001 — Flower's token expiry answers it instead
             logger.warning("site worker: could not answer the abandoned message: %s", err)
-        push_task_output(client=client, context=None, sub_status=SubStatus.FAILED, details=reason)
     finally:
         client.close()
         path.unlink(missing_ok=True)

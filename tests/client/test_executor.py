@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import stat
 import tempfile
 import threading
@@ -202,6 +203,82 @@ def test_the_loop_waits_for_a_supernode_not_up_yet_and_stops_when_asked(state_di
     stop.set()
     thread.join(5)
     assert not thread.is_alive() and loop.done == 0
+
+
+class Refusing:
+    """An HTTP stand-in for a SuperNode that no longer holds the task: every call is answered ``status``."""
+
+    def __init__(self, status: int) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        paths = self.paths = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 — http.server's name
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                paths.append(self.path)
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("status", [403, 401])
+def test_a_task_the_supernode_no_longer_holds_ends_the_task_not_the_worker(
+        status: int, state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run stopped while its message trained (403) or a token made void by a SuperNode restart (401): Flower's
+    own retries raise a BaseException for the one and interrupt the process for the other, which ended the
+    worker. Here the real client, retries and pushes meet a Runtime API that refuses: the task ends, its
+    note is gone, each refused call is tried once, and the worker takes the next task."""
+    node = Refusing(status)
+    msg = incoming()
+    context = Context(run_id=3, node_id=7, node_config={"site": "a"}, state=RecordDict(), run_config={})
+    monkeypatch.setattr(executor, "pull_task_input", lambda client: (
+        msg, context, SimpleNamespace(fab_id="fedpeft/fedpeft", fab_version=__version__), None))
+    interrupted: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    trained: list[Message] = []
+    loop = executor.TaskLoop(node.address, lambda m, c: trained.append(m) or
+                             Message(RecordDict({"metrics": MetricRecord({"num-examples": 5})}), reply_to=m), state_dir)
+    try:
+        for token in ("t1", "t2"):
+            loop.execute(token, task())  # returns: nothing escapes it, not even Flower's RunNotRunningException
+    finally:
+        node.close()
+        signal.signal(signal.SIGINT, previous)
+    assert len(trained) == 2 and loop.done == 0 and not interrupted
+    assert not worker_task_path(state_dir).exists()
+    pushes = [p for p in node.paths if p != "/v1/runtime/send-task-heartbeat"]
+    assert len(pushes) == len(set(pushes)) * 2 and len(pushes) <= 6, node.paths  # each refused call tried once
+
+
+def test_a_heartbeat_the_supernode_refuses_marks_the_task_lost_and_raises_no_signal() -> None:
+    import httpx
+
+    def client(result: Any) -> Any:
+        def send(request: Any) -> Any:
+            if isinstance(result, int):
+                response = httpx.Response(result, request=httpx.Request("POST", "http://x"))
+                raise httpx.HTTPStatusError("refused", request=response.request, response=response)
+            return result
+        return SimpleNamespace(SendTaskHeartbeat=send)
+
+    cases = [(SimpleNamespace(success=True), True, False), (SimpleNamespace(success=False), True, True),
+             (403, True, True), (401, True, True), (503, False, False)]
+    for result, answered, lost_expected in cases:  # (what the SuperNode says, the beat's value, task lost)
+        lost = threading.Event()
+        assert executor.heartbeat_fn(client(result), lost)() is answered, result
+        assert lost.is_set() is lost_expected, result
 
 
 @pytest.mark.parametrize(("stamp", "expected"), [("2026-12-04T10:00:00+00:00", 5.0), ("2026-12-04T10:00:00", 5.0),
