@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from types import SimpleNamespace
 
@@ -39,3 +40,22 @@ def test_a_silent_site_ends_the_exchange_at_the_timeout_with_the_others_replies(
     grid = Grid({"a": 1, "b": None})
     replies = send_and_receive(grid, ["a", "b"], timeout=0.05, poll=0.001)
     assert replied(replies) == ["a"] and grid.pulls >= 2
+
+
+def test_before_the_first_reply_may_come_it_asks_seldom_then_often() -> None:
+    """The previous round's first reply came after 1 s: until 0.8 s it asks every 0.2 s (5 asks), then every
+    0.01 s; the reply on the 10th ask therefore comes after at least 0.8 s, and its arrival is recorded."""
+    grid, arrivals = Grid({"a": 10}), []
+    started = time.monotonic()
+    replies = send_and_receive(grid, ["a"], timeout=60, poll=0.01, slow=0.2, expect=1.0, arrivals=arrivals)
+    took = time.monotonic() - started
+    assert replied(replies) == ["a"] and grid.pulls == 10
+    assert took >= 0.8 and len(arrivals) == 1 and 0.8 <= arrivals[0] <= took
+
+
+def test_once_a_reply_came_the_rest_are_asked_for_often() -> None:
+    grid, arrivals = Grid({"a": 1, "b": 6}), []
+    started = time.monotonic()
+    replies = send_and_receive(grid, ["a", "b"], timeout=600, poll=0.001, slow=30.0, expect=100.0, arrivals=arrivals)
+    assert replied(replies) == ["a", "b"] and time.monotonic() - started < 20  # 5 fast asks, not 5 slow ones
+    assert len(arrivals) == 2 and arrivals[0] <= arrivals[1]
