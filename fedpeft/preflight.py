@@ -13,9 +13,11 @@ from fedpeft.errors import FedPeftError
 from fedpeft.models import check_model_fits_task, resolve_model_path
 
 
-def check_run(cfg: FedPeftConfig, *, clients_given: bool = True) -> FedPeftConfig:
+def check_run(cfg: FedPeftConfig, *, clients_given: bool = True, here: bool = True) -> FedPeftConfig:
     """Validate everything a run needs; return the config with derived values filled in.
 
+    ``here``: the clients run on this machine, so its CPUs and GPUs must host one (False for a Ray
+    cluster, whose resources ``server.simulate`` checks once it has joined).
     The strategy name is checked by the server (``server.simulate``), which owns the strategies.
     With ``natural:<column>`` and no explicit client count, the count becomes the number of distinct
     values of the column.
@@ -32,12 +34,13 @@ def check_run(cfg: FedPeftConfig, *, clients_given: bool = True) -> FedPeftConfi
             check_model_fits_task(path, cfg.task)
         except (OSError, ValueError) as err:
             raise FedPeftError(f"cannot read the config of model {cfg.model!r}: {str(err).splitlines()[0]}") from None
-    cpus = os.cpu_count() or 1
-    if cfg.client_cpus > cpus:
-        raise FedPeftError(f"client_cpus {cfg.client_cpus} exceeds the {cpus} CPUs of this machine")
-    where = site.runtime(cfg)  # cuda without a GPU, bf16 where unsupported: one line now
-    if cfg.client_gpus > 0 and where.device != "cuda":
-        raise FedPeftError(f"client_gpus {cfg.client_gpus:g}: torch sees no CUDA GPU on this machine")
+    if here:
+        cpus = os.cpu_count() or 1
+        if cfg.client_cpus > cpus:
+            raise FedPeftError(f"client_cpus {cfg.client_cpus} exceeds the {cpus} CPUs of this machine")
+        where = site.runtime(cfg)  # cuda without a GPU, bf16 where unsupported: one line now
+        if cfg.client_gpus > 0 and where.device != "cuda":
+            raise FedPeftError(f"client_gpus {cfg.client_gpus:g}: torch sees no CUDA GPU on this machine")
     if cfg.device == "cuda" and cfg.client_gpus == 0:
         raise FedPeftError("device cuda in a simulation: give each client a share of a GPU with --client-gpus "
                            "(e.g. 0.5: two clients per GPU); without one its process sees no GPU")

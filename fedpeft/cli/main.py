@@ -52,6 +52,7 @@ _EXAMPLES = """examples:
   fedpeft simulate --dp local --dp-epsilon 3                the same preset at epsilon 3
   fedpeft simulate --codec topk:0.1+int8                    compressed updates
   fedpeft simulate --resume runs/demo                       continue a run that stopped
+  fedpeft simulate --ray-address 10.0.0.5:6379              the clients on an existing Ray cluster
   fedpeft simulate --task causal-lm --model ~/llama --data chat.jsonl   instruction-tune a decoder LM
   fedpeft report runs/demo && fedpeft export runs/demo --merge --out merged/"""
 
@@ -95,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{helps[name]} (default: {default!r})"
             + ("; --dp alone: local, with the DP defaults below" if name == "dp" else ""),
         )
+    sim.add_argument_group("cluster").add_argument(
+        "--ray-address", metavar="ADDRESS", default=None,
+        help="run the clients on this existing Ray cluster (HOST:PORT of its head, or 'auto') instead of starting "
+        "a local Ray; every node needs fedpeft installed as here and the data and model at the same paths",
+    )
     shown = sim.add_argument_group("output").add_mutually_exclusive_group()
     shown.add_argument("--verbose", action="store_true", help="also show Flower's and Ray's logs")
     shown.add_argument("--quiet", action="store_true", help="print nothing but errors (for scripts)")
@@ -210,7 +216,7 @@ def _simulate(args: argparse.Namespace) -> int:
     if "resume" in given:
         from server.checkpoint import load_checkpoint
 
-        cfg = check_run(resume_config(given), clients_given=True)
+        cfg = check_run(resume_config(given), clients_given=True, here=not args.ray_address)
         done = load_checkpoint(Path(cfg.out)).round
         if done >= cfg.rounds and (Path(cfg.out) / "adapter").is_dir():
             if not args.quiet:
@@ -220,7 +226,7 @@ def _simulate(args: argparse.Namespace) -> int:
             print(f"fedpeft: resuming {cfg.out} after round {done} of {cfg.rounds}")
     else:
         cfg = FedPeftConfig(**with_defaults(given)).with_default_out()
-        cfg = check_run(cfg, clients_given="clients" in given)
+        cfg = check_run(cfg, clients_given="clients" in given, here=not args.ray_address)
 
     from server.simulate import simulate, validate
 
@@ -236,7 +242,7 @@ def _simulate(args: argparse.Namespace) -> int:
         if cfg.dp != "off":
             print(f"fedpeft: {describe_dp(cfg)}")
 
-    simulate(cfg, verbose=args.verbose, output=output)
+    simulate(cfg, verbose=args.verbose, output=output, ray_address=args.ray_address)
     out = Path(cfg.out)
     if output == "json":
         from server.report import REPORT_FILE, load_run
