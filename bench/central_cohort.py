@@ -1,6 +1,6 @@
 """User-level (central) DP-FedAvg with many small clients: the cohort size at which it keeps accuracy.
 
-    python bench/central_cohort.py                          # the README's tables (3.4 CPU-minutes, embeddings cached)
+    python bench/central_cohort.py                          # docs/privacy.md's tables (3.4 CPU-min, embeddings cached)
     python bench/central_cohort.py --partition shards --clip 5 --full-cohorts ''   # label-skewed users
     python bench/central_cohort.py --tune                   # the non-DP grid the fixed settings came from
 

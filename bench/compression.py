@@ -1,6 +1,6 @@
 """Bytes on the wire and final accuracy per update codec, against ``none``, on the default data and model.
 
-    python bench/compression.py                                  # the README's table (about 50 minutes, 2 cores)
+    python bench/compression.py                                  # docs/compression.md's table (about 50 min, 2 cores)
     python bench/compression.py --codecs none,topk:0.1+int8 --seeds 0,1
     python bench/compression.py --extra "--downlink-codec int8"
 

@@ -8,7 +8,7 @@ In one run of this script, on this machine's loopback:
   train at once), with the same settings the federated run gives them: the model and the site's file are
   loaded first (untimed), then ``--rounds`` client-rounds of :func:`fedpeft.site.train_client_round` (the
   function the ClientApp calls) are timed. The bare wall time is the slower site's.
-* **worker** / **no-worker**: a real federation started with the README's deployment commands (the same
+* **worker** / **no-worker**: a real federation started with docs/deployment.md's deployment commands (the same
   code as ``tests/test_deployment.py``): ``fedpeft certs``, ``fedpeft link`` (a SuperLink with TLS and
   SuperNode authentication, gRPC Fleet API), two ``fedpeft node`` sites (``--no-worker`` for the second
   mode), then ``flwr run`` with ``--rounds`` rounds, both sites sampled every round, the same local steps.
@@ -29,7 +29,7 @@ Running it
 ----------
 From the repository root::
 
-    python bench/deployed.py --repeats 2                      # the README's run (about 25 minutes)
+    python bench/deployed.py --repeats 2                      # docs/deployment.md's run (about 25 minutes)
     python bench/deployed.py --rounds 2 --steps 3 --modes bare,worker   # a quick check
 
 This is a benchmark, not a test: it prints results and asserts nothing about them.

@@ -1,7 +1,7 @@
 """Final accuracy of ``fedpeft simulate --dp`` (the preset) at several ε, against the non-DP main job,
 over several seeds.
 
-    python bench/dp_accuracy.py                              # the README's table: ε 8, 3, 1 and no DP, seeds 0-2
+    python bench/dp_accuracy.py                              # docs/privacy.md's table: ε 8, 3, 1 and no DP, seeds 0-2
     python bench/dp_accuracy.py --epsilons 8 --seeds 0 --no-baseline --extra "--probe-rounds 5"
     python bench/dp_accuracy.py --epsilons 8 --out-root runs/bench-dp-airline \
         --common "--data bench/data/airline_tweets.jsonl --partition natural:airline"   # the second dataset

@@ -1,7 +1,7 @@
 """The search behind the ``--dp`` preset: federated DP-SGD on the classification head alone, on the
 frozen encoder's features, for many settings at once (seconds per setting instead of minutes).
 
-    python bench/dp_search.py --epsilons 8 --seeds 0,1     # the README's search rows
+    python bench/dp_search.py --epsilons 8 --seeds 0,1     # docs/privacy.md's search rows
     python bench/dp_search.py --epsilons 8 --seeds 0 --grid quick   # mean pooling vs the [CLS] pooler
 
 This is the probe rounds of ``fedpeft simulate --dp`` without Flower: the same features

@@ -1,6 +1,6 @@
 """LoRA vs SSF on the default data and model at equal rounds: trainable parameters, bytes per round, accuracy.
 
-    python bench/peft_methods.py                      # the README's table (about 20 minutes, 2 cores)
+    python bench/peft_methods.py                      # docs/ssf.md's table (about 20 minutes, 2 cores)
     python bench/peft_methods.py --seeds 0,1
     python bench/peft_methods.py --methods "lora=;ssf=--peft ssf --lr 0.01"
 

@@ -31,7 +31,7 @@ and ‖B' − B̄‖/‖B̄‖ (the driver's ``agg_*_mean``); with the time each
 
 Running it::
 
-    nice -n 10 python bench/strategies.py                       # the README's grid
+    nice -n 10 python bench/strategies.py                       # docs/strategies.md's grid
     nice -n 10 python bench/strategies.py --splits dir0.01 --ranks 4 --seeds 0
 """
 

@@ -231,7 +231,7 @@ class FedPeftConfig:
 
 
 # What `--dp` (local) means when the user sets nothing else: the regime that won the search on the
-# default data (README, "Differential privacy"; bench/dp_accuracy.py): every round a linear probe on the
+# default data (docs/privacy.md; bench/dp_accuracy.py): every round a linear probe on the
 # encoder's mean-pooled features, large Poisson batches, few steps, a high learning rate. The adapter
 # settings apply only to rounds after the probe (``--probe-rounds`` below ``--rounds``).
 # The privacy settings proper; the CLI gives delta unless set, epsilon unless epsilon or sigma is set.

@@ -132,7 +132,7 @@ class Aggregator:
         noise added to it (central DP) covers the whole output: the rule is post-processing of the
         noised average. Rules that read each client's factors non-linearly are not.
     summary : str
-        One line for ``--help`` and the README.
+        One line for ``--help`` and docs/strategies.md.
     adapter : str
         The PEFT method whose state this aggregates (``lora``, ``ssf``); the other is refused.
     """

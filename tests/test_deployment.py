@@ -1,7 +1,7 @@
 """A real deployment on 127.0.0.1: ``flower-superlink`` and two ``flower-supernode`` processes with TLS and
-node authentication over the gRPC Fleet API, started by the README's own commands.
+node authentication over the gRPC Fleet API, started by docs/deployment.md's own commands.
 
-The commands come from the README block marked ``<!-- deployment: ... -->``. What the test changes,
+The commands come from the docs/deployment.md block marked ``<!-- deployment: ... -->``. What the test changes,
 and nothing else: free ports in place of 9092 (Fleet), 9093 (Control) and the nodes' local API; the
 sites' files (``ca.crt``, ``<site>.key``, ``/data/<site>.jsonl``) in place of the paths a site would
 have; node flags that make a refused node give up; the ``--run-config`` (a tiny model, 2 rounds).
@@ -33,15 +33,15 @@ SITES = ("hospital-a", "hospital-b")
 
 def readme_commands() -> list[str]:
     """The deployment block's command lines, in order (comments and blank lines dropped)."""
-    text = (ROOT / "README.md").read_text()
-    assert MARK in text, "the README's deployment block lost its marker"
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    assert MARK in text, "docs/deployment.md's deployment block lost its marker"
     block = text.split(MARK, 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     return [line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
 def command(prefix: str) -> list[str]:
     lines = [line for line in readme_commands() if line.startswith(prefix)]
-    assert lines, f"no README deployment command starts with {prefix!r}"
+    assert lines, f"no docs/deployment.md deployment command starts with {prefix!r}"
     return lines
 
 
@@ -106,7 +106,7 @@ class Federation:
         return self.ports(line) + f" --port {port} --max-retries 3 --max-wait 30"
 
     def start_link(self) -> None:
-        """The README's coordinator steps: credentials (and an intruder's key), the SuperLink, the flwr CLI's
+        """docs/deployment.md's coordinator steps: credentials (and an intruder's key), the SuperLink, the flwr CLI's
         connection, both sites registered."""
         self.run(command("fedpeft certs")[0] + " --node intruder", "coordinator")
         self.start(self.ports(command("fedpeft link")[0].rstrip("&").strip()), "link")
@@ -223,7 +223,7 @@ def metrics(out: Path) -> list[dict]:
 
 
 def submit(fed: Federation, overrides: str) -> subprocess.Popen:
-    """``flwr run`` of the README (streaming the run's log until it ends) with these run-config overrides."""
+    """``flwr run`` of docs/deployment.md (streaming the run's log until it ends) with these run-config overrides."""
     line = re.sub(r"--run-config '[^']*'", f"--run-config {shlex.quote(overrides)}", command("flwr run")[0])
     with open(fed.root / "submit.log", "a") as log:
         return subprocess.Popen(["bash", "-c", fed.ports(line)], env=fed.home("cli"), cwd=ROOT, stdout=log,

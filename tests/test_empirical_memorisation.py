@@ -1,11 +1,11 @@
-"""The empirical audit's power and its honesty, on the bundled MiniLM (the README's measured example, at
+"""The empirical audit's power and its honesty, on the bundled MiniLM (docs/privacy.md's measured example, at
 its settings): without DP, 2 sites that train 8 epochs a round for 5 rounds memorise their canaries and the
 one-run bound is clearly above 0; under local DP with epsilon 1 the bound is near 0 and not above the
 accountant.
 
 The canaries are drawn afresh (secretly) every run, so the bound varies from run to run. At 3 rounds some
 draws were not memorised at all (bounds 0.00, 0.22, 0.93, 1.21 over 4 runs); at 5 rounds every draw was
-(see the README's table), which is why the setting trains 5 rounds."""
+(see docs/privacy.md's table), which is why the setting trains 5 rounds."""
 
 from __future__ import annotations
 
@@ -48,13 +48,13 @@ def test_without_dp_the_canaries_are_found(tmp_path: Path, data: Path) -> None:
     scores, members = np.array(result["scores"]), np.array(result["members"], dtype=bool)
     # memorised: a member canary's loss is near 0, a non-member's (a random label) is not
     assert np.median(scores[members]) < 0.25 * np.median(scores[~members]), result
-    assert result["epsilon"] > 0.5, result  # the README's runs: 0.81 to 2.19
+    assert result["epsilon"] > 0.5, result  # docs/privacy.md's runs: 0.81 to 2.19
 
 
 def test_under_strong_dp_the_bound_stays_below_the_claim(tmp_path: Path, data: Path) -> None:
     result = audit(tmp_path / "dp", data, "--dp", "local", "--dp-epsilon", "1", "--dp-delta", "1e-5",
                    "--probe-rounds", "0", "--rounds", "3")  # DP-SGD on the adapter (the preset would probe
-    # only), 3 rounds as in the README's row: the budget is 1 however many rounds
+    # only), 3 rounds as in docs/privacy.md's row: the budget is 1 however many rounds
     assert 0 < result["accountant_epsilon"] <= 1.0 + 1e-9
     assert result["epsilon"] <= result["accountant_epsilon"] and not result["violation"]
     assert result["epsilon"] < 0.5, result

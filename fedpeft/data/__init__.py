@@ -1,6 +1,6 @@
 """Data: bring-your-own JSONL/CSV tables, a held-out test split, and client partitions.
 
-``DEFAULT_DATA`` is the bundled Rotten Tomatoes snippet corpus (see the README for provenance and
+``DEFAULT_DATA`` is the bundled Rotten Tomatoes snippet corpus (see docs/data.md for provenance and
 licence): 12,752 movie-review snippets labelled ``fresh``/``rotten``, with a ``movie`` column.
 """
 

@@ -113,7 +113,8 @@ def test_extra_examples_are_appended_with_the_runs_labels(tiny_model_dir: Path) 
 @pytest.mark.parametrize("peft", ["lora"])
 def test_readme_snippet_loads_a_mean_pooling_adapter_with_plain_peft(tmp_path: Path, tiny_st_model_dir: Path,
                                                                      peft: str) -> None:
-    """README, "Load the result with plain transformers + peft": the adapter directory ships the head's code."""
+    """docs/getting-started.md, "Load the result with plain transformers + peft": the adapter directory ships
+    the head's code."""
     run, want = finished_run(tmp_path, tiny_st_model_dir, peft)
     adapter, base_dir = run / "adapter", tiny_st_model_dir
     script = textwrap.dedent(f"""
