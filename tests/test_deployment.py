@@ -51,13 +51,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, detail: Callable[[], str] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + (f"\n{detail()}" if detail else ""))
 
 
 class Federation:
@@ -230,6 +230,26 @@ def submit(fed: Federation, overrides: str) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def running_runs(fed: Federation) -> list[int]:
+    runs = json.loads(fed.run(fed.ports(command("flwr ls")[0]) + " --format json", "cli").stdout)["runs"]
+    return [r["run-id"] for r in runs if r["status"].startswith("running")]
+
+
+def logs(fed: Federation) -> str:
+    """The ends of the submission's and the sites' logs, for a failure message."""
+    return "\n".join(f"--- {role}.log ---\n{fed.log(role)[-2500:]}" for role in ("submit", "link", *SITES))
+
+
+def end(fed: Federation, proc: subprocess.Popen) -> None:
+    """A submission that did not end on its own: stop its run at the SuperLink (a run left going keeps the
+    sites busy and fails the tests after this one), then the ``flwr run`` streaming it."""
+    if proc.poll() is None:
+        for run_id in running_runs(fed):
+            fed.run(fed.ports(f"flwr stop {run_id} hospitals"), "cli")
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
 def test_a_frozen_site_and_a_stopped_run_resumed_by_run_config(federation: Federation) -> None:
     """hospital-b's SuperNode (and its ClientApp processes) is frozen with SIGSTOP after round 1: it never
     answers, and rounds go on without it after the round timeout. The run is then stopped with ``flwr stop``
@@ -245,19 +265,26 @@ def test_a_frozen_site_and_a_stopped_run_resumed_by_run_config(federation: Feder
         wait_for(lambda: len(metrics(out)) >= 2, 300, "round 1")
         os.killpg(frozen, signal.SIGSTOP)
         wait_for(lambda: len(metrics(out)) >= 3, 180, "round 2 without hospital-b")
-        runs = json.loads(fed.run(fed.ports(command("flwr ls")[0]) + " --format json", "cli").stdout)["runs"]
-        running = [r["run-id"] for r in runs if r["status"].startswith("running")]
-        assert len(running) == 1, runs
+        running = running_runs(fed)
+        assert len(running) == 1, running
         fed.run(fed.ports(f"flwr stop {running[0]} hospitals"), "cli")
     finally:
         os.killpg(frozen, signal.SIGCONT)
-    proc.wait(timeout=120)
+    try:
+        proc.wait(timeout=120)
+    finally:
+        end(fed, proc)
     stopped = [r["round"] for r in metrics(out)]
     assert stopped[:3] == [0, 1, 2] and len(stopped) < 5, stopped
 
     wait_for(lambda: len(online_nodes(fed)) == 2, 120, "hospital-b back online")
     resumed = submit(fed, f'resume="{out}"')
-    resumed.wait(timeout=600)
+    try:
+        resumed.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the resumed run did not end within 600 s\n" + logs(fed))
+    finally:
+        end(fed, resumed)
     records = metrics(out)
     assert [r["round"] for r in records] == [0, 1, 2, 3, 4], (fed.root / "submit.log").read_text()[-3000:]
     assert records[2]["clients"] == 1  # round 2: hospital-b frozen
@@ -290,13 +317,13 @@ def test_a_worker_killed_mid_round_fails_that_round_and_the_next_trains(federati
                        f'test-fraction=0.5 local-epochs=3 max-local-steps=0 batch-size=8 client-cpus=1 out="{out}" '
                        'round-timeout=300.0 dp="local" dp-epsilon=20.0 dp-delta=1e-5')
     try:
-        wait_for(lambda: "train round 2 received" in fed.log("hospital-a")[seen:], 400, "round 2 at hospital-a")
+        wait_for(lambda: "train round 2 received" in fed.log("hospital-a")[seen:], 400, "round 2 at hospital-a",
+                 lambda: logs(fed))
         pid = int(re.findall(r"site worker started \(pid (\d+)\)", fed.log("hospital-a"))[-1])
         os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=900)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+        end(fed, proc)
     log = fed.log("hospital-a")[seen:]
     assert "train round 2:" not in log, log[-3000:]  # killed before it answered
     assert log.count("site worker started") == 1 and "train round 3:" in log, log[-3000:]  # the restart trained
