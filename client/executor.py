@@ -40,9 +40,10 @@ from flwr.app.message import remove_content_from_message
 from flwr.common.constant import MAX_RETRY_DELAY, SubStatus
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
-from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, PullPendingTasksRequest, SendTaskHeartbeatRequest
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
@@ -51,10 +52,12 @@ from flwr.supercore.interceptors import (
 from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.run import RunNotRunningException
 from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime import run_clientapp
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from client.handling import ERROR_CODE, Handler, answer, head, summary, timed
 from fedpeft import __version__
+from fedpeft.deploy.objects import eager_object_pulls
 from fedpeft.runlog import atomic_write_bytes
 from fedpeft.state_dir import worker_task_path
 from fedpeft.wire import SECONDS_WAIT
@@ -137,6 +140,37 @@ def seconds_since(timestamp: str, now: float | None = None) -> float | None:
 # cores the site trains on (an idle federation's polling slowed bare training on 2 cores by 11%). A message
 # waits at most this long at the site (the target is 1 s from the SuperNode to the first training step).
 IDLE_POLL = 0.25
+# Just after a task, the next round's message is due as soon as the coordinator has aggregated: for EAGER_SECONDS
+# the worker asks every EAGER_POLL seconds (a local request; the SuperNode asks the SuperLink eagerly then too).
+EAGER_POLL = 0.05
+EAGER_SECONDS = 3.0
+# While a task's objects are missing at the SuperNode, how often to look whether it made a newer task instead.
+ABANDON_CHECK = 1.0
+
+
+def watched_pulls(pull: Callable[[Any], Any], newer_task: Callable[[], bool],
+                  every: float = ABANDON_CHECK) -> Callable[[Any], Any]:
+    """``PullObject`` for a task's client that gives up on a message its SuperNode dropped.
+
+    Flower 1.39's SuperNode makes the task before it pulls the message's objects from the SuperLink, and when
+    the run stops meanwhile it drops the message and leaves the task (``_pull_and_store_message``). Flower's
+    object pulls would then retry for two hours (500 tries, backing off to 10 s), and this worker, one task at
+    a time, would answer nothing else: the next run's query waited out its 600 s start-up timeout. The
+    SuperNode handles one message at a time (it asks the SuperLink again only once it has a reply, or has
+    dropped the message), so a pending task while this one's objects are still missing means this one was
+    dropped: the pull then fails with ``ObjectPullError`` and the task ends."""
+    last = [float("-inf")]
+
+    def pull_object(request: Any) -> Any:
+        res = pull(request)
+        if res.object_found and not res.object_available and time.monotonic() - last[0] >= every:
+            last[0] = time.monotonic()
+            if newer_task():
+                raise ObjectPullError(request.object_id, "the SuperNode dropped this message (its run stopped) "
+                                                         "and holds a newer one")
+        return res
+
+    return pull_object
 
 
 class TaskLoop:
@@ -148,17 +182,21 @@ class TaskLoop:
         self.lock = lock or threading.Lock()
         self.poll, self.version = poll, version
         self.done = 0
+        self.finished = float("-inf")  # time.monotonic() when the last task ended
+        self._node: RuntimeHttpClient | None = None  # run()'s client (the SuperExec's calls)
         self._retry: RetryInvoker | None = None  # the task in hand's
         interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
         if secret:
             interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=PROTECTED))
         self._interceptors = interceptors
+        # the task exists before the SuperNode holds its message's objects: ask again soon, not after Flower's 1 s
+        eager_object_pulls(run_clientapp)
 
     def run(self, should_stop: Callable[[], bool] = lambda: False) -> None:
         """Take and run tasks until ``should_stop()``; a SuperNode not up yet (or gone a while) is waited for."""
         # no retries: a refused connection is normal here (the SuperNode starts after the worker), and Flower's
         # retry invoker answers a refused secret by interrupting this process
-        client = _client(self.address, self._interceptors)
+        client = self._node = _client(self.address, self._interceptors)
         failing_since, said = 0.0, 0.0
         try:
             while not should_stop():
@@ -176,17 +214,37 @@ class TaskLoop:
                     time.sleep(max(self.poll, 0.2))
                     continue
                 if res.HasField("task") and res.token:
-                    self.execute(res.token, res.task)
+                    try:
+                        self.execute(res.token, res.task)
+                    finally:
+                        self.finished = time.monotonic()
                 else:
-                    time.sleep(self.poll)
+                    time.sleep(self.idle_wait())
         finally:
+            self._node = None
             client.close()
+
+    def newer_task(self) -> bool:
+        """Whether the SuperNode holds a task no one took yet (False where that cannot be asked)."""
+        if self._node is None:
+            return False
+        try:
+            return bool(self._node.PullPendingTasks(PullPendingTasksRequest()).tasks)
+        except Exception as err:  # noqa: BLE001 — not knowing is not a reason to give the task up
+            logger.debug("site worker: could not list the pending tasks: %s", err)
+            return False
+
+    def idle_wait(self) -> float:
+        """How long to wait before asking again: :data:`EAGER_POLL` just after a task, else ``poll``."""
+        eager = time.monotonic() - self.finished < EAGER_SECONDS
+        return min(self.poll, EAGER_POLL) if eager else self.poll
 
     def execute(self, token: str, task: Any) -> None:
         """Run one task as ``flwr-clientapp`` does, in this process."""
         acquired = time.time()
         retry = self._retry = task_retry()
         client = _task_client(self.address, token, retry)
+        client.PullObject = watched_pulls(client.PullObject, self.newer_task)  # type: ignore[method-assign]
         lost = threading.Event()
         heartbeat = HeartbeatSender(heartbeat_fn(client, lost))
         heartbeat.start()

@@ -258,8 +258,10 @@ def test_a_frozen_site_and_a_stopped_run_resumed_by_run_config(federation: Feder
     wait_for(lambda: len(online_nodes(fed)) == 2, 90, "both SuperNodes online")
     out = fed.root / "resumed"
     proc = submit(fed, f'rounds=4 fraction=1.0 model="{fed.model}" data="{fed.root / "eval.jsonl"}" '
-                       f'test-fraction=0.5 max-local-steps=2 batch-size=8 client-cpus=1 out="{out}" '
-                       'round-timeout=45.0 dp="local" dp-epsilon=20.0 dp-delta=1e-5')
+                       f'test-fraction=0.5 local-epochs=100 max-local-steps=200 batch-size=8 '
+                       f'client-cpus=1 out="{out}" round-timeout=45.0 dp="local" dp-epsilon=20.0 dp-delta=1e-5')
+    # 200 steps (seconds a round): once hospital-b is marked unavailable, rounds 3 and 4 are hospital-a's
+    # alone; at 2 steps both ended within 2.6 s, before `flwr ls` and `flwr stop` had stopped the run
     frozen = fed.node_pids["hospital-b"]
     try:
         wait_for(lambda: len(metrics(out)) >= 2, 300, "round 1")

@@ -6,8 +6,13 @@ site replies, the next round's message is rarely there yet, so every round waits
 (measured: most of a deployed round's non-training time, see ``bench/deployed.py``). This entry point runs
 the very same ``flower-supernode`` with the sleeps of that one module capped: the idle wait at ``--poll``
 seconds, and the waits for the ClientApp's reply (a look into the SuperNode's own memory, no network) at
-0.05 s; nothing else changes. The cost is more requests to the SuperLink: one per ``--poll`` seconds per
-idle site.
+0.05 s; nothing else changes. For :data:`EAGER_SECONDS` after it pushed a reply, when the next round's
+message is due as soon as the coordinator has aggregated (about half a second after the last reply on
+loopback), the node asks every :data:`EAGER_POLL` seconds instead. The cost is more requests to the
+SuperLink: one per ``--poll`` seconds per idle site, and up to 30 more in the 3 s after each reply.
+
+Its object pulls retry sooner too (:mod:`fedpeft.deploy.objects`): a message pulled before the
+coordinator has uploaded its objects waits 0.05 s, not 1 s, before asking for them again.
 
 The cap replaces that module's ``time`` by a copy whose ``sleep`` is capped; if a Flower release no longer
 sleeps there this way, the node refuses to start rather than run unpatched silently.
@@ -21,29 +26,59 @@ import types
 
 FLOWER_IDLE_SECONDS = 3.0  # what the SuperNode sleeps when no message is waiting (flwr 1.39)
 LOCAL_POLL = 0.05  # between looks for the reply in the SuperNode's own memory (Flower: 0.5 s; no network)
+EAGER_POLL = 0.1  # the idle wait just after a reply went out: the next round's message is due soon
+EAGER_SECONDS = 3.0  # how long after a reply the node asks that often (Flower's own idle wait)
 
 
-def capped_time(poll: float) -> types.ModuleType:
+class Pace:
+    """When this SuperNode last pushed a reply (``time.monotonic()``)."""
+
+    def __init__(self) -> None:
+        self.pushed = float("-inf")
+
+    def idle_wait(self, poll: float) -> float:
+        eager = time.monotonic() - self.pushed < EAGER_SECONDS
+        return min(poll, EAGER_POLL) if eager else poll
+
+
+def capped_time(poll: float, pace: Pace | None = None) -> types.ModuleType:
     """A stand-in for the ``time`` module: the idle wait for the SuperLink (Flower's 3 s) is capped at ``poll``
-    seconds, the shorter waits for a reply in the SuperNode's own memory at :data:`LOCAL_POLL`."""
+    seconds (at :data:`EAGER_POLL` just after ``pace`` saw a reply go out), the shorter waits for a reply in
+    the SuperNode's own memory at :data:`LOCAL_POLL`."""
     shim = types.ModuleType("time")
     shim.__dict__.update({k: v for k, v in vars(time).items() if not k.startswith("__")})
+    pace = pace or Pace()
 
     def sleep(seconds: float) -> None:
-        time.sleep(min(seconds, poll if seconds >= FLOWER_IDLE_SECONDS else LOCAL_POLL))
+        time.sleep(min(seconds, pace.idle_wait(poll) if seconds >= FLOWER_IDLE_SECONDS else LOCAL_POLL))
 
     shim.sleep = sleep  # type: ignore[attr-defined]
     return shim
 
 
-def patch_supernode(poll: float) -> None:
-    """Cap the SuperNode loop's sleeps at ``poll`` seconds. Raises RuntimeError where that loop is not found."""
+def patch_supernode(poll: float) -> Pace:
+    """Cap the SuperNode loop's sleeps at ``poll`` seconds, and note each reply it pushes. Raises RuntimeError
+    where that loop is not found."""
     from flwr.supernode import start_client_internal as loop
 
-    if getattr(loop, "time", None) is not time:
-        raise RuntimeError("this Flower release's SuperNode loop does not sleep through the time module; "
+    from fedpeft.deploy.objects import eager_object_pulls
+
+    push = getattr(loop, "_push_messages", None)
+    if getattr(loop, "time", None) is not time or not callable(push) or not eager_object_pulls(loop):
+        raise RuntimeError("this Flower release's SuperNode loop is not the one fedpeft adjusts (sleeps through the "
+                           "time module, replies through _push_messages, objects through pull_objects); "
                            "run `fedpeft node --poll 3` (Flower's own polling)")
-    loop.time = capped_time(poll)  # type: ignore[attr-defined]
+    pace = Pace()
+
+    def push_messages(*args: object, **kwargs: object) -> object:
+        try:
+            return push(*args, **kwargs)
+        finally:
+            pace.pushed = time.monotonic()
+
+    loop.time = capped_time(poll, pace)  # type: ignore[attr-defined]
+    loop._push_messages = push_messages  # type: ignore[attr-defined]
+    return pace
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,9 @@ class SuperNode:
             def __init__(self, token: str) -> None:
                 node.tokens.append(token)
 
+            def PullObject(self, request: Any) -> Any:  # noqa: N802 — Flower's name; pull_task_input is faked
+                raise AssertionError("not called")
+
             def close(self) -> None:
                 node.closed += 1
 
@@ -203,6 +206,83 @@ def test_the_loop_waits_for_a_supernode_not_up_yet_and_stops_when_asked(state_di
     stop.set()
     thread.join(5)
     assert not thread.is_alive() and loop.done == 0
+
+
+def test_an_idle_loop_asks_sooner_just_after_a_task(state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supernode.runtime import run_clientapp
+
+    from fedpeft.deploy.objects import FIRST_RETRY
+
+    monkeypatch.setattr(run_clientapp, "pull_and_inflate_object_from_tree",
+                        run_clientapp.pull_and_inflate_object_from_tree)  # restored after the test
+    loop = executor.TaskLoop("127.0.0.1:1", lambda m, c: m, state_dir, poll=0.25)
+    # a task taken before the SuperNode holds its objects: asked for again after 0.05 s, not Flower's 1 s
+    assert run_clientapp.pull_and_inflate_object_from_tree.keywords == {"initial_backoff": FIRST_RETRY}
+    assert loop.idle_wait() == 0.25  # no task yet: the idle pace
+    loop.finished = time.monotonic()  # a reply just went out: the next round's message is due soon
+    assert loop.idle_wait() == executor.EAGER_POLL < 0.25
+    loop.finished -= executor.EAGER_SECONDS
+    assert loop.idle_wait() == 0.25
+
+
+def test_a_task_whose_message_the_supernode_dropped_ends_once_it_holds_a_newer_one() -> None:
+    """The run stopped while the SuperNode pulled the message's objects: they never come. Flower would retry for
+    two hours; the task ends as soon as the SuperNode holds a newer task (the next run's query)."""
+    from flwr.proto.message_pb2 import PullObjectRequest, PullObjectResponse
+    from flwr.proto.node_pb2 import Node
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import make_pull_object_fn_protobuf
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, pull_objects
+
+    pending: list[str] = []
+    looked: list[float] = []
+
+    def newer_task() -> bool:
+        looked.append(time.monotonic())
+        return bool(pending)
+
+    def missing(request: PullObjectRequest) -> PullObjectResponse:  # preregistered, never stored
+        return PullObjectResponse(object_found=True, object_available=False)
+
+    pull = executor.watched_pulls(missing, newer_task, every=0.0)
+    request = PullObjectRequest(object_id="ab" * 32)
+    assert not pull(request).object_available and len(looked) == 1  # nothing newer: keep waiting
+    pending.append("query of the next run")
+    fn = make_pull_object_fn_protobuf(pull, Node(node_id=1), run_id=7)
+    with pytest.raises(ObjectPullError, match="dropped this message"):
+        pull_objects(["ab" * 32], fn, initial_backoff=0.01, backoff_cap=0.01, max_tries_per_object=20)
+
+    looked.clear()
+    slow = executor.watched_pulls(missing, newer_task, every=60.0)
+    pending.clear()
+    slow(request), slow(request), slow(request)
+    assert len(looked) == 1  # asked at most once a minute here (once a second by default)
+
+    def stored(request: PullObjectRequest) -> PullObjectResponse:
+        return PullObjectResponse(object_found=True, object_available=True, object_content=b"x")
+
+    looked.clear()
+    pending.append("newer")
+    assert executor.watched_pulls(stored, newer_task, every=0.0)(request).object_content == b"x"
+    assert not looked  # an object that is there is never a reason to look
+
+
+def test_newer_task_asks_the_supernode_and_never_guesses_yes(state_dir: Path) -> None:
+    loop = executor.TaskLoop("127.0.0.1:1", lambda m, c: m, state_dir)
+    assert not loop.newer_task()  # not running: no SuperNode to ask
+    tasks: list[object] = []
+
+    class Node:
+        def PullPendingTasks(self, request: object) -> SimpleNamespace:  # noqa: N802 — Flower's name
+            if tasks == ["boom"]:
+                raise RuntimeError("the SuperNode went away")
+            return SimpleNamespace(tasks=list(tasks))
+
+    loop._node = Node()  # type: ignore[assignment]
+    assert not loop.newer_task()
+    tasks.append("a task")
+    assert loop.newer_task()
+    tasks[:] = ["boom"]
+    assert not loop.newer_task()  # not knowing keeps the task
 
 
 class Refusing:

@@ -14,6 +14,7 @@ import pytest
 from fedpeft.deploy.certs import make_node_key, write_credentials
 from fedpeft.deploy.commands import node_config_string, superlink_command, supernode_command
 from fedpeft.deploy.connection import add_connection
+from fedpeft.deploy.objects import FIRST_RETRY, eager_object_pulls
 from fedpeft.errors import FedPeftError
 
 
@@ -254,21 +255,77 @@ def test_a_causal_lm_site_trains_on_its_own_conversations(tmp_path: Path, tiny_l
         node_data(cfg, {"data-path": str(data)}, label_names=[])
 
 
+def test_object_pulls_retry_soon_and_still_get_an_object_that_arrives_late(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    waits: list[float] = []
+
+    class Clock:  # the pulls' wait between tries, recorded instead of slept
+        def __init__(self) -> None:
+            self.set_ = False
+
+        def wait(self, seconds: float) -> bool:
+            waits.append(seconds)
+            return self.set_
+
+        def set(self) -> None:
+            self.set_ = True
+
+        def is_set(self) -> bool:
+            return self.set_
+
+    clocked = types.ModuleType("threading")
+    clocked.__dict__.update(vars(inflatable_utils.threading))
+    clocked.Event = Clock
+    monkeypatch.setattr(inflatable_utils, "threading", clocked)
+    module = types.ModuleType("receiver")
+    module.pull_objects = inflatable_utils.pull_objects
+    assert eager_object_pulls(module) and not eager_object_pulls(module)  # once; a second call changes nothing
+    asked: list[str] = []
+
+    def pull(object_id: str) -> bytes:  # the sender uploads "b" only after the receiver first asks for it
+        asked.append(object_id)
+        if object_id == "b" and asked.count("b") < 3:
+            raise ObjectUnavailableError(object_id)
+        return object_id.encode()
+
+    assert module.pull_objects(object_ids=["a", "b"], pull_object_fn=pull) == {"a": b"a", "b": b"b"}
+    assert len(waits) == 2 and FIRST_RETRY * 0.8 <= waits[0] <= FIRST_RETRY * 1.2  # Flower's first wait: 1 s
+    assert FIRST_RETRY * 1.6 <= waits[1] <= FIRST_RETRY * 2.4  # still doubling
+    assert not eager_object_pulls(types.ModuleType("inmemory_grid"))  # nothing to adjust: left alone
+    module.pull_and_inflate_object_from_tree = inflatable_utils.pull_and_inflate_object_from_tree
+    assert eager_object_pulls(module)  # the other pull Flower imports by name (a site worker's)
+    assert module.pull_and_inflate_object_from_tree.keywords == {"initial_backoff": FIRST_RETRY}
+
+
 def test_the_supernode_entry_point_caps_the_loops_sleeps_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
     import time
 
     from flwr.supernode import start_client_internal as loop
 
-    from fedpeft.deploy.supernode import patch_supernode
+    from fedpeft.deploy import supernode
 
     slept: list[float] = []
+    pushed: list[tuple] = []
     monkeypatch.setattr(time, "sleep", slept.append)
     monkeypatch.setattr(loop, "time", time)  # restored after the test
-    patch_supernode(0.5)
+    monkeypatch.setattr(loop, "_push_messages", lambda *a, **k: pushed.append(a))
+    monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)
+    pace = supernode.patch_supernode(0.5)
+    assert loop.pull_objects.keywords == {"initial_backoff": FIRST_RETRY}  # objects not there yet: asked again soon
     loop.time.sleep(3)  # Flower's idle wait: a request to the SuperLink each time
     loop.time.sleep(0.5)  # Flower's wait for the ClientApp's reply: a look into its own memory
     loop.time.sleep(0.02)
     assert slept == [0.5, 0.05, 0.02]
+    loop._push_messages("state", "store")  # a reply goes out: the next round's message is due soon
+    assert pushed == [("state", "store")]
+    loop.time.sleep(3)
+    pace.pushed -= supernode.EAGER_SECONDS  # 3 s later the node is idle again
+    loop.time.sleep(3)
+    assert slept[3:] == [supernode.EAGER_POLL, 0.5]
     assert loop.time.monotonic is time.monotonic and time.sleep == slept.append  # the real module is untouched
     with pytest.raises(RuntimeError, match="--poll 3"):  # patched already, or a Flower that sleeps otherwise
-        patch_supernode(0.5)
+        supernode.patch_supernode(0.5)

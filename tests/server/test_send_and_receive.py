@@ -59,3 +59,15 @@ def test_once_a_reply_came_the_rest_are_asked_for_often() -> None:
     replies = send_and_receive(grid, ["a", "b"], timeout=600, poll=0.001, slow=30.0, expect=100.0, arrivals=arrivals)
     assert replied(replies) == ["a", "b"] and time.monotonic() - started < 20  # 5 fast asks, not 5 slow ones
     assert len(arrivals) == 2 and arrivals[0] <= arrivals[1]
+
+
+def test_a_deployed_grid_asks_again_soon_for_a_reply_whose_objects_are_still_uploading(monkeypatch) -> None:
+    from flwr.superlink.grid import http_grid, inmemory_grid
+
+    from fedpeft.deploy.objects import FIRST_RETRY
+    from server.app import eager_reply_pulls
+
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)  # restored after the test
+    assert eager_reply_pulls(object.__new__(http_grid.HttpGrid))  # what flwr-serverapp hands a deployed run
+    assert http_grid.pull_objects.keywords == {"initial_backoff": FIRST_RETRY}  # Flower's first retry: 1 s
+    assert not eager_reply_pulls(object.__new__(inmemory_grid.InMemoryGrid))  # simulation: nothing to pull
