@@ -30,10 +30,12 @@ from flwr.clientapp import ClientApp
 from client.transport import codec_mod, frozen_components, site_config, site_identity
 from fedpeft import site
 from fedpeft.adapters import adapter_state, load_adapter_state
+from fedpeft.feedback_state import control_path, load_control, save_control
 from fedpeft.wire import (
     ARRAYS,
     CANARIES,
     CONFIG,
+    CONTROL,
     LEDGER_SEQ,
     METRICS,
     NUM_EXAMPLES,
@@ -106,7 +108,17 @@ def train(msg: Message, context: Context) -> Message:
         )
         result = report.metrics
     else:
-        result = site.train_client_round(local, model, data, server_round=server_round, partition_id=pid, frozen=frozen)
+        control = None
+        if CONTROL in msg.content:  # SCAFFOLD: the coordinator's c, and this site's own c_i from its state dir
+            variate_file = control_path(site.state_dir(context.node_config), key, cfg.run_id)
+            control = site.Control(server=from_array_record(msg.content[CONTROL]),
+                                   site=load_control(variate_file, server_round))
+        result = site.train_client_round(local, model, data, server_round=server_round, partition_id=pid,
+                                         frozen=frozen, control=control)
+        if control is not None:  # kept before the reply leaves: a restarted site goes on from it
+            change = {k: v - control.site.get(k, 0.0) for k, v in control.updated.items()}
+            save_control(variate_file, server_round, control.site, {**control.site, **control.updated})
+            content[CONTROL] = to_array_record(change)
     trained = cfg.dp != "local" or report.trained
     metrics = {
         NUM_EXAMPLES: len(data) if trained else 0,

@@ -25,6 +25,7 @@ from fedpeft.config_checks import (  # noqa: F401  (PEFT_FIELDS, ...: part of th
     check_device,
     check_peft,
     check_privacy,
+    check_recipe,
     check_reliability,
     check_task,
 )
@@ -82,6 +83,14 @@ class FedPeftConfig:
     )
     fair_iterations: int = _f(5, "alternating sweeps of lora-fair-ab")
     client_ranks: str = _f("", "comma-separated LoRA ranks given to clients in turn (exact-svd); empty: all lora_r")
+    server_opt: str = _f(
+        "none", "a server step on each round's aggregate delta, after the strategy (and central DP's noise): none | "
+        "avgm (FedAvgM) | adagrad | adam | yogi (Reddi et al. 2021)"
+    )
+    server_lr: float = _f(1.0, "server optimizer: learning rate eta (avgm at 1 with momentum 0 is FedAvg)")
+    server_momentum: float = _f(0.9, "server optimizer: avgm's momentum, the adaptive ones' beta1, in [0, 1)")
+    server_beta2: float = _f(0.99, "server optimizer: adam's and yogi's beta2, in [0, 1)")
+    server_tau: float = _f(1e-3, "server optimizer: adagrad's, adam's and yogi's adaptivity floor tau, > 0")
     round_timeout: float = _f(3600.0, "seconds the server waits for replies in a round")
     startup_timeout: float = _f(600.0, "seconds the server waits for clients to load their model and data")
     min_clients: int = _f(1, "fewest valid replies a round aggregates; fewer: see short_round")
@@ -124,6 +133,18 @@ class FedPeftConfig:
     probe_steps: int = _f(20, "head steps per probe round")
     probe_batch_size: int = _f(0, "examples per probe step (under DP: the expected Poisson batch); 0: all (full batch)")
     probe_lr: float = _f(0.1, "AdamW learning rate of the probe's head steps")
+    head_after_probe: str = _f(
+        "train", "seq-cls with probe rounds: what the head does in the rounds after them: train (LP-FT) | freeze "
+        "(the probed head stays, only the adapter trains: FedBABU's body-only updates)"
+    )
+    label_correction: str = _f(
+        "none", "seq-cls: offset the logits in the local loss by the site's own label counts (never sent): none | "
+        "balanced[:tau] (balanced softmax) | fedlc[:tau] (FedLC calibration); not under local DP"
+    )
+    drift: str = _f(
+        "none", "drift correction at the sites: none | fedprox:<mu> (proximal term) | scaffold (control variates: "
+        "doubles the traffic); not under local DP"
+    )
     eval_batch_size: int = _f(64, "examples per evaluation batch")
     client_cpus: int = _f(2, "CPU threads each simulated client uses")
     client_gpus: float = _f(0.0, "share of a GPU each simulated client reserves (0.5: two clients per GPU); 0: none")
@@ -195,6 +216,7 @@ class FedPeftConfig:
             raise FedPeftError("text_column and label_column must differ")
         check_peft(self)
         check_task(self)
+        check_recipe(self)
         check_device(self)
         check_privacy(self)
         check_codecs(self)

@@ -103,7 +103,7 @@ def check_peft(cfg: Any) -> None:
 TASKS = ("seq-cls", "causal-lm")
 # The settings only classification reads; setting one for causal-lm is a mistake worth one line.
 SEQ_CLS_FIELDS = ("text_column", "label_column", "head_lr", "pooling", "probe_rounds", "probe_steps",
-                  "probe_batch_size", "probe_lr")
+                  "probe_batch_size", "probe_lr", "head_after_probe", "label_correction")
 
 
 def check_task(cfg: Any) -> None:
@@ -175,3 +175,49 @@ def check_codecs(cfg: Any) -> None:
                 "downlink_codec cannot be a sparsifier: the broadcast is the whole adapter, and a server "
                 "cannot feed back what each site missed; use none, fp16, int8 or int4"
             )
+
+
+HEAD_AFTER_PROBE = ("train", "freeze")
+# The registry of strategies/server_opt holds these (a test keeps the two equal; fedpeft does not import strategies).
+SERVER_OPTS = ("none", "avgm", "adagrad", "adam", "yogi")
+SERVER_OPT_FIELDS = ("server_lr", "server_momentum", "server_beta2", "server_tau")
+
+
+def check_recipe(cfg: Any) -> None:
+    """The training recipe around the aggregation rule: server optimizer, drift and label correction, the head."""
+    from fedpeft.drift import parse_drift
+    from fedpeft.label_correction import parse_label_correction
+
+    if cfg.server_opt not in SERVER_OPTS:
+        raise FedPeftError(f"server_opt must be one of {', '.join(SERVER_OPTS)}, got {cfg.server_opt!r}")
+    for name in ("server_lr", "server_tau"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
+            raise FedPeftError(f"{name} must be a finite number > 0, got {getattr(cfg, name)}")
+    for name in ("server_momentum", "server_beta2"):
+        if not (math.isfinite(getattr(cfg, name)) and 0 <= getattr(cfg, name) < 1):
+            raise FedPeftError(f"{name} must lie in [0, 1), got {getattr(cfg, name)}")
+    if cfg.server_opt == "none":
+        defaults = type(cfg).__dataclass_fields__
+        changed = [name for name in SERVER_OPT_FIELDS if getattr(cfg, name) != defaults[name].default]
+        if changed:
+            raise FedPeftError(f"{changed[0]} is set but server_opt is none; add --server-opt avgm, adagrad, adam or "
+                               "yogi")
+    if cfg.head_after_probe not in HEAD_AFTER_PROBE:
+        raise FedPeftError(f"head_after_probe must be one of {', '.join(HEAD_AFTER_PROBE)}, got "
+                           f"{cfg.head_after_probe!r}")
+    if cfg.head_after_probe == "freeze" and not cfg.probe_rounds:
+        raise FedPeftError("head_after_probe freeze keeps the probed head, but probe_rounds is 0: add --probe-rounds")
+    method, _ = parse_label_correction(cfg.label_correction)
+    drift = parse_drift(cfg.drift)
+    if cfg.dp == "local" and method != "none":
+        raise FedPeftError(f"label_correction {cfg.label_correction} under local DP: it reads the site's label counts, "
+                           "which DP-SGD does not protect; use --label-correction none")
+    if cfg.dp == "local" and drift.method != "none":
+        raise FedPeftError(f"drift {cfg.drift} under local DP: its gradient term would bypass DP-SGD's per-example "
+                           "clipping (and SCAFFOLD's variate would be an unprotected second upload); use --drift none")
+    if drift.method == "scaffold" and cfg.client_ranks and not drift.scope:
+        raise FedPeftError("drift scaffold with client_ranks: a site's control variate must have the global "
+                           "adapter's shapes; drop --client-ranks")
+    if cfg.dp == "central" and drift.method == "scaffold":
+        raise FedPeftError("drift scaffold under central DP: each site's control-variate update is a second upload "
+                           "that the noised sum does not cover; use --drift fedprox:<mu> or none")

@@ -236,21 +236,78 @@ def train_client_round(
     server_round: int,
     partition_id: int,
     frozen: tuple[str, ...] = (),
+    control: Control | None = None,
 ) -> dict[str, float]:
     """One client-round of local training as ``cfg`` configures it, seeded by (seed, round, partition).
 
     Parameters whose names contain a ``frozen`` path component (``"lora_A"``) are not trained. The
     first ``cfg.probe_rounds`` rounds train the head alone on pooled features (:mod:`fedpeft.probe`).
+    The local loss takes the run's label correction (:mod:`fedpeft.label_correction`) and its drift
+    term (:mod:`fedpeft.drift`); under SCAFFOLD ``control`` holds the variates c and c_i, and receives
+    the site's new c_i⁺ (``control.updated``).
     """
     seed = derive_seed(cfg.seed, server_round, partition_id)
+    offset = label_offset(cfg, data, model)
     if server_round <= cfg.probe_rounds:
         from fedpeft.probe import HeadProbe, head_inputs, head_module
 
         settings = probe_settings(cfg, len(data))
         inputs = head_inputs(model, data, batch_size=settings.pop("feature_batch_size"), runtime=settings["runtime"])
-        return train_local(HeadProbe(head_module(model)), inputs, **settings, seed=seed)
-    with frozen_parameters(model, frozen):
-        return train_local(model, data, **train_settings(cfg), seed=seed)
+        probe = HeadProbe(head_module(model))
+        terms = drift_terms(cfg, model, probe, control)
+        result = train_local(probe, inputs, **settings, seed=seed, logit_offset=offset, gradient_terms=terms)
+    else:
+        with frozen_parameters(model, frozen):
+            terms = drift_terms(cfg, model, model, control)
+            result = train_local(model, data, **train_settings(cfg), seed=seed, logit_offset=offset,
+                                 gradient_terms=terms)
+    if control is not None:
+        control.updated = next(t.site_variate() for t in terms if hasattr(t, "site_variate"))
+    return result
+
+
+@dataclasses.dataclass
+class Control:
+    """SCAFFOLD's variates for one client-round: the coordinator's c and the site's c_i (by adapter-state
+    name); after training, ``updated`` holds c_i⁺ for the tensors the round trained."""
+
+    server: dict[str, np.ndarray]
+    site: dict[str, np.ndarray]
+    updated: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+
+def label_offset(cfg: FedPeftConfig, data: Encoded, model: Any) -> np.ndarray | None:
+    """The logit offsets of the run's label correction at a site holding ``data`` (None: no correction)."""
+    from fedpeft.label_correction import label_counts, logit_offsets, parse_label_correction
+
+    method, tau = parse_label_correction(cfg.label_correction)
+    if method == "none" or cfg.task != "seq-cls":
+        return None
+    return logit_offsets(label_counts(data.labels, model.config.num_labels), method=method, tau=tau)
+
+
+def drift_terms(cfg: FedPeftConfig, model: Any, trained: Any, control: Control | None) -> list[Any]:
+    """The gradient terms of the run's drift correction over the trainable parameters of ``trained``
+    (``model`` itself, or its head alone in a probe round)."""
+    from fedpeft.drift import parse_drift
+
+    spec = parse_drift(cfg.drift)
+    params = [p for p in trained.parameters() if p.requires_grad]
+    if spec.method == "fedprox" and spec.mu > 0:
+        from fedpeft.drift.fedprox import ProximalTerm
+
+        return [ProximalTerm(params, mu=spec.mu)]
+    if spec.method == "scaffold":
+        if control is None:
+            raise FedPeftError("drift scaffold needs the round's control variates")
+        from fedpeft.adapters.state import state_names
+        from fedpeft.drift.scaffold import ControlTerm
+
+        named = [(p, name) for p, name in zip(params, state_names(model, params), strict=True)
+                 if not spec.scope or key_matches(name, spec.scope)]
+        return [ControlTerm([p for p, _ in named], [name for _, name in named], server=control.server,
+                            site=control.site)]
+    return []
 
 
 def train_settings(cfg: FedPeftConfig) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -105,6 +105,14 @@ def param_groups(model: torch.nn.Module, *, lr: float, head_lr: float = 0.0) -> 
     return [{"params": ps, "lr": rate} for ps, rate in ((adapter, lr), (head, head_lr or lr)) if ps]
 
 
+class GradientTerm(Protocol):
+    """A change to the local objective that acts on the gradient: called after every backward pass and
+    before the optimizer step with the trained parameters (in :func:`param_groups` order), it adds its
+    term to their ``.grad`` (FedProx's proximal pull, SCAFFOLD's drift correction: :mod:`fedpeft.drift`)."""
+
+    def __call__(self, params: Sequence[torch.nn.Parameter]) -> None: ...
+
+
 def train_local(
     model: torch.nn.Module,
     data: Encoded | HeadInputs,
@@ -117,28 +125,39 @@ def train_local(
     seed: int,
     head_lr: float = 0.0,
     runtime: Runtime = CPU,
+    logit_offset: np.ndarray | None = None,
+    gradient_terms: Sequence[GradientTerm] = (),
 ) -> dict[str, float]:
     """Train the trainable parameters of ``model`` on ``data``; return metrics.
+
+    ``logit_offset`` (one value per class, -inf for a class left out) is added to the logits in the
+    training loss only (:mod:`fedpeft.label_correction`); ``gradient_terms`` change each step's gradient.
 
     Returns
     -------
     dict
-        ``train_loss`` (mean over steps), ``steps`` and ``examples_seen``.
+        ``train_loss`` (mean over steps, of the uncorrected loss), ``steps`` and ``examples_seen``.
     """
     torch.manual_seed(seed)  # dropout
     rng = np.random.default_rng(seed)
-    optimizer = torch.optim.AdamW(param_groups(model, lr=lr, head_lr=head_lr), lr=lr, weight_decay=weight_decay)
+    groups = param_groups(model, lr=lr, head_lr=head_lr)
+    params = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    offset = None if logit_offset is None else torch.as_tensor(logit_offset, dtype=torch.float32,
+                                                                  device=runtime.device)
     model.train()
     losses: list[torch.Tensor] = []  # read once at the end: a GPU need not wait for the host every step
     seen = 0
     for _ in range(epochs):
         for batch in batches(data, rng.permutation(len(data)), batch_size):
             with runtime.autocast_context():
-                loss = model(**runtime.to_device(batch)).loss
+                loss, plain = _batch_loss(model, runtime.to_device(batch), offset)
             loss.backward()
+            for term in gradient_terms:
+                term(params)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
+            losses.append(plain.detach())
             seen += len(batch["labels"])
             if max_steps and len(losses) >= max_steps:
                 break
@@ -147,6 +166,21 @@ def train_local(
     model.eval()
     mean = float(torch.stack(losses).float().mean()) if losses else 0.0
     return {"train_loss": mean, "steps": len(losses), "examples_seen": seen}
+
+
+def _batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], offset: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss to train on, loss to report)``: the model's own loss twice, or, with a logit offset, the
+    cross-entropy of the offset logits and of the plain ones (the reported loss means the same with or
+    without a label correction, and reveals nothing of the offsets)."""
+    if offset is None:
+        loss = model(**batch).loss
+        return loss, loss
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits.float()
+    labels = batch["labels"]
+    return (torch.nn.functional.cross_entropy(logits + offset, labels),
+            torch.nn.functional.cross_entropy(logits, labels))
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ METRICS = "metrics"
 CONFIG = "config"
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key; every reply carries it
 PRIVACY = "privacy"  # ConfigRecord of a DP reply: round status and the site's signed ledger entry
+CONTROL = "control"  # ArrayRecord under SCAFFOLD: the coordinator's variate c down, a site's change of c_i up (fp32)
 CANARIES = "canaries"  # train config of the empirical audit: JSON [[text, label], ...] this site trains on too
 LEDGER_SEQ = "ledger-seq"  # train config under local DP: how many of this site's entries the ledger holds
 # where a site's time went, in a train reply's metrics (seconds): building the model and data, training,

@@ -11,6 +11,10 @@ with one atomic rename — the *commit point* of the round. It holds the global 
 - ``logs``: the byte length of ``metrics.jsonl`` and ``traffic.jsonl`` at the commit (lines after it
   belong to the round that did not commit and are cut on resume, so no round appears twice).
 
+Beside the adapter (arrays ``a/<name>``) it holds the coordinator's other state: the server optimizer's
+moments (``o/<moment>/<name>``, :mod:`strategies.server_opt`) and SCAFFOLD's control variate c
+(``c/<name>``, :mod:`strategies.scaffold`).
+
 Sampling and every site's training generator are derived from ``(seed, round)``, so the seed is the
 whole RNG state: a run without DP resumed after a crash ends where the uninterrupted run ends.
 """
@@ -37,6 +41,7 @@ CHECKPOINT_FILE = "checkpoint.npz"
 LOG_FILES = ("metrics.jsonl", "traffic.jsonl")
 VERSION = 1
 _META = "__checkpoint__"
+_ARRAYS = {"state": "a/", "optimizer": "o/", "control": "c/"}  # field → array-name prefix in the file
 
 
 @dataclass(frozen=True)
@@ -51,11 +56,14 @@ class Checkpoint:
     ledger_head: str = ""
     logs: dict[str, int] = field(default_factory=dict)  # file name → its length in bytes at the commit
     state: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    optimizer: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # server optimizer moments
+    control: dict[str, np.ndarray] | None = field(default=None, repr=False)  # SCAFFOLD's c; None: no SCAFFOLD
 
     def meta(self) -> dict[str, Any]:
         data = asdict(self)
-        data.pop("state")
-        return {"version": VERSION, **data}
+        for name in _ARRAYS:
+            data.pop(name)
+        return {"version": VERSION, **data, "scaffold": self.control is not None}
 
 
 def log_sizes(run_dir: Path) -> dict[str, int]:
@@ -67,7 +75,9 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> None:
     """Write ``RUN_DIR/checkpoint.npz`` atomically, readable by the owner only."""
     buffer = io.BytesIO()
     meta = np.frombuffer(json.dumps(checkpoint.meta(), sort_keys=True).encode("utf-8"), dtype=np.uint8)
-    np.savez(buffer, **{_META: meta}, **{f"a/{k}": np.asarray(v) for k, v in checkpoint.state.items()})
+    arrays = {f"{prefix}{k}": np.asarray(v) for name, prefix in _ARRAYS.items()
+              for k, v in (getattr(checkpoint, name) or {}).items()}
+    np.savez(buffer, **{_META: meta}, **arrays)
     atomic_write_bytes(run_dir / CHECKPOINT_FILE, buffer.getvalue(), mode=0o600)
 
 
@@ -86,13 +96,16 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(bytes(data[_META]).decode("utf-8"))
-            state = {k[2:]: np.array(data[k]) for k in data.files if k.startswith("a/")}
+            arrays = {name: {k[len(prefix):]: np.array(data[k]) for k in data.files if k.startswith(prefix)}
+                      for name, prefix in _ARRAYS.items()}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as err:
         raise FedPeftError(f"cannot resume {run_dir}: {CHECKPOINT_FILE} is unreadable ({err})") from None
     if meta.pop("version", None) != VERSION:
         raise FedPeftError(f"cannot resume {run_dir}: {CHECKPOINT_FILE} was written by another fedpeft version")
+    if not meta.pop("scaffold", False):
+        arrays["control"] = None
     try:
-        return Checkpoint(**meta, state=state)
+        return Checkpoint(**meta, **arrays)
     except TypeError as err:
         raise FedPeftError(f"cannot resume {run_dir}: {CHECKPOINT_FILE} is malformed ({err})") from None
 

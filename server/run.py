@@ -27,6 +27,7 @@ import numpy as np
 from fedpeft import site
 from fedpeft.adapters import adapter_state, load_adapter_state
 from fedpeft.config import FedPeftConfig
+from fedpeft.drift import parse_drift
 from fedpeft.errors import FedPeftError
 from fedpeft.heads import model_pooling, save_remote_code
 from fedpeft.runlog import append_jsonl, atomic_replace_dir, atomic_write_text
@@ -36,7 +37,9 @@ from privacy.server import RunPrivacy
 from server.checkpoint import Checkpoint, load_checkpoint, log_sizes, resumed_config, rewind_logs, save_checkpoint
 from server.discovery import finish_discovery, start_discovery, wait_for_nodes
 from strategies import AGGREGATORS, AggregationOptions
+from strategies.aggregator import round_rule
 from strategies.flower import FedPeftStrategy, RoundTraffic
+from strategies.server_opt import SERVER_OPTIMIZERS, ServerOptSettings, server_step
 from strategies.validation import ReplyLimits
 
 if TYPE_CHECKING:
@@ -159,12 +162,17 @@ def run_federation(
             on_round(record, time.monotonic() - started)
         return record
 
+    drift = parse_drift(cfg.drift)
+    scaffold = drift.method == "scaffold"
+    moments: dict[str, np.ndarray] = {}  # the server optimizer's state
+    control: dict[str, np.ndarray] | None = {} if scaffold else None  # SCAFFOLD's c (the strategy moves it)
+
     def commit(rnd: int, population: int, ledger: Any) -> None:
         """The round's commit point: everything after the last checkpoint is redone on resume."""
         count, head = (ledger.count, ledger.head) if ledger is not None else (0, "")
         save_checkpoint(run_dir, Checkpoint(
             run_id=cfg.run_id, round=rnd, seed=seed, population=population, ledger_count=count, ledger_head=head,
-            logs=log_sizes(run_dir), state=state,
+            logs=log_sizes(run_dir), state=state, optimizer=moments, control=control,
         ))
 
     if checkpoint is None:
@@ -172,6 +180,9 @@ def run_federation(
         commit(0, 0, None)
     else:
         record, state, seed = resume_from(checkpoint, run_dir, model)
+        moments = dict(checkpoint.optimizer)
+        if scaffold:
+            control = dict(checkpoint.control or {})
     sites, ranks = finish_discovery(grid, queries, timeout=cfg.startup_timeout, min_sites=cfg.min_clients,
                                     example_delta=cfg.dp_delta if cfg.dp == "local" else 0.0)
     population = checkpoint.population if checkpoint is not None and checkpoint.population else len(sites)
@@ -206,6 +217,9 @@ def run_federation(
         min_replies=cfg.min_clients,
         message_ttl=cfg.round_timeout,
         release=privacy.release,
+        control=control,
+        control_scope=drift.scope,
+        head_frozen_after=head_frozen_after(cfg),
     )
     strategy.summary()
     logger.info("privacy: %s", privacy.describe())
@@ -219,8 +233,11 @@ def run_federation(
         started = time.monotonic()
         arrays, agg, traffic = play_round(rnd, state, cfg=cfg, strategy=strategy, base_config=base_config, grid=grid,
                                           arrivals=arrivals)
+        step_metrics: dict[str, float] = {}
         if arrays is not None:
-            state = {**state, **from_array_record(arrays)}
+            aggregated = {**state, **from_array_record(arrays)}
+            state, moments, step_metrics = server_move(cfg, rnd, state, aggregated, moments)
+        control = strategy.control
         clients = int(agg["clients"]) if agg is not None else 0
         dp_metrics = privacy.after_round(rnd, clients=clients)
         if dp_metrics:
@@ -234,11 +251,29 @@ def run_federation(
         for row in traffic.per_site():
             append_jsonl(run_dir / "traffic.jsonl", {"round": rnd, **row})
         extra = round_metrics(cfg, traffic, agg, skipped=arrays is None, clients=clients)
-        record = record_round(rnd, {**extra, **dp_metrics}, started)
+        record = record_round(rnd, {**extra, **step_metrics, **dp_metrics}, started)
         commit(rnd, population, privacy.ledger)
 
     finish_run(cfg, model, state, label_names=label_names, canaries=canaries, privacy=privacy)
     return record
+
+
+def head_frozen_after(cfg: FedPeftConfig) -> int | None:
+    """The round after which the head is held (``head_after_probe=freeze``: the last probe round), or None."""
+    return cfg.probe_rounds if cfg.head_after_probe == "freeze" else None
+
+
+def server_move(cfg: FedPeftConfig, rnd: int, state: dict[str, np.ndarray], aggregated: dict[str, np.ndarray],
+                moments: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, float]]:
+    """The next broadcast from round ``rnd``'s aggregate: the aggregate itself, or the server optimizer's
+    step along it (tensors the round's rule keeps fixed stay), with the optimizer's new moments."""
+    if cfg.server_opt == "none":
+        return aggregated, moments, {}
+    settings = ServerOptSettings(lr=cfg.server_lr, momentum=cfg.server_momentum, beta2=cfg.server_beta2,
+                                 tau=cfg.server_tau)
+    fixed = round_rule(AGGREGATORS.get(cfg.strategy), rnd, head_frozen_after=head_frozen_after(cfg)).fixed
+    return server_step(SERVER_OPTIMIZERS.get(cfg.server_opt), state, aggregated, moments, settings=settings,
+                       fixed=fixed)
 
 
 def play_round(rnd: int, state: Mapping[str, np.ndarray], *, cfg: FedPeftConfig, strategy: FedPeftStrategy,

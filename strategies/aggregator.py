@@ -24,13 +24,14 @@ the inputs themselves; inputs may be lazy mappings that build a layer only when 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from fedpeft.adapters.state import adapter_kind, key_matches
+from fedpeft.adapters.state import HEAD_MODULES, adapter_kind, key_matches
 from strategies.residual import LayerGrams, layer_geometry
 from strategies.robust import combiner
 
@@ -155,6 +156,12 @@ class Aggregator:
             raise ValueError(f"{self.name} alternates by round; rounds count from 1, got {server_round}")
         return self.alternates[(server_round - 1) % len(self.alternates)]
 
+    def holding(self, components: tuple[str, ...]) -> Aggregator:
+        """This rule with ``components`` held as well: broadcast, neither trained nor sent back, kept as
+        broadcast (the classification head after the probe rounds under ``head_after_probe=freeze``)."""
+        extra = tuple(c for c in components if c not in self.held)
+        return dataclasses.replace(self, held=self.held + extra) if extra else self
+
     @property
     def fixed(self) -> tuple[str, ...]:
         """Components clients do not train or send this round (``frozen`` + ``held``)."""
@@ -169,6 +176,15 @@ class Aggregator:
         options: AggregationOptions | None = None,
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return aggregate(self, states, weights, previous=previous, options=options or AggregationOptions())
+
+
+def round_rule(agg: Aggregator, server_round: int, *, head_frozen_after: int | None = None) -> Aggregator:
+    """The rule round ``server_round`` aggregates with: ``agg``'s turn (:meth:`Aggregator.for_round`),
+    holding the classification head in rounds after ``head_frozen_after`` (None: never)."""
+    rule = agg.for_round(server_round)
+    if head_frozen_after is not None and server_round > head_frozen_after:
+        rule = rule.holding(HEAD_MODULES)
+    return rule
 
 
 def check_adapter(agg: Aggregator, keys: Any) -> None:
@@ -263,6 +279,9 @@ def aggregate(
 
     out: dict[str, np.ndarray] = {}
     for key in others:
+        if key_matches(key, agg.fixed):  # held this round (the head after the probe): kept as broadcast
+            out[key] = np.asarray(previous[key])
+            continue
         shape = np.shape(previous[key])
         values = [np.asarray(state[key]) for state in states]
         for i, value in enumerate(values):

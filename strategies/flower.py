@@ -27,14 +27,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
-from fedpeft.adapters.state import without_keys
+from fedpeft.adapters.state import key_matches, without_keys
 from fedpeft.codecs import parse_codec
 from fedpeft.errors import FedPeftError
 from fedpeft.wire import (
     CONFIG,
+    CONTROL,
     METRICS,
     NUM_EXAMPLES,
     REFUSED,
@@ -49,8 +51,9 @@ from fedpeft.wire import (
     to_array_record,
 )
 from strategies import AGGREGATORS
-from strategies.aggregator import AggregationOptions, check_adapter, lora_layers, truncate_to_rank
+from strategies.aggregator import AggregationOptions, check_adapter, lora_layers, round_rule, truncate_to_rank
 from strategies.sampling import sample_sites
+from strategies.scaffold import control_rejection, server_variate
 from strategies.validation import ReplyLimits, norm_rejection, relative_outliers, reply_bound, update_norm
 
 logger = logging.getLogger(__name__)
@@ -174,6 +177,16 @@ class FedPeftStrategy(Strategy):
         Central DP: computes the new global adapter's change from the accepted updates in place of
         the aggregator (which must be linear); the aggregator's own metrics, computed from each
         site's factors, are then not reported.
+    head_frozen_after : int, optional
+        Hold the classification head in every round after this one (``head_after_probe=freeze``: the
+        head the probe rounds trained stays; sites train and send only the adapter).
+    control : mapping, optional
+        SCAFFOLD (:mod:`fedpeft.drift.scaffold`): the coordinator's control variate c by tensor name
+        (empty at the start of a run). Each train message then carries c for the tensors the site
+        trains, each accepted reply's change of c_i updates it (:attr:`control`), and a reply whose
+        change does not fit those tensors is rejected. None: no SCAFFOLD.
+    control_scope : tuple of str
+        Key components the variates cover (``scaffold:head``: the head's); empty: every trained tensor.
 
     The broadcast leaves out the tensors the aggregator freezes and tells clients which they are
     (config ``frozen``), and names those it holds this round (config ``held``: broadcast, not trained,
@@ -199,6 +212,9 @@ class FedPeftStrategy(Strategy):
         min_replies: int = 1,
         message_ttl: float | None = None,
         release: Release | None = None,
+        control: Mapping[str, Any] | None = None,
+        control_scope: tuple[str, ...] = (),
+        head_frozen_after: int | None = None,
     ) -> None:
         self.aggregator_name = aggregator
         self.aggregator = AGGREGATORS.get(aggregator)
@@ -220,12 +236,18 @@ class FedPeftStrategy(Strategy):
         if release is not None and not self.aggregator.linear:
             raise FedPeftError(f"strategy {aggregator!r} does not average, so a release cannot replace it")
         self.release = release
+        self.control = None if control is None else dict(control)
+        self.control_scope = control_scope
+        self.head_frozen_after = head_frozen_after
         self.baselines: dict[int | None, dict[str, Any]] = {}  # rank → the decoded broadcast at that rank
         self._rank_of: dict[str, int | None] = {}
         self.traffic: dict[int, RoundTraffic] = {}
         self.previous: dict[str, Any] = {}
         self._node_of = {site: node for node, site in self.sites.items()}
         self._sent: list[Message] = []  # this round's instructions: the grid gives each its message id
+
+    def _rule(self, server_round: int) -> Any:
+        return round_rule(self.aggregator, server_round, head_frozen_after=self.head_frozen_after)
 
     def summary(self) -> None:
         logger.info(
@@ -245,7 +267,7 @@ class FedPeftStrategy(Strategy):
             check_adapter(self.aggregator, self.previous.keys())
         except ValueError as err:
             raise FedPeftError(str(err)) from None
-        rule = self.aggregator.for_round(server_round)  # RoLoRA: the factor clients hold this round
+        rule = self._rule(server_round)  # RoLoRA: the factor clients hold this round
         frozen = rule.frozen
         config = ConfigRecord({**config, "server-round": server_round, "frozen": ",".join(frozen),
                                "held": ",".join(rule.held)})
@@ -264,6 +286,11 @@ class FedPeftStrategy(Strategy):
         self.baselines, self._rank_of = {}, {}
         records, self.baselines[global_rank] = encode_tensors(self.downlink, broadcast)
         contents[global_rank] = RecordDict({**records, CONFIG: config})
+        if self.control is not None:  # c for every tensor the sites train this round (zero until it moves)
+            trained = {k: v for k, v in without_keys(broadcast, rule.held).items()
+                       if not self.control_scope or key_matches(k, self.control_scope)}
+            contents[global_rank][CONTROL] = to_array_record(
+                {k: self.control.get(k, np.zeros(v.shape, np.float32)) for k, v in trained.items()})
         self.previous = {**self.previous, **self.baselines[global_rank]}  # what every site starts from
         for site in chosen:
             rank = self.ranks.get(site, global_rank)
@@ -300,9 +327,10 @@ class FedPeftStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
-        rule = self.aggregator.for_round(server_round)
+        rule = self._rule(server_round)
         held = rule.held
         candidates: list[tuple[str, dict[str, Any], float, float, int]] = []  # site, state|update, weight, norm, raw
+        controls: dict[str, dict[str, Any]] = {}  # SCAFFOLD: site → its change of c_i
         for msg in replies:
             site, unreachable = self._site_of(msg)
             if unreachable:  # not an answer from the site: it stays "no reply", with the SuperLink's reason
@@ -343,6 +371,13 @@ class FedPeftStrategy(Strategy):
             except PayloadError as err:
                 self._reject(traffic, server_round, site, f"payload rejected: {err}")
                 continue
+            if self.control is not None:
+                change = from_array_record(content[CONTROL]) if CONTROL in content else None
+                reason = control_rejection(change, shapes)
+                if reason is not None:
+                    self._reject(traffic, server_round, site, reason)
+                    continue
+                controls[site] = change
             norm = update_norm(update)  # as sent: the bounds judge the site, not what clipping made of it
             reason = norm_rejection(norm, self.limits)
             if reason is not None:
@@ -370,6 +405,9 @@ class FedPeftStrategy(Strategy):
             if site not in outliers:
                 traffic.raw_received[site] = raw
         accepted.sort(key=lambda item: item[0])
+        if self.control is not None:
+            self.control = server_variate(self.control, [controls[a[0]] for a in accepted],
+                                          population=len(self.sites))
         if self.release is not None:
             state, agg_metrics = self._released([a[1] for a in accepted])
         else:

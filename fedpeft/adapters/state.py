@@ -82,3 +82,22 @@ def is_head_parameter(name: str) -> bool:
     ``modules_to_save`` copy; SSF's ``base_model.<head>``)."""
     parts = name.split(".")
     return "modules_to_save" in parts or (len(parts) > 1 and parts[0] == "base_model" and parts[1] in HEAD_MODULES)
+
+
+def state_names(model: Any, params: Any) -> list[str]:
+    """The adapter-state name (:func:`adapter_state`'s key) of each of ``params``, parameters of ``model``.
+
+    The state dict's tensors share storage with the parameters they name, which is how they are matched.
+
+    Raises
+    ------
+    FedPeftError
+        A parameter that is not part of the adapter state.
+    """
+    by_storage = {tensor.data_ptr(): key for key, tensor in _state_dict(model).items()}
+    names = []
+    for p in params:
+        if p.data_ptr() not in by_storage:
+            raise FedPeftError(f"a trained parameter of shape {tuple(p.shape)} is not part of the adapter state")
+        names.append(by_storage[p.data_ptr()])
+    return names

@@ -718,3 +718,74 @@ def test_downlink_must_be_a_known_codec() -> None:
 
     with pytest.raises(FedPeftError, match="unknown codec"):
         FedPeftStrategy(aggregator="fedit", sites=NODES, fraction=0.5, seed=0, downlink="gzip")
+
+
+# --- SCAFFOLD and a held head -----------------------------------------------------------------------
+
+def _control_strategy(control: dict | None) -> FedPeftStrategy:
+    return FedPeftStrategy(aggregator="fedavg", sites=NODES, fraction=0.5, seed=0, control=control)
+
+
+def test_scaffold_sends_c_and_moves_it_by_the_mean_change_over_all_sites() -> None:
+    from fedpeft.wire import CONTROL
+
+    strategy = _control_strategy({})
+    out = _configure(strategy)
+    for m in out:  # c starts at zero, for every tensor the sites train
+        c = from_array_record(m.content[CONTROL])
+        assert set(c) == set(_global_state()) and all(not v.any() for v in c.values())
+    changes = {NODES[m.metadata.dst_node_id]: {k: np.full(v.shape, 1.0 + i, np.float32) for k, v in
+                                               _global_state().items()} for i, m in enumerate(out)}
+    replies = [_reply(m) for m in out]
+    for m, r in zip(out, replies, strict=True):
+        r.content[CONTROL] = to_array_record(changes[NODES[m.metadata.dst_node_id]])
+    strategy.aggregate_train(1, replies)
+    expected = sum(1.0 + i for i in range(len(out))) / len(NODES)  # (1/N) Σ Δc_i, N = all ten sites
+    for value in strategy.control.values():
+        np.testing.assert_allclose(value, expected, rtol=1e-6)
+    again = from_array_record(_configure(strategy, server_round=2)[0].content[CONTROL])
+    np.testing.assert_allclose(again["head.weight"], expected, rtol=1e-6)
+
+
+def test_scaffold_rejects_a_reply_without_a_fitting_control_change() -> None:
+    from fedpeft.wire import CONTROL
+
+    strategy = _control_strategy({})
+    out = _configure(strategy)
+    replies = [_reply(m) for m in out]
+    replies[1].content[CONTROL] = to_array_record({"head.weight": np.zeros((2, 2), np.float32)})
+    for r in replies[2:]:
+        r.content[CONTROL] = to_array_record({"head.weight": np.ones((3, 4), np.float32)})
+    strategy.aggregate_train(1, replies)
+    failures = strategy.traffic[1].failures
+    assert "lacks its SCAFFOLD" in failures[NODES[out[0].metadata.dst_node_id]]
+    assert "has shape (2, 2)" in failures[NODES[out[1].metadata.dst_node_id]]
+    np.testing.assert_allclose(strategy.control["head.weight"], (len(out) - 2) / len(NODES), rtol=1e-6)
+
+
+def test_without_scaffold_no_control_travels() -> None:
+    from fedpeft.wire import CONTROL
+
+    strategy = _control_strategy(None)
+    assert all(CONTROL not in m.content for m in _configure(strategy))
+    assert strategy.control is None
+
+
+def test_a_head_held_after_the_probe_is_neither_sent_back_nor_changed() -> None:
+    strategy = FedPeftStrategy(aggregator="fedavg", sites=NODES, fraction=1.0, seed=0, head_frozen_after=1)
+    state = {**_global_state(), "classifier.weight": np.ones((3, 4), np.float32)}
+
+    def configure(rnd: int) -> list[Message]:
+        return list(strategy.configure_train(rnd, to_array_record(state), ConfigRecord({"label-names": ["a"]}),
+                                             _NoGrid()))
+
+    assert configure(1)[0].content[CONFIG]["held"] == ""  # the probe round trains the head
+    out = configure(2)
+    assert out[0].content[CONFIG]["held"] == "classifier,score"
+    replies = [reply(m, {**_client_state(NODES[m.metadata.dst_node_id]),
+                         "classifier.weight": np.full((3, 4), 9.0, np.float32)}, MetricRecord({NUM_EXAMPLES: 5}))
+               for m in out]
+    arrays, _ = strategy.aggregate_train(2, replies)
+    new = from_array_record(arrays)
+    np.testing.assert_array_equal(new["classifier.weight"], state["classifier.weight"])
+    assert not np.array_equal(new["a.lora_B.weight"], state["a.lora_B.weight"])
