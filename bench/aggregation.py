@@ -16,10 +16,15 @@ what data generation costs inside the others, and ``aggregate s`` = total − th
 worker's process time over the same span (data generation included): on a shared machine it is the
 fairer figure.
 
+``--server-opts`` also times each named server optimizer's step on one aggregate of that shape (the
+broadcast and a new global adapter, both materialised; the second of two steps, when the moments
+exist) and prints it beside fedit's aggregation: the share of the round a server optimizer adds.
+
 Running it::
 
     python bench/aggregation.py                       # 100 clients, 7B shape, every strategy
     python bench/aggregation.py --clients 20 --layers 4   # quicker
+    python bench/aggregation.py --strategies fedit --server-opts avgm,adagrad,adam,yogi
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import numpy as np
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+AGGREGATORS_RUN = ("fedit", "lora-fair", "lora-fair-ridge", "lora-fair-ab", "ffa-lora", "rolora", "exact-svd")
 
 
 def keys(layers: int) -> list[str]:
@@ -70,7 +76,25 @@ class LazyClient(Mapping[str, np.ndarray]):
         return len(self.names)
 
 
+def server_opt_worker(name: str, args: argparse.Namespace) -> dict:
+    """Seconds of one server-optimizer step on an aggregate of the bench's shape (its second step)."""
+    from strategies.server_opt import SERVER_OPTIMIZERS, ServerOptSettings, server_step
+
+    names = keys(args.layers)
+    previous = dict(LazyClient(args.clients, names, dim=args.dim, rank=args.rank))
+    new = dict(LazyClient(args.clients + 1, names, dim=args.dim, rank=args.rank))
+    opt, settings = SERVER_OPTIMIZERS.get(name), ServerOptSettings(lr=0.1)
+    _, moments, _ = server_step(opt, previous, new, {}, settings=settings)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    server_step(opt, previous, new, moments, settings=settings)
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    return {"strategy": f"server-opt {name}", "seconds": seconds, "cpu_seconds": cpu,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def worker(name: str, args: argparse.Namespace) -> dict:
+    if name.startswith("server-opt:"):
+        return server_opt_worker(name.split(":", 1)[1], args)
     from strategies import AGGREGATORS, AggregationOptions
     from strategies.aggregator import lora_layers
 
@@ -108,6 +132,7 @@ def main() -> None:
     parser.add_argument(
         "--strategies", default="fedit,lora-fair,lora-fair-ridge,lora-fair-ab,ffa-lora,rolora,exact-svd"
     )
+    parser.add_argument("--server-opts", default="", help="server optimizers whose step to time, e.g. adam,yogi")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -117,7 +142,8 @@ def main() -> None:
     common = ["--clients", str(args.clients), "--layers", str(args.layers), "--dim", str(args.dim),
               "--rank", str(args.rank)]  # fmt: skip
     results = []
-    for name in ["generate", *args.strategies.split(",")]:
+    opts = [f"server-opt:{o}" for o in args.server_opts.split(",") if o]
+    for name in ["generate", *args.strategies.split(","), *opts]:
         proc = subprocess.run([sys.executable, __file__, "--worker", name, *common], capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -129,7 +155,14 @@ def main() -> None:
           f"{per_client_mb:.0f} MB per client, {per_client_mb * args.clients / 1024:.1f} GB in all")  # fmt: skip
     print(f"{'strategy':<16}{'total s':>9}{'aggregate s':>13}{'CPU s':>8}{'peak RSS MB':>13}{'residual mean':>15}"
           f"{'max':>8}")  # fmt: skip
+    rounds = {r["strategy"]: r["seconds"] - gen for r in results if r["strategy"] in AGGREGATORS_RUN}
     for r in results:
+        if r["strategy"].startswith("server-opt"):
+            base = rounds.get("fedit")
+            share = f" ({100 * r['seconds'] / base:.2f} % of fedit's aggregation)" if base else ""
+            print(f"{r['strategy']:<16}{r['seconds']:>9.2f}{'':>13}{r['cpu_seconds']:>8.2f}{r['peak_rss_mb']:>13.0f}"
+                  f"{share}")
+            continue
         agg = r["seconds"] - gen if r["strategy"] != "generate" else float("nan")
         res = r.get("agg_residual_mean", float("nan"))
         print(f"{r['strategy']:<16}{r['seconds']:>9.1f}{agg:>13.1f}{r['cpu_seconds']:>8.1f}"

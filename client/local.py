@@ -30,6 +30,8 @@ from flwr.clientapp import ClientApp
 from client.transport import codec_mod, frozen_components, site_config, site_identity
 from fedpeft import site
 from fedpeft.adapters import adapter_state, load_adapter_state
+from fedpeft.drift import resolve_drift
+from fedpeft.errors import FedPeftError
 from fedpeft.feedback_state import control_path, load_control, save_control
 from fedpeft.wire import (
     ARRAYS,
@@ -109,6 +111,9 @@ def train(msg: Message, context: Context) -> Message:
         result = report.metrics
     else:
         control = None
+        if resolve_drift(cfg).method == "scaffold" and CONTROL not in msg.content:
+            raise FedPeftError("this run corrects drift with SCAFFOLD, but the train message carries no control "
+                               "variate")
         if CONTROL in msg.content:  # SCAFFOLD: the coordinator's c, and this site's own c_i from its state dir
             variate_file = control_path(site.state_dir(context.node_config), key, cfg.run_id)
             control = site.Control(server=from_array_record(msg.content[CONTROL]),

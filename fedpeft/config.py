@@ -32,6 +32,9 @@ from fedpeft.config_checks import (  # noqa: F401  (PEFT_FIELDS, ...: part of th
 from fedpeft.errors import FedPeftError
 
 
+AUTO_PROBE_SHARE = 5  # probe_rounds auto: one probe round per this many rounds (bench/heterogeneity.py)
+
+
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
     return field(default=default, metadata={"help": help})
 
@@ -127,8 +130,9 @@ class FedPeftConfig:
     head_lr: float = _f(0.0, "learning rate of the classification head; 0: the same as lr")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     probe_rounds: int = _f(
-        0, "seq-cls: the first probe_rounds rounds train only the classification head (a linear probe on the "
-        "encoder's pooled features, computed once per site), the rest train adapter and head; 0: none"
+        -1, "seq-cls: the first probe_rounds rounds train only the classification head (a linear probe on the "
+        "encoder's pooled features, computed once per site), the rest train adapter and head; 0: none; -1 (auto): "
+        "a fifth of the rounds, at least one (causal-lm: none)"
     )
     probe_steps: int = _f(20, "head steps per probe round")
     probe_batch_size: int = _f(0, "examples per probe step (under DP: the expected Poisson batch); 0: all (full batch)")
@@ -142,8 +146,9 @@ class FedPeftConfig:
         "balanced[:tau] (balanced softmax) | fedlc[:tau] (FedLC calibration); not under local DP"
     )
     drift: str = _f(
-        "none", "drift correction at the sites: none | fedprox:<mu> (proximal term) | scaffold (control variates: "
-        "doubles the traffic); not under local DP"
+        "auto", "drift correction at the sites: auto (scaffold:head for seq-cls without DP, else none) | none | "
+        "fedprox:<mu> (proximal term) | scaffold (control variates for every trained tensor: doubles the traffic) | "
+        "scaffold:head (for the classification head: a few kB); not under local DP"
     )
     eval_batch_size: int = _f(64, "examples per evaluation batch")
     client_cpus: int = _f(2, "CPU threads each simulated client uses")
@@ -243,6 +248,14 @@ class FedPeftConfig:
             return self
         return dataclasses.replace(self, out=time.strftime("runs/%Y%m%d-%H%M%S", time.gmtime()))
 
+    @property
+    def probes(self) -> int:
+        """How many probe rounds the run has: ``probe_rounds``, with ``-1`` (auto) resolved to a fifth of the
+        rounds (rounded, at least one) for a classifier and none for a causal LM (it has no head to probe)."""
+        if self.probe_rounds >= 0:
+            return self.probe_rounds
+        return max(1, round(self.rounds / AUTO_PROBE_SHARE)) if self.task == "seq-cls" else 0
+
     def to_dict(self) -> dict[str, Any]:
         """A flat snake-case dict of every field (JSON- and Flower-ConfigRecord-safe)."""
         return dataclasses.asdict(self)
@@ -285,9 +298,9 @@ def describe_dp(cfg: FedPeftConfig) -> str:
     budget = f"epsilon {cfg.dp_epsilon:g}" if cfg.dp_epsilon > 0 else "no epsilon budget"
     sigma = f"sigma {cfg.dp_noise_multiplier:g}" if cfg.dp_noise_multiplier > 0 else "sigma calibrated to the budget"
     if cfg.dp == "local":
-        probe = "" if not cfg.probe_rounds else (
-            ", every round a linear probe of the head" if cfg.probe_rounds == cfg.rounds
-            else f", the first {cfg.probe_rounds} round(s) a linear probe of the head")
+        probe = "" if not cfg.probes else (
+            ", every round a linear probe of the head" if cfg.probes == cfg.rounds
+            else f", the first {cfg.probes} round(s) a linear probe of the head")
         return (
             f"local DP-SGD at every site: {budget} at delta {cfg.dp_delta:g} per site, clip {cfg.dp_max_grad_norm:g} "
             f"per example, {sigma}, {cfg.dp_clipping} clipping, {cfg.dp_accountant} accounting{probe}"

@@ -134,8 +134,8 @@ def check_head(cfg: Any) -> None:
 
     if cfg.pooling not in POOLING_MODES:
         raise FedPeftError(f"pooling must be one of {', '.join(POOLING_MODES)}, got {cfg.pooling!r}")
-    if not 0 <= cfg.probe_rounds <= cfg.rounds:
-        raise FedPeftError(f"probe_rounds must lie in 0..rounds={cfg.rounds}, got {cfg.probe_rounds}")
+    if not (cfg.probe_rounds == -1 or 0 <= cfg.probe_rounds <= cfg.rounds):
+        raise FedPeftError(f"probe_rounds must lie in 0..rounds={cfg.rounds} (or be -1: auto), got {cfg.probe_rounds}")
     if cfg.probe_steps < 1:
         raise FedPeftError(f"probe_steps must be >= 1, got {cfg.probe_steps}")
     if cfg.probe_batch_size < 0:
@@ -185,7 +185,7 @@ SERVER_OPT_FIELDS = ("server_lr", "server_momentum", "server_beta2", "server_tau
 
 def check_recipe(cfg: Any) -> None:
     """The training recipe around the aggregation rule: server optimizer, drift and label correction, the head."""
-    from fedpeft.drift import parse_drift
+    from fedpeft.drift import parse_drift, resolve_drift
     from fedpeft.label_correction import parse_label_correction
 
     if cfg.server_opt not in SERVER_OPTS:
@@ -205,10 +205,12 @@ def check_recipe(cfg: Any) -> None:
     if cfg.head_after_probe not in HEAD_AFTER_PROBE:
         raise FedPeftError(f"head_after_probe must be one of {', '.join(HEAD_AFTER_PROBE)}, got "
                            f"{cfg.head_after_probe!r}")
-    if cfg.head_after_probe == "freeze" and not cfg.probe_rounds:
+    if cfg.head_after_probe == "freeze" and not cfg.probes:
         raise FedPeftError("head_after_probe freeze keeps the probed head, but probe_rounds is 0: add --probe-rounds")
     method, _ = parse_label_correction(cfg.label_correction)
-    drift = parse_drift(cfg.drift)
+    if cfg.drift.strip() != "auto":
+        parse_drift(cfg.drift)  # a bad spec is named before any combination
+    drift = resolve_drift(cfg)
     if cfg.dp == "local" and method != "none":
         raise FedPeftError(f"label_correction {cfg.label_correction} under local DP: it reads the site's label counts, "
                            "which DP-SGD does not protect; use --label-correction none")

@@ -216,7 +216,7 @@ def evaluate(cfg: FedPeftConfig, model: Any, data: Encoded) -> dict[str, float]:
 
     A run with probe rounds evaluates through the head's cached inputs (:func:`fedpeft.probe.evaluate_probed`):
     the same figures, without an encoder pass in rounds that left the adapter as it was."""
-    if cfg.probe_rounds and cfg.task == "seq-cls":
+    if cfg.probes:
         from fedpeft.probe import evaluate_probed
 
         return evaluate_probed(model, data, batch_size=cfg.eval_batch_size, runtime=runtime(cfg))
@@ -241,14 +241,14 @@ def train_client_round(
     """One client-round of local training as ``cfg`` configures it, seeded by (seed, round, partition).
 
     Parameters whose names contain a ``frozen`` path component (``"lora_A"``) are not trained. The
-    first ``cfg.probe_rounds`` rounds train the head alone on pooled features (:mod:`fedpeft.probe`).
+    first ``cfg.probes`` rounds train the head alone on pooled features (:mod:`fedpeft.probe`).
     The local loss takes the run's label correction (:mod:`fedpeft.label_correction`) and its drift
     term (:mod:`fedpeft.drift`); under SCAFFOLD ``control`` holds the variates c and c_i, and receives
-    the site's new c_i⁺ (``control.updated``).
+    the site's new c_i⁺ (``control.updated``); without it (a site trained alone) SCAFFOLD adds nothing.
     """
     seed = derive_seed(cfg.seed, server_round, partition_id)
     offset = label_offset(cfg, data, model)
-    if server_round <= cfg.probe_rounds:
+    if server_round <= cfg.probes:
         from fedpeft.probe import HeadProbe, head_inputs, head_module
 
         settings = probe_settings(cfg, len(data))
@@ -289,17 +289,15 @@ def label_offset(cfg: FedPeftConfig, data: Encoded, model: Any) -> np.ndarray | 
 def drift_terms(cfg: FedPeftConfig, model: Any, trained: Any, control: Control | None) -> list[Any]:
     """The gradient terms of the run's drift correction over the trainable parameters of ``trained``
     (``model`` itself, or its head alone in a probe round)."""
-    from fedpeft.drift import parse_drift
+    from fedpeft.drift import resolve_drift
 
-    spec = parse_drift(cfg.drift)
+    spec = resolve_drift(cfg)
     params = [p for p in trained.parameters() if p.requires_grad]
     if spec.method == "fedprox" and spec.mu > 0:
         from fedpeft.drift.fedprox import ProximalTerm
 
         return [ProximalTerm(params, mu=spec.mu)]
-    if spec.method == "scaffold":
-        if control is None:
-            raise FedPeftError("drift scaffold needs the round's control variates")
+    if spec.method == "scaffold" and control is not None:  # without variates (one site alone): no term
         from fedpeft.adapters.state import state_names
         from fedpeft.drift.scaffold import ControlTerm
 

@@ -81,7 +81,7 @@ class LocalPolicy:
             clipping=cfg.dp_clipping,
             accountant=cfg.dp_accountant,
             planned_rounds=cfg.rounds,
-            probe_rounds=cfg.probe_rounds,
+            probe_rounds=cfg.probes,
         )
 
 
@@ -119,7 +119,7 @@ def configured_private_round(
         model,
         data,
         train=train_settings(cfg),
-        probe=probe_settings(cfg, len(data)) if cfg.probe_rounds else None,
+        probe=probe_settings(cfg, len(data)) if cfg.probes else None,
         site=site,
         run_id=cfg.run_id,
         server_round=server_round,

@@ -27,7 +27,7 @@ import numpy as np
 from fedpeft import site
 from fedpeft.adapters import adapter_state, load_adapter_state
 from fedpeft.config import FedPeftConfig
-from fedpeft.drift import parse_drift
+from fedpeft.drift import resolve_drift
 from fedpeft.errors import FedPeftError
 from fedpeft.heads import model_pooling, save_remote_code
 from fedpeft.runlog import append_jsonl, atomic_replace_dir, atomic_write_text
@@ -162,7 +162,7 @@ def run_federation(
             on_round(record, time.monotonic() - started)
         return record
 
-    drift = parse_drift(cfg.drift)
+    drift = resolve_drift(cfg)
     scaffold = drift.method == "scaffold"
     moments: dict[str, np.ndarray] = {}  # the server optimizer's state
     control: dict[str, np.ndarray] | None = {} if scaffold else None  # SCAFFOLD's c (the strategy moves it)
@@ -260,7 +260,7 @@ def run_federation(
 
 def head_frozen_after(cfg: FedPeftConfig) -> int | None:
     """The round after which the head is held (``head_after_probe=freeze``: the last probe round), or None."""
-    return cfg.probe_rounds if cfg.head_after_probe == "freeze" else None
+    return cfg.probes if cfg.head_after_probe == "freeze" else None
 
 
 def server_move(cfg: FedPeftConfig, rnd: int, state: dict[str, np.ndarray], aggregated: dict[str, np.ndarray],

@@ -1,6 +1,9 @@
 """Drift correction at the sites: what keeps local training of differing sites from pulling the federation
 apart. One method a file, parsed from ``--drift``:
 
+- ``auto`` (the default) — ``scaffold:head`` for a classifier trained without differential privacy,
+  ``none`` otherwise (:func:`resolve_drift`): what won the natural splits of
+  ``bench/heterogeneity.py`` (docs/strategies.md, "Which recipe for which federation");
 - ``none`` — plain local training;
 - ``fedprox:<mu>`` — FedProx's proximal term (:mod:`fedpeft.drift.fedprox`);
 - ``scaffold`` — SCAFFOLD's control variates for every trained tensor; ``scaffold:head`` for the
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from fedpeft.adapters.state import HEAD_MODULES
 from fedpeft.errors import FedPeftError
@@ -34,8 +38,18 @@ class DriftSpec:
     scope: tuple[str, ...] = ()
 
 
+def resolve_drift(cfg: Any) -> DriftSpec:
+    """The drift correction a run uses: its ``drift`` setting, with ``auto`` resolved — SCAFFOLD on the
+    classification head for ``seq-cls`` without DP; nothing for a causal LM (no head) or under DP (local
+    DP: the term would bypass clipping; central DP: the variate is an unprotected upload)."""
+    if cfg.drift.strip() == "auto":
+        return parse_drift("scaffold:head" if cfg.task == "seq-cls" and cfg.dp == "off" else "none")
+    return parse_drift(cfg.drift)
+
+
 def parse_drift(spec: str) -> DriftSpec:
-    """``none`` | ``fedprox:<mu>`` (μ >= 0) | ``scaffold`` | ``scaffold:head``."""
+    """``none`` | ``fedprox:<mu>`` (μ >= 0) | ``scaffold`` | ``scaffold:head`` (``auto``: see
+    :func:`resolve_drift`)."""
     name, sep, arg = spec.strip().partition(":")
     if name in ("none", "scaffold") and not sep:
         return DriftSpec(name)
@@ -48,5 +62,5 @@ def parse_drift(spec: str) -> DriftSpec:
             mu = math.nan
         if math.isfinite(mu) and mu >= 0:
             return DriftSpec("fedprox", mu)
-    raise FedPeftError(f"drift must be none, fedprox:<mu> (mu >= 0, e.g. fedprox:0.01), scaffold or scaffold:head, "
-                       f"got {spec!r}")
+    raise FedPeftError(f"drift must be auto, none, fedprox:<mu> (mu >= 0, e.g. fedprox:0.01), scaffold or "
+                       f"scaffold:head, got {spec!r}")

@@ -18,15 +18,19 @@ import torch
 
 
 class ProximalTerm:
-    """μ·(w − w_t) added to each trained parameter's gradient; w_t is copied when the term is built."""
+    """μ·(w − w_t) added to each trained parameter's gradient; w_t is copied when the term is built (each
+    parameter is matched by identity, whatever order the training loop passes them in)."""
 
     def __init__(self, params: Sequence[torch.nn.Parameter], *, mu: float) -> None:
         if not mu > 0:
             raise ValueError(f"mu must be > 0 (at 0, build no term), got {mu}")
         self.mu = float(mu)
-        self.anchor = [p.detach().clone() for p in params]
+        self.anchor = {id(p): p.detach().clone() for p in params}
 
     def __call__(self, params: Sequence[torch.nn.Parameter]) -> None:
-        for p, w0 in zip(params, self.anchor, strict=True):
+        for p in params:
+            w0 = self.anchor.get(id(p))
+            if w0 is None:
+                continue
             pull = self.mu * (p.detach() - w0)
             p.grad = pull if p.grad is None else p.grad + pull

@@ -28,12 +28,13 @@ import torch
 
 
 class ControlTerm:
-    """Adds c − c_i to each trained parameter's gradient and records the raw gradients' mean.
+    """Adds c − c_i to each covered parameter's gradient and records the raw gradients' mean.
 
     Parameters
     ----------
     params : sequence of Parameter
-        The trained parameters, in the order the training loop passes them.
+        The parameters the variates cover (matched by identity when the training loop calls the term:
+        any other parameter it passes is left alone).
     names : sequence of str
         The adapter-state name of each parameter (the keys of ``server`` and ``site``).
     server, site : mapping
@@ -42,23 +43,25 @@ class ControlTerm:
 
     def __init__(self, params: Sequence[torch.nn.Parameter], names: Sequence[str], *,
                  server: Mapping[str, np.ndarray], site: Mapping[str, np.ndarray]) -> None:
-        self.names = list(names)
-        self.shift = []
-        for p, name in zip(params, self.names, strict=True):
+        self.names = {id(p): name for p, name in zip(params, names, strict=True)}
+        self.shift, self.sums = {}, {}
+        for p, name in zip(params, names, strict=True):
             c = np.asarray(server.get(name, 0.0), dtype=np.float32) - np.asarray(site.get(name, 0.0), dtype=np.float32)
-            self.shift.append(torch.as_tensor(np.broadcast_to(c, tuple(p.shape)).copy(), device=p.device))
-        self.sums = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+            self.shift[id(p)] = torch.as_tensor(np.broadcast_to(c, tuple(p.shape)).copy(), device=p.device)
+            self.sums[id(p)] = torch.zeros_like(p, dtype=torch.float32)
         self.steps = 0
 
     def __call__(self, params: Sequence[torch.nn.Parameter]) -> None:
         self.steps += 1
-        for p, total, shift in zip(params, self.sums, self.shift, strict=True):
+        for p in params:
+            if id(p) not in self.shift:
+                continue
+            shift = self.shift[id(p)]
             if p.grad is not None:
-                total += p.grad.detach().float()
+                self.sums[id(p)] += p.grad.detach().float()
             p.grad = shift.to(p.dtype) if p.grad is None else p.grad + shift.to(p.grad.dtype)
 
     def site_variate(self) -> dict[str, np.ndarray]:
         """c_i⁺: the mean raw gradient of the round, by name (zeros if the round took no step)."""
         steps = max(self.steps, 1)
-        return {name: (total / steps).cpu().numpy().astype(np.float32) for name, total in
-                zip(self.names, self.sums, strict=True)}
+        return {self.names[key]: (total / steps).cpu().numpy().astype(np.float32) for key, total in self.sums.items()}

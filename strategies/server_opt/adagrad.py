@@ -16,7 +16,7 @@ from strategies.server_opt.base import Moments, ServerOptimizer, ServerOptSettin
 
 
 def step(delta: np.ndarray, moments: Moments, settings: ServerOptSettings) -> tuple[np.ndarray, Moments]:
-    v = moments.get("v", np.full_like(delta, settings.tau**2)) + delta**2
+    v = moments["v"] + np.square(delta) if "v" in moments else np.square(delta) + settings.tau**2
     return adaptive_move(delta, moments, v, settings)
 
 

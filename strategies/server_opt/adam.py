@@ -17,8 +17,8 @@ from strategies.server_opt.base import Moments, ServerOptimizer, ServerOptSettin
 
 
 def step(delta: np.ndarray, moments: Moments, settings: ServerOptSettings) -> tuple[np.ndarray, Moments]:
-    v0 = moments.get("v", np.full_like(delta, settings.tau**2))
-    v = settings.beta2 * v0 + (1 - settings.beta2) * delta**2
+    v = moments["v"] * settings.beta2 if "v" in moments else np.full_like(delta, settings.beta2 * settings.tau**2)
+    v += (1 - settings.beta2) * np.square(delta)
     return adaptive_move(delta, moments, v, settings)
 
 

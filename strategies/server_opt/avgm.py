@@ -18,8 +18,8 @@ from strategies.server_opt.base import Moments, ServerOptimizer, ServerOptSettin
 
 
 def step(delta: np.ndarray, moments: Moments, settings: ServerOptSettings) -> tuple[np.ndarray, Moments]:
-    m = settings.momentum * moments.get("m", np.zeros_like(delta)) + delta
-    return settings.lr * m, {"m": m}
+    m = moments["m"] * settings.momentum + delta if "m" in moments else delta.copy()
+    return m * settings.lr, {"m": m}
 
 
 SERVER_OPTIMIZERS.register("avgm")(ServerOptimizer(

@@ -12,7 +12,7 @@ import numpy as np
 from fedpeft.adapters.state import key_matches
 
 Moments = dict[str, np.ndarray]
-"""One tensor's optimizer state by name (``m``: first moment, ``v``: second moment)."""
+"""One tensor's optimizer state by name (``m``: first moment, ``v``: second moment), float32."""
 
 StepRule = Callable[[np.ndarray, Moments, "ServerOptSettings"], "tuple[np.ndarray, Moments]"]
 """``rule(delta, moments, settings) → (move, new moments)`` for one tensor; ``moments`` is empty on
@@ -92,20 +92,26 @@ def server_step(
         if key_matches(key, fixed):
             out[key] = prev
             continue
-        prev64 = np.asarray(prev, dtype=np.float64)
-        delta = np.asarray(aggregated[key], dtype=np.float64) - prev64
-        moments = {m: np.asarray(state[f"{m}/{key}"], dtype=np.float64) for m in opt.moments if f"{m}/{key}" in state}
+        prev32 = np.asarray(prev, dtype=np.float32)
+        delta = np.asarray(aggregated[key], dtype=np.float32) - prev32
+        moments = {m: np.asarray(state[f"{m}/{key}"], dtype=np.float32) for m in opt.moments if f"{m}/{key}" in state}
         move, moments = opt.rule(delta, moments, settings)
         for m, value in moments.items():
             new_state[f"{m}/{key}"] = np.asarray(value, dtype=np.float32)
-        out[key] = (prev64 + move).astype(np.asarray(prev).dtype)
-        moved += float(np.sum((out[key].astype(np.float64) - prev64) ** 2))
+        out[key] = (prev32 + move).astype(np.asarray(prev).dtype, copy=False)
+        step = out[key] - prev32
+        moved += float(np.dot(step.ravel(), step.ravel()))
     return out, new_state, {"server_step_norm": math.sqrt(moved)}
 
 
 def adaptive_move(delta: np.ndarray, moments: Moments, v: np.ndarray,
                   settings: ServerOptSettings) -> tuple[np.ndarray, Moments]:
     """The step the three adaptive optimizers share once their ``v`` is known:
-    m ← β₁·m + (1 − β₁)·Δ, move = η·m / (√v + τ)."""
-    m = settings.momentum * moments.get("m", np.zeros_like(delta)) + (1 - settings.momentum) * delta
-    return settings.lr * m / (np.sqrt(v) + settings.tau), {"m": m, "v": v}
+    m ← β₁·m + (1 − β₁)·Δ, move = η·m / (√v + τ). ``delta`` is consumed (its buffer becomes the move)."""
+    m = moments["m"] * settings.momentum if "m" in moments else np.zeros_like(delta)
+    m += (1 - settings.momentum) * delta
+    denominator = np.sqrt(v)
+    denominator += settings.tau
+    np.divide(m, denominator, out=delta)
+    delta *= settings.lr
+    return delta, {"m": m, "v": v}

@@ -16,8 +16,8 @@ from strategies.server_opt.base import Moments, ServerOptimizer, ServerOptSettin
 
 
 def step(delta: np.ndarray, moments: Moments, settings: ServerOptSettings) -> tuple[np.ndarray, Moments]:
-    v0 = moments.get("v", np.full_like(delta, settings.tau**2))
-    sq = delta**2
+    v0 = moments["v"] if "v" in moments else np.full_like(delta, settings.tau**2)
+    sq = np.square(delta)
     v = v0 - (1 - settings.beta2) * sq * np.sign(v0 - sq)
     return adaptive_move(delta, moments, v, settings)
 

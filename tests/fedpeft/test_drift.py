@@ -132,3 +132,18 @@ def test_server_variate_adds_the_mean_change_over_all_sites() -> None:
 def test_a_bad_control_change_is_rejected_with_a_reason(change: dict | None, reason: str) -> None:
     assert reason in control_rejection(change, {"w": (2,)})
     assert control_rejection({"w": np.zeros(2)}, {"w": (2,)}) is None
+
+
+def test_terms_match_parameters_by_identity_not_order() -> None:
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    other = torch.nn.Parameter(torch.zeros(4))
+    control = ControlTerm([a, b], ["a", "b"], server={"a": np.ones(2), "b": np.full(3, 2.0)}, site={})
+    prox = ProximalTerm([a, b], mu=1.0)
+    b.data += 1.0
+    for p in (a, b, other):
+        p.grad = torch.zeros_like(p)
+    control([other, b, a])  # another order, and a parameter the term does not cover
+    prox([b, other, a])
+    torch.testing.assert_close(a.grad, torch.ones(2))
+    torch.testing.assert_close(b.grad, torch.full((3,), 3.0))
+    torch.testing.assert_close(other.grad, torch.zeros(4))

@@ -3,6 +3,8 @@ budget refusal that spends nothing, signed entries."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import subprocess
 import sys
@@ -54,7 +56,9 @@ def one_round(pol: LocalPolicy, state_dir: Path, rnd: int, model: Any = None, **
 
 def test_policy_from_config_and_a_sites_own_budget() -> None:
     cfg = FedPeftConfig(dp="local", dp_epsilon=8.0, dp_delta=1e-5, rounds=7)
-    assert LocalPolicy.from_config(cfg) == LocalPolicy(8.0, 1e-5, 0.0, 1.0, "hooks", "prv", 7)
+    # probe_rounds auto: a fifth of 7 rounds, rounded, is one probe round
+    assert LocalPolicy.from_config(cfg) == LocalPolicy(8.0, 1e-5, 0.0, 1.0, "hooks", "prv", 7, probe_rounds=1)
+    assert LocalPolicy.from_config(dataclasses.replace(cfg, probe_rounds=0)).probe_rounds == 0
     assert LocalPolicy.from_config(cfg, site_budget=2.0).budget == 2.0
     only_sigma = FedPeftConfig(dp="local", dp_noise_multiplier=1.0, dp_delta=1e-5)
     assert LocalPolicy.from_config(only_sigma).budget == math.inf
