@@ -2,7 +2,7 @@
 
     python bench/heterogeneity.py                                  # every split, the core rows, seeds 0-2
     python bench/heterogeneity.py --splits debian --rows recipes --seeds 0
-    python bench/heterogeneity.py --report                         # the tables of docs/benchmarks.md
+    python bench/heterogeneity.py --report               # the tables of docs/benchmarks.md
 
 **Splits** (real attributes, not Dirichlet draws; each is a JSONL file the bench writes once under
 ``--root``):
@@ -22,9 +22,10 @@ The natural splits run as the heterogeneity issue measured them: ``--fraction 1 
 **Rows**, each on the split's own held-out test set (``--test-fraction``, the same for every row of a seed):
 
 - ``pooled``: one client holding all the training data, 3 rounds of one full epoch of fine-tuning
-  (``--partition iid --clients 1 --max-local-steps 0 --rounds 3 --probe-rounds 0``), the default head; ``pooled-cls``: the same with BERT's
-  [CLS] pooler; ``pooled-plain``: a plain transformers + peft loop (the same LoRA, the [CLS] pooler and HF
-  classifier, one AdamW over 3 epochs with linear decay, no fedpeft training code);
+  (``--partition iid --clients 1 --max-local-steps 0 --rounds 3 --probe-rounds 0``), the default head;
+  ``pooled-cls``: the same with BERT's [CLS] pooler; ``pooled-plain``: a plain transformers + peft loop
+  (the same LoRA, the [CLS] pooler and HF classifier, one AdamW over 3 epochs with linear decay, no
+  fedpeft training code);
 - ``local``: each site alone with the default recipe for as many rounds, in this process (fedpeft's own
   site training, no Flower): the mean and the best over sites;
 - ``default``: ``fedpeft simulate`` with the data flags and the federation's size only;

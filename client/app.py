@@ -1,30 +1,43 @@
-"""The ClientApp Flower starts for a message: it trains here, or relays to the site's worker.
+"""The ClientApp Flower starts for a message: it trains in this process (:mod:`client.local`).
 
-A site run by ``fedpeft node`` starts no ClientApp process at all: its SuperNode runs with ``--isolation
-process`` and the site worker takes the messages itself (:mod:`client.executor`). Where Flower does start
-this app for a node whose config sets ``worker`` (a SuperNode run by hand with Flower's default isolation),
-it only hands the message to the worker over the site's private socket (:mod:`client.worker`) and returns
-its reply, so it imports nothing heavy. Without ``worker`` (simulation, or a site that opts out) the message
-is handled in-process by :mod:`client.local`, the same code the worker runs. A worker that is configured
-but cannot answer is a failed reply naming why, never a silent fall-back to training here (that would load
-the model per message again, unnoticed).
+This is the app of a simulation and of a site without a worker (``fedpeft node --no-worker``, or a SuperNode
+run by hand with Flower's default isolation), where Flower starts it per message and everything is loaded
+per message too. A site run by ``fedpeft node`` starts no ClientApp process at all: its SuperNode runs with
+``--isolation process`` and the site worker takes the messages itself (:mod:`client.worker`). A node whose
+config says a worker serves it (``worker``, set by ``fedpeft node``) therefore never reaches this app; if it
+does (its SuperNode was started without ``--isolation process``), the message fails with the reason rather
+than load the model per message unnoticed (Flower makes the
+raised error the reply).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client.worker import relay, worker_socket
+from fedpeft.deploy.commands import WORKER_KEY
+from fedpeft.errors import FedPeftError
 
 app = ClientApp()
 
 
+def served_by_worker(node_config: Mapping[str, Any]) -> bool:
+    """Whether the node config says a site worker takes this node's messages."""
+    flag = node_config.get(WORKER_KEY, False)
+    if isinstance(flag, str):
+        return flag.strip().lower() not in ("", "0", "false", "no", "off")
+    return bool(flag)
+
+
 def handle(msg: Message, context: Context) -> Message:
-    path = worker_socket(context.node_config)
-    if path is not None:
-        return relay(msg, context, path)
-    from client.local import app as local  # torch, transformers, the model: only where training happens
+    if served_by_worker(context.node_config):
+        raise FedPeftError(f"node config {WORKER_KEY}=1: a site worker takes this node's messages, but its SuperNode "
+                           "started a ClientApp process; run the SuperNode with --isolation process and the worker "
+                           f"(as `fedpeft node` does), or drop {WORKER_KEY} from its node config to train here")
+    from client.local import app as local  # deferred: torch, transformers and the model, only where training happens
 
     return local(msg, context)
 

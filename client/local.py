@@ -30,7 +30,6 @@ from flwr.clientapp import ClientApp
 from client.transport import codec_mod, frozen_components, site_config, site_identity
 from fedpeft import site
 from fedpeft.adapters import adapter_state, load_adapter_state
-from fedpeft.drift import resolve_drift
 from fedpeft.errors import FedPeftError
 from fedpeft.feedback_state import control_path, load_control, save_control
 from fedpeft.wire import (
@@ -52,7 +51,7 @@ from fedpeft.wire import (
     to_array_record,
 )
 from privacy.central import clipping_mod
-from privacy.local import configured_private_round
+from privacy.modes import privacy_mode
 
 app = ClientApp()
 
@@ -98,33 +97,29 @@ def train(msg: Message, context: Context) -> Message:
         data = site.with_extra_examples(cfg, data, json.loads(str(config[CANARIES])), label_names=label_names)
     loaded = time.monotonic()
     content = RecordDict()
-    if cfg.dp == "local":
-        with site.frozen_parameters(model, frozen):
-            seq = config.get(LEDGER_SEQ)
-            report = configured_private_round(local, model, data, node_config=context.node_config, site=key,
-                                              server_round=server_round, ledger_seq=None if seq is None else int(seq))
-        status = TRAINED if report.trained else REFUSED
+    mode = privacy_mode(cfg)
+    control = None
+    if mode.drift(cfg).method == "scaffold" and CONTROL not in msg.content:
+        raise FedPeftError("this run corrects drift with SCAFFOLD, but the train message carries no control variate")
+    if CONTROL in msg.content:  # SCAFFOLD: the coordinator's c, and this site's own c_i from its state dir
+        variate_file = control_path(site.state_dir(context.node_config), key, cfg.run_id)
+        control = site.Control(server=from_array_record(msg.content[CONTROL]),
+                               site=load_control(variate_file, server_round))
+    seq = config.get(LEDGER_SEQ)
+    outcome = mode.site_round(local, model, data, node_config=context.node_config, site=key, server_round=server_round,
+                              partition_id=pid, frozen=frozen, control=control,
+                              ledger_seq=None if seq is None else int(seq))
+    if outcome.report is not None:  # local DP: the signed entry travels with the reply
+        report = outcome.report
         content[PRIVACY] = privacy_record(
-            status=status, entry=report.entry, signature=report.signature, public_key=report.public_key,
-            reason=report.reason, backlog=report.backlog,
+            status=TRAINED if report.trained else REFUSED, entry=report.entry, signature=report.signature,
+            public_key=report.public_key, reason=report.reason, backlog=report.backlog,
         )
-        result = report.metrics
-    else:
-        control = None
-        if resolve_drift(cfg).method == "scaffold" and CONTROL not in msg.content:
-            raise FedPeftError("this run corrects drift with SCAFFOLD, but the train message carries no control "
-                               "variate")
-        if CONTROL in msg.content:  # SCAFFOLD: the coordinator's c, and this site's own c_i from its state dir
-            variate_file = control_path(site.state_dir(context.node_config), key, cfg.run_id)
-            control = site.Control(server=from_array_record(msg.content[CONTROL]),
-                                   site=load_control(variate_file, server_round))
-        result = site.train_client_round(local, model, data, server_round=server_round, partition_id=pid,
-                                         frozen=frozen, control=control)
-        if control is not None:  # kept before the reply leaves: a restarted site goes on from it
-            change = {k: v - control.site.get(k, 0.0) for k, v in control.updated.items()}
-            save_control(variate_file, server_round, control.site, {**control.site, **control.updated})
-            content[CONTROL] = to_array_record(change)
-    trained = cfg.dp != "local" or report.trained
+    if control is not None:  # kept before the reply leaves: a restarted site goes on from it
+        change = {k: v - control.site.get(k, 0.0) for k, v in control.updated.items()}
+        save_control(variate_file, server_round, control.site, {**control.site, **control.updated})
+        content[CONTROL] = to_array_record(change)
+    result, trained = outcome.metrics, outcome.trained
     metrics = {
         NUM_EXAMPLES: len(data) if trained else 0,
         "steps": result.get("steps", 0),
@@ -132,7 +127,7 @@ def train(msg: Message, context: Context) -> Message:
         SECONDS_TRAIN: time.monotonic() - loaded,
         **{k: v for k, v in result.items() if k.startswith("dp-")},
     }
-    if cfg.dp == "off":  # a loss on private data, and the examples seen, are not covered by any epsilon
+    if mode.reports_training_loss:  # under DP a loss on private data, and the examples seen, are covered by no ε
         metrics |= {"train-loss": result["train_loss"], "examples-seen": result["examples_seen"]}
     state = adapter_state(model)  # sent back: the broadcast's tensors (never the frozen ones), in its order
     content[ARRAYS] = to_array_record({k: state[k] for k in broadcast} if trained else {})

@@ -31,7 +31,6 @@ from fedpeft.config_checks import (  # noqa: F401  (PEFT_FIELDS, ...: part of th
 )
 from fedpeft.errors import FedPeftError
 
-
 AUTO_PROBE_SHARE = 5  # probe_rounds auto: one probe round per this many rounds (bench/heterogeneity.py)
 
 
@@ -289,26 +288,6 @@ DP_DEFAULTS: dict[str, Any] = {
     "lr": 1e-3,
     "head_lr": 0.1,
 }
-
-
-def describe_dp(cfg: FedPeftConfig) -> str:
-    """One line naming the privacy guarantee a run is set up for."""
-    if cfg.dp == "off":
-        return "no differential privacy"
-    budget = f"epsilon {cfg.dp_epsilon:g}" if cfg.dp_epsilon > 0 else "no epsilon budget"
-    sigma = f"sigma {cfg.dp_noise_multiplier:g}" if cfg.dp_noise_multiplier > 0 else "sigma calibrated to the budget"
-    if cfg.dp == "local":
-        probe = "" if not cfg.probes else (
-            ", every round a linear probe of the head" if cfg.probes == cfg.rounds
-            else f", the first {cfg.probes} round(s) a linear probe of the head")
-        return (
-            f"local DP-SGD at every site: {budget} at delta {cfg.dp_delta:g} per site, clip {cfg.dp_max_grad_norm:g} "
-            f"per example, {sigma}, {cfg.dp_clipping} clipping, {cfg.dp_accountant} accounting{probe}"
-        )
-    return (
-        f"central DP: {budget} at delta {cfg.dp_delta:g} per client (user level), clip {cfg.dp_max_grad_norm:g} "
-        f"per client update, {sigma}"
-    )
 
 
 def parse_ranks(spec: str) -> list[int]:

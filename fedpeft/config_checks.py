@@ -5,7 +5,6 @@ Each raises :class:`~fedpeft.errors.FedPeftError` naming the field, the value an
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -29,20 +28,7 @@ def check_privacy(cfg: Any) -> None:
             raise FedPeftError(f"{name} must be a finite number >= 0, got {value}")
     if not (cfg.dp_max_grad_norm > 0 and math.isfinite(cfg.dp_max_grad_norm)):
         raise FedPeftError(f"dp_max_grad_norm must be a finite number > 0, got {cfg.dp_max_grad_norm}")
-    if cfg.dp == "central" and cfg.strategy == "rolora":  # not yet run through privacy/central.py's release
-        raise FedPeftError("strategy rolora under dp central: its alternating held factor is not yet verified with "
-                           "the central release; use ffa-lora (A frozen) or --dp local")
-    if cfg.dp == "off":
-        fields = dataclasses.fields(cfg)
-        changed = [f.name for f in fields if f.name.startswith("dp_") and getattr(cfg, f.name) != f.default]
-        if changed:
-            raise FedPeftError(f"{changed[0]} is set but dp is off; add --dp local or --dp central")
-        return
-    if not 0 < cfg.dp_delta < 1:
-        what = "dp_epsilon needs dp_delta" if cfg.dp_epsilon > 0 else "dp needs dp_delta"
-        raise FedPeftError(f"{what} in (0, 1), got {cfg.dp_delta:g}; add --dp-delta (e.g. 1e-5, below 1/examples)")
-    if cfg.dp_epsilon == 0 and cfg.dp_noise_multiplier == 0:
-        raise FedPeftError("dp needs a budget or a noise level: add --dp-epsilon (e.g. 8) or --dp-noise-multiplier")
+    # how the dp_* settings combine with the mode and the rest: privacy.modes (server.checks.check_config)
 
 
 SHORT_ROUND = ("skip", "retry", "stop")
@@ -59,21 +45,8 @@ def check_reliability(cfg: Any) -> None:
         raise FedPeftError(f"max_update_norm must be a finite number >= 0 (0: no bound), got {cfg.max_update_norm}")
     if not (math.isfinite(cfg.clip_update_norm) and cfg.clip_update_norm >= 0):
         raise FedPeftError(f"clip_update_norm must be a finite number >= 0 (0: off), got {cfg.clip_update_norm}")
-    if cfg.clip_update_norm > 0 and cfg.dp == "central":
-        raise FedPeftError("clip_update_norm under central DP: the server already clips every update to "
-                           "dp_max_grad_norm; set that instead")
     if not (math.isfinite(cfg.max_norm_ratio) and (cfg.max_norm_ratio == 0 or cfg.max_norm_ratio > 1)):
         raise FedPeftError(f"max_norm_ratio must be 0 (off) or a finite number > 1, got {cfg.max_norm_ratio}")
-    if cfg.short_round == "retry" and cfg.dp == "local":
-        raise FedPeftError(
-            "short_round=retry would have sites train, and spend privacy budget, twice in one round under "
-            "local DP; use skip or stop"
-        )
-    if cfg.max_norm_ratio > 0 and cfg.dp == "central":
-        raise FedPeftError(
-            "max_norm_ratio compares sites with each other, so under central DP one site's data could decide "
-            "whether another's update counts; use max_update_norm (central DP clips every update to C anyway)"
-        )
 
 
 # The settings each PEFT method reads; setting another method's is a mistake worth one line.
@@ -157,9 +130,6 @@ def check_device(cfg: Any) -> None:
         raise FedPeftError(f"client_gpus must be a finite number >= 0 (0: no GPU), got {cfg.client_gpus}")
     if cfg.client_gpus > 0 and cfg.device == "cpu":
         raise FedPeftError("client_gpus reserves GPUs for clients that device=cpu keeps off them; drop one")
-    if cfg.gradient_checkpointing and cfg.dp == "local":
-        raise FedPeftError("gradient_checkpointing under local DP: Opacus's per-sample hooks would see every "
-                           "recomputed layer twice; turn one off")
 
 
 def check_codecs(cfg: Any) -> None:
@@ -185,7 +155,7 @@ SERVER_OPT_FIELDS = ("server_lr", "server_momentum", "server_beta2", "server_tau
 
 def check_recipe(cfg: Any) -> None:
     """The training recipe around the aggregation rule: server optimizer, drift and label correction, the head."""
-    from fedpeft.drift import parse_drift, resolve_drift
+    from fedpeft.drift import parse_drift
     from fedpeft.label_correction import parse_label_correction
 
     if cfg.server_opt not in SERVER_OPTS:
@@ -207,19 +177,8 @@ def check_recipe(cfg: Any) -> None:
                            f"{cfg.head_after_probe!r}")
     if cfg.head_after_probe == "freeze" and not cfg.probes:
         raise FedPeftError("head_after_probe freeze keeps the probed head, but probe_rounds is 0: add --probe-rounds")
-    method, _ = parse_label_correction(cfg.label_correction)
-    if cfg.drift.strip() != "auto":
-        parse_drift(cfg.drift)  # a bad spec is named before any combination
-    drift = resolve_drift(cfg)
-    if cfg.dp == "local" and method != "none":
-        raise FedPeftError(f"label_correction {cfg.label_correction} under local DP: it reads the site's label counts, "
-                           "which DP-SGD does not protect; use --label-correction none")
-    if cfg.dp == "local" and drift.method != "none":
-        raise FedPeftError(f"drift {cfg.drift} under local DP: its gradient term would bypass DP-SGD's per-example "
-                           "clipping (and SCAFFOLD's variate would be an unprotected second upload); use --drift none")
+    parse_label_correction(cfg.label_correction)
+    drift = parse_drift("none" if cfg.drift.strip() == "auto" else cfg.drift)  # auto: scaffold:head or none
     if drift.method == "scaffold" and cfg.client_ranks and not drift.scope:
         raise FedPeftError("drift scaffold with client_ranks: a site's control variate must have the global "
                            "adapter's shapes; drop --client-ranks")
-    if cfg.dp == "central" and drift.method == "scaffold":
-        raise FedPeftError("drift scaffold under central DP: each site's control-variate update is a second upload "
-                           "that the noised sum does not cover; use --drift fedprox:<mu> or none")

@@ -54,7 +54,8 @@ def save_control(path: str | Path, server_round: int, before: Mapping[str, np.nd
                  after: Mapping[str, np.ndarray]) -> None:
     """Keep c_i before and after round ``server_round``, atomically (see :func:`load_control`)."""
     save_residual(path, {_ROUND: np.array([server_round], dtype=np.float32),
-                         **{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()}})
+                         **{f"before/{k}": v for k, v in before.items()},
+                         **{f"after/{k}": v for k, v in after.items()}})
 
 
 def load_residual(path: str | Path) -> dict[str, np.ndarray] | None:

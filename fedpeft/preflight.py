@@ -13,14 +13,16 @@ from fedpeft.errors import FedPeftError
 from fedpeft.models import check_model_fits_task, resolve_model_path
 
 
-def check_run(cfg: FedPeftConfig, *, clients_given: bool = True, here: bool = True) -> FedPeftConfig:
+def check_run(cfg: FedPeftConfig, *, clients_given: bool = True, here: bool = True,
+              partitions: bool = True) -> FedPeftConfig:
     """Validate everything a run needs; return the config with derived values filled in.
 
     ``here``: the clients run on this machine, so its CPUs and GPUs must host one (False for a Ray
     cluster, whose resources ``server.simulate`` checks once it has joined).
     The strategy name is checked by the server (``server.simulate``), which owns the strategies.
     With ``natural:<column>`` and no explicit client count, the count becomes the number of distinct
-    values of the column.
+    values of the column. ``partitions=False`` (``flwr run``: the federation's nodes say which partition
+    each trains) leaves the split into clients unchecked.
     """
     from fedpeft.adapters import PEFT_METHODS
 
@@ -47,7 +49,8 @@ def check_run(cfg: FedPeftConfig, *, clients_given: bool = True, here: bool = Tr
     train, _ = site.load_split(cfg)
     if spec.kind == "natural" and not clients_given:
         cfg = dataclasses.replace(cfg, clients=natural_client_count(train, spec))
-    site.partitions(cfg, cfg.clients)
+    if partitions:
+        site.partitions(cfg, cfg.clients)
     if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise FedPeftError(f"--out {cfg.out} is a file; give a directory for the run")
     if cfg.out and not cfg.resume and (Path(cfg.out) / "metrics.jsonl").exists():

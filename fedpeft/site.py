@@ -237,13 +237,15 @@ def train_client_round(
     partition_id: int,
     frozen: tuple[str, ...] = (),
     control: Control | None = None,
+    drift: Any = None,
 ) -> dict[str, float]:
     """One client-round of local training as ``cfg`` configures it, seeded by (seed, round, partition).
 
     Parameters whose names contain a ``frozen`` path component (``"lora_A"``) are not trained. The
     first ``cfg.probes`` rounds train the head alone on pooled features (:mod:`fedpeft.probe`).
     The local loss takes the run's label correction (:mod:`fedpeft.label_correction`) and its drift
-    term (:mod:`fedpeft.drift`); under SCAFFOLD ``control`` holds the variates c and c_i, and receives
+    term (``drift``, a :class:`fedpeft.drift.DriftSpec`; None: the run's own without DP); under SCAFFOLD
+    ``control`` holds the variates c and c_i, and receives
     the site's new c_i⁺ (``control.updated``); without it (a site trained alone) SCAFFOLD adds nothing.
     """
     seed = derive_seed(cfg.seed, server_round, partition_id)
@@ -254,11 +256,11 @@ def train_client_round(
         settings = probe_settings(cfg, len(data))
         inputs = head_inputs(model, data, batch_size=settings.pop("feature_batch_size"), runtime=settings["runtime"])
         probe = HeadProbe(head_module(model))
-        terms = drift_terms(cfg, model, probe, control)
+        terms = drift_terms(cfg, model, probe, control, drift)
         result = train_local(probe, inputs, **settings, seed=seed, logit_offset=offset, gradient_terms=terms)
     else:
         with frozen_parameters(model, frozen):
-            terms = drift_terms(cfg, model, model, control)
+            terms = drift_terms(cfg, model, model, control, drift)
             result = train_local(model, data, **train_settings(cfg), seed=seed, logit_offset=offset,
                                  gradient_terms=terms)
     if control is not None:
@@ -286,12 +288,12 @@ def label_offset(cfg: FedPeftConfig, data: Encoded, model: Any) -> np.ndarray | 
     return logit_offsets(label_counts(data.labels, model.config.num_labels), method=method, tau=tau)
 
 
-def drift_terms(cfg: FedPeftConfig, model: Any, trained: Any, control: Control | None) -> list[Any]:
-    """The gradient terms of the run's drift correction over the trainable parameters of ``trained``
-    (``model`` itself, or its head alone in a probe round)."""
+def drift_terms(cfg: FedPeftConfig, model: Any, trained: Any, control: Control | None, spec: Any = None) -> list[Any]:
+    """The gradient terms of drift correction ``spec`` (None: the run's own without DP) over the trainable
+    parameters of ``trained`` (``model`` itself, or its head alone in a probe round)."""
     from fedpeft.drift import resolve_drift
 
-    spec = resolve_drift(cfg)
+    spec = spec if spec is not None else resolve_drift(cfg)
     params = [p for p in trained.parameters() if p.requires_grad]
     if spec.method == "fedprox" and spec.mu > 0:
         from fedpeft.drift.fedprox import ProximalTerm

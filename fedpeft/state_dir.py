@@ -1,6 +1,6 @@
-"""Where a site keeps what must outlive its process (privacy accounts, ledger keys, the worker's socket).
+"""Where a site keeps what must outlive its process (privacy accounts, ledger keys, the site worker's files).
 
-Light on purpose (no numpy, no torch): the per-message relay process reads it too.
+Light on purpose (no numpy, no torch): ``fedpeft node`` reads it before anything heavy is imported.
 """
 
 from __future__ import annotations
@@ -19,16 +19,21 @@ def state_dir(node_config: Mapping[str, Any] | None = None) -> Path:
     return Path(str(configured)).expanduser() if configured else Path.home() / ".fedpeft" / "state"
 
 
-def worker_socket_path(directory: Path) -> Path:
-    """Where a site's worker listens: ``<state dir>/worker/worker.sock`` (the directory 0700, the socket 0600)."""
-    return Path(directory) / "worker" / "worker.sock"
+def worker_dir(directory: Path) -> Path:
+    """The site worker's own directory, ``<state dir>/worker`` (0700: its files are the site user's alone)."""
+    return Path(directory) / "worker"
+
+
+def worker_ready_path(directory: Path) -> Path:
+    """Where a site worker says it is ready (its pid and fedpeft version), for ``fedpeft node`` to wait on."""
+    return worker_dir(directory) / "ready.json"
 
 
 def worker_secret_path(directory: Path) -> Path:
     """The SuperExec secret ``fedpeft node`` gives its SuperNode and its worker (0600, in the worker directory)."""
-    return Path(directory) / "worker" / "superexec.secret"
+    return worker_dir(directory) / "superexec.secret"
 
 
 def worker_task_path(directory: Path) -> Path:
     """Where a worker notes the task in hand (token, message envelope), for answering it if the worker dies."""
-    return Path(directory) / "worker" / "task.json"
+    return worker_dir(directory) / "task.json"

@@ -89,7 +89,7 @@ def config_from_record(record: Mapping[str, Any]) -> FedPeftConfig:
 
 def record_nbytes(content: Any) -> int:
     """Serialized size in bytes of a message's RecordDict, as it is framed for the wire."""
-    from flwr.common.serde import recorddict_to_proto
+    from fedpeft.deploy.flower_compat import recorddict_to_proto
 
     return int(recorddict_to_proto(content).ByteSize())
 

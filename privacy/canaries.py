@@ -9,7 +9,6 @@ keeps the assignment (``member``) in a 0600 file and reveals it only to score th
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fedpeft.runlog import atomic_write_bytes
+from privacy.randomness import secret_seed
 
 LETTERS = np.array(list("abcdefghijklmnopqrstuvwxyz"))
 
@@ -38,7 +38,7 @@ def make_canaries(
     """``m`` canaries spread round-robin over ``sites``; ``seed`` None draws a secret one."""
     if m < 2 or not label_names or not sites:
         raise ValueError("need at least 2 canaries, one label and one site")
-    rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
+    rng = np.random.default_rng(secret_seed(128, purpose="canaries") if seed is None else seed)
     out = []
     for i in range(m):
         text = " ".join("".join(rng.choice(LETTERS, size=int(rng.integers(4, 9)))) for _ in range(words))

@@ -48,8 +48,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM  # the train config's clipping-norm key
 
+from fedpeft.deploy.flower_compat import KEY_CLIPPING_NORM  # the train config's clipping-norm key (Flower-internal)
 from fedpeft.errors import FedPeftError
 
 

@@ -20,15 +20,14 @@ token losses flattened with ``shape=`` so that Opacus's criterion reduces them p
 way.
 
 Randomness: the batch sampling and the noise come from a generator seeded from the operating
-system's entropy pool, never from the run seed that the coordinator knows (a server that could
-replay the noise could subtract it). Tests pass an explicit ``generator_seed``. On a GPU the noise
-is drawn by a generator on the GPU, seeded from the same draw.
+system's entropy pool (:func:`privacy.randomness.secret_seed`), never from the run seed that the
+coordinator knows (a server that could replay the noise could subtract it). Tests pass an explicit
+``generator_seed``. On a GPU the noise is drawn by a generator on the GPU, seeded from the same draw.
 """
 
 from __future__ import annotations
 
 import math
-import secrets
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +36,7 @@ import torch
 
 from fedpeft.runtime import CPU, Runtime
 from fedpeft.training import Encoded, HeadInputs, padded_batch, param_groups
+from privacy.randomness import secret_seed
 
 CLIPPING_MODES = ("hooks", "ghost")
 
@@ -138,7 +138,7 @@ def dp_train_local(
     import privacy.ssf_grad_sample  # noqa: F401  (registers SSF's per-sample gradient rule)
 
     q, planned = poisson_plan(len(data), batch_size=batch_size, epochs=epochs, max_steps=max_steps)
-    seed = secrets.randbits(63) if generator_seed is None else int(generator_seed)
+    seed = secret_seed(63, purpose="dpsgd") if generator_seed is None else int(generator_seed)
     generator = torch.Generator().manual_seed(seed)
     noise_generator = generator if runtime.device == "cpu" else \
         torch.Generator(device=runtime.device).manual_seed(seed ^ 0x5DEECE66D)

@@ -30,6 +30,7 @@ from fedpeft.training import Encoded
 from privacy.accounting import epsilon, noise_for_budget
 from privacy.dpsgd import DPSGD, dp_train_local, poisson_plan
 from privacy.ledger import ENTRY_VERSION, load_or_create_key, public_key_b64, sign_entry
+from privacy.randomness import secret_seed
 from privacy.state import RoundSpend, SiteAccount, account_path, load_account, save_account
 
 # Budgets are compared with this slack: calibration lands within 0.01 below, never above.
@@ -125,6 +126,7 @@ def configured_private_round(
         server_round=server_round,
         state_dir=state_dir(node_config),
         ledger_seq=ledger_seq,
+        generator_seed=secret_seed(63, purpose=f"dpsgd/{cfg.run_id}/{site}/{server_round}"),
     )
 
 

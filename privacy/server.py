@@ -32,6 +32,7 @@ from privacy.ledger import (
     sign_entry,
     verify_chain,
 )
+from privacy.randomness import secret_seed
 
 LEDGER_FILE = "privacy_ledger.jsonl"
 COORDINATOR = "coordinator"
@@ -157,7 +158,8 @@ class RunPrivacy:
         if cfg.dp == "central":
             from privacy.central import calibrate_central_sigma
 
-            self._noise = np.random.default_rng()  # OS entropy: a seeded run must not make the noise predictable
+            # OS entropy: a seeded run must not make the noise predictable
+            self._noise = np.random.default_rng(secret_seed(128, purpose=f"central-noise/{cfg.run_id}"))
             m = sample_count(num_sites, cfg.fraction)
             sigma = cfg.dp_noise_multiplier or calibrate_central_sigma(
                 budget=cfg.dp_epsilon, delta=cfg.dp_delta, population=num_sites, sample_size=m, rounds=cfg.rounds

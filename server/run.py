@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import secrets
 import tempfile
 import time
 import uuid
@@ -27,12 +26,12 @@ import numpy as np
 from fedpeft import site
 from fedpeft.adapters import adapter_state, load_adapter_state
 from fedpeft.config import FedPeftConfig
-from fedpeft.drift import resolve_drift
 from fedpeft.errors import FedPeftError
 from fedpeft.heads import model_pooling, save_remote_code
 from fedpeft.runlog import append_jsonl, atomic_replace_dir, atomic_write_text
 from fedpeft.wire import CANARIES, NUM_EXAMPLES, config_record, from_array_record, to_array_record
 from privacy.empirical import audit_run_canaries, run_canaries, save_result, site_rows
+from privacy.modes import privacy_mode
 from privacy.server import RunPrivacy
 from server.checkpoint import Checkpoint, load_checkpoint, log_sizes, resumed_config, rewind_logs, save_checkpoint
 from server.discovery import finish_discovery, start_discovery, wait_for_nodes
@@ -51,24 +50,6 @@ RoundCallback = Callable[[Mapping[str, Any], float], None]
 REPLY_POLL_SECONDS = 0.2  # how often a round asks the SuperLink for replies once the first may be near
 REPLY_POLL_SLOW = 1.0  # how often before then (each ask costs the SuperLink and the ServerApp CPU)
 REPLY_EARLY = 0.8  # "near": this fraction of the time the previous round's first reply took
-
-
-def check_robust(cfg: FedPeftConfig, aggregator: Any) -> None:
-    """``cfg.robust`` parses, replaces an average, and is not asked of central DP."""
-    from strategies.robust import parse_robust
-
-    try:
-        name, _ = parse_robust(cfg.robust)
-    except ValueError as err:
-        raise FedPeftError(str(err)) from None
-    if name == "none":
-        return
-    if not aggregator.linear:
-        raise FedPeftError(f"robust={cfg.robust} replaces averages; strategy {cfg.strategy!r} does not average: "
-                           "use fedit, ffa-lora or ssf-avg")
-    if cfg.dp == "central":
-        raise FedPeftError("robust aggregation under central DP: the noise is calibrated to a sum of clipped updates, "
-                           "not to a median or trimmed mean; use --max-update-norm instead")
 
 
 def short_round_reasons(traffic: RoundTraffic, *, sampled: int) -> str:
@@ -144,7 +125,8 @@ def run_federation(
     state = adapter_state(model)  # the seeded initial adapter every client starts from
     test = site.encoded_test(cfg)
     # Central DP amplified by sampling needs a draw the run seed does not reveal (kept in the checkpoint).
-    seed = secrets.randbits(32) if cfg.dp == "central" and cfg.fraction < 1 else cfg.seed
+    mode = privacy_mode(cfg)
+    seed = mode.sampling_seed(cfg)
 
     def record_round(rnd: int, extra: Mapping[str, Any], started: float) -> dict[str, Any]:
         load_adapter_state(model, state)
@@ -162,7 +144,7 @@ def run_federation(
             on_round(record, time.monotonic() - started)
         return record
 
-    drift = resolve_drift(cfg)
+    drift = mode.drift(cfg)
     scaffold = drift.method == "scaffold"
     moments: dict[str, np.ndarray] = {}  # the server optimizer's state
     control: dict[str, np.ndarray] | None = {} if scaffold else None  # SCAFFOLD's c (the strategy moves it)
@@ -184,12 +166,11 @@ def run_federation(
         if scaffold:
             control = dict(checkpoint.control or {})
     sites, ranks = finish_discovery(grid, queries, timeout=cfg.startup_timeout, min_sites=cfg.min_clients,
-                                    example_delta=cfg.dp_delta if cfg.dp == "local" else 0.0)
+                                    example_delta=mode.example_delta(cfg))
     population = checkpoint.population if checkpoint is not None and checkpoint.population else len(sites)
     privacy = RunPrivacy(cfg, run_dir, num_sites=population, key_dir=site.state_dir() / "coordinator",
                          resume=checkpoint)
     base_config = config_record(cfg, **{"label-names": label_names}, **privacy.train_config)
-    check_robust(cfg, AGGREGATORS.get(cfg.strategy))  # the same one-line errors as `fedpeft simulate`
     canaries = run_canaries(run_dir, cfg.canaries, label_names=label_names, sites=list(sites.values())) \
         if cfg.canaries else []
 
@@ -263,8 +244,11 @@ def head_frozen_after(cfg: FedPeftConfig) -> int | None:
     return cfg.probes if cfg.head_after_probe == "freeze" else None
 
 
-def server_move(cfg: FedPeftConfig, rnd: int, state: dict[str, np.ndarray], aggregated: dict[str, np.ndarray],
-                moments: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, float]]:
+Arrays = dict[str, np.ndarray]
+
+
+def server_move(cfg: FedPeftConfig, rnd: int, state: Arrays, aggregated: Arrays,
+                moments: Arrays) -> tuple[Arrays, Arrays, dict[str, float]]:
     """The next broadcast from round ``rnd``'s aggregate: the aggregate itself, or the server optimizer's
     step along it (tensors the round's rule keeps fixed stay), with the optimizer's new moments."""
     if cfg.server_opt == "none":
@@ -348,7 +332,7 @@ def round_metrics(cfg: FedPeftConfig, traffic: RoundTraffic, agg: Mapping[str, A
         "bytes_up_per_client": int(np.mean(up)) if up else 0,
         "bytes_down_per_client": int(np.mean(down)) if down else 0,
         **traffic.compression(),
-        **({"reclipped": len(traffic.reclipped)} if cfg.dp == "central" else {}),
+        **({bound: len(traffic.reclipped)} if (bound := privacy_mode(cfg).bound_metric) else {}),
         **({"clipped": len(traffic.reclipped)} if cfg.clip_update_norm > 0 else {}),
         **{key: float(value) for key, value in (agg or {}).items() if key.startswith("agg_")},
         **({"dp_noise_std": float(agg["dp_noise_std"])} if agg is not None and "dp_noise_std" in agg else {}),
@@ -362,7 +346,7 @@ def finish_run(cfg: FedPeftConfig, model: Any, state: Mapping[str, np.ndarray], 
     save_adapter(model, state, run_dir / "adapter", cfg=cfg, label_names=label_names)
     if canaries:  # save_adapter left the final adapter in the model
         audit = audit_run_canaries(model, site.tokenizer(cfg), canaries, label_names=label_names,
-                                   max_length=cfg.max_length, delta=cfg.dp_delta if cfg.dp != "off" else 1e-5,
+                                   max_length=cfg.max_length, delta=privacy_mode(cfg).audit_delta(cfg),
                                    accountant_epsilon=privacy.spent(), runtime=site.runtime(cfg))
         save_result(run_dir, audit)
         claim = audit["accountant_epsilon"]

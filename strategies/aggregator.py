@@ -188,19 +188,11 @@ def round_rule(agg: Aggregator, server_round: int, *, head_frozen_after: int | N
 
 
 def check_adapter(agg: Aggregator, keys: Any) -> None:
-    """Raise ValueError unless the adapter with tensor names ``keys`` is of ``agg.adapter``'s kind;
-    the message names the strategies that would aggregate it."""
-    from strategies import strategies_for  # the registry is filled by the package
+    """Raise a one-line error unless the adapter with tensor names ``keys`` is of ``agg.adapter``'s kind;
+    the message names the strategies that would aggregate it (:func:`strategies.checks.check_adapter_kind`)."""
+    from strategies.checks import check_adapter_kind  # a real cycle: it reads the registry this package fills
 
-    kind = adapter_kind(keys)
-    if kind is None or kind == agg.adapter:
-        return
-    fits = [name for name in strategies_for(kind) if name != "fedavg"]
-    hint = f"; use --strategy {' or '.join(fits)}" if fits else ""
-    raise ValueError(
-        f"strategy {agg.name!r} aggregates {agg.adapter.upper()} adapters, but this adapter holds {kind.upper()} "
-        f"tensors{hint}"
-    )
+    check_adapter_kind(agg, adapter_kind(keys))
 
 
 def lora_layers(keys: Sequence[str] | Any) -> tuple[list[tuple[str, str]], list[str]]:

@@ -52,6 +52,7 @@ from fedpeft.wire import (
 )
 from strategies import AGGREGATORS
 from strategies.aggregator import AggregationOptions, check_adapter, lora_layers, round_rule, truncate_to_rank
+from strategies.checks import check_ranks
 from strategies.sampling import sample_sites
 from strategies.scaffold import control_rejection, server_variate
 from strategies.validation import ReplyLimits, norm_rejection, relative_outliers, reply_bound, update_norm
@@ -263,10 +264,7 @@ class FedPeftStrategy(Strategy):
     ) -> Iterable[Message]:
         chosen = sample_sites(list(self.sites.values()), self.fraction, seed=self.seed, server_round=server_round)
         self.previous = from_array_record(arrays)
-        try:  # before any site trains: an SSF adapter under a LoRA strategy, or the reverse
-            check_adapter(self.aggregator, self.previous.keys())
-        except ValueError as err:
-            raise FedPeftError(str(err)) from None
+        check_adapter(self.aggregator, self.previous.keys())  # before any site trains: SSF under LoRA, or the reverse
         rule = self._rule(server_round)  # RoLoRA: the factor clients hold this round
         frozen = rule.frozen
         config = ConfigRecord({**config, "server-round": server_round, "frozen": ",".join(frozen),
@@ -277,12 +275,8 @@ class FedPeftStrategy(Strategy):
         contents: dict[int | None, RecordDict] = {}
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
         messages = []
-        mixed = sorted(s for s, r in self.ranks.items() if r != global_rank) if global_rank else []
-        if mixed and not self.aggregator.heterogeneous_ranks:  # every site, sampled this round or not
-            raise FedPeftError(
-                f"strategy {self.aggregator_name!r} needs every client at LoRA rank {global_rank}, "
-                f"but {mixed[0]} trains rank {self.ranks[mixed[0]]}; use exact-svd for mixed ranks"
-            )
+        if global_rank:  # every site, sampled this round or not
+            check_ranks(self.aggregator, self.ranks, global_rank=global_rank)
         self.baselines, self._rank_of = {}, {}
         records, self.baselines[global_rank] = encode_tensors(self.downlink, broadcast)
         contents[global_rank] = RecordDict({**records, CONFIG: config})

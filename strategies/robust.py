@@ -44,7 +44,7 @@ def parse_robust(spec: str) -> tuple[str, float]:
 
 def combiner(spec: str) -> Combine | None:
     """The coordinate-wise statistic of ``spec`` (None for ``none``: the weighted average)."""
-    from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
+    from fedpeft.deploy.flower_compat import aggregate_median, aggregate_trimmed_avg
 
     name, beta = parse_robust(spec)
     if name == "none":

@@ -40,9 +40,10 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
         ),
         (["--peft", "prefix"], "unknown PEFT method 'prefix'; known: lora, ssf"),
         (["--peft", "ssf", "--strategy", "fedit"],
-         "strategy 'fedit' aggregates LORA adapters, but peft is ssf; use --strategy ssf-avg"),
+         "strategy 'fedit' aggregates LORA adapters, but this adapter is SSF; use --strategy ssf-avg"),
         (["--strategy", "ssf-avg"],
-         "strategy 'ssf-avg' aggregates SSF adapters, but peft is lora; use --strategy exact-svd or fedit or ffa-lora"),
+         "strategy 'ssf-avg' aggregates SSF adapters, but this adapter is LORA; use --strategy exact-svd or fedit or "
+         "ffa-lora"),
         (["--peft", "ssf", "--lora-r", "4"], "lora_r is a lora setting but peft is ssf; drop it or use --peft lora"),
         (["--ssf-target-modules", "query"], "ssf_target_modules is a ssf setting but peft is lora"),
         (["--peft", "ssf", "--client-ranks", "2,4"], "client_ranks is a lora setting but peft is ssf"),

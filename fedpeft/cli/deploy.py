@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
 
 from fedpeft.config_checks import DEVICES, PRECISIONS
+from fedpeft.deploy import flower_compat
+from fedpeft.deploy.certs import DEFAULT_SANS, write_credentials
+from fedpeft.deploy.commands import printable, superlink_command, supernode_command
+from fedpeft.deploy.connection import add_connection
+from fedpeft.deploy.supervise import supervise, worker_command
 from fedpeft.errors import FedPeftError
 
-SUPEREXEC_POLL_SECONDS = "0.2"
+SUPEREXEC_POLL_SECONDS = 0.2  # --no-worker: Flower's SuperExec looks for a task this often (Flower: 1 s)
 DEFAULT_POLL = 0.5  # fedpeft node's SuperNode idle poll, seconds (Flower's: 3)
 
 
@@ -91,8 +97,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run_certs(args: argparse.Namespace) -> int:
-    from fedpeft.deploy.certs import DEFAULT_SANS, write_credentials
-
     made = write_credentials(args.out_dir, sans=args.san or DEFAULT_SANS, nodes=args.node, force=args.force)
     print(f"fedpeft: CA {made.ca_cert}; SuperLink certificate {made.server_cert} "
           f"for {', '.join(args.san or DEFAULT_SANS)}")
@@ -102,8 +106,6 @@ def run_certs(args: argparse.Namespace) -> int:
 
 
 def _exec(cmd: list[str], *, dry_run: bool) -> int:
-    from fedpeft.deploy.commands import printable
-
     print(printable(cmd), flush=True)
     if dry_run:
         return 0
@@ -117,8 +119,7 @@ def _exec(cmd: list[str], *, dry_run: bool) -> int:
 
 
 def run_link(args: argparse.Namespace) -> int:
-    from fedpeft.deploy.commands import superlink_command
-
+    flower_compat.check()  # the Flower internals fedpeft relies on (the ServerApp's among them), each verified
     cmd = superlink_command(certs=args.certs, state_dir=args.state_dir, fleet=args.fleet, control=args.control)
     if not args.print:
         Path(args.state_dir).expanduser().mkdir(parents=True, exist_ok=True)
@@ -126,8 +127,7 @@ def run_link(args: argparse.Namespace) -> int:
 
 
 def run_node(args: argparse.Namespace) -> int:
-    from fedpeft.deploy.commands import supernode_command
-
+    flower_compat.check()  # the Flower internals the SuperNode's patches and the site worker rely on, each verified
     cmd = supernode_command(
         link=args.link, ca=args.ca, key=args.key, data=args.data, site=args.name, state_dir=args.state_dir,
         dp_epsilon=args.dp_epsilon, codec=args.codec, port=args.port, max_retries=args.max_retries,
@@ -135,20 +135,17 @@ def run_node(args: argparse.Namespace) -> int:
         precision=args.precision or "",
     )
     if args.codec:
-        from fedpeft.codecs import CodecError, parse_codec
+        from fedpeft.codecs import CodecError, parse_codec  # deferred: numpy, only when --codec is given
 
         try:
             parse_codec(args.codec)
         except CodecError as err:
             raise FedPeftError(f"--codec: {err}") from None
-    # the SuperNode's SuperExec looks for a pulled message once a second by default: a round would wait
-    # 0.5 s on average for the ClientApp's process to be started
-    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL_SECONDS)
     if args.no_worker:
+        # the SuperNode's SuperExec looks for a pulled message once a second by default: a round would wait
+        # 0.5 s on average for the ClientApp's process to be started
+        flower_compat.superexec_task_poll(SUPEREXEC_POLL_SECONDS)
         return _exec(cmd, dry_run=args.print)
-    from fedpeft.deploy.commands import printable
-    from fedpeft.deploy.supervise import supervise, worker_command
-
     state = Path(node_config_value(cmd, "state-dir"))
     runtime_api = f"127.0.0.1:{args.port}"  # the SuperNode's Runtime API (supernode_command's --host/--port)
     print(printable(worker_command(state, runtime_api)), flush=True)
@@ -164,8 +161,6 @@ def run_node(args: argparse.Namespace) -> int:
 
 def node_config_value(cmd: list[str], key: str) -> str:
     """A string value of the ``--node-config`` in a flower-supernode command."""
-    import shlex
-
     for part in shlex.split(cmd[cmd.index("--node-config") + 1]):
         name, _, value = part.partition("=")
         if name == key:
@@ -174,8 +169,6 @@ def node_config_value(cmd: list[str], key: str) -> str:
 
 
 def run_connection(args: argparse.Namespace) -> int:
-    from fedpeft.deploy.connection import add_connection
-
     path = add_connection(args.name, control=args.control, ca=args.ca, make_default=args.default)
     print(f"fedpeft: connection {args.name!r} added to {path}; submit with: flwr run . {args.name} --stream")
     return 0

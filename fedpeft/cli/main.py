@@ -15,7 +15,6 @@ from fedpeft.config import (
     PEFT_FIELDS,
     SEQ_CLS_FIELDS,
     FedPeftConfig,
-    describe_dp,
     field_help,
 )
 from fedpeft.errors import FedPeftError
@@ -209,6 +208,8 @@ def resume_config(given: dict) -> FedPeftConfig:
 
 def _simulate(args: argparse.Namespace) -> int:
     from fedpeft.preflight import check_run
+    from privacy.modes import privacy_mode
+    from server.checks import check_config
 
     given = {
         f.name: getattr(args, f.name) for f in dataclasses.fields(FedPeftConfig) if getattr(args, f.name) is not None
@@ -228,19 +229,20 @@ def _simulate(args: argparse.Namespace) -> int:
         cfg = FedPeftConfig(**with_defaults(given)).with_default_out()
         cfg = check_run(cfg, clients_given="clients" in given, here=not args.ray_address)
 
-    from server.simulate import simulate, validate
+    from server.simulate import simulate
 
-    validate(cfg)
+    check_config(cfg)
+    mode = privacy_mode(cfg)
     output = "json" if args.json else "quiet" if args.quiet else "table"
     if output == "json":
         from server.console import emit
 
-        emit("start", out=cfg.out, clients=cfg.clients, rounds=cfg.rounds, dp=describe_dp(cfg) if cfg.dp != "off"
-             else "off", resume=bool(cfg.resume))
+        emit("start", out=cfg.out, clients=cfg.clients, rounds=cfg.rounds,
+             dp=mode.describe(cfg) if mode.private else "off", resume=bool(cfg.resume))
     elif output == "table":
         print(f"fedpeft: {cfg.clients} clients, {cfg.rounds} rounds, partition {cfg.partition}, writing {cfg.out}")
-        if cfg.dp != "off":
-            print(f"fedpeft: {describe_dp(cfg)}")
+        if mode.private:
+            print(f"fedpeft: {mode.describe(cfg)}")
 
     simulate(cfg, verbose=args.verbose, output=output, ray_address=args.ray_address)
     out = Path(cfg.out)

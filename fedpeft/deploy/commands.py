@@ -22,6 +22,8 @@ from fedpeft.errors import FedPeftError
 from fedpeft.state_dir import state_dir as default_state_dir
 from fedpeft.state_dir import worker_secret_path
 
+WORKER_KEY = "worker"  # node config: a site worker takes this node's messages (client/app.py refuses them)
+
 
 def split_address(address: str, *, what: str) -> tuple[str, int]:
     """``"host:port"`` → ``(host, port)``; raises a one-line error naming ``what``."""
@@ -99,9 +101,9 @@ def supernode_command(
     """``flower-supernode`` for one site: its data file, name, budget and state travel as node config.
 
     ``worker``: a site worker serves this node: the SuperNode runs with ``--isolation process`` and the
-    worker, holding the secret ``<state-dir>/worker/superexec.secret``, takes its tasks (client/executor.py);
-    node config ``worker = 1`` and the state directory are always given, so a relay and the worker agree on the
-    socket.
+    worker, holding the secret ``<state-dir>/worker/superexec.secret``, takes its tasks (client/worker/tasks.py);
+    node config ``worker = 1`` and the state directory are always given (a ClientApp process Flower starts for
+    such a node anyway refuses the message, see client/app.py).
 
     ``poll``: below Flower's own 3 s, the SuperNode runs through :mod:`fedpeft.deploy.supernode`, which asks the
     SuperLink for messages every ``poll`` seconds while idle.
@@ -116,7 +118,7 @@ def supernode_command(
         config["state-dir"] = str(Path(state_dir).expanduser().resolve())
     if worker:
         config["state-dir"] = str(Path(state_dir or default_state_dir()).expanduser().resolve())
-        config["worker"] = 1  # a ClientApp process started anyway (not by fedpeft node) relays to the worker
+        config[WORKER_KEY] = 1  # a ClientApp process started anyway (not by fedpeft node) refuses, naming why
     if dp_epsilon is not None:
         if not dp_epsilon > 0:
             raise FedPeftError(f"--dp-epsilon must be > 0, got {dp_epsilon}")

@@ -14,8 +14,10 @@ SuperLink: one per ``--poll`` seconds per idle site, and up to 30 more in the 3 
 Its object pulls retry sooner too (:mod:`fedpeft.deploy.objects`): a message pulled before the
 coordinator has uploaded its objects waits 0.05 s, not 1 s, before asking for them again.
 
-The cap replaces that module's ``time`` by a copy whose ``sleep`` is capped; if a Flower release no longer
-sleeps there this way, the node refuses to start rather than run unpatched silently.
+The cap replaces that module's ``time`` by a copy whose ``sleep`` is capped; the replacing is
+:func:`fedpeft.deploy.flower_compat.patch_supernode_loop`, which first checks that the loop still sleeps
+through ``time``, pushes replies through ``_push_messages`` and pulls through ``pull_objects``, and refuses
+in one line otherwise, so the node never runs unpatched silently.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from __future__ import annotations
 import sys
 import time
 import types
+
+from fedpeft.deploy import flower_compat
+from fedpeft.deploy.flower_compat import patch_supernode_loop
+from fedpeft.errors import FedPeftError
 
 FLOWER_IDLE_SECONDS = 3.0  # what the SuperNode sleeps when no message is waiting (flwr 1.39)
 LOCAL_POLL = 0.05  # between looks for the reply in the SuperNode's own memory (Flower: 0.5 s; no network)
@@ -57,27 +63,14 @@ def capped_time(poll: float, pace: Pace | None = None) -> types.ModuleType:
 
 
 def patch_supernode(poll: float) -> Pace:
-    """Cap the SuperNode loop's sleeps at ``poll`` seconds, and note each reply it pushes. Raises RuntimeError
-    where that loop is not found."""
-    from flwr.supernode import start_client_internal as loop
-
-    from fedpeft.deploy.objects import eager_object_pulls
-
-    push = getattr(loop, "_push_messages", None)
-    if getattr(loop, "time", None) is not time or not callable(push) or not eager_object_pulls(loop):
-        raise RuntimeError("this Flower release's SuperNode loop is not the one fedpeft adjusts (sleeps through the "
-                           "time module, replies through _push_messages, objects through pull_objects); "
-                           "run `fedpeft node --poll 3` (Flower's own polling)")
+    """Cap the SuperNode loop's sleeps at ``poll`` seconds, and note each reply it pushes. Raises
+    :class:`~fedpeft.errors.FedPeftError` (one line) where that loop is not the one this patch knows."""
     pace = Pace()
 
-    def push_messages(*args: object, **kwargs: object) -> object:
-        try:
-            return push(*args, **kwargs)
-        finally:
-            pace.pushed = time.monotonic()
+    def pushed() -> None:
+        pace.pushed = time.monotonic()
 
-    loop.time = capped_time(poll, pace)  # type: ignore[attr-defined]
-    loop._push_messages = push_messages  # type: ignore[attr-defined]
+    patch_supernode_loop(capped_time(poll, pace), pushed)
     return pace
 
 
@@ -95,13 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         patch_supernode(poll)
-    except RuntimeError as err:
-        print(f"fedpeft node: {err}", file=sys.stderr)
+        run = flower_compat.flower_supernode
+    except FedPeftError as err:
+        print(f"fedpeft node: {err}; `fedpeft node --poll 3` runs Flower's own SuperNode", file=sys.stderr)
         return 2
-    from flwr.supernode.cli import flower_supernode
-
     sys.argv = ["flower-supernode", *args[2:]]
-    flower_supernode()
+    run()
     return 0
 
 

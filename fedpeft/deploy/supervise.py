@@ -2,14 +2,17 @@
 
 The worker (``python -m client.worker``) holds the site's model and data for the whole life of the node.
 The SuperNode runs with ``--isolation process`` (no SuperExec, no per-message process): the worker takes the
-node's ClientApp tasks from the SuperNode's Runtime API itself (``client/executor.py``), authenticated by a
+node's ClientApp tasks from the SuperNode's Runtime API itself (``client/worker/tasks.py``), authenticated by a
 secret made fresh for each life of the node (``<state-dir>/worker/superexec.secret``, 0600). This module
 only manages the two processes:
 
-- the worker starts first, and the SuperNode only once the worker's socket answers, so no message
-  arrives before the model is loaded;
+- the worker starts first, and the SuperNode only once the worker has written ``<state-dir>/worker/ready.json``
+  (its pid and fedpeft version, see :func:`write_ready`). The worker writes it once it has imported the
+  training stack (torch, transformers, the handlers) and read its secret, so no message waits for those. The
+  model and the site's data are not loaded yet (the run names them): the run's first message, the
+  coordinator's query, loads them, and they stay loaded for the rounds that follow;
 - a worker that exits is started again (the message it held is answered as failed by the new worker, see
-  ``client/executor.py``; the next round trains); one that dies within ``quick_death`` seconds of starting
+  ``client/worker/tasks.py``; the next round trains); one that dies within ``quick_death`` seconds of starting
   ``max_quick_deaths`` times in a row is a fault to report, not to retry: the node stops with status 1;
 - SIGTERM or Ctrl-C stops the SuperNode first (no new messages), then the worker, which finishes the
   message in hand (its privacy spend is on disk before any reply leaves); either gets ``grace`` seconds;
@@ -18,10 +21,10 @@ only manages the two processes:
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,28 +32,30 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedpeft import __version__
 from fedpeft.errors import FedPeftError
 from fedpeft.runlog import atomic_write_bytes
-from fedpeft.state_dir import worker_secret_path, worker_socket_path
+from fedpeft.state_dir import worker_ready_path, worker_secret_path
 
 
-def answers(path: Path) -> bool:
-    """Whether a process accepts connections on the Unix socket at ``path``."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
+def write_ready(path: Path) -> None:
+    """Say that this process, a site worker, is ready: ``{"pid", "version"}``, written atomically (0600)."""
+    atomic_write_bytes(path, json.dumps({"pid": os.getpid(), "version": __version__}).encode(), mode=0o600)
 
 
-def worker_command(state_dir: Path, runtime_api: str | None = None) -> list[str]:
-    """The worker's command line; with ``runtime_api`` it takes the SuperNode's tasks itself (client/executor.py)."""
-    cmd = [sys.executable, "-m", "client.worker", "--state-dir", str(state_dir)]
-    if runtime_api is not None:
-        cmd += ["--runtime-api", runtime_api, "--secret-file", str(worker_secret_path(state_dir))]
-    return cmd
+def read_ready(path: Path) -> dict[str, Any] | None:
+    """What a worker wrote with :func:`write_ready`; None while there is nothing (or nothing whole) to read."""
+    try:
+        ready = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return ready if isinstance(ready, dict) else None
+
+
+def worker_command(state_dir: Path, runtime_api: str) -> list[str]:
+    """The worker's command line: it takes the tasks of the SuperNode whose Runtime API is ``runtime_api``."""
+    return [sys.executable, "-m", "client.worker", "--state-dir", str(state_dir), "--runtime-api", runtime_api,
+            "--secret-file", str(worker_secret_path(state_dir))]
 
 
 def new_secret(path: Path) -> None:
@@ -65,8 +70,9 @@ class NodeSupervisor:
         self,
         supernode: Sequence[str],
         worker: Sequence[str],
-        socket_path: Path,
+        ready_path: Path,
         *,
+        version: str = __version__,
         ready_timeout: float = 300.0,
         grace: float = 60.0,
         quick_death: float = 10.0,
@@ -74,7 +80,8 @@ class NodeSupervisor:
         poll: float = 0.2,
         say: Callable[[str], None] = lambda line: print(f"fedpeft node: {line}", file=sys.stderr, flush=True),
     ) -> None:
-        self.supernode_cmd, self.worker_cmd, self.socket = list(supernode), list(worker), Path(socket_path)
+        self.supernode_cmd, self.worker_cmd, self.ready = list(supernode), list(worker), Path(ready_path)
+        self.version = version
         self.ready_timeout, self.grace, self.poll = ready_timeout, grace, poll
         self.quick_death, self.max_quick_deaths = quick_death, max_quick_deaths
         self.say = say
@@ -88,20 +95,25 @@ class NodeSupervisor:
 
     def _start_worker(self) -> subprocess.Popen:
         self.worker_starts += 1
+        self.ready.unlink(missing_ok=True)  # a dead worker's: only the new one's says it is ready
         proc = subprocess.Popen(self.worker_cmd)
         self.say(f"site worker started (pid {proc.pid})")
         return proc
 
     def _wait_ready(self, proc: subprocess.Popen) -> None:
+        """Wait until ``proc`` wrote the ready file; a worker of another fedpeft version is refused."""
         deadline = time.monotonic() + self.ready_timeout
-        while not answers(self.socket):
+        while (ready := read_ready(self.ready)) is None or ready.get("pid") != proc.pid:
             if proc.poll() is not None:
                 raise FedPeftError(f"the site worker exited with status {proc.returncode} before it was ready")
             if self._stop:
                 return
             if time.monotonic() > deadline:
-                raise FedPeftError(f"the site worker did not open {self.socket} within {self.ready_timeout:.0f} s")
+                raise FedPeftError(f"the site worker did not write {self.ready} within {self.ready_timeout:.0f} s")
             time.sleep(self.poll)
+        if ready.get("version") != self.version:
+            raise FedPeftError(f"the site worker runs fedpeft {ready.get('version')}, this node {self.version}; "
+                               "reinstall fedpeft so that both are the same")
 
     def run(self) -> int:
         """Run until the SuperNode exits or a stop is requested; the node's exit status."""
@@ -149,12 +161,11 @@ class NodeSupervisor:
                 proc.wait()
 
 
-def supervise(supernode: Sequence[str], state_dir: Path, runtime_api: str | None = None) -> int:
-    """Run the node until it ends; SIGTERM and SIGINT stop it cleanly. With ``runtime_api`` (the SuperNode runs
-    with ``--isolation process``) the worker takes the SuperNode's tasks, with a secret made for this run."""
-    if runtime_api is not None:
-        new_secret(worker_secret_path(state_dir))
-    supervisor = NodeSupervisor(supernode, worker_command(state_dir, runtime_api), worker_socket_path(state_dir))
+def supervise(supernode: Sequence[str], state_dir: Path, runtime_api: str) -> int:
+    """Run the node until it ends; SIGTERM and SIGINT stop it cleanly. The SuperNode runs with ``--isolation
+    process``; the worker takes its tasks from ``runtime_api``, with a secret made for this life of the node."""
+    new_secret(worker_secret_path(state_dir))
+    supervisor = NodeSupervisor(supernode, worker_command(state_dir, runtime_api), worker_ready_path(state_dir))
     signal.signal(signal.SIGTERM, supervisor.request_stop)
     signal.signal(signal.SIGINT, supervisor.request_stop)
     return supervisor.run()

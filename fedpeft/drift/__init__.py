@@ -2,7 +2,7 @@
 apart. One method a file, parsed from ``--drift``:
 
 - ``auto`` (the default) — ``scaffold:head`` for a classifier trained without differential privacy,
-  ``none`` otherwise (:func:`resolve_drift`): what won the natural splits of
+  ``none`` otherwise (:func:`resolve_drift`, and the privacy mode under DP): what won the natural splits of
   ``bench/heterogeneity.py`` (docs/strategies.md, "Which recipe for which federation");
 - ``none`` — plain local training;
 - ``fedprox:<mu>`` — FedProx's proximal term (:mod:`fedpeft.drift.fedprox`);
@@ -39,11 +39,12 @@ class DriftSpec:
 
 
 def resolve_drift(cfg: Any) -> DriftSpec:
-    """The drift correction a run uses: its ``drift`` setting, with ``auto`` resolved — SCAFFOLD on the
-    classification head for ``seq-cls`` without DP; nothing for a causal LM (no head) or under DP (local
-    DP: the term would bypass clipping; central DP: the variate is an unprotected upload)."""
+    """The drift correction a run without differential privacy uses: its ``drift`` setting, with ``auto``
+    resolved — SCAFFOLD on the classification head for ``seq-cls``, nothing for a causal LM (no head).
+    Under DP the run's privacy mode decides what ``auto`` means (:meth:`privacy.modes.PrivacyMode.drift`:
+    none, since the term would bypass clipping and the variate would be an unprotected upload)."""
     if cfg.drift.strip() == "auto":
-        return parse_drift("scaffold:head" if cfg.task == "seq-cls" and cfg.dp == "off" else "none")
+        return parse_drift("scaffold:head" if cfg.task == "seq-cls" else "none")
     return parse_drift(cfg.drift)
 
 

@@ -191,16 +191,20 @@ def test_dp_config_from_flower_run_config_keys() -> None:
     ({"dp": "central", "dp_epsilon": 8.0, "dp_delta": 1e-5, "strategy": "rolora"}, "strategy rolora under dp central"),
 ])
 def test_dp_config_errors_name_the_field(kwargs: dict, message: str) -> None:
+    """A value out of its range fails when the config is built; a combination, in the run's one check."""
+    from server.checks import check_config
+
     with pytest.raises(FedPeftError, match=re.escape(message)):
-        FedPeftConfig(**kwargs)
+        check_config(FedPeftConfig(**kwargs))
 
 
 def test_dp_with_only_a_noise_level_has_no_budget() -> None:
-    from fedpeft.config import describe_dp
+    from privacy.modes import privacy_mode
 
     cfg = FedPeftConfig(dp="local", dp_noise_multiplier=1.2, dp_delta=1e-5)
-    assert "no epsilon budget" in describe_dp(cfg) and "sigma 1.2" in describe_dp(cfg)
-    assert describe_dp(FedPeftConfig()) == "no differential privacy"
+    described = privacy_mode(cfg).describe(cfg)
+    assert "no epsilon budget" in described and "sigma 1.2" in described
+    assert privacy_mode(FedPeftConfig()).describe(FedPeftConfig()) == "no differential privacy"
 
 
 def test_the_flower_app_config_lists_every_field_at_its_default() -> None:
@@ -236,8 +240,10 @@ LM = {"task": "causal-lm", "model": "/models/llama", "data": "chat.jsonl"}
      "gradient_checkpointing under local DP"),
 ])
 def test_task_and_device_errors_are_one_line(kwargs: dict, message: str) -> None:
+    from server.checks import check_config
+
     with pytest.raises(FedPeftError, match=message):
-        FedPeftConfig(**kwargs)
+        check_config(FedPeftConfig(**kwargs))
 
 
 def test_causal_lm_config_and_boolean_coercion() -> None:

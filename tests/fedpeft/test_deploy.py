@@ -14,7 +14,8 @@ import pytest
 from fedpeft.deploy.certs import make_node_key, write_credentials
 from fedpeft.deploy.commands import node_config_string, superlink_command, supernode_command
 from fedpeft.deploy.connection import add_connection
-from fedpeft.deploy.objects import FIRST_RETRY, eager_object_pulls
+from fedpeft.deploy.flower_compat import PULL_REBINDS, eager_object_pulls
+from fedpeft.deploy.objects import FIRST_RETRY
 from fedpeft.errors import FedPeftError
 
 
@@ -256,6 +257,7 @@ def test_a_causal_lm_site_trains_on_its_own_conversations(tmp_path: Path, tiny_l
 
 
 def test_object_pulls_retry_soon_and_still_get_an_object_that_arrives_late(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
     import types
 
     from flwr.supercore.inflatable import inflatable_utils
@@ -281,9 +283,14 @@ def test_object_pulls_retry_soon_and_still_get_an_object_that_arrives_late(monke
     clocked.__dict__.update(vars(inflatable_utils.threading))
     clocked.Event = Clock
     monkeypatch.setattr(inflatable_utils, "threading", clocked)
-    module = types.ModuleType("receiver")
-    module.pull_objects = inflatable_utils.pull_objects
-    assert eager_object_pulls(module) and not eager_object_pulls(module)  # once; a second call changes nothing
+    receivers = {name: importlib.import_module(name) for name in PULL_REBINDS}
+    for name, module in receivers.items():  # restored after the test
+        monkeypatch.setattr(module, PULL_REBINDS[name].name, getattr(module, PULL_REBINDS[name].name))
+    loop = receivers["flwr.supernode.start_client_internal"]
+    eager_object_pulls(loop.__name__)
+    first = loop.pull_objects
+    eager_object_pulls(loop.__name__)
+    assert loop.pull_objects is first  # once; a second call changes nothing
     asked: list[str] = []
 
     def pull(object_id: str) -> bytes:  # the sender uploads "b" only after the receiver first asks for it
@@ -292,13 +299,25 @@ def test_object_pulls_retry_soon_and_still_get_an_object_that_arrives_late(monke
             raise ObjectUnavailableError(object_id)
         return object_id.encode()
 
-    assert module.pull_objects(object_ids=["a", "b"], pull_object_fn=pull) == {"a": b"a", "b": b"b"}
+    assert loop.pull_objects(object_ids=["a", "b"], pull_object_fn=pull) == {"a": b"a", "b": b"b"}
     assert len(waits) == 2 and FIRST_RETRY * 0.8 <= waits[0] <= FIRST_RETRY * 1.2  # Flower's first wait: 1 s
     assert FIRST_RETRY * 1.6 <= waits[1] <= FIRST_RETRY * 2.4  # still doubling
-    assert not eager_object_pulls(types.ModuleType("inmemory_grid"))  # nothing to adjust: left alone
-    module.pull_and_inflate_object_from_tree = inflatable_utils.pull_and_inflate_object_from_tree
-    assert eager_object_pulls(module)  # the other pull Flower imports by name (a site worker's)
-    assert module.pull_and_inflate_object_from_tree.keywords == {"initial_backoff": FIRST_RETRY}
+    for name, module in receivers.items():  # the worker's task input and the ServerApp's grid too
+        eager_object_pulls(name)
+        assert getattr(module, PULL_REBINDS[name].name).keywords == {"initial_backoff": FIRST_RETRY}
+
+
+def test_a_pull_that_is_not_flowers_is_refused_not_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another release (or another patch) changed the pull: one line naming it, never a silent no-op."""
+    from flwr.supernode.runtime import run_clientapp
+
+    monkeypatch.delattr(run_clientapp, "pull_and_inflate_object_from_tree")
+    with pytest.raises(FedPeftError, match=r"^Flower \S+: flwr\.supernode\.runtime\.run_clientapp\."
+                                           r"pull_and_inflate_object_from_tree is missing;"):
+        eager_object_pulls(run_clientapp.__name__)
+    monkeypatch.setattr(run_clientapp, "pull_and_inflate_object_from_tree", lambda *a, **k: None, raising=False)
+    with pytest.raises(FedPeftError, match="is no longer flwr.supercore.inflatable.inflatable_utils"):
+        eager_object_pulls(run_clientapp.__name__)
 
 
 def test_the_supernode_entry_point_caps_the_loops_sleeps_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -327,5 +346,33 @@ def test_the_supernode_entry_point_caps_the_loops_sleeps_and_nothing_else(monkey
     loop.time.sleep(3)
     assert slept[3:] == [supernode.EAGER_POLL, 0.5]
     assert loop.time.monotonic is time.monotonic and time.sleep == slept.append  # the real module is untouched
-    with pytest.raises(RuntimeError, match="--poll 3"):  # patched already, or a Flower that sleeps otherwise
+    with pytest.raises(FedPeftError, match=r"start_client_internal\.time is not the time module \(patched already"):
         supernode.patch_supernode(0.5)
+
+
+def test_a_supernode_loop_without_what_the_patch_needs_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from flwr.supernode import start_client_internal as loop
+
+    from fedpeft.deploy import supernode
+
+    monkeypatch.setattr(loop, "time", time)
+    monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)
+    monkeypatch.delattr(loop, "_push_messages")
+    with pytest.raises(FedPeftError, match=r"start_client_internal\._push_messages is missing"):
+        supernode.patch_supernode(0.5)
+    assert loop.time is time and not hasattr(loop.pull_objects, "keywords")  # checked first, so nothing changed
+
+
+def test_the_supernode_entry_point_refuses_in_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from flwr.supernode import start_client_internal as loop
+
+    from fedpeft.deploy import supernode
+
+    monkeypatch.setattr(loop, "time", loop.time)
+    monkeypatch.delattr(loop, "_push_messages")
+    assert supernode.main(["--poll", "0.5", "--superlink", "x:1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "_push_messages is missing" in err and "--poll 3" in err

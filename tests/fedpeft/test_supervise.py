@@ -14,29 +14,25 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.deploy.supervise import NodeSupervisor, answers
+from fedpeft import __version__
+from fedpeft.deploy.supervise import NodeSupervisor, read_ready, write_ready
 from fedpeft.errors import FedPeftError
 
-# a stand-in worker: listens on the socket (after an optional delay), then lives for `life` seconds
+# a stand-in worker: says it is ready as the real one does (after an optional delay), then lives `life` seconds
 WORKER = """
-import socket, sys, time
-path, delay, life = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+import sys, time
+from pathlib import Path
+from fedpeft.deploy.supervise import write_ready
+path, delay, life = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
 time.sleep(delay)
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-import os
-if os.path.exists(path): os.unlink(path)
-s.bind(path); s.listen(8)
+write_ready(path)
 open(sys.argv[4], "a").write("start\\n")
 time.sleep(life)
 """
-# a stand-in SuperNode: records whether the worker answered when it started, then lives for `life` seconds
+# a stand-in SuperNode: records whether the worker was ready when it started, then lives for `life` seconds
 SUPERNODE = """
-import socket, sys, time
-probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-try:
-    probe.connect(sys.argv[1]); state = "ready"
-except OSError:
-    state = "early"
+import os, sys, time
+state = "ready" if os.path.exists(sys.argv[1]) else "early"
 open(sys.argv[2], "w").write(state)
 time.sleep(float(sys.argv[3]))
 sys.exit(int(sys.argv[4]))
@@ -52,10 +48,10 @@ def place() -> Iterator[Path]:
 
 def supervisor(place: Path, *, delay: float = 0.5, life: float = 60.0, node_life: float = 60.0, node_code: int = 0,
                **kwargs: object) -> NodeSupervisor:
-    sock = place / "w.sock"
-    worker = [sys.executable, "-c", WORKER, str(sock), str(delay), str(life), str(place / "starts")]
-    node = [sys.executable, "-c", SUPERNODE, str(sock), str(place / "node"), str(node_life), str(node_code)]
-    return NodeSupervisor(node, worker, sock, poll=0.05, grace=5.0, say=lambda line: None, **kwargs)
+    ready = place / "worker" / "ready.json"
+    worker = [sys.executable, "-c", WORKER, str(ready), str(delay), str(life), str(place / "starts")]
+    node = [sys.executable, "-c", SUPERNODE, str(ready), str(place / "node"), str(node_life), str(node_code)]
+    return NodeSupervisor(node, worker, ready, poll=0.05, grace=5.0, say=lambda line: None, **kwargs)
 
 
 def in_thread(sup: NodeSupervisor) -> tuple[threading.Thread, list[int]]:
@@ -72,7 +68,7 @@ def wait(condition, timeout: float = 30.0) -> None:  # noqa: ANN001
         time.sleep(0.05)
 
 
-def test_the_supernode_starts_only_once_the_worker_answers(place: Path) -> None:
+def test_the_supernode_starts_only_once_the_worker_is_ready(place: Path) -> None:
     sup = supervisor(place, delay=1.0)
     thread, result = in_thread(sup)
     wait(lambda: (place / "node").exists() and (place / "node").read_text() != "")
@@ -91,8 +87,8 @@ def test_a_dead_worker_is_restarted_and_a_stop_ends_both(place: Path) -> None:
     time.sleep(0.3)
     os.kill(first.pid, signal.SIGKILL)  # kill -9 mid-run
     wait(lambda: sup.worker_starts == 2)
-    wait(lambda: (place / "starts").read_text().count("start") == 2)  # the new worker listens again
-    assert answers(place / "w.sock")
+    wait(lambda: (place / "starts").read_text().count("start") == 2)  # the new worker is ready again
+    assert (read_ready(place / "worker" / "ready.json") or {}).get("pid") == sup.worker.pid
     node, worker = sup.supernode, sup.worker
     sup.request_stop()
     thread.join(20)
@@ -118,9 +114,29 @@ def test_the_supernodes_exit_status_is_the_nodes_and_stops_the_worker(place: Pat
 
 
 def test_a_worker_that_exits_before_it_is_ready_is_a_clear_error(place: Path) -> None:
-    sock = place / "w.sock"
-    sup = NodeSupervisor([sys.executable, "-c", "pass"], [sys.executable, "-c", "raise SystemExit(4)"], sock,
-                         poll=0.05, say=lambda line: None)
+    sup = NodeSupervisor([sys.executable, "-c", "pass"], [sys.executable, "-c", "raise SystemExit(4)"],
+                         place / "ready.json", poll=0.05, say=lambda line: None)
     with pytest.raises(FedPeftError, match="exited with status 4 before it was ready"):
         sup.run()
     assert sup.supernode is None  # never started
+
+
+def test_a_ready_file_left_by_an_earlier_worker_is_not_trusted(place: Path) -> None:
+    """A worker killed with SIGKILL leaves its ready file: the supervisor waits for the new worker's own."""
+    stale = place / "worker" / "ready.json"
+    write_ready(stale)  # this process's pid: not the worker's
+    sup = supervisor(place, delay=1.0)
+    thread, result = in_thread(sup)
+    wait(lambda: (place / "node").exists() and (place / "node").read_text() != "")
+    assert (place / "starts").read_text().count("start") == 1  # the SuperNode waited for the worker itself
+    sup.request_stop()
+    thread.join(20)
+    assert result == [0]
+
+
+def test_a_worker_of_another_fedpeft_version_is_refused(place: Path) -> None:
+    sup = supervisor(place, delay=0.0, version="0.0.0-other")
+    with pytest.raises(FedPeftError, match=f"site worker runs fedpeft {__version__}, this node 0.0.0-other"):
+        sup.run()
+    assert sup.supernode is None  # never started
+    assert sup.worker is not None and sup.worker.poll() is not None  # stopped

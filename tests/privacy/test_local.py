@@ -4,7 +4,6 @@ budget refusal that spends nothing, signed entries."""
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import subprocess
 import sys

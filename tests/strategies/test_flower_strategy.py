@@ -496,7 +496,7 @@ def test_every_equal_rank_rule_refuses_a_rank_2_site(name: str) -> None:
     from fedpeft.errors import FedPeftError
 
     strategy = FedPeftStrategy(aggregator=name, sites=NODES, fraction=1.0, seed=0, ranks={"partition-00004": 2})
-    match = f"{name!r} needs every client at LoRA rank 4, but partition-00004 trains rank 2"
+    match = f"{AGGREGATORS.get(name).name!r} needs every client at LoRA rank 4, but partition-00004 trains rank 2"
     with pytest.raises(FedPeftError, match=match):
         list(strategy.configure_train(1, to_array_record(_random_global(4)), ConfigRecord({}), _NoGrid()))
 

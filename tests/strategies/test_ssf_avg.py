@@ -51,7 +51,7 @@ def test_ssf_avg_is_registered_linear_and_for_ssf_only() -> None:
 
 
 def test_ssf_avg_refuses_a_lora_state() -> None:
-    with pytest.raises(ValueError, match="'ssf-avg' aggregates SSF adapters, but this adapter holds LORA tensors; "
+    with pytest.raises(ValueError, match="'ssf-avg' aggregates SSF adapters, but this adapter is LORA; "
                                          "use --strategy exact-svd or fedit or ffa-lora"):
         SSF_AVG([LORA], [1.0], previous=LORA)
 
@@ -60,7 +60,7 @@ def test_ssf_avg_refuses_a_lora_state() -> None:
 def test_every_lora_strategy_refuses_an_ssf_state(name: str) -> None:
     state = ssf_state(np.random.default_rng(0))
     agg = AGGREGATORS.get(name)  # fedavg is fedit under a second name
-    message = f"'{agg.name}' aggregates LORA adapters, .* SSF tensors; use --strategy ssf-avg"
+    message = f"'{agg.name}' aggregates LORA adapters, but this adapter is SSF; use --strategy ssf-avg"
     with pytest.raises(ValueError, match=message):
         agg([state], [1.0], previous=state)
 

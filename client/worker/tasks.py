@@ -1,4 +1,5 @@
-"""The site worker in SuperExec's place: deployed messages are trained with no per-message process at all.
+"""The site worker's task loop: it takes the SuperNode's ClientApp tasks in SuperExec's place, so deployed
+messages are trained with no per-message process at all.
 
 Flower 1.39's SuperNode stores each message it pulls as a *task*; in its default ``--isolation subprocess`` a
 SuperExec it starts looks for tasks and launches one ``flwr-clientapp`` process per task (1.3-2.0 s of process
@@ -7,13 +8,13 @@ starts no SuperExec and waits for one to connect to its Runtime API. ``fedpeft n
 that way, and the site worker is what connects: :class:`TaskLoop` acquires the node's ClientApp tasks and
 runs each in the worker's own process, exactly as ``flwr-clientapp`` would (pull the task's message and
 context, call the ClientApp, push the reply and the task's output, heartbeating meanwhile), except that
-the ClientApp is the worker's in-process one, whose model and data stay loaded between rounds.
+the ClientApp is the worker's in-process one, whose model and data stay loaded between rounds. The Runtime
+API's names are Flower internals, taken from :mod:`fedpeft.deploy.flower_compat`.
 
 - The Runtime API is the SuperNode's local address (``127.0.0.1:--port``). ``fedpeft node`` gives the
   SuperNode and the worker one shared secret (``<state-dir>/worker/superexec.secret``, 0600 in the 0700
   worker directory), so only a process of the site's user can take the node's tasks.
-- The run's app must be this fedpeft: a task whose FAB is another version is refused with the reason
-  (as the relay refuses a relay of another version).
+- The run's app must be this fedpeft: a task whose FAB is another version is refused with the reason.
 - While a task is in hand its token and its message's envelope (no content) are in
   ``<state-dir>/worker/task.json`` (0600). A worker that dies mid-task leaves it behind; the worker
   ``fedpeft node`` starts in its place answers that message first (:func:`fail_abandoned_task`) with an
@@ -35,39 +36,42 @@ from types import SimpleNamespace
 from typing import Any
 
 import httpx
-from flwr.app import Error, Message
-from flwr.app.message import remove_content_from_message
-from flwr.common.constant import MAX_RETRY_DELAY, SubStatus
-from flwr.common.serde import message_from_proto, message_to_proto
-from flwr.proto.message_pb2 import Message as ProtoMessage
-from flwr.proto.runtime_pb2 import AcquireTaskRequest, PullPendingTasksRequest, SendTaskHeartbeatRequest
-from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender
-from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
-from flwr.supercore.interceptors import (
+from flwr.app import Message
+
+from client.worker.handling import Handler, answer, head, refusal, summary, timed
+from fedpeft import __version__
+from fedpeft.deploy.flower_compat import (
+    MAX_RETRY_DELAY,
+    SUPEREXEC_AUTH_METHODS,
+    AcquireTaskRequest,
+    HeartbeatSender,
+    ObjectPullError,
+    ProtoMessage,
+    PullPendingTasksRequest,
+    RetryInvoker,
+    RunNotRunningException,
+    RuntimeHttpClient,
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
+    SendTaskHeartbeatRequest,
+    SubStatus,
     SuperExecAuthHttpInterceptor,
+    TaskType,
+    eager_task_pulls,
+    exponential,
+    message_from_proto,
+    message_to_proto,
+    pull_task_input,
+    push_message,
+    push_task_output,
+    remove_content_from_message,
+    watch_object_pulls,
 )
-from flwr.supercore.retry import RetryInvoker, exponential
-from flwr.supercore.run import RunNotRunningException
-from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime import run_clientapp
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
-
-from client.handling import ERROR_CODE, Handler, answer, head, summary, timed
-from fedpeft import __version__
-from fedpeft.deploy.objects import eager_object_pulls
 from fedpeft.runlog import atomic_write_bytes
 from fedpeft.state_dir import worker_task_path
 from fedpeft.wire import SECONDS_WAIT
 
 logger = logging.getLogger(__name__)
-
-# the Runtime API methods only a holder of the SuperExec secret may call (flwr's run_superexec.py)
-PROTECTED = frozenset({"/flwr.proto.Runtime/AcquireTask", "/flwr.proto.Runtime/PullPendingTasks",
-                       "/flwr.proto.Runtime/ClaimTask"})
-
 
 # what Flower's own HTTP retries treat as passing (flwr/supercore/retry/http_retry.py)
 PASSING_STATUS = frozenset({httpx.codes.SERVICE_UNAVAILABLE, httpx.codes.GATEWAY_TIMEOUT})
@@ -177,9 +181,8 @@ class TaskLoop:
     """Acquire this node's ClientApp tasks from the SuperNode's Runtime API and run each with ``handler``."""
 
     def __init__(self, address: str, handler: Handler, state_dir: Path, *, secret: bytes | None = None,
-                 lock: threading.Lock | None = None, poll: float = IDLE_POLL, version: str = __version__) -> None:
+                 poll: float = IDLE_POLL, version: str = __version__) -> None:
         self.address, self.handler, self.state_dir = address, handler, Path(state_dir)
-        self.lock = lock or threading.Lock()
         self.poll, self.version = poll, version
         self.done = 0
         self.finished = float("-inf")  # time.monotonic() when the last task ended
@@ -187,10 +190,11 @@ class TaskLoop:
         self._retry: RetryInvoker | None = None  # the task in hand's
         interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
         if secret:
-            interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=PROTECTED))
+            interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret,
+                                                             protected_methods=SUPEREXEC_AUTH_METHODS))
         self._interceptors = interceptors
         # the task exists before the SuperNode holds its message's objects: ask again soon, not after Flower's 1 s
-        eager_object_pulls(run_clientapp)
+        eager_task_pulls()
 
     def run(self, should_stop: Callable[[], bool] = lambda: False) -> None:
         """Take and run tasks until ``should_stop()``; a SuperNode not up yet (or gone a while) is waited for."""
@@ -244,7 +248,7 @@ class TaskLoop:
         acquired = time.time()
         retry = self._retry = task_retry()
         client = _task_client(self.address, token, retry)
-        client.PullObject = watched_pulls(client.PullObject, self.newer_task)  # type: ignore[method-assign]
+        watch_object_pulls(client, lambda pull: watched_pulls(pull, self.newer_task))
         lost = threading.Event()
         heartbeat = HeartbeatSender(heartbeat_fn(client, lost))
         heartbeat.start()
@@ -258,10 +262,9 @@ class TaskLoop:
                 reason = (f"fedpeft version mismatch: the run's app {run.fab_id} {run.fab_version}, this site's "
                           f"worker {self.version}; restart `fedpeft node` after upgrading")
                 logger.warning("site worker: refused a message: %s", reason)
-                reply = Message(Error(code=ERROR_CODE, reason=f"site worker: {reason}"), reply_to=msg)
+                reply = refusal(msg, reason)
             else:
-                with self.lock:  # one training at a time (the relay's socket shares this lock)
-                    reply = answer(self.handler, msg, context)
+                reply = answer(self.handler, msg, context)
             timed(reply, {SECONDS_WAIT: seconds_since(task.pending_at, acquired)})
             logger.info("site worker: %s", summary(msg, reply, time.monotonic() - started))
             push_message(client, reply, context)
@@ -326,7 +329,7 @@ def fail_abandoned_task(state_dir: Path, address: str, reason: str) -> bool:
         return False
     client = _task_client(address, token)  # one try: a token of a SuperNode since restarted is just refused
     try:
-        reply = Message(Error(code=ERROR_CODE, reason=f"site worker: {reason}"), reply_to=msg)
+        reply = refusal(msg, reason)
         try:
             push_message(client, reply, SimpleNamespace(node_id=msg.metadata.dst_node_id, run_id=msg.metadata.run_id))
             push_task_output(client=client, context=None, sub_status=SubStatus.FAILED, details=reason)

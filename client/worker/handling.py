@@ -1,6 +1,6 @@
-"""What the site worker does with a message, whoever brought it (the relay's socket or the task loop).
+"""What the site worker does with a message: call the handler, time it, log one line.
 
-Light on purpose (Flower's message types and fedpeft's wire names only): the relay imports it too.
+Light on purpose (Flower's public message types and fedpeft's wire names only).
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ def answer(handler: Handler, msg: Message, context: Context) -> Message:
     except Exception as err:  # noqa: BLE001
         logger.exception("site worker: the %s handler raised", msg.metadata.message_type)
         return Message(Error(code=ERROR_CODE, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+
+
+def refusal(msg: Message, reason: str) -> Message:
+    """An error reply from the site worker to ``msg``, saying ``reason``."""
+    return Message(Error(code=ERROR_CODE, reason=f"site worker: {reason}"), reply_to=msg)
 
 
 def timed(reply: Message, seconds: Mapping[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""The site worker in SuperExec's place (client/executor.py), against a stand-in for the SuperNode's Runtime API.
+"""The site worker's task loop (client/worker/tasks.py), against a stand-in for the SuperNode's Runtime API.
 
 The real Runtime API is exercised end to end by tests/test_deployment.py; here each decision of one task is
 checked on its own: the reply pushed, the task's final status, the note of the task in hand (and that it is
@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 from flwr.app import Context, Message, MetricRecord, RecordDict
-from flwr.common.constant import SubStatus
 from replies import incoming
 
-import client.executor as executor
-from client.worker import ERROR_CODE
+import client.worker.tasks as worker_tasks
+from client.worker.handling import ERROR_CODE
 from fedpeft import __version__
+from fedpeft.deploy.flower_compat import SubStatus
 from fedpeft.state_dir import worker_task_path
 
 pytestmark = pytest.mark.usefixtures("server_identity")  # to build the incoming instruction as a grid would
@@ -73,12 +73,12 @@ class SuperNode:
             def stop(self) -> None:
                 self.is_running = False
 
-        monkeypatch.setattr(executor, "_task_client", lambda address, token, retry=None: Client(token))
-        monkeypatch.setattr(executor, "HeartbeatSender", Heartbeat)
-        monkeypatch.setattr(executor, "pull_task_input", lambda client: (
+        monkeypatch.setattr(worker_tasks, "_task_client", lambda address, token, retry=None: Client(token))
+        monkeypatch.setattr(worker_tasks, "HeartbeatSender", Heartbeat)
+        monkeypatch.setattr(worker_tasks, "pull_task_input", lambda client: (
             self.msg, self.context, SimpleNamespace(fab_id="fedpeft/fedpeft", fab_version=self.fab_version), None))
-        monkeypatch.setattr(executor, "push_message", lambda client, reply, context: self.pushed.append(reply))
-        monkeypatch.setattr(executor, "push_task_output", lambda client, context, sub_status, details:
+        monkeypatch.setattr(worker_tasks, "push_message", lambda client, reply, context: self.pushed.append(reply))
+        monkeypatch.setattr(worker_tasks, "push_task_output", lambda client, context, sub_status, details:
                             self.outputs.append((sub_status, details)))
 
 
@@ -99,7 +99,7 @@ def test_a_task_is_answered_in_process_and_its_note_removed(state_dir: Path, mon
         seen["site"] = ctx.node_config["site"]
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": 5})}), reply_to=msg)
 
-    loop = executor.TaskLoop("127.0.0.1:1", handler, state_dir)
+    loop = worker_tasks.TaskLoop("127.0.0.1:1", handler, state_dir)
     loop.execute("tok-1", task())
     assert seen["mode"] == 0o600 and seen["note"]["token"] == "tok-1" and seen["site"] == "a"
     assert not worker_task_path(state_dir).exists()
@@ -115,7 +115,7 @@ def test_a_run_of_another_fedpeft_version_is_refused_with_the_reason(state_dir: 
     node = SuperNode(incoming(), fab_version="9.9.9")
     node.install(monkeypatch)
     calls: list[Message] = []
-    executor.TaskLoop("127.0.0.1:1", lambda m, c: calls.append(m) or m, state_dir).execute("t", task())
+    worker_tasks.TaskLoop("127.0.0.1:1", lambda m, c: calls.append(m) or m, state_dir).execute("t", task())
     (reply,) = node.pushed
     assert not calls  # nothing trained
     assert reply.has_error() and reply.error.code == ERROR_CODE
@@ -130,7 +130,7 @@ def test_a_handler_that_raises_is_an_error_reply_and_the_worker_goes_on(state_di
     def broken(msg: Message, ctx: Context) -> Message:
         raise ValueError("no rows in the site's file")
 
-    loop = executor.TaskLoop("127.0.0.1:1", broken, state_dir)
+    loop = worker_tasks.TaskLoop("127.0.0.1:1", broken, state_dir)
     loop.execute("t1", task())
     loop.execute("t2", task())
     assert [r.error.reason for r in node.pushed] == ["ValueError: no rows in the site's file"] * 2
@@ -145,25 +145,10 @@ def test_a_runtime_api_that_fails_mid_task_ends_the_task_as_failed(state_dir: Pa
     def gone(client: Any) -> Any:
         raise ConnectionError("the SuperNode went away")
 
-    monkeypatch.setattr(executor, "pull_task_input", gone)
-    executor.TaskLoop("127.0.0.1:1", lambda m, c: m, state_dir).execute("t", task())
+    monkeypatch.setattr(worker_tasks, "pull_task_input", gone)
+    worker_tasks.TaskLoop("127.0.0.1:1", lambda m, c: m, state_dir).execute("t", task())
     assert not node.pushed and node.outputs == [(SubStatus.FAILED, "site worker: the SuperNode went away")]
     assert node.closed == 1
-
-
-def test_one_training_at_a_time(state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The task loop and the relay's socket share one lock: a task waits while a relayed message trains."""
-    node = SuperNode(incoming())
-    node.install(monkeypatch)
-    lock = threading.Lock()
-    loop = executor.TaskLoop("127.0.0.1:1", lambda m, c: Message(RecordDict(), reply_to=m), state_dir, lock=lock)
-    with lock:
-        thread = threading.Thread(target=loop.execute, args=("t", task()))
-        thread.start()
-        thread.join(0.5)
-        assert thread.is_alive() and not node.pushed  # waiting for the lock
-    thread.join(10)
-    assert len(node.pushed) == 1
 
 
 def test_the_message_a_dead_worker_held_is_answered_as_failed(state_dir: Path,
@@ -171,22 +156,22 @@ def test_the_message_a_dead_worker_held_is_answered_as_failed(state_dir: Path,
     """A worker killed mid-task leaves its note (SIGKILL runs no clean-up); the next worker answers from it."""
     node = SuperNode(incoming(3))
     node.install(monkeypatch)
-    executor.TaskLoop("127.0.0.1:1", lambda m, c: m, state_dir)._hold("tok-dead", node.msg)
-    assert executor.fail_abandoned_task(state_dir, "127.0.0.1:1", "the worker died")
+    worker_tasks.TaskLoop("127.0.0.1:1", lambda m, c: m, state_dir)._hold("tok-dead", node.msg)
+    assert worker_tasks.fail_abandoned_task(state_dir, "127.0.0.1:1", "the worker died")
     (reply,) = node.pushed
     assert reply.has_error() and reply.error.reason == "site worker: the worker died"
     assert reply.metadata.reply_to_message_id == node.msg.metadata.message_id
     assert reply.metadata.dst_node_id == node.msg.metadata.src_node_id
     assert node.outputs == [(SubStatus.FAILED, "the worker died")] and node.tokens[-1] == "tok-dead"
     assert not worker_task_path(state_dir).exists()
-    assert not executor.fail_abandoned_task(state_dir, "127.0.0.1:1", "again")  # nothing held any more
+    assert not worker_tasks.fail_abandoned_task(state_dir, "127.0.0.1:1", "again")  # nothing held any more
 
 
 def test_an_unreadable_note_is_dropped_not_trusted(state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     node = SuperNode(incoming())
     node.install(monkeypatch)
     worker_task_path(state_dir).write_text("{not json")
-    assert not executor.fail_abandoned_task(state_dir, "127.0.0.1:1", "x")
+    assert not worker_tasks.fail_abandoned_task(state_dir, "127.0.0.1:1", "x")
     assert not node.pushed and not worker_task_path(state_dir).exists()
 
 
@@ -198,7 +183,7 @@ def test_the_loop_waits_for_a_supernode_not_up_yet_and_stops_when_asked(state_di
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
     stop = threading.Event()
-    loop = executor.TaskLoop(f"127.0.0.1:{port}", lambda m, c: m, state_dir, poll=0.05)
+    loop = worker_tasks.TaskLoop(f"127.0.0.1:{port}", lambda m, c: m, state_dir, poll=0.05)
     thread = threading.Thread(target=loop.run, kwargs={"should_stop": stop.is_set})
     thread.start()
     time.sleep(0.6)
@@ -209,19 +194,19 @@ def test_the_loop_waits_for_a_supernode_not_up_yet_and_stops_when_asked(state_di
 
 
 def test_an_idle_loop_asks_sooner_just_after_a_task(state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flwr.supernode.runtime import run_clientapp
+    from flwr.supernode.runtime import run_clientapp  # the module flower_compat changes
 
     from fedpeft.deploy.objects import FIRST_RETRY
 
     monkeypatch.setattr(run_clientapp, "pull_and_inflate_object_from_tree",
                         run_clientapp.pull_and_inflate_object_from_tree)  # restored after the test
-    loop = executor.TaskLoop("127.0.0.1:1", lambda m, c: m, state_dir, poll=0.25)
+    loop = worker_tasks.TaskLoop("127.0.0.1:1", lambda m, c: m, state_dir, poll=0.25)
     # a task taken before the SuperNode holds its objects: asked for again after 0.05 s, not Flower's 1 s
     assert run_clientapp.pull_and_inflate_object_from_tree.keywords == {"initial_backoff": FIRST_RETRY}
     assert loop.idle_wait() == 0.25  # no task yet: the idle pace
     loop.finished = time.monotonic()  # a reply just went out: the next round's message is due soon
-    assert loop.idle_wait() == executor.EAGER_POLL < 0.25
-    loop.finished -= executor.EAGER_SECONDS
+    assert loop.idle_wait() == worker_tasks.EAGER_POLL < 0.25
+    loop.finished -= worker_tasks.EAGER_SECONDS
     assert loop.idle_wait() == 0.25
 
 
@@ -243,7 +228,7 @@ def test_a_task_whose_message_the_supernode_dropped_ends_once_it_holds_a_newer_o
     def missing(request: PullObjectRequest) -> PullObjectResponse:  # preregistered, never stored
         return PullObjectResponse(object_found=True, object_available=False)
 
-    pull = executor.watched_pulls(missing, newer_task, every=0.0)
+    pull = worker_tasks.watched_pulls(missing, newer_task, every=0.0)
     request = PullObjectRequest(object_id="ab" * 32)
     assert not pull(request).object_available and len(looked) == 1  # nothing newer: keep waiting
     pending.append("query of the next run")
@@ -252,7 +237,7 @@ def test_a_task_whose_message_the_supernode_dropped_ends_once_it_holds_a_newer_o
         pull_objects(["ab" * 32], fn, initial_backoff=0.01, backoff_cap=0.01, max_tries_per_object=20)
 
     looked.clear()
-    slow = executor.watched_pulls(missing, newer_task, every=60.0)
+    slow = worker_tasks.watched_pulls(missing, newer_task, every=60.0)
     pending.clear()
     slow(request), slow(request), slow(request)
     assert len(looked) == 1  # asked at most once a minute here (once a second by default)
@@ -262,12 +247,12 @@ def test_a_task_whose_message_the_supernode_dropped_ends_once_it_holds_a_newer_o
 
     looked.clear()
     pending.append("newer")
-    assert executor.watched_pulls(stored, newer_task, every=0.0)(request).object_content == b"x"
+    assert worker_tasks.watched_pulls(stored, newer_task, every=0.0)(request).object_content == b"x"
     assert not looked  # an object that is there is never a reason to look
 
 
 def test_newer_task_asks_the_supernode_and_never_guesses_yes(state_dir: Path) -> None:
-    loop = executor.TaskLoop("127.0.0.1:1", lambda m, c: m, state_dir)
+    loop = worker_tasks.TaskLoop("127.0.0.1:1", lambda m, c: m, state_dir)
     assert not loop.newer_task()  # not running: no SuperNode to ask
     tasks: list[object] = []
 
@@ -323,12 +308,12 @@ def test_a_task_the_supernode_no_longer_holds_ends_the_task_not_the_worker(
     node = Refusing(status)
     msg = incoming()
     context = Context(run_id=3, node_id=7, node_config={"site": "a"}, state=RecordDict(), run_config={})
-    monkeypatch.setattr(executor, "pull_task_input", lambda client: (
+    monkeypatch.setattr(worker_tasks, "pull_task_input", lambda client: (
         msg, context, SimpleNamespace(fab_id="fedpeft/fedpeft", fab_version=__version__), None))
     interrupted: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
     trained: list[Message] = []
-    loop = executor.TaskLoop(node.address, lambda m, c: trained.append(m) or
+    loop = worker_tasks.TaskLoop(node.address, lambda m, c: trained.append(m) or
                              Message(RecordDict({"metrics": MetricRecord({"num-examples": 5})}), reply_to=m), state_dir)
     try:
         for token in ("t1", "t2"):
@@ -357,7 +342,7 @@ def test_a_heartbeat_the_supernode_refuses_marks_the_task_lost_and_raises_no_sig
              (403, True, True), (401, True, True), (503, False, False)]
     for result, answered, lost_expected in cases:  # (what the SuperNode says, the beat's value, task lost)
         lost = threading.Event()
-        assert executor.heartbeat_fn(client(result), lost)() is answered, result
+        assert worker_tasks.heartbeat_fn(client(result), lost)() is answered, result
         assert lost.is_set() is lost_expected, result
 
 
@@ -367,4 +352,4 @@ def test_seconds_since_a_task_was_pending(stamp: str, expected: float | None) ->
     import datetime
 
     now = datetime.datetime(2026, 12, 4, 10, 0, 5, tzinfo=datetime.UTC).timestamp()
-    assert executor.seconds_since(stamp, now) == expected
+    assert worker_tasks.seconds_since(stamp, now) == expected
