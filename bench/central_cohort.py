@@ -6,9 +6,9 @@
 
 A fast in-process model of ``--dp central`` (DP-FedAvg, McMahan, Ramage, Talwar, Zhang, ICLR 2018,
 arXiv 1710.06963, with client-side clipping): the default data's training split (the project's reader
-and seeded hold-out, ``fedpeft.site.load_split``) is cut into N small clients (``--clients``, 1000 by
-default, about 11 rows each; the project's iid partitioner, or ``--partition shards``: one class per
-client). The model is tiny on purpose: a linear classifier (weights and bias, 770 parameters) on
+and seeded hold-out, ``fedpeft.data.sources.load_split``) is cut into N small clients (``--clients``,
+1000 by default, about 11 rows each; the project's iid partitioner, or ``--partition shards``: one class
+per client). The model is tiny on purpose: a linear classifier (weights and bias, 770 parameters) on
 frozen, mean-pooled, L2-normalised all-MiniLM-L6-v2 sentence embeddings, computed once (about 3 min
 here) and cached under ``--out``.
 
@@ -90,8 +90,8 @@ def embed(texts: list[str], *, model_path: str, max_length: int = 128, batch: in
 def load_data(out: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, object]:
     """``(train_x, train_y, test_x, test_y, train_table)`` of the default data; embeddings cached in ``out``."""
     from fedpeft.config import FedPeftConfig
+    from fedpeft.data.sources import load_split
     from fedpeft.models import resolve_model_path
-    from fedpeft.site import load_split
 
     cfg = FedPeftConfig()
     train, test = load_split(cfg)

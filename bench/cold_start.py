@@ -7,12 +7,13 @@ Without a worker, Flower 1.39 starts a fresh process for every message, and fedp
 imports its stack, builds the base model + LoRA and reads and tokenizes the site's file, every round.
 This script times exactly that in a fresh interpreter (``--repeats`` times, median; the model files are
 in the page cache after the first, as they would be at a site that trained before): the imports
-(``import client.local``: torch, transformers, peft, opacus, fedpeft), the model
-(``fedpeft.site.peft_model``: ``from_pretrained`` of the saved weights, LoRA on the attention and MLP
-projections) and the data (``fedpeft.site.node_data`` on a ``--rows``-conversation file). Then, in the
-same process, the same two calls again: what the site worker pays in a round after its first (the
-model and the encoded data are held). The worker's relay still costs Flower's per-message process (see
-``bench/deployed.py``), but none of this.
+(``import client.local``: torch, transformers, peft, opacus, fedpeft), the model (the process's
+:data:`client.sites.SITES` building its :class:`fedpeft.site.SiteModel`: ``from_pretrained`` of the
+saved weights, LoRA on the attention and MLP projections, and the tokenizer) and the data
+(``SITES.site`` for a node whose ``data-path`` is a ``--rows``-conversation file: the file read and
+tokenized). Then, in the same process, the same two calls again: what the site worker pays in a round
+after its first (the model and the encoded data are held). The worker takes its node's messages from the
+SuperNode itself, so no process is started per message either (see ``bench/deployed.py``).
 
 The model is randomly initialised from the architecture's config (nothing can be downloaded; the load
 time depends on the shape and dtype, not on the values) and saved once to a temporary directory with a
@@ -47,18 +48,18 @@ CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
 import client.local  # what the per-message process imports: the ClientApp and its stack
-from fedpeft import site
+from client.sites import SITES  # the sites this process serves (client.sites.site_for asks it)
 from fedpeft.config import FedPeftConfig
 t1 = time.perf_counter()
 cfg = FedPeftConfig(task="causal-lm", model=sys.argv[1], data=sys.argv[2], max_length=int(sys.argv[3]),
                     client_cpus=int(sys.argv[4]))
 node = {"data-path": sys.argv[2]}
-site.peft_model(cfg, num_labels=0)
+SITES.model(cfg, num_labels=0)
 t2 = time.perf_counter()
-data = site.node_data(cfg, node, label_names=[])
+data = SITES.site(cfg, node, label_names=[]).data  # the model above is held: this reads and tokenizes the file
 t3 = time.perf_counter()
-site.peft_model(cfg, num_labels=0)  # a round at a warm worker: both come from what the process holds
-site.node_data(cfg, node, label_names=[])
+SITES.model(cfg, num_labels=0)  # a round at a warm worker: both come from what the process holds
+SITES.site(cfg, node, label_names=[])
 t4 = time.perf_counter()
 print(json.dumps({"imports": t1 - t0, "model": t2 - t1, "data": t3 - t2, "warm": t4 - t3, "rows": len(data)}))
 """

@@ -6,8 +6,8 @@ In one run of this script, on this machine's loopback:
 
 * **bare**: each site's local training run alone, one process per site (both at once, as the deployed sites
   train at once), with the same settings the federated run gives them: the model and the site's file are
-  loaded first (untimed), then ``--rounds`` client-rounds of :func:`fedpeft.site.train_client_round` (the
-  function the ClientApp calls) are timed. The bare wall time is the slower site's.
+  loaded first (untimed), then ``--rounds`` client-rounds of :func:`fedpeft.client_round.train_client_round`
+  (the function the ClientApp calls) are timed. The bare wall time is the slower site's.
 * **worker** / **no-worker**: a real federation started with docs/deployment.md's deployment commands (the same
   code as ``tests/test_deployment.py``): ``fedpeft certs``, ``fedpeft link`` (a SuperLink with TLS and
   SuperNode authentication, gRPC Fleet API), two ``fedpeft node`` sites (``--no-worker`` for the second
@@ -69,21 +69,24 @@ def bare_site(args: argparse.Namespace) -> None:
     """``--bare-site FILE``: load, then time ``--rounds`` client-rounds; prints ``{"seconds": s, ...}``."""
     import torch
 
-    from fedpeft import site
     from fedpeft.adapters import load_adapter_state
+    from fedpeft.client_round import train_client_round
+    from fedpeft.data.sources import load_split
+    from fedpeft.site import Sites
 
     cfg = site_config(args, args.eval)
     torch.set_num_threads(args.cpus)
-    label_names = list(site.load_split(cfg)[0].label_names)
-    model = site.peft_model(cfg, num_labels=len(label_names))
-    data = site.node_data(cfg, {"data-path": args.bare_site}, label_names=label_names)
-    initial = site.initial_adapter(cfg, num_labels=len(label_names))
+    label_names = list(load_split(cfg)[0].label_names)
+    # the site as the ClientApp builds it (client.sites.site_for): its model, and its own file tokenized
+    site = Sites().site(cfg, {"data-path": args.bare_site}, label_names=label_names)
+    model = site.model.model
     rounds = []
     started = time.perf_counter()
     for rnd in range(1, args.rounds + 1):
         t = time.perf_counter()
-        load_adapter_state(model, initial)
-        result = site.train_client_round(cfg, model, data, server_round=rnd, partition_id=0)
+        load_adapter_state(model, site.model.initial)
+        result = train_client_round(cfg, model, site.data, server_round=rnd, partition_id=0,
+                                    features=site.features)
         rounds.append(time.perf_counter() - t)
     print(json.dumps({"seconds": time.perf_counter() - started, "rounds": rounds, "steps": result["steps"]}))
 
@@ -154,7 +157,7 @@ def run_federated(root: Path, args: argparse.Namespace, *, worker: bool) -> dict
     train = {r: max(t.get("seconds_train", 0.0) for t in traffic if t["round"] == r) for r in range(1, args.rounds + 1)}
     later = range(2, args.rounds + 1) if args.rounds > 1 else range(1, 2)
     overhead = [rounds[r - 1] - train[r] for r in later]
-    first_step = [t.get("seconds_relay", 0.0) + t["seconds_wait"] + t["seconds_load"]  # only a worker's say
+    first_step = [t["seconds_wait"] + t["seconds_load"]  # only a worker's reply has seconds_wait
                   for t in traffic if t["round"] in later and t["status"] == "accepted" and "seconds_wait" in t]
     return {"wall": landed[-1] - landed[0], "startup": landed[0] - submitted, "rounds": rounds,
             "train": [train[r] for r in later],

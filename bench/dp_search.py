@@ -28,9 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedpeft import site  # noqa: E402
 from fedpeft.config import FedPeftConfig  # noqa: E402
+from fedpeft.data.sources import load_split  # noqa: E402
 from fedpeft.probe import HeadProbe, head_inputs, head_module, probe_plan  # noqa: E402
+from fedpeft.site import Sites  # noqa: E402
+from fedpeft.tasks import TASKS  # noqa: E402
 from fedpeft.training import HeadInputs  # noqa: E402
 from privacy.accounting import noise_for_budget  # noqa: E402
 from privacy.dpsgd import DPSGD, dp_train_local, poisson_plan  # noqa: E402
@@ -56,10 +58,16 @@ def features(cfg: FedPeftConfig, clients: int, cache: Path | None = None) -> tup
     file = cache / f"{cfg.pooling}-{clients}.pt" if cache else None
     if file is not None and file.exists():
         return torch.load(file, weights_only=False)
-    train, _ = site.load_split(cfg)
-    model = site.peft_model(cfg, num_labels=len(train.label_names))
-    sites = [head_inputs(model, site.encoded_partition(cfg, pid, clients), batch_size=64) for pid in range(clients)]
-    test = head_inputs(model, site.encoded_test(cfg), batch_size=64)
+    train, test_rows = load_split(cfg)
+    holder = Sites()  # the simulated sites as the ClientApp builds them, sharing one model
+    shared = holder.model(cfg, len(train.label_names))
+    model = shared.model
+    sites = [head_inputs(model, holder.site(cfg, {"partition-id": pid, "num-partitions": clients},
+                                            label_names=train.label_names).data, batch_size=64)
+             for pid in range(clients)]
+    # the test split tokenized as the coordinator's evaluator (server.evaluation) does it
+    test = head_inputs(model, TASKS.get(cfg.task).encode(shared.tokenizer, test_rows, max_length=cfg.max_length),
+                       batch_size=64)
     head = head_module(model)
     result = sites, test, {k: v.detach().clone() for k, v in head.state_dict().items()}
     if file is not None:

@@ -24,9 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from fedpeft import site  # noqa: E402
 from fedpeft.adapters import adapter_state, load_adapter_state  # noqa: E402
+from fedpeft.client_round import frozen_parameters  # noqa: E402
 from fedpeft.config import FedPeftConfig  # noqa: E402
+from fedpeft.data.sources import load_split  # noqa: E402
+from fedpeft.site import Sites  # noqa: E402
 from fedpeft.training import train_local  # noqa: E402
 from privacy.dpsgd import DPSGD, dp_train_local  # noqa: E402
 
@@ -45,20 +47,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     cfg = FedPeftConfig(lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r)
-    model = site.peft_model(cfg, num_labels=2)
-    data = site.encoded_partition(cfg, 0, cfg.clients)
+    labels = load_split(cfg)[0].label_names  # the default data's two
+    first = Sites().site(cfg, {"partition-id": 0, "num-partitions": cfg.clients}, label_names=labels)  # as a client
+    model, data = first.model.model, first.data
     init = adapter_state(model)
     settings = {"epochs": 100, "batch_size": args.batch_size, "lr": 1e-3, "weight_decay": 0.0}
 
     frozen = ("lora_A",) if args.ffa else ()
 
     def plain(steps: int) -> None:
-        with site.frozen_parameters(model, frozen):
+        with frozen_parameters(model, frozen):
             train_local(model, data, max_steps=steps, seed=0, **settings)
 
     def private(mode: str):
         def run(steps: int) -> None:
-            with site.frozen_parameters(model, frozen):
+            with frozen_parameters(model, frozen):
                 dp_train_local(model, data, dp=DPSGD(1.0, 1.0, mode), max_steps=steps, generator_seed=0, **settings)
 
         return run

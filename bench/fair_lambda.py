@@ -4,7 +4,7 @@ What is run
 -----------
 In one process (no Flower): the bundled model and data, a Dirichlet α = 0.1 split over ``--clients``
 sites; every site trains one round (``--max-local-steps``) from the same seeded initial adapter,
-exactly as :func:`fedpeft.site.train_client_round` does in a federated run. For ``--rounds`` > 1
+exactly as :func:`fedpeft.client_round.train_client_round` does in a federated run. For ``--rounds`` > 1
 the next round starts from the fedit aggregate, so the factors include the drift of A that builds
 up over rounds. On the last round's client factors every rule is applied, and the printed numbers are the
 mean over LoRA layers of ‖ΔW − B'A'‖_F / ‖ΔW‖_F (ΔW = Σ p_k B_k A_k) and of the same for the
@@ -36,26 +36,29 @@ def main() -> None:
 
     import torch
 
-    from fedpeft import site
     from fedpeft.adapters import adapter_state, load_adapter_state
+    from fedpeft.client_round import train_client_round
     from fedpeft.config import FedPeftConfig
+    from fedpeft.data.sources import load_split
+    from fedpeft.site import Sites
     from strategies import AGGREGATORS, AggregationOptions
     from strategies.aggregator import lora_layers, normalised
     from strategies.residual import residual_traces
 
     torch.set_num_threads(2)
     cfg = FedPeftConfig(partition="dirichlet:0.1", clients=args.clients, max_local_steps=args.max_local_steps)
-    train, _ = site.load_split(cfg)
-    model = site.peft_model(cfg, num_labels=len(train.label_names))
-    state = site.initial_adapter(cfg, num_labels=len(train.label_names))
+    label_names = load_split(cfg)[0].label_names
+    sites = Sites()  # the simulated sites as the ClientApp builds them, sharing one model
+    shared = sites.model(cfg, len(label_names))
+    model, state = shared.model, dict(shared.initial)
     for rnd in range(1, args.rounds + 1):
         states, weights = [], []
         for pid in range(cfg.clients):
+            site = sites.site(cfg, {"partition-id": pid, "num-partitions": cfg.clients}, label_names=label_names)
             load_adapter_state(model, state)
-            data = site.encoded_partition(cfg, pid, cfg.clients)
-            site.train_client_round(cfg, model, data, server_round=rnd, partition_id=pid)
+            train_client_round(cfg, model, site.data, server_round=rnd, partition_id=pid, features=site.features)
             states.append(adapter_state(model))
-            weights.append(len(data))
+            weights.append(len(site.data))
         if rnd < args.rounds:
             state, _ = AGGREGATORS.get("fedit")(states, weights, previous=state)
     p = normalised(weights)

@@ -7,9 +7,10 @@ Both sides train the same random-init decoder LM (no weights can be downloaded: 
 real, the weights are not; throughput does not depend on them) with LoRA r=16 on the attention and MLP
 projections, on the same fixed-length token batches, with bf16 autocast when the device supports it.
 
-* **fedpeft**: what the ClientApp does in a round, minus Flower's transport: set the adapter from the
-  broadcast (``load_adapter_state``), ``fedpeft.site.train_client_round`` (the task, runtime, seeds and
-  optimizer the config names), and the reply's ``adapter_state`` (fp32 numpy arrays).
+* **fedpeft**: what the ClientApp does in a round, minus Flower's messaging: set the adapter from the
+  broadcast (``load_adapter_state``), ``fedpeft.client_round.train_client_round`` (the task, runtime, seeds
+  and optimizer the config names), and the reply's ``adapter_state`` (fp32 numpy arrays), on the model a
+  site holds (:class:`fedpeft.site.SiteModel`).
 * **bare**: ``peft.get_peft_model`` on the same model and an AdamW loop calling ``model(**batch).loss``.
 * **DP** (``--dp``, on by default): fedpeft's ``privacy.dpsgd.dp_train_local`` (Poisson sampling,
   per-conversation clipping, noise, accounting) against a bare Opacus ``make_private`` loop with the
@@ -37,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fedpeft import site  # noqa: E402
 from fedpeft.adapters import adapter_state, load_adapter_state  # noqa: E402
+from fedpeft.client_round import runtime, train_client_round, train_settings  # noqa: E402
 from fedpeft.config import FedPeftConfig  # noqa: E402
+from fedpeft.site import SiteModel  # noqa: E402
 from fedpeft.tasks.causal_lm import sequence_losses  # noqa: E402
 from fedpeft.training import Encoded  # noqa: E402
 
@@ -88,20 +90,20 @@ def sync(device: str) -> None:
 
 
 def fedpeft_round(cfg: FedPeftConfig, model, state, data: Encoded, *, dp: tuple | None) -> tuple[float, int]:
-    """Seconds and tokens of one client-round the way client/app.py runs it."""
+    """Seconds and tokens of one client-round the way client/local.py runs it."""
     from privacy.dpsgd import DPSGD, dp_train_local
 
-    where = site.runtime(cfg)
+    where = runtime(cfg)
     sync(where.device)
     start = time.perf_counter()
     load_adapter_state(model, state)
     if dp is None:
-        result = site.train_client_round(cfg, model, data, server_round=1, partition_id=0)
+        result = train_client_round(cfg, model, data, server_round=1, partition_id=0)
         seen = result["examples_seen"]
     else:
         sigma, clip, mode = dp
         result, _ = dp_train_local(model, data, dp=DPSGD(sigma, clip, mode), generator_seed=1,
-                                   **site.train_settings(cfg))
+                                   **train_settings(cfg))
         seen = result["examples_seen"]
     adapter_state(model)
     sync(where.device)
@@ -112,7 +114,7 @@ def bare_model(directory: Path, cfg: FedPeftConfig):
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    where = site.runtime(cfg)
+    where = runtime(cfg)
     torch.manual_seed(0)
     net = AutoModelForCausalLM.from_pretrained(str(directory), dtype=where.dtype)
     net.config.use_cache = False
@@ -123,7 +125,7 @@ def bare_model(directory: Path, cfg: FedPeftConfig):
 
 def bare_round(cfg: FedPeftConfig, model, data: Encoded, *, dp: tuple | None) -> tuple[float, int]:
     """Seconds and tokens of the same number of steps in a plain peft + torch (+ Opacus) loop."""
-    where = site.runtime(cfg)
+    where = runtime(cfg)
     ids = torch.tensor(data.input_ids)
     labels = torch.tensor(data.labels)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -183,8 +185,7 @@ def bare_round(cfg: FedPeftConfig, model, data: Encoded, *, dp: tuple | None) ->
     return time.perf_counter() - start, tokens
 
 
-def measure(cfg: FedPeftConfig, directory: Path, data: Encoded, *, dp: tuple | None, repeats: int) -> dict:
-    model = site.peft_model(cfg, 0)
+def measure(cfg: FedPeftConfig, model, directory: Path, data: Encoded, *, dp: tuple | None, repeats: int) -> dict:
     state = adapter_state(model)
     bare = bare_model(directory, cfg)
     fedpeft_round(cfg, model, state, data, dp=dp)  # warm-up: kernels, allocator, Opacus import
@@ -226,7 +227,7 @@ def main() -> None:
                             lora_alpha=2.0 * args.lora_r, lora_target_modules=",".join(TARGETS),
                             batch_size=args.batch_size, max_local_steps=args.steps, local_epochs=100, lr=1e-4,
                             device=args.device, precision=args.precision)
-        where = site.runtime(cfg)
+        where = runtime(cfg)
         name = torch.cuda.get_device_name() if where.device == "cuda" else "CPU"
         vocab = SHAPES[args.shape][1]["vocab_size"]
         data = token_data(args.batch_size * args.steps, args.seq, vocab)
@@ -235,12 +236,13 @@ def main() -> None:
               f"{args.steps} steps, torch {torch.__version__}")
         results = {"shape": args.shape, "parameters": params, "device": name, "precision": where.autocast or "fp32",
                    "batch_size": args.batch_size, "seq": args.seq, "steps": args.steps}
-        results["plain"] = measure(cfg, directory, data, dp=None, repeats=args.repeats)
+        model = SiteModel(cfg, 0).model  # one for both comparisons, as a site holds it between rounds
+        results["plain"] = measure(cfg, model, directory, data, dp=None, repeats=args.repeats)
         print("plain   fedpeft {fedpeft_tokens_per_s:10.0f} tok/s   bare peft+torch {bare_tokens_per_s:10.0f} tok/s"
               "   ratio {ratio:.3f}  {ratios}".format(**results["plain"]))
         if not args.no_dp:
             dp = (1.0, 1.0, args.dp_clipping)
-            results["dp"] = measure(cfg, directory, data, dp=dp, repeats=args.repeats)
+            results["dp"] = measure(cfg, model, directory, data, dp=dp, repeats=args.repeats)
             print(f"DP {args.dp_clipping:5s} fedpeft {{fedpeft_tokens_per_s:10.0f}} tok/s   bare opacus "
                   "{bare_tokens_per_s:10.0f} tok/s   ratio {ratio:.3f}  {ratios}".format(**results["dp"]))
         if args.json:

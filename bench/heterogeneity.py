@@ -186,22 +186,26 @@ def local_only(flags: list[str]) -> dict:
     no Flower), evaluated on the same test split: per site, the mean and the best."""
     import torch
 
-    from fedpeft import site
     from fedpeft.adapters import adapter_state, load_adapter_state
+    from fedpeft.client_round import train_client_round
+    from fedpeft.data.sources import load_split
+    from fedpeft.site import Sites
+    from server.evaluation import Evaluator
 
     cfg = _config(flags)
     torch.set_num_threads(cfg.client_cpus)
-    train, _ = site.load_split(cfg)
-    model = site.peft_model(cfg, num_labels=len(train.label_names))
+    split = load_split(cfg)
+    evaluator = Evaluator(cfg, split=split)  # the coordinator's evaluation, on the same test split
+    sites = Sites()  # the simulated sites as the ClientApp builds them, sharing one model
+    model = sites.model(cfg, len(evaluator.label_names)).model
     init = adapter_state(model)
-    test = site.encoded_test(cfg)
     accs = []
     for pid in range(cfg.clients):
-        data = site.encoded_partition(cfg, pid, cfg.clients)
+        site = sites.site(cfg, {"partition-id": pid, "num-partitions": cfg.clients}, label_names=evaluator.label_names)
         load_adapter_state(model, init)
         for rnd in range(1, cfg.rounds + 1):
-            site.train_client_round(cfg, model, data, server_round=rnd, partition_id=pid)
-        accs.append(site.evaluate(cfg, model, test)["accuracy"])
+            train_client_round(cfg, model, site.data, server_round=rnd, partition_id=pid, features=site.features)
+        accs.append(evaluator.evaluate(adapter_state(model))["accuracy"])
     return {"accuracy": statistics.mean(accs), "best": max(accs), "per_site": [round(a, 4) for a in accs]}
 
 
@@ -213,13 +217,13 @@ def plain_loop(flags: list[str], *, epochs: int = 3, lr: float = 1e-3, batch_siz
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
-    from fedpeft import site
+    from fedpeft.data.sources import load_split
     from fedpeft.models import resolve_model_path
 
     cfg = _config(flags)
     torch.set_num_threads(cfg.client_cpus)
     torch.manual_seed(cfg.seed)
-    train, test = site.load_split(cfg)
+    train, test = load_split(cfg)
     path = resolve_model_path(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(train.label_names),

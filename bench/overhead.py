@@ -10,14 +10,15 @@ Python start-up, imports, model loading and data tokenization count on both side
   start-up is not charged to Flower): Flower's simulation engine on Ray, a ServerApp running
   :func:`server.run.run_federation` and ``cfg.clients`` simulated ClientApps.
 * **bare**: ``python bench/overhead.py --bare-worker ...`` (:func:`run_bare`): the same computation in
-  one process, with neither Flower nor Ray imported. It loads the model once (``site.peft_model``),
-  evaluates the initial adapter (round 0), then per round samples the same sites with
+  one process, with neither Flower nor Ray imported. It loads the model once (a
+  :class:`fedpeft.site.Sites` holder, as the client process keeps one, shared by every site), evaluates
+  the initial adapter (round 0), then per round samples the same sites with
   :func:`strategies.sampling.sample_sites`, and for each sampled site (in site-key order) loads the
-  global adapter, runs :func:`fedpeft.site.train_client_round` (the very function the client calls, seed
-  ``derive_seed(seed, round, partition)``), collects the adapter state and ``len(partition)`` as its
-  weight, aggregates with the configured registered aggregator (``strategies.AGGREGATORS``), and
-  evaluates the new global adapter on the test split. At the end it saves the adapter with ``save_pretrained`` as the
-  federated run does.
+  global adapter, runs :func:`fedpeft.client_round.train_client_round` (the very function the client
+  calls, seed ``derive_seed(seed, round, partition)``, the site's own head-feature cache), collects the
+  adapter state and ``len(partition)`` as its weight, aggregates with the configured registered
+  aggregator (``strategies.AGGREGATORS``), and evaluates the new global adapter on the test split. At
+  the end it saves the adapter with ``save_pretrained`` as the federated run does.
 
 The bare side deliberately includes the server-side evaluations (round 0 and after every round) and
 the final save: they are work the federated run does too, and they are not federation overhead.
@@ -90,8 +91,11 @@ def run_bare(cfg: Any, run_dir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     import torch
 
-    from fedpeft import site
     from fedpeft.adapters import adapter_state, load_adapter_state
+    from fedpeft.client_round import train_client_round
+    from fedpeft.data.sources import load_split
+    from fedpeft.site import Sites
+    from fedpeft.tasks import TASKS
     from fedpeft.training import evaluate
     from strategies import AGGREGATORS, AggregationOptions
     from strategies.sampling import sample_sites
@@ -100,15 +104,17 @@ def run_bare(cfg: Any, run_dir: Path) -> dict[str, Any]:
     if aggregator.frozen:
         raise SystemExit(f"bare mode does not implement frozen factors ({cfg.strategy!r})")
     options = AggregationOptions(lam=cfg.fair_lambda, ab_iterations=cfg.fair_iterations, seed=cfg.seed)
-    torch.set_num_threads(cfg.client_cpus)  # as client/app.py does
+    torch.set_num_threads(cfg.client_cpus)  # as client/local.py does
 
     # --- server set-up (server/run.py) -------------------------------------------------------------
-    train, _ = site.load_split(cfg)
+    train, test_rows = load_split(cfg)
     label_names = list(train.label_names)
-    model = site.peft_model(cfg, num_labels=len(label_names))
+    holder = Sites()  # the client process's sites (client/sites.py), one model shared by all
+    shared = holder.model(cfg, len(label_names))
+    model = shared.model
     state = adapter_state(model)  # the seeded initial adapter
-    test = site.encoded_test(cfg)
-    sites = {f"partition-{pid:05d}": pid for pid in range(cfg.clients)}  # client/app.py site keys
+    test = TASKS.get(cfg.task).encode(shared.tokenizer, test_rows, max_length=cfg.max_length)  # server/evaluation.py
+    sites = {f"partition-{pid:05d}": pid for pid in range(cfg.clients)}  # site keys (fedpeft.site.node_identity)
     t_setup = time.perf_counter() - t0
 
     train_s = eval_s = 0.0
@@ -129,11 +135,12 @@ def run_bare(cfg: Any, run_dir: Path) -> dict[str, Any]:
         states, weights = [], []
         for key in chosen:  # the strategy aggregates replies in site-key order
             pid = sites[key]
+            node = {"partition-id": pid, "num-partitions": cfg.clients}
+            site = holder.site(cfg, node, label_names=label_names)  # tokenized on first use, then held
             load_adapter_state(model, state)  # the broadcast global adapter
-            data = site.encoded_partition(cfg, pid, cfg.clients)
-            site.train_client_round(cfg, model, data, server_round=rnd, partition_id=pid)
+            train_client_round(cfg, model, site.data, server_round=rnd, partition_id=pid, features=site.features)
             states.append(adapter_state(model))
-            weights.append(float(len(data)))  # the client's num-examples
+            weights.append(float(len(site.data)))  # the client's num-examples
         state, _ = aggregator(states, weights, previous=state, options=options)
         train_s += time.perf_counter() - t
         record_round(rnd)

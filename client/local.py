@@ -1,8 +1,9 @@
 """The site's handlers: receive the global adapter, train it on this site's data, reply with the adapter.
 
 This is the ClientApp that trains. It runs in-process (simulation, or a deployed site without a worker:
-:mod:`client.app` calls it) or inside the long-lived site worker (:mod:`client.worker`), which keeps
-everything cached here warm between rounds.
+:mod:`client.app` calls it) or inside the long-lived site worker (:mod:`client.worker`). Either way the
+process keeps its sites in :data:`client.sites.SITES`, so a site's model and data stay loaded between
+rounds.
 
 Steps (see the round diagram in the README): the base model is loaded once per process and frozen;
 the adapter is set from the broadcast (tensors the strategy freezes, named in the config's ``frozen``,
@@ -12,7 +13,7 @@ metrics with ``num-examples``. A simulated node trains its partition of the run'
 site (node config ``data-path``, optionally ``site``) trains on its own file, never on a partition.
 A client may train a lower LoRA rank than the global adapter (node config ``lora-r``, or
 ``client-ranks``); the server then sends it the truncated factors.
-Adapters travel encoded (:mod:`client.transport`): the broadcast is decoded before the handler runs,
+Adapters travel encoded (:mod:`client.encoding`): the broadcast is decoded before the handler runs,
 and the reply carries the update encoded with the site's codec (node config ``codec``, else the
 run's) and error feedback.
 """
@@ -27,9 +28,10 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.transport import codec_mod, frozen_components, site_config, site_identity
-from fedpeft import site
+from client.encoding import codec_mod
+from client.sites import frozen_components, site_for
 from fedpeft.adapters import adapter_state, load_adapter_state
+from fedpeft.client_round import Control
 from fedpeft.errors import FedPeftError
 from fedpeft.feedback_state import control_path, load_control, save_control
 from fedpeft.wire import (
@@ -64,15 +66,12 @@ def identify(msg: Message, context: Context) -> Message:
     """
     config = msg.content[CONFIG]
     cfg = config_from_record(config)
-    pid, num, key = site_identity(context, cfg.clients)
-    label_names = list(config["label-names"])
-    local = site_config(cfg, context, pid)
-    site.peft_model(local, num_labels=len(label_names))
-    n = len(site.node_data(cfg, context.node_config, label_names=label_names))
-    metrics = MetricRecord({"partition-id": pid, "num-partitions": num, NUM_EXAMPLES: n})
+    site, local = site_for(cfg, context, list(config["label-names"]))
+    metrics = MetricRecord({"partition-id": site.partition_id, "num-partitions": site.num_partitions,
+                            NUM_EXAMPLES: len(site.data)})
     if local.peft == "lora":
         metrics["lora-r"] = local.lora_r
-    return Message(RecordDict({METRICS: metrics, CONFIG: ConfigRecord({"site": key})}), reply_to=msg)
+    return Message(RecordDict({METRICS: metrics, CONFIG: ConfigRecord({"site": site.key})}), reply_to=msg)
 
 
 # codec_mod outermost: it encodes what the clipping mod (central DP, only when asked) has clipped
@@ -84,17 +83,17 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config["server-round"])
     label_names: list[Any] = list(config["label-names"])
     frozen = frozen_components(config)
-    pid, num, key = site_identity(context, cfg.clients)
     torch.set_num_threads(cfg.client_cpus)
 
     started = time.monotonic()
-    local = site_config(cfg, context, pid)
-    model = site.peft_model(local, num_labels=len(label_names))
+    site, local = site_for(cfg, context, label_names)
+    model = site.model.model
     broadcast = from_array_record(msg.content[ARRAYS])
-    load_adapter_state(model, {**site.initial_adapter(local, num_labels=len(label_names)), **broadcast})
-    data = site.node_data(cfg, context.node_config, label_names=label_names)
+    load_adapter_state(model, {**site.model.initial, **broadcast})
+    data = site.data
     if CANARIES in config:  # an empirical privacy audit: the canaries the coordinator drew for this site
-        data = site.with_extra_examples(cfg, data, json.loads(str(config[CANARIES])), label_names=label_names)
+        data = site.with_extra_examples(json.loads(str(config[CANARIES])), label_names=label_names,
+                                        max_length=cfg.max_length)
     loaded = time.monotonic()
     content = RecordDict()
     mode = privacy_mode(cfg)
@@ -102,13 +101,13 @@ def train(msg: Message, context: Context) -> Message:
     if mode.drift(cfg).method == "scaffold" and CONTROL not in msg.content:
         raise FedPeftError("this run corrects drift with SCAFFOLD, but the train message carries no control variate")
     if CONTROL in msg.content:  # SCAFFOLD: the coordinator's c, and this site's own c_i from its state dir
-        variate_file = control_path(site.state_dir(context.node_config), key, cfg.run_id)
-        control = site.Control(server=from_array_record(msg.content[CONTROL]),
-                               site=load_control(variate_file, server_round))
+        variate_file = control_path(site.state_dir, site.key, cfg.run_id)
+        control = Control(server=from_array_record(msg.content[CONTROL]), site=load_control(variate_file, server_round))
     seq = config.get(LEDGER_SEQ)
-    outcome = mode.site_round(local, model, data, node_config=context.node_config, site=key, server_round=server_round,
-                              partition_id=pid, frozen=frozen, control=control,
-                              ledger_seq=None if seq is None else int(seq))
+    outcome = mode.site_round(local, model, data, node_config=context.node_config, site=site.key,
+                              server_round=server_round, partition_id=site.partition_id, frozen=frozen,
+                              control=control, ledger_seq=None if seq is None else int(seq),
+                              features=site.features)
     if outcome.report is not None:  # local DP: the signed entry travels with the reply
         report = outcome.report
         content[PRIVACY] = privacy_record(

@@ -131,7 +131,7 @@ class FedPeftConfig:
     probe_rounds: int = _f(
         -1, "seq-cls: the first probe_rounds rounds train only the classification head (a linear probe on the "
         "encoder's pooled features, computed once per site), the rest train adapter and head; 0: none; -1 (auto): "
-        "a fifth of the rounds, at least one (causal-lm: none)"
+        "a fifth of the rounds, at least one, for LoRA (SSF and causal-lm: none)"
     )
     probe_steps: int = _f(20, "head steps per probe round")
     probe_batch_size: int = _f(0, "examples per probe step (under DP: the expected Poisson batch); 0: all (full batch)")
@@ -250,10 +250,12 @@ class FedPeftConfig:
     @property
     def probes(self) -> int:
         """How many probe rounds the run has: ``probe_rounds``, with ``-1`` (auto) resolved to a fifth of the
-        rounds (rounded, at least one) for a classifier and none for a causal LM (it has no head to probe)."""
+        rounds (rounded, at least one) for a LoRA classifier, where bench/heterogeneity.py measured it; none
+        for SSF (unmeasured on real data; on the SSF test task a probe round slowed the fine-tune) and for a
+        causal LM (it has no head to probe)."""
         if self.probe_rounds >= 0:
             return self.probe_rounds
-        return max(1, round(self.rounds / AUTO_PROBE_SHARE)) if self.task == "seq-cls" else 0
+        return max(1, round(self.rounds / AUTO_PROBE_SHARE)) if self.task == "seq-cls" and self.peft == "lora" else 0
 
     def to_dict(self) -> dict[str, Any]:
         """A flat snake-case dict of every field (JSON- and Flower-ConfigRecord-safe)."""

@@ -103,3 +103,47 @@ def check_model_fits_task(path: str, task: str) -> None:
     if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
         raise FedPeftError(f"{path} is an encoder ({config.model_type}), not a decoder LM; causal-lm needs one "
                            "(Llama, Qwen, Mistral, GPT-2, ...)")
+
+
+# The config fields that decide what a PEFT model is: two settings equal in these share one model.
+MODEL_FIELDS = ("task", "model", "pooling", "peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+                "ssf_target_modules", "seed", "device", "precision", "gradient_checkpointing")
+
+
+def model_key(cfg: Any, num_labels: int) -> tuple[Any, ...]:
+    """What decides the model :func:`build_peft_model` builds for ``cfg``."""
+    return (*(getattr(cfg, name) for name in MODEL_FIELDS), num_labels)
+
+
+def build_peft_model(cfg: Any, num_labels: int) -> tuple[Any, dict[str, Any]]:
+    """The base model wrapped with the configured PEFT method, on the run's device and precision, and its
+    seeded initial adapter state.
+
+    The initial adapter (and head) is drawn from ``cfg.seed`` in fp32 on the CPU, so every process that
+    builds it starts from the same point, whatever its device and precision: FFA-LoRA's frozen A is never
+    sent, every site draws it here.
+    """
+    import torch  # heavy: only where a model is built
+
+    from fedpeft.adapters import adapter_state, apply_peft
+    from fedpeft.runtime import resolve_runtime
+
+    where = resolve_runtime(cfg.device, cfg.precision)
+    torch.manual_seed(cfg.seed)
+    net, _ = load_model(cfg.model, task=cfg.task, num_labels=num_labels,
+                        gradient_checkpointing=cfg.gradient_checkpointing, pooling=cfg.pooling)
+    wrapped = apply_peft(net, cfg)
+    wrapped.eval()
+    state = adapter_state(wrapped)
+    if where.dtype != torch.float32:  # bf16: the frozen weights only; the adapter and head train in fp32
+        for p in wrapped.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(where.dtype)
+    return wrapped.to(where.device), state
+
+
+def load_tokenizer(model: str) -> Any:
+    """The tokenizer of ``model`` (a directory, or a name in the local HF cache; empty: bundled MiniLM)."""
+    from transformers import AutoTokenizer  # heavy: only where a tokenizer is needed
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(model), local_files_only=True)

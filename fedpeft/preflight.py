@@ -6,11 +6,12 @@ import dataclasses
 import os
 from pathlib import Path
 
-from fedpeft import site
 from fedpeft.config import FedPeftConfig
 from fedpeft.data.partition import natural_client_count, parse_partition_spec
+from fedpeft.data.sources import load_split, partition_rows
 from fedpeft.errors import FedPeftError
 from fedpeft.models import check_model_fits_task, resolve_model_path
+from fedpeft.runtime import resolve_runtime
 
 
 def check_run(cfg: FedPeftConfig, *, clients_given: bool = True, here: bool = True,
@@ -40,17 +41,17 @@ def check_run(cfg: FedPeftConfig, *, clients_given: bool = True, here: bool = Tr
         cpus = os.cpu_count() or 1
         if cfg.client_cpus > cpus:
             raise FedPeftError(f"client_cpus {cfg.client_cpus} exceeds the {cpus} CPUs of this machine")
-        where = site.runtime(cfg)  # cuda without a GPU, bf16 where unsupported: one line now
+        where = resolve_runtime(cfg.device, cfg.precision)  # cuda without a GPU, bf16 where unsupported: one line
         if cfg.client_gpus > 0 and where.device != "cuda":
             raise FedPeftError(f"client_gpus {cfg.client_gpus:g}: torch sees no CUDA GPU on this machine")
     if cfg.device == "cuda" and cfg.client_gpus == 0:
         raise FedPeftError("device cuda in a simulation: give each client a share of a GPU with --client-gpus "
                            "(e.g. 0.5: two clients per GPU); without one its process sees no GPU")
-    train, _ = site.load_split(cfg)
+    train, _ = load_split(cfg)
     if spec.kind == "natural" and not clients_given:
         cfg = dataclasses.replace(cfg, clients=natural_client_count(train, spec))
     if partitions:
-        site.partitions(cfg, cfg.clients)
+        partition_rows(cfg, train, cfg.clients)
     if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise FedPeftError(f"--out {cfg.out} is a file; give a directory for the run")
     if cfg.out and not cfg.resume and (Path(cfg.out) / "metrics.jsonl").exists():

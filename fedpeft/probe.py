@@ -5,8 +5,9 @@ In a probe round a site trains only its classification head, on the features the
 encoder's pooled sentence embedding), with the encoder and adapter frozen:
 
 1. **features** — one forward pass over the site's examples in eval mode, capturing the head's input
-   (:func:`head_inputs`); kept on the model while the data and the adapter stay the same, so the
-   later probe rounds of a run cost no encoder pass at all;
+   (:func:`head_inputs`); kept in the caller's :class:`FeatureCache` (a site's, the coordinator's
+   evaluator's) while the data and the adapter stay the same, so the later probe rounds of a run cost
+   no encoder pass at all;
 2. **head steps** — ``probe_steps`` steps of ``probe_batch_size`` examples (0: the whole site, i.e.
    full-batch gradient descent) at ``probe_lr`` on the head alone (:class:`HeadProbe`); under local
    DP the same steps run through DP-SGD, each example's head gradient clipped and noised
@@ -30,8 +31,30 @@ from fedpeft.errors import FedPeftError
 from fedpeft.runtime import CPU, Runtime
 from fedpeft.training import Encoded, HeadInputs, padded_batch
 
-_CACHE_ATTR = "_fedpeft_probe_features"
-_CACHE_BYTES = 512 * 2**20  # a simulation actor serves every site: 10 MiniLM sites take 17 MiB
+
+class FeatureCache:
+    """Head inputs already computed, by data, valid while the adapter they were computed under is unchanged.
+
+    Owned by whoever evaluates or trains the head (a :class:`fedpeft.site.Site`, the coordinator's
+    evaluator); holds at most ``max_bytes`` of features, dropping the oldest first.
+    """
+
+    def __init__(self, max_bytes: int = 512 * 2**20) -> None:
+        self.max_bytes = max_bytes
+        self._entries: dict[str, tuple[str, HeadInputs]] = {}  # data digest → (adapter digest, inputs)
+
+    def get(self, data_key: str, adapter_key: str) -> HeadInputs | None:
+        hit = self._entries.get(data_key)
+        return hit[1] if hit is not None and hit[0] == adapter_key else None
+
+    def put(self, data_key: str, adapter_key: str, inputs: HeadInputs) -> None:
+        self._entries.pop(data_key, None)
+        self._entries[data_key] = (adapter_key, inputs)
+        while len(self._entries) > 1 and self.nbytes() > self.max_bytes:
+            self._entries.pop(next(iter(self._entries)))  # the oldest
+
+    def nbytes(self) -> int:
+        return sum(e[1].features.nelement() * e[1].features.element_size() for e in self._entries.values())
 
 
 class HeadProbe(torch.nn.Module):
@@ -66,20 +89,19 @@ def head_module(model: torch.nn.Module) -> torch.nn.Linear:
     return heads[0]
 
 
-def head_inputs(model: torch.nn.Module, data: Encoded, *, batch_size: int, runtime: Runtime = CPU) -> HeadInputs:
+def head_inputs(model: torch.nn.Module, data: Encoded, *, batch_size: int, runtime: Runtime = CPU,
+                cache: FeatureCache | None = None) -> HeadInputs:
     """The head's inputs for every example of ``data`` (eval mode, no gradients), in ``data``'s order.
 
-    Cached on ``model`` by a digest of the data and of the non-head trainable parameters: the same
-    data under the same adapter is encoded once (up to 512 MiB of features per model: in a simulation
-    one process serves many sites; the coordinator keeps its test split's).
+    With a ``cache``, kept there by a digest of the data and of the non-head trainable parameters: the
+    same data under the same adapter is encoded once.
     """
     if data.per_token:
         raise FedPeftError("probe rounds train a classification head: seq-cls only")
     head = head_module(model)
-    data_key, adapter_key = _data_digest(data), _adapter_digest(model)
-    cache: dict[str, tuple[str, HeadInputs]] = model.__dict__.setdefault(_CACHE_ATTR, {})
-    if data_key in cache and cache[data_key][0] == adapter_key:
-        return cache[data_key][1]
+    data_key, adapter_key = (_data_digest(data), _adapter_digest(model)) if cache is not None else ("", "")
+    if cache is not None and (hit := cache.get(data_key, adapter_key)) is not None:
+        return hit
     captured: list[torch.Tensor] = []
 
     def grab(_module: Any, args: tuple[torch.Tensor, ...]) -> None:
@@ -105,20 +127,17 @@ def head_inputs(model: torch.nn.Module, data: Encoded, *, batch_size: int, runti
                            f"{tuple(features.shape)} (use --pooling mean)")
     inputs = HeadInputs(features=features[torch.from_numpy(np.argsort(order))].to(runtime.device),
                         labels=np.asarray(data.labels))
-    cache.pop(data_key, None)
-    cache[data_key] = (adapter_key, inputs)
-    while sum(c[1].features.nelement() * c[1].features.element_size() for c in cache.values()) > _CACHE_BYTES \
-            and len(cache) > 1:
-        cache.pop(next(iter(cache)))  # the oldest
+    if cache is not None:
+        cache.put(data_key, adapter_key, inputs)
     return inputs
 
 
 @torch.no_grad()
-def evaluate_probed(model: torch.nn.Module, data: Encoded, *, batch_size: int, runtime: Runtime = CPU
-                    ) -> dict[str, float]:
-    """:func:`fedpeft.training.evaluate` through the cached head inputs: the same accuracy and loss, and
-    no encoder pass while the adapter stays as it was (every probe round)."""
-    inputs = head_inputs(model, data, batch_size=batch_size, runtime=runtime)
+def evaluate_probed(model: torch.nn.Module, data: Encoded, *, batch_size: int, runtime: Runtime = CPU,
+                    cache: FeatureCache | None = None) -> dict[str, float]:
+    """:func:`fedpeft.training.evaluate` through the head inputs in ``cache``: the same accuracy and loss,
+    and no encoder pass while the adapter stays as it was (every probe round)."""
+    inputs = head_inputs(model, data, batch_size=batch_size, runtime=runtime, cache=cache)
     logits = HeadProbe(head_module(model))(inputs.features).logits.float()
     labels = torch.from_numpy(inputs.labels).to(logits.device)
     n = len(inputs)

@@ -39,13 +39,12 @@ PRIVACY = "privacy"  # ConfigRecord of a DP reply: round status and the site's s
 CONTROL = "control"  # ArrayRecord under SCAFFOLD: the coordinator's variate c down, a site's change of c_i up (fp32)
 CANARIES = "canaries"  # train config of the empirical audit: JSON [[text, label], ...] this site trains on too
 LEDGER_SEQ = "ledger-seq"  # train config under local DP: how many of this site's entries the ledger holds
-# where a site's time went, in a train reply's metrics (seconds): building the model and data, training,
-# waiting for the site worker to take the message, and the per-message process Flower started before it relayed
+# where a site's time went, in a train reply's metrics (seconds): building the model and data, training, and
+# waiting for the site worker to take the message from the SuperNode
 SECONDS_LOAD = "seconds-load"
 SECONDS_TRAIN = "seconds-train"
 SECONDS_WAIT = "seconds-wait"
-SECONDS_RELAY = "seconds-relay"
-SECONDS = (SECONDS_LOAD, SECONDS_TRAIN, SECONDS_WAIT, SECONDS_RELAY)
+SECONDS = (SECONDS_LOAD, SECONDS_TRAIN, SECONDS_WAIT)
 TRAINED, REFUSED = "trained", "refused"
 CODEC = "codec"  # ConfigRecord: the header of an encoded adapter payload
 PAYLOAD = "payload"  # the one array of an encoded payload

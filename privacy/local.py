@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedpeft.client_round import probe_settings, train_settings
 from fedpeft.config import FedPeftConfig
 from fedpeft.errors import FedPeftError
+from fedpeft.state_dir import state_dir
 from fedpeft.training import Encoded
 from privacy.accounting import epsilon, noise_for_budget
 from privacy.dpsgd import DPSGD, dp_train_local, poisson_plan
@@ -108,11 +110,10 @@ def configured_private_round(
     site: str,
     server_round: int,
     ledger_seq: int | None = None,
+    features: Any = None,
 ) -> PrivateRound:
     """:func:`private_round` as a site runs it from the run config and its own node config: the site's
     budget (``dp-epsilon``) overrides the run's, and its ``state-dir`` holds its accounts and key."""
-    from fedpeft.site import probe_settings, state_dir, train_settings
-
     budget = node_config.get("dp-epsilon")
     policy = LocalPolicy.from_config(cfg, site_budget=None if budget is None else float(budget))
     return private_round(
@@ -127,6 +128,7 @@ def configured_private_round(
         state_dir=state_dir(node_config),
         ledger_seq=ledger_seq,
         generator_seed=secret_seed(63, purpose=f"dpsgd/{cfg.run_id}/{site}/{server_round}"),
+        features=features,
     )
 
 
@@ -172,6 +174,7 @@ def private_round(
     probe: Mapping[str, Any] | None = None,
     generator_seed: int | None = None,
     ledger_seq: int | None = None,
+    features: Any = None,
 ) -> PrivateRound:
     """Run one client-round under ``policy`` (see the module docstring).
 
@@ -180,7 +183,9 @@ def private_round(
 
     ``train`` holds :func:`privacy.dpsgd.dp_train_local`'s training settings (``epochs``,
     ``max_steps``, ``batch_size``, ``lr``, ``head_lr``, ``weight_decay``); ``probe`` those of a probe
-    round (:func:`fedpeft.site.probe_settings`), needed when ``policy.probe_rounds`` > 0.
+    round (:func:`fedpeft.client_round.probe_settings`), needed when ``policy.probe_rounds`` > 0;
+    ``features`` where the site keeps its head inputs between probe rounds (a
+    :class:`fedpeft.probe.FeatureCache`).
     """
     if policy.probe_rounds and probe is None:
         raise ValueError("a policy with probe rounds needs the probe's training settings")
@@ -216,7 +221,8 @@ def private_round(
         from fedpeft.probe import HeadProbe, head_inputs, head_module
 
         settings = {k: v for k, v in probe.items() if k != "feature_batch_size"}
-        inputs = head_inputs(model, data, batch_size=probe["feature_batch_size"], runtime=settings["runtime"])
+        inputs = head_inputs(model, data, batch_size=probe["feature_batch_size"], runtime=settings["runtime"],
+                             cache=features)
         metrics, history = dp_train_local(HeadProbe(head_module(model)), inputs, dp=mechanism,
                                           generator_seed=generator_seed, **settings)
     else:

@@ -74,13 +74,13 @@ class PrivacyMode:
 
     def site_round(self, cfg: Any, model: Any, data: Any, *, node_config: Mapping[str, Any], site: str,
                    server_round: int, partition_id: int, frozen: tuple[str, ...], control: Any,
-                   ledger_seq: int | None) -> SiteRound:
-        """Train one client-round at a site as this mode does it."""
-        from fedpeft import site as site_runtime
+                   ledger_seq: int | None, features: Any = None) -> SiteRound:
+        """Train one client-round at a site as this mode does it (``features``: the site's head-input
+        cache between probe rounds)."""
+        from fedpeft.client_round import train_client_round  # torch: only a process that trains loads it
 
-        metrics = site_runtime.train_client_round(cfg, model, data, server_round=server_round,
-                                                  partition_id=partition_id, frozen=frozen, control=control,
-                                                  drift=self.drift(cfg))
+        metrics = train_client_round(cfg, model, data, server_round=server_round, partition_id=partition_id,
+                                     frozen=frozen, control=control, drift=self.drift(cfg), features=features)
         return SiteRound(trained=True, metrics=metrics)
 
 
@@ -148,13 +148,13 @@ class LocalDP(PrivacyMode):
 
     def site_round(self, cfg: Any, model: Any, data: Any, *, node_config: Mapping[str, Any], site: str,
                    server_round: int, partition_id: int, frozen: tuple[str, ...], control: Any,
-                   ledger_seq: int | None) -> SiteRound:
-        from fedpeft.site import frozen_parameters
+                   ledger_seq: int | None, features: Any = None) -> SiteRound:
+        from fedpeft.client_round import frozen_parameters  # torch and opacus: only a process that trains
         from privacy.local import configured_private_round
 
         with frozen_parameters(model, frozen):
             report = configured_private_round(cfg, model, data, node_config=node_config, site=site,
-                                              server_round=server_round, ledger_seq=ledger_seq)
+                                              server_round=server_round, ledger_seq=ledger_seq, features=features)
         return SiteRound(trained=report.trained, metrics=report.metrics, report=report)
 
 

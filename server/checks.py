@@ -29,5 +29,11 @@ def check_config(cfg: FedPeftConfig) -> None:
     check_robust(aggregator, cfg.robust)
     if cfg.peft == "lora":
         ranks = parse_ranks(cfg.client_ranks)
-        check_ranks(aggregator, {f"client_ranks {cfg.client_ranks!r}": r for r in ranks}, global_rank=cfg.lora_r)
-    privacy_mode(cfg).check(cfg)
+        check_ranks(aggregator, {f"client {i} (client_ranks {cfg.client_ranks})": r for i, r in enumerate(ranks)},
+                    global_rank=cfg.lora_r)
+    mode = privacy_mode(cfg)
+    mode.check(cfg)
+    drift = mode.drift(cfg)
+    if cfg.peft == "lora" and drift.method == "scaffold" and not drift.scope and set(ranks) - {cfg.lora_r}:
+        raise FedPeftError(f"drift {cfg.drift} keeps a control variate per LoRA factor, whose shape differs across "
+                           f"client_ranks {cfg.client_ranks!r}; use --drift scaffold:head")

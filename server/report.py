@@ -230,8 +230,7 @@ def _reliability(run: RunRecords) -> list[str]:
     return lines
 
 
-SITE_SECONDS = (("seconds_wait", "waiting for the worker"), ("seconds_relay", "Flower's per-message process"),
-                ("seconds_load", "loading"), ("seconds_train", "training"))
+SITE_SECONDS = (("seconds_wait", "waiting for the worker"), ("seconds_load", "loading"), ("seconds_train", "training"))
 
 
 def _site_time(run: RunRecords) -> list[str]:

@@ -23,18 +23,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedpeft import site
-from fedpeft.adapters import adapter_state, load_adapter_state
+from fedpeft.adapters import load_adapter_state
 from fedpeft.config import FedPeftConfig
+from fedpeft.data.sources import load_split
 from fedpeft.errors import FedPeftError
 from fedpeft.heads import model_pooling, save_remote_code
 from fedpeft.runlog import append_jsonl, atomic_replace_dir, atomic_write_text
+from fedpeft.state_dir import state_dir
 from fedpeft.wire import CANARIES, NUM_EXAMPLES, config_record, from_array_record, to_array_record
 from privacy.empirical import audit_run_canaries, run_canaries, save_result, site_rows
 from privacy.modes import privacy_mode
 from privacy.server import RunPrivacy
 from server.checkpoint import Checkpoint, load_checkpoint, log_sizes, resumed_config, rewind_logs, save_checkpoint
 from server.discovery import finish_discovery, start_discovery, wait_for_nodes
+from server.evaluation import Evaluator
 from strategies import AGGREGATORS, AggregationOptions
 from strategies.aggregator import round_rule
 from strategies.flower import FedPeftStrategy, RoundTraffic
@@ -117,20 +119,18 @@ def run_federation(
     run_dir = Path(cfg.out)
     metrics_path = run_dir / "metrics.jsonl"
 
-    train, _ = site.load_split(cfg)
-    label_names = list(train.label_names)
+    split = load_split(cfg)
+    label_names = list(split[0].label_names)
     # Clients start up (imports, model, data) while the server loads its own copy and evaluates round 0.
     queries = start_discovery(grid, cfg, nodes, label_names=label_names)
-    model = site.peft_model(cfg, num_labels=len(label_names))
-    state = adapter_state(model)  # the seeded initial adapter every client starts from
-    test = site.encoded_test(cfg)
+    evaluator = Evaluator(cfg, split=split)
+    state = evaluator.initial_state()  # the seeded initial adapter every client starts from
     # Central DP amplified by sampling needs a draw the run seed does not reveal (kept in the checkpoint).
     mode = privacy_mode(cfg)
     seed = mode.sampling_seed(cfg)
 
     def record_round(rnd: int, extra: Mapping[str, Any], started: float) -> dict[str, Any]:
-        load_adapter_state(model, state)
-        ev = site.evaluate(cfg, model, test)
+        ev = evaluator.evaluate(state)
         record = {
             "round": rnd,
             "accuracy": ev["accuracy"],
@@ -161,14 +161,14 @@ def run_federation(
         record = record_round(0, {"clients": 0, "bytes_up": 0, "bytes_down": 0}, time.monotonic())
         commit(0, 0, None)
     else:
-        record, state, seed = resume_from(checkpoint, run_dir, model)
+        record, state, seed = resume_from(checkpoint, run_dir, evaluator)
         moments = dict(checkpoint.optimizer)
         if scaffold:
             control = dict(checkpoint.control or {})
     sites, ranks = finish_discovery(grid, queries, timeout=cfg.startup_timeout, min_sites=cfg.min_clients,
                                     example_delta=mode.example_delta(cfg))
     population = checkpoint.population if checkpoint is not None and checkpoint.population else len(sites)
-    privacy = RunPrivacy(cfg, run_dir, num_sites=population, key_dir=site.state_dir() / "coordinator",
+    privacy = RunPrivacy(cfg, run_dir, num_sites=population, key_dir=state_dir() / "coordinator",
                          resume=checkpoint)
     base_config = config_record(cfg, **{"label-names": label_names}, **privacy.train_config)
     canaries = run_canaries(run_dir, cfg.canaries, label_names=label_names, sites=list(sites.values())) \
@@ -235,7 +235,7 @@ def run_federation(
         record = record_round(rnd, {**extra, **step_metrics, **dp_metrics}, started)
         commit(rnd, population, privacy.ledger)
 
-    finish_run(cfg, model, state, label_names=label_names, canaries=canaries, privacy=privacy)
+    finish_run(cfg, evaluator, state, canaries=canaries, privacy=privacy)
     return record
 
 
@@ -339,15 +339,16 @@ def round_metrics(cfg: FedPeftConfig, traffic: RoundTraffic, agg: Mapping[str, A
     }
 
 
-def finish_run(cfg: FedPeftConfig, model: Any, state: Mapping[str, np.ndarray], *, label_names: list[str],
+def finish_run(cfg: FedPeftConfig, evaluator: Evaluator, state: Mapping[str, np.ndarray], *,
                canaries: list[Any], privacy: RunPrivacy) -> None:
     """Save the final adapter, score the empirical audit's canaries (if any), write the report."""
     run_dir = Path(cfg.out)
+    model, label_names = evaluator.loaded(state), evaluator.label_names
     save_adapter(model, state, run_dir / "adapter", cfg=cfg, label_names=label_names)
-    if canaries:  # save_adapter left the final adapter in the model
-        audit = audit_run_canaries(model, site.tokenizer(cfg), canaries, label_names=label_names,
+    if canaries:
+        audit = audit_run_canaries(model, evaluator.tokenizer, canaries, label_names=label_names,
                                    max_length=cfg.max_length, delta=privacy_mode(cfg).audit_delta(cfg),
-                                   accountant_epsilon=privacy.spent(), runtime=site.runtime(cfg))
+                                   accountant_epsilon=privacy.spent(), runtime=evaluator.runtime)
         save_result(run_dir, audit)
         claim = audit["accountant_epsilon"]
         claimed = "no DP" if claim is None else f"the accountant's {claim:.3f}"
@@ -364,11 +365,10 @@ def finish_run(cfg: FedPeftConfig, model: Any, state: Mapping[str, np.ndarray], 
                        err, run_dir)
 
 
-def resume_from(checkpoint: Checkpoint, run_dir: Path, model: Any) -> tuple[dict[str, Any], dict[str, Any], int]:
+def resume_from(checkpoint: Checkpoint, run_dir: Path, evaluator: Evaluator
+                ) -> tuple[dict[str, Any], dict[str, Any], int]:
     """Rewind the run logs to ``checkpoint``; return its last metrics record, global adapter and seed."""
-    expected = adapter_state(model)
-    shapes = {k: v.shape for k, v in checkpoint.state.items()}
-    if shapes != {k: v.shape for k, v in expected.items()}:
+    if not evaluator.shapes_fit(checkpoint.state):
         raise FedPeftError(f"cannot resume {run_dir}: the checkpoint's adapter does not fit the model of its config")
     cut = rewind_logs(run_dir, checkpoint.logs)
     lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()

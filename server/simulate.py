@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.config import FedPeftConfig
-from fedpeft.site import STATE_DIR_ENV
+from fedpeft.state_dir import STATE_DIR_ENV
 
 
 def simulate(

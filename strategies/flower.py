@@ -279,18 +279,19 @@ class FedPeftStrategy(Strategy):
             check_ranks(self.aggregator, self.ranks, global_rank=global_rank)
         self.baselines, self._rank_of = {}, {}
         records, self.baselines[global_rank] = encode_tensors(self.downlink, broadcast)
-        contents[global_rank] = RecordDict({**records, CONFIG: config})
+        control = {}
         if self.control is not None:  # c for every tensor the sites train this round (zero until it moves)
             trained = {k: v for k, v in without_keys(broadcast, rule.held).items()
                        if not self.control_scope or key_matches(k, self.control_scope)}
-            contents[global_rank][CONTROL] = to_array_record(
-                {k: self.control.get(k, np.zeros(v.shape, np.float32)) for k, v in trained.items()})
+            control = {CONTROL: to_array_record(
+                {k: self.control.get(k, np.zeros(v.shape, np.float32)) for k, v in trained.items()})}
+        contents[global_rank] = RecordDict({**records, CONFIG: config, **control})
         self.previous = {**self.previous, **self.baselines[global_rank]}  # what every site starts from
         for site in chosen:
             rank = self.ranks.get(site, global_rank)
-            if rank not in contents:
+            if rank not in contents:  # a lower rank: SCAFFOLD covers only the head then (server.checks)
                 records, self.baselines[rank] = encode_tensors(self.downlink, truncate_to_rank(broadcast, rank))
-                contents[rank] = RecordDict({**records, CONFIG: config})
+                contents[rank] = RecordDict({**records, CONFIG: config, **control})
             content = RecordDict(dict(contents[rank]))  # one dict per message: a site's mods replace records
             if self.site_config is not None:
                 content[CONFIG] = ConfigRecord({**config, **self.site_config(site)})

@@ -1,4 +1,4 @@
-"""Test helpers: read a broadcast and build a site's encoded reply, as client.transport does."""
+"""Test helpers: read a broadcast and build a site's encoded reply, as client.encoding does."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def reply(
     extra: Mapping[str, Any] | None = None,
 ) -> Message:
     """The reply of a site that trained the broadcast of ``out`` into ``state`` (a factor the config
-    names ``held`` is left out, as client.transport does)."""
+    names ``held`` is left out, as client.encoding does)."""
     broadcast = sent(out, state)
     held = tuple(c for c in str(out.content[CONFIG].get("held", "")).split(",") if c)
     update = {k: np.asarray(state[k], dtype=np.float32) - broadcast[k] for k in broadcast if not key_matches(k, held)}

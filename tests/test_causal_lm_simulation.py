@@ -58,9 +58,9 @@ def test_held_out_loss_falls_over_two_rounds(llama_run) -> None:
 def test_merged_export_loads_as_a_plain_causal_lm(llama_run, tmp_path: Path, instruction_data: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fedpeft import site
     from fedpeft.config import FedPeftConfig
     from fedpeft.tasks.causal_lm import evaluate
+    from server.evaluation import Evaluator
 
     out, records = llama_run
     merged = tmp_path / "merged"
@@ -73,7 +73,7 @@ def test_merged_export_loads_as_a_plain_causal_lm(llama_run, tmp_path: Path, ins
     config = json.loads((out / "config.json").read_text())
     cfg = FedPeftConfig.from_mapping({k: v for k, v in config.items() if k not in ("out", "run_id")})
     assert AutoTokenizer.from_pretrained(merged).chat_template
-    got = evaluate(model, site.encoded_test(cfg), batch_size=64)
+    got = evaluate(model, Evaluator(cfg).test, batch_size=64)
     assert got["loss"] == pytest.approx(records[-1]["loss"], rel=1e-4)
 
 

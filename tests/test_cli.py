@@ -227,7 +227,7 @@ def test_deployment_commands_print_what_they_would_run(capsys: pytest.CaptureFix
     # the SuperNode asks for messages every 0.5 s while idle (Flower's own waits 3 s): fedpeft's entry point
     assert node.startswith(f"{sys.executable} -m fedpeft.deploy.supernode --poll 0.5 --superlink ")
     assert f'data-path="{small_data}"' in node and "worker=1" in node
-    assert f'state-dir="{tmp_path / "st"}"' in node  # the relay finds the worker's socket there
+    assert f'state-dir="{tmp_path / "st"}"' in node  # the worker's task file and ready file are there
     assert main([*args, "--no-worker", "--poll", "3", "--print"]) == 0
     (node,) = capsys.readouterr().out.splitlines()  # --poll 3: Flower's own SuperNode, as it is
     assert node.startswith("flower-supernode ") and "worker" not in node
@@ -328,7 +328,7 @@ def test_simulation_gives_each_client_its_gpu_share(monkeypatch: pytest.MonkeyPa
     import flwr.simulation
 
     from fedpeft.config import FedPeftConfig
-    from fedpeft.site import STATE_DIR_ENV
+    from fedpeft.state_dir import STATE_DIR_ENV
     from server.simulate import simulate
 
     monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "sites"))  # simulate sets it when absent

@@ -43,7 +43,7 @@ def run(tmp: Path, model: Path, data: Path, **recipe: object) -> tuple[Path, lis
 
 def test_label_correction_scaffold_and_a_server_optimizer(tmp_path: Path, tiny_model_dir: Path,
                                                           small_data: Path) -> None:
-    _, plain = run(tmp_path / "plain", tiny_model_dir, small_data, probe_rounds=1)
+    _, plain = run(tmp_path / "plain", tiny_model_dir, small_data, probe_rounds=1, drift="none")
     out, replies = run(tmp_path / "recipe", tiny_model_dir, small_data, probe_rounds=1,
                        label_correction="balanced", drift="scaffold", server_opt="avgm")
     assert len(replies) == len(plain) == 6  # 2 sites x 3 rounds

@@ -140,5 +140,5 @@ def test_mixed_ranks_need_a_strategy_that_supports_them(tiny_model_dir: Path, sm
            str(small_data), "--strategy", "lora-fair", "--client-ranks", "2,8", "--out", str(tmp_path / "x")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "needs one of: exact-svd" in proc.stderr and "Traceback" not in proc.stderr
+    assert "use exact-svd for mixed ranks" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x").exists()

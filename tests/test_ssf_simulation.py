@@ -97,7 +97,7 @@ def test_saved_adapter_reloads_and_merges_to_the_reported_accuracy(run: tuple[Pa
 
     from fedpeft.adapters.ssf.model import SSFModel
     from fedpeft.config import FedPeftConfig
-    from fedpeft.site import load_split
+    from fedpeft.data.sources import load_split
 
     out, records = run
     model_dir, data = ssf_setting

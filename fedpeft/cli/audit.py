@@ -104,11 +104,11 @@ def _num(value: float | None, spec: str) -> str:
 
 def print_site_key(args: argparse.Namespace) -> int:
     """Print the public key a site signs its ledger entries with."""
-    from fedpeft import site
+    from fedpeft.state_dir import state_dir
     from privacy.ledger import LedgerError, load_or_create_key, public_key_b64
     from privacy.state import account_path
 
-    root = Path(args.state_dir).expanduser() if args.state_dir else site.state_dir()
+    root = Path(args.state_dir).expanduser() if args.state_dir else state_dir()
     try:
         key = load_or_create_key(account_path(root, args.site, "x").parent)
     except (LedgerError, ValueError) as err:

@@ -253,3 +253,13 @@ def test_causal_lm_config_and_boolean_coercion() -> None:
         assert FedPeftConfig.from_mapping({"gradient-checkpointing": text}).gradient_checkpointing is value
     with pytest.raises(FedPeftError, match="gradient_checkpointing must be of type bool"):
         FedPeftConfig.from_mapping({"gradient-checkpointing": "maybe"})
+
+
+@pytest.mark.parametrize(("fields", "probes"), [
+    ({"rounds": 10}, 2), ({"rounds": 7}, 1), ({"rounds": 2}, 1),  # a fifth, rounded, at least one
+    ({"rounds": 10, "probe_rounds": 0}, 0), ({"rounds": 10, "probe_rounds": 3}, 3),
+    ({"rounds": 10, "peft": "ssf", "strategy": "ssf-avg"}, 0),  # measured for LoRA only
+    ({"rounds": 10, "task": "causal-lm", "model": "some/llama", "data": "chat.jsonl"}, 0),  # no head to probe
+])
+def test_auto_probe_rounds(fields: dict, probes: int) -> None:
+    assert FedPeftConfig(**fields).probes == probes

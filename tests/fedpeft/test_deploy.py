@@ -210,7 +210,7 @@ def test_node_identity_of_a_deployed_site_and_of_a_simulated_node() -> None:
 
 def test_a_site_trains_on_its_whole_file_with_the_runs_label_numbers(tmp_path: Path) -> None:
     from fedpeft.config import FedPeftConfig
-    from fedpeft.site import local_table
+    from fedpeft.data.sources import local_table
 
     data = tmp_path / "site.csv"
     data.write_text("text,label\nfine,rotten\ngood,rotten\nok,rotten\n")  # one class only: fine for a site
@@ -223,37 +223,41 @@ def test_a_site_trains_on_its_whole_file_with_the_runs_label_numbers(tmp_path: P
         local_table(FedPeftConfig(), str(tmp_path / "missing.csv"), label_names=["fresh", "rotten"])
 
 
-def test_node_data_reads_the_file_not_a_partition(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_a_deployed_site_reads_its_file_not_a_partition(tmp_path: Path, tiny_model_dir: Path) -> None:
     from fedpeft.config import FedPeftConfig
-    from fedpeft.site import node_data
+    from fedpeft.site import Sites
 
     data = tmp_path / "site.jsonl"
     data.write_text('{"text": "a fine film", "label": "fresh"}\n{"text": "dull", "label": "rotten"}\n')
     cfg = FedPeftConfig(model=str(tiny_model_dir))
-    encoded = node_data(cfg, {"data-path": str(data)}, label_names=["fresh", "rotten"])
-    assert len(encoded) == 2 and encoded.labels.tolist() == [0, 1]
+    sites = Sites()
+    site = sites.site(cfg, {"data-path": str(data)}, label_names=["fresh", "rotten"])
+    assert len(site.data) == 2 and site.data.labels.tolist() == [0, 1]
+    assert sites.site(cfg, {"data-path": str(data)}, label_names=["fresh", "rotten"]) is site  # kept
     os.utime(data, ns=(1, 1))
     data.write_text('{"text": "dull", "label": "rotten"}\n')  # a changed file is read again
-    assert len(node_data(cfg, {"data-path": str(data)}, label_names=["fresh", "rotten"])) == 1
+    again = sites.site(cfg, {"data-path": str(data)}, label_names=["fresh", "rotten"])
+    assert len(again.data) == 1 and again.model is site.model  # the model stays loaded
 
 
 def test_a_causal_lm_site_trains_on_its_own_conversations(tmp_path: Path, tiny_lm_dir: Path,
                                                           instruction_data: Path) -> None:
     from fedpeft.config import FedPeftConfig
-    from fedpeft.site import node_data
+    from fedpeft.site import Sites
     from fedpeft.training import IGNORE
 
     data = tmp_path / "ward-7.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "What colour is the sky?"}, '
                     '{"role": "assistant", "content": "The sky is blue."}]}\n')
     cfg = FedPeftConfig(task="causal-lm", model=str(tiny_lm_dir), data=str(instruction_data))
-    encoded = node_data(cfg, {"data-path": str(data)}, label_names=[])
+    sites = Sites()
+    encoded = sites.site(cfg, {"data-path": str(data)}, label_names=[]).data
     assert len(encoded) == 1 and encoded.per_token
     assert IGNORE in encoded.labels[0] and any(label != IGNORE for label in encoded.labels[0])
     data.write_text('{"text": "dull", "label": "rotten"}\n')
     os.utime(data, ns=(2, 2))
     with pytest.raises(FedPeftError, match="needs a messages column, or prompt and response columns"):
-        node_data(cfg, {"data-path": str(data)}, label_names=[])
+        sites.site(cfg, {"data-path": str(data)}, label_names=[])
 
 
 def test_object_pulls_retry_soon_and_still_get_an_object_that_arrives_late(monkeypatch: pytest.MonkeyPatch) -> None:

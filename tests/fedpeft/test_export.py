@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedpeft import site
 from fedpeft.adapters import adapter_state, load_adapter_state
 from fedpeft.cli.main import main
 from fedpeft.config import FedPeftConfig
+from fedpeft.site import Site, SiteModel
 from server.run import save_adapter
 
 TEXTS = ["A small gem of a movie.", "Two hours I will never get back.", "fine"]
@@ -28,7 +28,7 @@ def finished_run(tmp_path: Path, model_dir: Path, peft: str) -> tuple[Path, np.n
     cfg = FedPeftConfig(model=str(model_dir), peft=peft, strategy="ssf-avg" if peft == "ssf" else "fedit",
                         seed=4321, out=str(tmp_path / "run"))
     labels = ["fresh", "rotten"]
-    model = site.peft_model(cfg, num_labels=2)
+    model = SiteModel(cfg, 2).model
     rng = np.random.default_rng(0)
     state = {k: (v + 0.2 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in adapter_state(model).items()}
     run = Path(cfg.out)
@@ -102,12 +102,14 @@ def test_extra_examples_are_appended_with_the_runs_labels(tiny_model_dir: Path) 
 
     cfg = FedPeftConfig(model=str(tiny_model_dir))
     data = Encoded(input_ids=[[101, 7, 102]], labels=np.array([0]), pad_id=0)
-    more = site.with_extra_examples(cfg, data, [["qwzx plok", "rotten"], ["fresh text", "fresh"]],
-                                    label_names=["fresh", "rotten"])
+    held = Site(key="s", partition_id=0, num_partitions=1, model=SiteModel(cfg, 2), data=data, state_dir=Path("."),
+                source=())
+    more = held.with_extra_examples([["qwzx plok", "rotten"], ["fresh text", "fresh"]],
+                                    label_names=["fresh", "rotten"], max_length=cfg.max_length)
     assert len(more) == 3 and more.labels.tolist() == [0, 1, 0] and more.input_ids[0] == [101, 7, 102]
-    assert site.with_extra_examples(cfg, data, [], label_names=["fresh", "rotten"]) is data
+    assert held.with_extra_examples([], label_names=["fresh", "rotten"], max_length=cfg.max_length) is data
     with pytest.raises(FedPeftError, match="labels \\['meh'\\] the run does not know"):
-        site.with_extra_examples(cfg, data, [["x", "meh"]], label_names=["fresh", "rotten"])
+        held.with_extra_examples([["x", "meh"]], label_names=["fresh", "rotten"], max_length=cfg.max_length)
 
 
 @pytest.mark.parametrize("peft", ["lora"])

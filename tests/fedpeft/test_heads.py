@@ -66,11 +66,12 @@ def test_per_sample_gradients_of_a_mean_pooling_lora_model_match_brute_force(tin
     in one padded batch, equal each example's own gradient computed alone (no padding)."""
     from opacus import GradSampleModule
 
-    from fedpeft import site
     from fedpeft.config import FedPeftConfig
+    from fedpeft.site import SiteModel
 
     cfg = FedPeftConfig(model=str(tiny_st_model_dir), lora_r=2, lora_alpha=4)
-    model = site.peft_model(cfg, num_labels=2)
+    held = SiteModel(cfg, 2)
+    model = held.model
     with torch.no_grad():  # B = 0 would give A no gradient at all
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -79,7 +80,7 @@ def test_per_sample_gradients_of_a_mean_pooling_lora_model_match_brute_force(tin
     for module in model.modules():  # deterministic: no dropout
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    tokenizer = site.tokenizer(cfg)
+    tokenizer = held.tokenizer
     texts, labels = ["short", "a much longer review of the film", "fine acting"], torch.tensor([0, 1, 1])
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     want = []

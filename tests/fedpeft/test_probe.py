@@ -9,11 +9,12 @@ import pytest
 import torch
 from toy_models import tiny_lora_bert, tiny_ssf_bert, toy_task
 
-from fedpeft import site
 from fedpeft.adapters import adapter_state
+from fedpeft.client_round import train_client_round
 from fedpeft.config import FedPeftConfig
 from fedpeft.errors import FedPeftError
-from fedpeft.probe import HeadProbe, head_inputs, head_module, probe_plan
+from fedpeft.probe import FeatureCache, HeadProbe, head_inputs, head_module, probe_plan
+from fedpeft.site import SiteModel
 from fedpeft.training import padded_batch
 
 
@@ -35,14 +36,26 @@ def test_head_inputs_are_what_the_head_reads_in_the_full_forward(make) -> None:
 def test_head_inputs_are_cached_until_the_adapter_or_the_data_change() -> None:
     model = tiny_lora_bert(seed=1)
     data = toy_task(12, seed=0)
-    first = head_inputs(model, data, batch_size=4)
-    assert head_inputs(model, data, batch_size=4) is first
-    assert head_inputs(model, toy_task(12, seed=5), batch_size=4) is not first
+    cache = FeatureCache()
+    first = head_inputs(model, data, batch_size=4, cache=cache)
+    assert head_inputs(model, data, batch_size=4, cache=cache) is first
+    assert head_inputs(model, data, batch_size=4) is not first  # no cache: computed again
+    assert head_inputs(model, toy_task(12, seed=5), batch_size=4, cache=cache) is not first
     lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
     with torch.no_grad():
         lora_b.add_(0.5)
-    again = head_inputs(model, data, batch_size=4)
+    again = head_inputs(model, data, batch_size=4, cache=cache)
     assert again is not first and not torch.allclose(again.features, first.features)
+
+
+def test_the_feature_cache_drops_the_oldest_entry_past_its_budget() -> None:
+    model = tiny_lora_bert(seed=1)
+    one = head_inputs(model, toy_task(12, seed=0), batch_size=4)
+    cache = FeatureCache(max_bytes=int(1.5 * one.features.nelement() * one.features.element_size()))
+    cache.put("a", "x", one)
+    cache.put("b", "x", one)
+    assert cache.get("a", "x") is None and cache.get("b", "x") is one
+    assert cache.get("b", "y") is None  # another adapter: a miss
 
 
 def test_probe_plan_full_batch_and_minibatch() -> None:
@@ -54,15 +67,15 @@ def test_probe_plan_full_batch_and_minibatch() -> None:
 def test_a_probe_round_trains_the_head_alone_and_later_rounds_the_adapter(tiny_st_model_dir) -> None:
     cfg = FedPeftConfig(model=str(tiny_st_model_dir), rounds=2, probe_rounds=1, probe_steps=5, probe_lr=0.05,
                         max_local_steps=2, batch_size=4, lr=0.05)
-    model = site.peft_model(cfg, num_labels=2)
+    model = SiteModel(cfg, 2).model
     data = toy_task(16, seed=2)
     start = adapter_state(model)
-    metrics = site.train_client_round(cfg, model, data, server_round=1, partition_id=0)
+    metrics = train_client_round(cfg, model, data, server_round=1, partition_id=0)
     assert metrics["steps"] == 5 and metrics["examples_seen"] == 5 * 16  # full batch
     after = adapter_state(model)
     moved = {k for k in start if not np.array_equal(start[k], after[k])}
     assert moved and all("classifier" in k for k in moved)  # only the head moved
-    site.train_client_round(cfg, model, data, server_round=2, partition_id=0)
+    train_client_round(cfg, model, data, server_round=2, partition_id=0)
     later = adapter_state(model)
     assert any("lora_B" in k and not np.array_equal(after[k], later[k]) for k in later)
 
@@ -100,5 +113,6 @@ def test_probed_evaluation_equals_the_full_one(make) -> None:
 def test_head_inputs_of_many_sites_stay_cached_in_one_process() -> None:
     model = tiny_lora_bert(seed=2)
     sites = [toy_task(8, seed=s) for s in range(12)]  # a simulation actor serves every site in turn
-    first = [head_inputs(model, d, batch_size=4) for d in sites]
-    assert all(head_inputs(model, d, batch_size=4) is f for d, f in zip(sites, first, strict=True))
+    cache = FeatureCache()
+    first = [head_inputs(model, d, batch_size=4, cache=cache) for d in sites]
+    assert all(head_inputs(model, d, batch_size=4, cache=cache) is f for d, f in zip(sites, first, strict=True))

@@ -11,9 +11,12 @@ import pytest
 import torch
 
 from fedpeft import site
+from fedpeft.adapters import adapter_state
+from fedpeft.client_round import train_client_round
 from fedpeft.config import FedPeftConfig
 from fedpeft.errors import FedPeftError
 from fedpeft.runtime import Runtime, resolve_runtime
+from server.evaluation import Evaluator
 
 
 def test_cpu_machine_resolves_to_cpu_fp32() -> None:
@@ -64,16 +67,16 @@ def test_bf16_model_holds_frozen_weights_in_bf16_and_the_same_initial_adapter(ti
                                                                               instruction_data: Path) -> None:
     fp32 = lm_config(tiny_lm_dir, instruction_data)
     bf16 = dataclasses.replace(fp32, precision="bf16")
-    model = site.peft_model(bf16, 0)
+    held = site.Sites().site(bf16, {"partition-id": 0, "num-partitions": 2}, label_names=[])
+    model = held.model.model
     dtypes = {p.dtype for p in model.parameters() if not p.requires_grad}
     trainable = {p.dtype for p in model.parameters() if p.requires_grad}
     assert dtypes == {torch.bfloat16} and trainable == {torch.float32}
-    a, b = site.initial_adapter(fp32, 0), site.initial_adapter(bf16, 0)
+    a, b = site.SiteModel(fp32, 0).initial, held.model.initial
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)  # drawn on the CPU in fp32
-    data = site.encoded_partition(bf16, 0, 2)
-    result = site.train_client_round(bf16, model, data, server_round=1, partition_id=0)
+    result = train_client_round(bf16, model, held.data, server_round=1, partition_id=0)
     assert np.isfinite(result["train_loss"]) and result["steps"] > 0
-    assert np.isfinite(site.evaluate(bf16, model, site.encoded_test(bf16))["loss"])
+    assert np.isfinite(Evaluator(bf16).evaluate(adapter_state(model))["loss"])
 
 
 def test_gradient_checkpointing_gives_the_same_training(tiny_lm_dir: Path, instruction_data: Path) -> None:
@@ -81,13 +84,12 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_lm_dir: Path, instr
     plain = lm_config(tiny_lm_dir, instruction_data, max_local_steps=3, lr=1e-2)
     checkpointed = dataclasses.replace(plain, gradient_checkpointing=True)
     states = []
+    models = []
     for cfg in (plain, checkpointed):
-        model = site.peft_model(cfg, 0)
-        from fedpeft.adapters import adapter_state, load_adapter_state
-
-        load_adapter_state(model, site.initial_adapter(cfg, 0))
-        site.train_client_round(cfg, model, site.encoded_partition(cfg, 0, 2), server_round=1, partition_id=0)
-        states.append(adapter_state(model))
-    assert site.peft_model(checkpointed, 0).base_model.model.is_gradient_checkpointing
+        held = site.Sites().site(cfg, {"partition-id": 0, "num-partitions": 2}, label_names=[])
+        train_client_round(cfg, held.model.model, held.data, server_round=1, partition_id=0)
+        states.append(adapter_state(held.model.model))
+        models.append(held.model.model)
+    assert models[1].base_model.model.is_gradient_checkpointing
     for key in states[0]:
         np.testing.assert_allclose(states[0][key], states[1][key], atol=1e-6)

@@ -12,7 +12,7 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from replies import sent as broadcast_of
 
-from client.transport import encoded_exchange
+from client.encoding import encoded_exchange
 from fedpeft.errors import FedPeftError
 from fedpeft.wire import ARRAYS, METRICS, NUM_EXAMPLES, decode_payload, from_array_record, to_array_record
 from privacy.central import (

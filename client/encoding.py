@@ -1,4 +1,4 @@
-"""The site's side of the wire: which site this node is, and the codec mod around the train handler.
+"""The codec mod: the site's side of the encoded exchange, around the train handler.
 
 ``codec_mod`` is the outermost mod of the train handler (``mods=[codec_mod, clipping_mod]``):
 
@@ -14,7 +14,6 @@ post-processing and cost no privacy.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,10 +22,9 @@ from typing import Any
 import numpy as np
 from flwr.app import Context, Message, MetricRecord
 
-from fedpeft import site
+from client.sites import held_components, site_for, unbroadcast_components
 from fedpeft.adapters.state import key_matches, without_keys
 from fedpeft.codecs import compress, parse_codec
-from fedpeft.config import FedPeftConfig
 from fedpeft.errors import FedPeftError
 from fedpeft.feedback_state import load_residual, residual_path, save_residual
 from fedpeft.wire import (
@@ -44,60 +42,18 @@ from fedpeft.wire import (
 logger = logging.getLogger(__name__)
 
 
-def site_identity(context: Context, fallback_partitions: int) -> tuple[int, int, str]:
-    """``(partition_id, num_partitions, site_key)`` of this node (:func:`fedpeft.site.node_identity`)."""
-    return site.node_identity(context.node_config, fallback_partitions)
-
-
-def site_config(cfg: FedPeftConfig, context: Context, partition_id: int) -> FedPeftConfig:
-    """The run config as this site trains it: its own LoRA rank, and its own ``device`` / ``precision``
-    when its node config sets them (``fedpeft node --device/--precision``; a site knows its hardware)."""
-    node = context.node_config
-    own = {key: str(node[key]) for key in ("device", "precision") if key in node}
-    if own:
-        try:
-            cfg = dataclasses.replace(cfg, **own)  # validates, as any config does
-        except FedPeftError as err:
-            raise FedPeftError(f"this site's node config: {err}") from None
-    node_rank = node.get("lora-r")
-    return site.at_rank(cfg, site.client_rank(cfg, partition_id, None if node_rank is None else int(node_rank)))
-
-
-def frozen_components(config: Any) -> tuple[str, ...]:
-    """The tensor names the site does not train this round and never sends back: those the strategy
-    freezes (config ``frozen``, never broadcast either) and those it holds this round (config ``held``,
-    broadcast: RoLoRA's other factor)."""
-    return unbroadcast_components(config) + held_components(config)
-
-
-def unbroadcast_components(config: Any) -> tuple[str, ...]:
-    """The tensor names the strategy freezes: never broadcast, never sent back (FFA-LoRA's A)."""
-    return _components(config, "frozen")
-
-
-def held_components(config: Any) -> tuple[str, ...]:
-    """The tensor names broadcast this round but neither trained nor sent back."""
-    return _components(config, "held")
-
-
-def _components(config: Any, key: str) -> tuple[str, ...]:
-    return tuple(c for c in str(config.get(key, "")).split(",") if c)
-
-
 def codec_mod(msg: Message, context: Context, call_next: Any) -> Message:
     """Decode the broadcast, run the handler, send back the encoded update (see the module doc)."""
     config = msg.content[CONFIG]
     cfg = config_from_record(config)
-    pid, _, key = site_identity(context, cfg.clients)
-    local = site_config(cfg, context, pid)
-    initial = site.initial_adapter(local, num_labels=len(list(config["label-names"])))
+    site, _ = site_for(cfg, context, list(config["label-names"]))
     return encoded_exchange(
         msg,
         context,
         call_next,
-        expected={k: v.shape for k, v in without_keys(initial, unbroadcast_components(config)).items()},
+        expected={k: v.shape for k, v in without_keys(site.model.initial, unbroadcast_components(config)).items()},
         codec=str(context.node_config.get("codec") or cfg.codec),
-        residual_file=residual_path(site.state_dir(context.node_config), key, cfg.run_id),
+        residual_file=residual_path(site.state_dir, site.key, cfg.run_id),
     )
 
 

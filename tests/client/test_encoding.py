@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from client.transport import encoded_exchange
+from client.encoding import encoded_exchange
 from fedpeft.codecs import parse_codec
 from fedpeft.errors import FedPeftError
 from fedpeft.feedback_state import load_residual
@@ -147,14 +147,14 @@ def test_codec_mod_takes_the_site_codec_and_its_tensors_from_the_model(
 ) -> None:
     from types import SimpleNamespace
 
-    from client.transport import codec_mod
-    from fedpeft import site
+    from client.encoding import codec_mod
     from fedpeft.adapters.state import without_keys
     from fedpeft.config import FedPeftConfig
+    from fedpeft.site import SiteModel
     from fedpeft.wire import config_record
 
     cfg = FedPeftConfig(model=str(tiny_model_dir), data=str(small_data), clients=3, codec="fp16", run_id="r1")
-    state = without_keys(site.initial_adapter(cfg, num_labels=2), (frozen,) if frozen else ())
+    state = without_keys(SiteModel(cfg, 2).initial, (frozen,) if frozen else ())
     records, _ = encode_tensors(parse_codec("none"), state)
     config = config_record(cfg, **{"label-names": ["fresh", "rotten"], "frozen": frozen, "server-round": 1})
     msg = Message(content=RecordDict({**records, CONFIG: config}), dst_node_id=7, message_type=MessageType.TRAIN)
@@ -205,7 +205,7 @@ def test_a_site_that_moves_a_held_factor_raises() -> None:
 def test_a_sites_node_config_sets_its_own_device_and_precision_and_a_bad_one_is_named() -> None:
     from flwr.app import Context
 
-    from client.transport import site_config
+    from client.sites import site_config
     from fedpeft.config import FedPeftConfig
 
     def ctx(node: dict) -> Context:

@@ -1,0 +1,93 @@
+"""Does a change of code leave what a run computes unchanged? Runs a fixed set of short simulations and
+prints a digest of each run's ``metrics.jsonl`` (without wall-clock seconds) and adapter; ``--compare``
+holds two such sets side by side.
+
+    python bench/behaviour_unchanged.py --out /tmp/before          # on the old code (a worktree of it)
+    python bench/behaviour_unchanged.py --out /tmp/after           # on the new code
+    python bench/behaviour_unchanged.py --compare /tmp/before /tmp/after
+
+The runs are ``fedpeft simulate --rounds 2 --seed 0`` plus, in turn: nothing; ``--dp``; ``--dp central
+--clients 20 --fraction 0.5``; ``--peft ssf``; ``--codec topk:0.3+int4``. DP noise and central DP's secret
+draw of sites come from the OS entropy pool, so for this check alone the runs set
+``FEDPEFT_UNSAFE_NOISE_SEED`` (:mod:`privacy.randomness`): the noise is then derived from it and the same
+in both sets (every run has the run id ``behaviour-check``, which the noise's derivation includes). Such
+runs have no privacy; they exist to compare bytes. The ledger's head hash is left out of the digest: it
+chains signatures made with keys each site draws afresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+RUNS = {
+    "default": [],
+    "dp-local": ["--dp"],
+    "dp-central": ["--dp", "central", "--dp-epsilon", "8", "--clients", "20", "--fraction", "0.5"],
+    "ssf": ["--peft", "ssf"],
+    "codec": ["--codec", "topk:0.3+int4"],
+}
+# keys that differ from run to run whatever the code: wall-clock seconds, and the ledger's head hash (it
+# chains Ed25519 signatures made with keys each site draws afresh)
+UNSTABLE = ("seconds", "ledger_head")
+
+
+def digest(run: Path) -> dict[str, str]:
+    """sha256 of the run's metrics (timings dropped) and of every adapter file."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [{k: v for k, v in row.items() if not k.startswith(UNSTABLE)} for row in rows]
+    out = {"metrics.jsonl": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()}
+    for path in sorted((run / "adapter").iterdir()):
+        out[f"adapter/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def run_all(out: Path) -> None:
+    env = {**os.environ, "FEDPEFT_UNSAFE_NOISE_SEED": "36", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out.mkdir(parents=True, exist_ok=True)
+    digests = {}
+    for name, flags in RUNS.items():
+        run = out / name
+        cmd = [sys.executable, "-m", "fedpeft.cli.main", "simulate", "--rounds", "2", "--seed", "0", "--quiet",
+               "--run-id", "behaviour-check", "--out", str(run), *flags]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+        digests[name] = digest(run)
+        print(name, json.dumps(digests[name]), flush=True)
+    (out / "digests.json").write_text(json.dumps(digests, indent=2) + "\n")
+
+
+def compare(a: Path, b: Path) -> int:
+    left, right = (json.loads((d / "digests.json").read_text()) for d in (a, b))
+    differ = 0
+    for name in RUNS:
+        same = left.get(name) == right.get(name)
+        differ += not same
+        print(f"{name:12} {'identical' if same else 'DIFFERENT'}")
+        if not same:
+            for key in sorted(set(left.get(name, {})) | set(right.get(name, {}))):
+                if left.get(name, {}).get(key) != right.get(name, {}).get(key):
+                    print(f"  {key} differs")
+    return 1 if differ else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="run the set here")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"), help="compare two sets")
+    args = parser.parse_args()
+    if args.compare:
+        raise SystemExit(compare(*args.compare))
+    if not args.out:
+        parser.error("give --out DIR or --compare A B")
+    run_all(args.out)
+
+
+if __name__ == "__main__":
+    main()
