@@ -37,7 +37,8 @@ def handle(msg: Message, context: Context) -> Message:
         raise FedPeftError(f"node config {WORKER_KEY}=1: a site worker takes this node's messages, but its SuperNode "
                            "started a ClientApp process; run the SuperNode with --isolation process and the worker "
                            f"(as `fedpeft node` does), or drop {WORKER_KEY} from its node config to train here")
-    from client.local import app as local  # deferred: torch, transformers and the model, only where training happens
+    # deferred: heavy (torch, transformers): a node that a worker serves is refused above without loading them
+    from client.local import app as local
 
     return local(msg, context)
 

@@ -8,7 +8,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from fedpeft.adapters import PEFT_METHODS
+from fedpeft.codecs import CodecError, parse_codec
+from fedpeft.drift import parse_drift
 from fedpeft.errors import FedPeftError
+from fedpeft.heads import POOLING_MODES
+from fedpeft.label_correction import parse_label_correction
 
 DP_MODES = ("off", "local", "central")
 DP_CLIPPING = ("hooks", "ghost")
@@ -59,8 +64,6 @@ PEFT_DEFAULT_STRATEGY = {"lora": "fedit", "ssf": "ssf-avg"}
 
 
 def check_peft(cfg: Any) -> None:
-    from fedpeft.adapters import PEFT_METHODS
-
     PEFT_METHODS.get(cfg.peft)  # unknown: lists the known ones
     defaults = type(cfg).__dataclass_fields__
     for method, names in PEFT_FIELDS.items():
@@ -103,8 +106,6 @@ def check_task(cfg: Any) -> None:
 
 
 def check_head(cfg: Any) -> None:
-    from fedpeft.heads import POOLING_MODES
-
     if cfg.pooling not in POOLING_MODES:
         raise FedPeftError(f"pooling must be one of {', '.join(POOLING_MODES)}, got {cfg.pooling!r}")
     if not (cfg.probe_rounds == -1 or 0 <= cfg.probe_rounds <= cfg.rounds):
@@ -133,8 +134,6 @@ def check_device(cfg: Any) -> None:
 
 
 def check_codecs(cfg: Any) -> None:
-    from fedpeft.codecs import CodecError, parse_codec
-
     for name in ("codec", "downlink_codec"):
         try:
             codec = parse_codec(getattr(cfg, name))
@@ -155,9 +154,6 @@ SERVER_OPT_FIELDS = ("server_lr", "server_momentum", "server_beta2", "server_tau
 
 def check_recipe(cfg: Any) -> None:
     """The training recipe around the aggregation rule: server optimizer, drift and label correction, the head."""
-    from fedpeft.drift import parse_drift
-    from fedpeft.label_correction import parse_label_correction
-
     if cfg.server_opt not in SERVER_OPTS:
         raise FedPeftError(f"server_opt must be one of {', '.join(SERVER_OPTS)}, got {cfg.server_opt!r}")
     for name in ("server_lr", "server_tau"):

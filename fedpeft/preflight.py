@@ -6,6 +6,9 @@ import dataclasses
 import os
 from pathlib import Path
 
+from huggingface_hub import try_to_load_from_cache
+
+from fedpeft.adapters import PEFT_METHODS
 from fedpeft.config import FedPeftConfig
 from fedpeft.data.partition import natural_client_count, parse_partition_spec
 from fedpeft.data.sources import load_split, partition_rows
@@ -25,8 +28,6 @@ def check_run(cfg: FedPeftConfig, *, clients_given: bool = True, here: bool = Tr
     values of the column. ``partitions=False`` (``flwr run``: the federation's nodes say which partition
     each trains) leaves the split into clients unchecked.
     """
-    from fedpeft.adapters import PEFT_METHODS
-
     PEFT_METHODS.get(cfg.peft)
     spec = parse_partition_spec(cfg.partition)
     path = resolve_model_path(cfg.model)
@@ -61,8 +62,6 @@ def check_run(cfg: FedPeftConfig, *, clients_given: bool = True, here: bool = Tr
 
 def _hub_cached(name: str) -> bool:
     try:
-        from huggingface_hub import try_to_load_from_cache
-
         return isinstance(try_to_load_from_cache(name, "config.json"), str)
     except Exception:
         return False

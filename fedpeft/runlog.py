@@ -65,7 +65,7 @@ def atomic_replace_dir(build: Path, final: Path) -> None:
 
 def save_figure(fig: Any, path: str | Path) -> Path:
     """Lay out a matplotlib figure, write it to ``path`` as PNG via a temporary file and a rename, close it."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: heavy (matplotlib) on the CLI start-up path
 
     path = Path(path)
     fig.tight_layout()

@@ -27,7 +27,7 @@ class Runtime:
     @property
     def dtype(self) -> Any:
         """The torch dtype the frozen weights are loaded in."""
-        import torch
+        import torch  # deferred: heavy (torch) on `fedpeft report`'s path (server.report -> privacy.empirical -> here)
 
         return torch.bfloat16 if self.autocast == "bf16" else torch.float32
 
@@ -35,7 +35,7 @@ class Runtime:
         """``torch.autocast`` for forward passes (a no-op in fp32)."""
         if not self.autocast:
             return nullcontext()
-        import torch
+        import torch  # deferred: heavy (torch) on `fedpeft report`'s path (server.report -> privacy.empirical -> here)
 
         return torch.autocast(self.device, dtype=torch.bfloat16)
 
@@ -57,7 +57,7 @@ def resolve_runtime(device: str, precision: str) -> Runtime:
     FedPeftError
         ``cuda`` asked for where torch sees no GPU; ``bf16`` on a GPU that lacks it.
     """
-    import torch
+    import torch  # deferred: heavy (torch) on `fedpeft report`'s path (server.report -> privacy.empirical -> here)
 
     has_cuda = torch.cuda.is_available()
     if device == "cuda" and not has_cuda:

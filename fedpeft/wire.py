@@ -27,9 +27,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedpeft.codecs import Codec, CodecError, parse_codec
 from fedpeft.config import FedPeftConfig
+from fedpeft.deploy import flower_compat
 
 ARRAYS = "arrays"
 METRICS = "metrics"
@@ -57,8 +59,6 @@ class PayloadError(ValueError):
 
 def to_array_record(state: Mapping[str, np.ndarray]) -> Any:
     """Pack a name → array mapping; bf16 has no numpy dtype, so callers pass fp16/fp32."""
-    from flwr.app import Array, ArrayRecord
-
     return ArrayRecord({key: Array(np.asarray(value, order="C")) for key, value in state.items()})  # keeps 0-d shapes
 
 
@@ -73,8 +73,6 @@ SERVER_ONLY = frozenset({"out", "resume"})
 
 def config_record(cfg: FedPeftConfig, **extra: Any) -> Any:
     """The run config (minus :data:`SERVER_ONLY` fields, plus ``extra`` keys) as a ConfigRecord."""
-    from flwr.app import ConfigRecord
-
     values: dict[str, Any] = {f"fedpeft.{k}": v for k, v in cfg.to_dict().items() if k not in SERVER_ONLY}
     values.update(extra)
     return ConfigRecord(values)
@@ -88,9 +86,7 @@ def config_from_record(record: Mapping[str, Any]) -> FedPeftConfig:
 
 def record_nbytes(content: Any) -> int:
     """Serialized size in bytes of a message's RecordDict, as it is framed for the wire."""
-    from fedpeft.deploy.flower_compat import recorddict_to_proto
-
-    return int(recorddict_to_proto(content).ByteSize())
+    return int(flower_compat.recorddict_to_proto(content).ByteSize())
 
 
 def privacy_record(
@@ -104,8 +100,6 @@ def privacy_record(
 ) -> Any:
     """A site's privacy report for one round: ``status`` (trained/refused), the signed entry, why; and
     ``backlog``: earlier signed entries (``{"entry", "signature"}``) the coordinator's ledger lacks."""
-    from flwr.app import ConfigRecord
-
     return ConfigRecord(
         {
             "status": status,
@@ -168,8 +162,6 @@ def payload_records(
     codec: Codec, parts: Mapping[str, list[np.ndarray]], shapes: Mapping[str, tuple[int, ...]]
 ) -> dict[str, Any]:
     """``{arrays: ArrayRecord, codec: ConfigRecord}`` for tensors already encoded by ``codec``."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord
-
     names = sorted(parts)
     chunks = []
     for name in names:

@@ -58,7 +58,7 @@ def rdp_epsilon(history: History, *, delta: float) -> float:
     trivial = _trivial(history)
     if trivial is not None:
         return trivial
-    from opacus.accountants import RDPAccountant
+    from opacus.accountants import RDPAccountant  # deferred: heavy (opacus, torch) on `fedpeft audit`'s path
 
     accountant = RDPAccountant()
     accountant.history = compact(history)
@@ -73,7 +73,7 @@ def prv_epsilon(history: History, *, delta: float) -> float:
     trivial = _trivial(history)
     if trivial is not None:
         return trivial
-    from opacus.accountants import PRVAccountant
+    from opacus.accountants import PRVAccountant  # deferred: heavy (opacus, torch) on `fedpeft audit`'s path
 
     accountant = PRVAccountant()
     accountant.history = compact(history)
@@ -91,6 +91,7 @@ def pld_epsilon(history: History, *, delta: float) -> float:
 
 @lru_cache(maxsize=256)
 def _pld(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    # deferred: heavy (dp_accounting, ~1 s) on `fedpeft audit`'s path
     import dp_accounting
     from dp_accounting.pld import pld_privacy_accountant
 

@@ -227,6 +227,7 @@ def _flag_entry(report: AuditReport, c: EntryCheck, *, tol: float, central: bool
 
 def _central(history: list[tuple[float, float, int]], entry: dict[str, Any], delta: float) -> float:
     """ε of central releases with dp-accounting's RDP accountant, called directly."""
+    # deferred: heavy (dp_accounting, ~1 s) on `fedpeft audit`'s path; needed only for central DP
     import dp_accounting
     from dp_accounting import privacy_accountant
     from dp_accounting.rdp import rdp_privacy_accountant

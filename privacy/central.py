@@ -48,15 +48,23 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.serverapp import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    PrivacyConfig,
+    RdpAccountant,
+    SamplingMethod,
+)
 
 from fedpeft.deploy.flower_compat import KEY_CLIPPING_NORM  # the train config's clipping-norm key (Flower-internal)
 from fedpeft.errors import FedPeftError
+from strategies import AGGREGATORS
+from strategies.norm_bound import clip_to_norm
 
 
 def clipping_mod(msg: Any, ctxt: Any, call_next: Any) -> Any:
     """Flower's ``fixedclipping_mod`` when the server sent a clipping norm, else a pass-through."""
-    from flwr.clientapp.mod import fixedclipping_mod
-
     configs = list(msg.content.config_records.values())
     if len(configs) == 1 and KEY_CLIPPING_NORM in configs[0]:
         return fixedclipping_mod(msg, ctxt, call_next)
@@ -69,16 +77,12 @@ def clip_update(update: dict[str, np.ndarray], *, clipping_norm: float) -> tuple
     The server applies it to every decoded update: a codec and its error feedback may send a little
     more than the clipped norm, and the noise only covers C (:func:`strategies.norm_bound.clip_to_norm`).
     """
-    from strategies.norm_bound import clip_to_norm
-
     return clip_to_norm(update, max_norm=clipping_norm)
 
 
 def check_composes(aggregator: Any) -> None:
     """Raise a one-line error unless ``aggregator`` keeps central DP (its output is the average)."""
     if not aggregator.linear:
-        from strategies import AGGREGATORS
-
         ok = sorted({AGGREGATORS.get(n).name for n in AGGREGATORS if AGGREGATORS.get(n).linear})
         raise FedPeftError(
             f"strategy {aggregator.name!r} is not post-processing of the noised average, so central DP "
@@ -170,8 +174,6 @@ class CentralAccountant:
     """
 
     def __init__(self, *, population: int, sample_size: int, delta: float, budget: float, noise_multiplier: float):
-        from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
-
         self.population, self.sample_size = int(population), int(sample_size)
         self.delta, self.budget, self.noise_multiplier = float(delta), float(budget), float(noise_multiplier)
         amplified = self.sample_size < self.population
@@ -199,8 +201,6 @@ class CentralAccountant:
         return self.noise_multiplier / self.sensitivity
 
     def _event(self) -> Any:
-        from flwr.serverapp import GaussianPrivacyEvent
-
         return GaussianPrivacyEvent(
             noise_multiplier=self.accounted_sigma, sample_size=self.sample_size, population_size=self.population
         )

@@ -33,8 +33,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from opacus import PrivacyEngine
 
+import privacy.ssf_grad_sample  # noqa: F401  (registers SSF's per-sample gradient rule)
 from fedpeft.runtime import CPU, Runtime
+from fedpeft.tasks.causal_lm import sequence_losses
 from fedpeft.training import Encoded, HeadInputs, padded_batch, param_groups
 from privacy.randomness import secret_seed
 
@@ -133,10 +136,6 @@ def dp_train_local(
     history : list of (σ, q, steps)
         What this round's accountant recorded, in Opacus's history format.
     """
-    from opacus import PrivacyEngine
-
-    import privacy.ssf_grad_sample  # noqa: F401  (registers SSF's per-sample gradient rule)
-
     q, planned = poisson_plan(len(data), batch_size=batch_size, epochs=epochs, max_steps=max_steps)
     seed = secret_seed(63, purpose="dpsgd") if generator_seed is None else int(generator_seed)
     generator = torch.Generator().manual_seed(seed)
@@ -237,8 +236,6 @@ def _loss(criterion: Any, logits: torch.Tensor, labels: torch.Tensor, *, ghost: 
     if ghost:  # Opacus's criterion reduces the flattened token losses per sequence, skipping ignored ones
         flat = logits[:, :-1].float()
         return criterion(flat.reshape(-1, flat.shape[-1]), labels[:, 1:].reshape(-1), shape=flat.shape)
-    from fedpeft.tasks.causal_lm import sequence_losses
-
     return sequence_losses(logits, labels).mean()
 
 

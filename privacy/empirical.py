@@ -48,6 +48,7 @@ def audit_run_canaries(
     delta: float, accountant_epsilon: float | None, batch_size: int = 64, runtime: Runtime = CPU,
 ) -> dict[str, Any]:
     """Score the canaries on the final ``model`` (loss: low ⇒ guessed trained on) and bound ε."""
+    # deferred: heavy (torch) on `fedpeft report`'s path (server.report imports this module)
     from fedpeft.training import encode, example_losses
 
     names = list(label_names)

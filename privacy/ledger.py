@@ -33,6 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 from fedpeft.runlog import append_jsonl
 
 GENESIS = "0" * 64
@@ -60,9 +64,6 @@ def unb64(text: str) -> bytes:
 # --- site side: the key and the signature ----------------------------------------------------------
 def load_or_create_key(directory: str | Path) -> Any:
     """The site's Ed25519 private key from ``directory/ledger_ed25519.pem``, created (0600) if absent."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
     path = Path(directory) / KEY_FILE
     if path.exists():
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
@@ -90,8 +91,6 @@ def load_or_create_key(directory: str | Path) -> Any:
 
 def public_key_b64(key: Any) -> str:
     """The raw 32-byte public key of a private key, base64."""
-    from cryptography.hazmat.primitives import serialization
-
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return b64(raw)
 
@@ -103,9 +102,6 @@ def sign_entry(key: Any, entry: Mapping[str, Any]) -> str:
 
 def verify_signature(public_key: str, entry: Mapping[str, Any], signature: str) -> bool:
     """Whether ``signature`` is ``public_key``'s signature of ``entry``."""
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
     try:
         Ed25519PublicKey.from_public_bytes(unb64(public_key)).verify(unb64(signature), canonical(dict(entry)))
     except (InvalidSignature, ValueError, TypeError):

@@ -27,6 +27,7 @@ from typing import Any
 from fedpeft.client_round import probe_settings, train_settings
 from fedpeft.config import FedPeftConfig
 from fedpeft.errors import FedPeftError
+from fedpeft.probe import HeadProbe, head_inputs, head_module
 from fedpeft.state_dir import state_dir
 from fedpeft.training import Encoded
 from privacy.accounting import epsilon, noise_for_budget
@@ -218,8 +219,6 @@ def private_round(
 
     mechanism = DPSGD(account.noise_multiplier, account.max_grad_norm, policy.clipping, account.accountant)
     if in_probe:  # the head alone, on the encoder's pooled features (computed without privacy cost: no release)
-        from fedpeft.probe import HeadProbe, head_inputs, head_module
-
         settings = {k: v for k, v in probe.items() if k != "feature_batch_size"}
         inputs = head_inputs(model, data, batch_size=probe["feature_batch_size"], runtime=settings["runtime"],
                              cache=features)

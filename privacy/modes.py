@@ -26,6 +26,7 @@ from fedpeft.errors import FedPeftError
 from fedpeft.label_correction import parse_label_correction
 from fedpeft.registry import Registry
 from privacy.randomness import secret_seed
+from strategies import AGGREGATORS
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class PrivacyMode:
                    ledger_seq: int | None, features: Any = None) -> SiteRound:
         """Train one client-round at a site as this mode does it (``features``: the site's head-input
         cache between probe rounds)."""
-        from fedpeft.client_round import train_client_round  # torch: only a process that trains loads it
+        from fedpeft.client_round import train_client_round  # deferred: heavy (torch) on the CLI start-up path
 
         metrics = train_client_round(cfg, model, data, server_round=server_round, partition_id=partition_id,
                                      frozen=frozen, control=control, drift=self.drift(cfg), features=features)
@@ -149,7 +150,8 @@ class LocalDP(PrivacyMode):
     def site_round(self, cfg: Any, model: Any, data: Any, *, node_config: Mapping[str, Any], site: str,
                    server_round: int, partition_id: int, frozen: tuple[str, ...], control: Any,
                    ledger_seq: int | None, features: Any = None) -> SiteRound:
-        from fedpeft.client_round import frozen_parameters  # torch and opacus: only a process that trains
+        # deferred: heavy (torch, opacus) on the CLI start-up path
+        from fedpeft.client_round import frozen_parameters
         from privacy.local import configured_private_round
 
         with frozen_parameters(model, frozen):
@@ -167,8 +169,7 @@ class CentralDP(PrivacyMode):
     bound_metric = "reclipped"
 
     def check(self, cfg: Any) -> None:
-        from privacy.central import check_composes
-        from strategies import AGGREGATORS
+        from privacy.central import check_composes  # deferred: heavy (flwr) on the CLI start-up path
 
         _common_dp_checks(cfg)
         if cfg.strategy == "rolora":  # not yet run through privacy/central.py's release

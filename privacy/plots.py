@@ -1,9 +1,13 @@
-"""The audit's picture: ε spent per site over rounds, against each budget (matplotlib, loaded lazily)."""
+"""The audit's picture: ε spent per site over rounds, against each budget (matplotlib, Agg backend)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from fedpeft.runlog import save_figure
 from privacy.audit import AuditReport
@@ -11,11 +15,7 @@ from privacy.audit import AuditReport
 
 def plot_epsilon(report: AuditReport, path: str | Path) -> Path:
     """Draw ε (claimed, solid; independent recomputation, dotted) per site over rounds; write a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    matplotlib.use("Agg")  # no display: a no-op once set
     path = Path(path)
     series: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
     for c in report.entries:
@@ -42,8 +42,6 @@ def plot_epsilon(report: AuditReport, path: str | Path) -> Path:
             fontsize=8,
         )
     delta = report.sites[0].delta if report.sites else None
-    from matplotlib.ticker import MaxNLocator
-
     ax.set_ylim(bottom=0)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")

@@ -20,7 +20,8 @@ import numpy as np
 
 from fedpeft.errors import FedPeftError
 from fedpeft.wire import LEDGER_SEQ, read_privacy
-from privacy.central import CentralAccountant
+from privacy.central import CentralAccountant, calibrate_central_sigma, central_release, clip_update
+from privacy.central import train_config as central_train_config
 from privacy.ledger import (
     ENTRY_VERSION,
     Ledger,
@@ -33,6 +34,7 @@ from privacy.ledger import (
     verify_chain,
 )
 from privacy.randomness import secret_seed
+from strategies.sampling import sample_count
 
 LEDGER_FILE = "privacy_ledger.jsonl"
 COORDINATOR = "coordinator"
@@ -145,8 +147,6 @@ class RunPrivacy:
     """
 
     def __init__(self, cfg: Any, run_dir: Path, *, num_sites: int, key_dir: Path, resume: Any = None) -> None:
-        from strategies.sampling import sample_count
-
         self.mode = cfg.dp
         if resume is not None and cfg.dp != "off":
             cut_torn_tail(run_dir / LEDGER_FILE)
@@ -156,8 +156,6 @@ class RunPrivacy:
         self.central_ledger: CentralLedger | None = None
         self.clipping_norm = cfg.dp_max_grad_norm
         if cfg.dp == "central":
-            from privacy.central import calibrate_central_sigma
-
             # OS entropy: a seeded run must not make the noise predictable
             self._noise = np.random.default_rng(secret_seed(128, purpose=f"central-noise/{cfg.run_id}"))
             m = sample_count(num_sites, cfg.fraction)
@@ -217,8 +215,6 @@ class RunPrivacy:
         """Central DP: clip every decoded update to C on the server (see :mod:`privacy.central`)."""
         if self.central is None:
             return None
-        from privacy.central import clip_update
-
         return partial(clip_update, clipping_norm=self.clipping_norm)
 
     @property
@@ -226,17 +222,13 @@ class RunPrivacy:
         """Central DP: the clipping norm every sampled site clips its update to; else nothing."""
         if self.central is None:
             return {}
-        from privacy.central import train_config
-
-        return train_config(clipping_norm=self.clipping_norm)
+        return central_train_config(clipping_norm=self.clipping_norm)
 
     @property
     def release(self) -> Any:
         """Central DP: the round's release, (Σ clipped updates + N(0, (σC)²)) / m, m the fixed cohort size."""
         if self.central is None:
             return None
-        from privacy.central import central_release
-
         c = self.central
         return partial(central_release, clipping_norm=self.clipping_norm, noise_multiplier=c.noise_multiplier,
                        sample_size=c.sample_size, rng=self._noise)

@@ -1,4 +1,4 @@
-"""The run report's figures, drawn from a run directory's records (matplotlib, loaded lazily, Agg).
+"""The run report's figures, drawn from a run directory's records (matplotlib, Agg backend).
 
 Each function takes the parsed records and a path, writes one PNG atomically and returns the path, or
 returns None when the run has nothing to draw (no residual for exact strategies, no ε without DP).
@@ -11,23 +11,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator
+
 from fedpeft.runlog import save_figure
 
 Record = Mapping[str, Any]
 
 
 def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    matplotlib.use("Agg")  # no display: a no-op once set
     return plt
 
 
 def _rounds_axis(ax: Any) -> None:
-    from matplotlib.ticker import MaxNLocator
-
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.grid(alpha=0.3)
@@ -130,8 +129,6 @@ def plot_epsilon(entries: Sequence[Record], path: Path) -> Path | None:
 
 def plot_canary_roc(scores: Sequence[float], members: Sequence[bool], path: Path, *, title: str) -> Path:
     """ROC of guessing "trained on" for canaries whose loss is below a threshold, with its AUC."""
-    import numpy as np
-
     s, truth = np.asarray(scores, dtype=np.float64), np.asarray(members, dtype=bool)
     order = np.argsort(s, kind="stable")  # lowest loss first: the most confident "in"
     tpr = np.concatenate([[0.0], np.cumsum(truth[order]) / max(1, truth.sum())])

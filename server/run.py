@@ -17,7 +17,8 @@ import logging
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,47 +31,33 @@ from fedpeft.errors import FedPeftError
 from fedpeft.heads import model_pooling, save_remote_code
 from fedpeft.runlog import append_jsonl, atomic_replace_dir, atomic_write_text
 from fedpeft.state_dir import state_dir
-from fedpeft.wire import CANARIES, NUM_EXAMPLES, config_record, from_array_record, to_array_record
+from fedpeft.wire import CANARIES, NUM_EXAMPLES, config_record, from_array_record
 from privacy.empirical import audit_run_canaries, run_canaries, save_result, site_rows
 from privacy.modes import privacy_mode
 from privacy.server import RunPrivacy
 from server.checkpoint import Checkpoint, load_checkpoint, log_sizes, resumed_config, rewind_logs, save_checkpoint
 from server.discovery import finish_discovery, start_discovery, wait_for_nodes
 from server.evaluation import Evaluator
+from server.report import write_report
+from server.rounds import play_round
 from strategies import AGGREGATORS, AggregationOptions
 from strategies.aggregator import round_rule
-from strategies.flower import FedPeftStrategy, RoundTraffic
+from strategies.flower import FedPeftStrategy, RoundOutcome
+from strategies.norm_bound import clip_to_norm
+from strategies.replies import RoundTraffic
 from strategies.server_opt import SERVER_OPTIMIZERS, ServerOptSettings, server_step
 from strategies.validation import ReplyLimits
 
 if TYPE_CHECKING:
-    from flwr.app import Message
+    pass
 
 logger = logging.getLogger(__name__)
 
 RoundCallback = Callable[[Mapping[str, Any], float], None]
-REPLY_POLL_SECONDS = 0.2  # how often a round asks the SuperLink for replies once the first may be near
-REPLY_POLL_SLOW = 1.0  # how often before then (each ask costs the SuperLink and the ServerApp CPU)
-REPLY_EARLY = 0.8  # "near": this fraction of the time the previous round's first reply took
-
-
-def short_round_reasons(traffic: RoundTraffic, *, sampled: int) -> str:
-    """What became of each sampled site in a round that aggregated nothing, in one line."""
-    parts = [f"{site}: {reason}" for site, reason in sorted({**traffic.failures, **traffic.refused}.items())]
-    silent = sampled - len(set(traffic.failures) | set(traffic.refused) | set(traffic.received))
-    if silent > 0:
-        parts.append(f"{silent} sampled site(s) sent no reply within round_timeout")
-    return "; ".join(parts) or "no replies"
-
-
 def norm_bound(max_norm: float) -> Any:
     """The update bound of ``clip_update_norm`` (norm bounding), or None when it is off."""
     if max_norm <= 0:
         return None
-    from functools import partial
-
-    from strategies.norm_bound import clip_to_norm
-
     return partial(clip_to_norm, max_norm=max_norm)
 
 
@@ -107,6 +94,65 @@ def open_run(
     return cfg, nodes, checkpoint
 
 
+Arrays = dict[str, np.ndarray]
+
+
+class Coordinator:
+    """What the coordinator owns across rounds: the global adapter (``state``), the server optimizer's
+    moments, SCAFFOLD's variate c (None without SCAFFOLD) and the sampling seed; it records each round's
+    evaluation and commits each round's checkpoint."""
+
+    def __init__(self, cfg: FedPeftConfig, evaluator: Evaluator, *, seed: int, state: Arrays,
+                 control: Arrays | None, on_round: RoundCallback | None) -> None:
+        self.cfg, self.evaluator, self.on_round = cfg, evaluator, on_round
+        self.run_dir = Path(cfg.out)
+        self.seed, self.state, self.control = seed, state, control
+        self.moments: Arrays = {}
+
+    def resume(self, checkpoint: Checkpoint) -> dict[str, Any]:
+        """Take the owned state from ``checkpoint``; the last round's record."""
+        record, self.state, self.seed = resume_from(checkpoint, self.run_dir, self.evaluator)
+        self.moments = dict(checkpoint.optimizer)
+        if self.control is not None:
+            self.control = dict(checkpoint.control or {})
+        return record
+
+    def take(self, rnd: int, outcome: RoundOutcome) -> dict[str, float]:
+        """Round ``rnd``'s outcome: the next global adapter (the aggregate, or the server optimizer's step
+        along it) and c; the server step's metrics."""
+        self.control = outcome.control
+        if outcome.arrays is None:
+            return {}
+        aggregated = {**self.state, **from_array_record(outcome.arrays)}
+        self.state, self.moments, metrics = server_move(self.cfg, rnd, self.state, aggregated, self.moments)
+        return metrics
+
+    def record(self, rnd: int, extra: Mapping[str, Any], started: float) -> dict[str, Any]:
+        """Evaluate the global adapter, append round ``rnd``'s record to metrics.jsonl, report it."""
+        ev = self.evaluator.evaluate(self.state)
+        record = {
+            "round": rnd,
+            "accuracy": ev["accuracy"],
+            "loss": ev["loss"],
+            **({"perplexity": ev["perplexity"]} if "perplexity" in ev else {}),
+            "adapter_bytes": adapter_nbytes(self.state),
+            **extra,
+        }
+        append_jsonl(self.run_dir / "metrics.jsonl", record)
+        if self.on_round is not None:
+            self.on_round(record, time.monotonic() - started)
+        return record
+
+    def commit(self, rnd: int, population: int, ledger: Any) -> None:
+        """The round's commit point: everything after the last checkpoint is redone on resume."""
+        count, head = (ledger.count, ledger.head) if ledger is not None else (0, "")
+        save_checkpoint(self.run_dir, Checkpoint(
+            run_id=self.cfg.run_id, round=rnd, seed=self.seed, population=population, ledger_count=count,
+            ledger_head=head, logs=log_sizes(self.run_dir), state=self.state, optimizer=self.moments,
+            control=self.control,
+        ))
+
+
 def run_federation(
     grid: Any, cfg: FedPeftConfig, *, on_round: RoundCallback | None = None, clients_from_federation: bool = False
 ) -> dict[str, Any]:
@@ -117,7 +163,6 @@ def run_federation(
     """
     cfg, nodes, checkpoint = open_run(grid, cfg, clients_from_federation=clients_from_federation)
     run_dir = Path(cfg.out)
-    metrics_path = run_dir / "metrics.jsonl"
 
     split = load_split(cfg)
     label_names = list(split[0].label_names)
@@ -129,42 +174,14 @@ def run_federation(
     mode = privacy_mode(cfg)
     seed = mode.sampling_seed(cfg)
 
-    def record_round(rnd: int, extra: Mapping[str, Any], started: float) -> dict[str, Any]:
-        ev = evaluator.evaluate(state)
-        record = {
-            "round": rnd,
-            "accuracy": ev["accuracy"],
-            "loss": ev["loss"],
-            **({"perplexity": ev["perplexity"]} if "perplexity" in ev else {}),
-            "adapter_bytes": adapter_nbytes(state),
-            **extra,
-        }
-        append_jsonl(metrics_path, record)
-        if on_round is not None:
-            on_round(record, time.monotonic() - started)
-        return record
-
     drift = mode.drift(cfg)
-    scaffold = drift.method == "scaffold"
-    moments: dict[str, np.ndarray] = {}  # the server optimizer's state
-    control: dict[str, np.ndarray] | None = {} if scaffold else None  # SCAFFOLD's c (the strategy moves it)
-
-    def commit(rnd: int, population: int, ledger: Any) -> None:
-        """The round's commit point: everything after the last checkpoint is redone on resume."""
-        count, head = (ledger.count, ledger.head) if ledger is not None else (0, "")
-        save_checkpoint(run_dir, Checkpoint(
-            run_id=cfg.run_id, round=rnd, seed=seed, population=population, ledger_count=count, ledger_head=head,
-            logs=log_sizes(run_dir), state=state, optimizer=moments, control=control,
-        ))
-
+    owned = Coordinator(cfg, evaluator, seed=seed, state=state, on_round=on_round,
+                        control={} if drift.method == "scaffold" else None)
     if checkpoint is None:
-        record = record_round(0, {"clients": 0, "bytes_up": 0, "bytes_down": 0}, time.monotonic())
-        commit(0, 0, None)
+        record = owned.record(0, {"clients": 0, "bytes_up": 0, "bytes_down": 0}, time.monotonic())
+        owned.commit(0, 0, None)
     else:
-        record, state, seed = resume_from(checkpoint, run_dir, evaluator)
-        moments = dict(checkpoint.optimizer)
-        if scaffold:
-            control = dict(checkpoint.control or {})
+        record = owned.resume(checkpoint)
     sites, ranks = finish_discovery(grid, queries, timeout=cfg.startup_timeout, min_sites=cfg.min_clients,
                                     example_delta=mode.example_delta(cfg))
     population = checkpoint.population if checkpoint is not None and checkpoint.population else len(sites)
@@ -174,20 +191,56 @@ def run_federation(
     canaries = run_canaries(run_dir, cfg.canaries, label_names=label_names, sites=list(sites.values())) \
         if cfg.canaries else []
 
+    strategy = build_strategy(cfg, sites=sites, ranks=ranks, seed=owned.seed, privacy=privacy, canaries=canaries,
+                              control=owned.control, control_scope=drift.scope)
+    strategy.summary()
+    logger.info("privacy: %s", privacy.describe())
+
+    arrivals: list[float] = []  # seconds from a round's push to each of its replies: the next round's pace
+    for rnd in range(record["round"] + 1, cfg.rounds + 1):
+        stop = privacy.stop_reason()
+        if stop is not None:
+            logger.warning("stopping before round %d: %s", rnd, stop)
+            break
+        started = time.monotonic()
+        outcome = play_round(rnd, owned.state, cfg=cfg, strategy=strategy, base_config=base_config, grid=grid,
+                             arrivals=arrivals)
+        step_metrics = owned.take(rnd, outcome)
+        clients = int(outcome.metrics["clients"]) if outcome.metrics is not None else 0
+        dp_metrics = privacy.after_round(rnd, clients=clients)
+        if dp_metrics:
+            logger.info("round %d: max epsilon %.4f at delta %g across sites; ledger head %s", rnd,
+                        dp_metrics["epsilon_max"], dp_metrics["delta"], dp_metrics["ledger_head"][:12])
+        for row in outcome.traffic.per_site():
+            append_jsonl(run_dir / "traffic.jsonl", {"round": rnd, **row})
+        extra = round_metrics(cfg, outcome.traffic, outcome.metrics, skipped=outcome.arrays is None, clients=clients)
+        record = owned.record(rnd, {**extra, **step_metrics, **dp_metrics}, started)
+        owned.commit(rnd, population, privacy.ledger)
+
+    finish_run(cfg, evaluator, owned.state, canaries=canaries, privacy=privacy)
+    return record
+
+
+def build_strategy(cfg: FedPeftConfig, *, sites: Mapping[int, str], ranks: Mapping[str, int], seed: int,
+                   privacy: RunPrivacy, canaries: list[Any], control: dict[str, np.ndarray] | None,
+                   control_scope: tuple[str, ...]) -> FedPeftStrategy:
+    """The run's strategy over the discovered ``sites``: its rule, sampling, reply checks and bounds from
+    ``cfg``, the privacy mode's parts from ``privacy``, each site's own train config (its ledger position,
+    the audit's canaries), SCAFFOLD's variate ``control`` when the run corrects drift with it."""
+
     def site_config(key: str) -> dict[str, Any]:
         extra = dict(privacy.site_config(key)) if privacy.site_config is not None else {}
         if canaries:
             extra[CANARIES] = site_rows(canaries, key)
         return extra
 
-    options = AggregationOptions(lam=cfg.fair_lambda, ab_iterations=cfg.fair_iterations, seed=cfg.seed,
-                                 robust=cfg.robust)
-    strategy = FedPeftStrategy(
+    return FedPeftStrategy(
         aggregator=cfg.strategy,
         sites=sites,
         fraction=cfg.fraction,
         seed=seed,
-        options=options,
+        options=AggregationOptions(lam=cfg.fair_lambda, ab_iterations=cfg.fair_iterations, seed=cfg.seed,
+                                   robust=cfg.robust),
         ranks=ranks,
         checks=privacy.checks,
         site_config=site_config if privacy.site_config is not None or canaries else None,
@@ -199,44 +252,9 @@ def run_federation(
         message_ttl=cfg.round_timeout,
         release=privacy.release,
         control=control,
-        control_scope=drift.scope,
+        control_scope=control_scope,
         head_frozen_after=head_frozen_after(cfg),
     )
-    strategy.summary()
-    logger.info("privacy: %s", privacy.describe())
-
-    arrivals: list[float] = []  # seconds from a round's push to each of its replies: the next round's pace
-    for rnd in range(record["round"] + 1, cfg.rounds + 1):
-        stop = privacy.stop_reason()
-        if stop is not None:
-            logger.warning("stopping before round %d: %s", rnd, stop)
-            break
-        started = time.monotonic()
-        arrays, agg, traffic = play_round(rnd, state, cfg=cfg, strategy=strategy, base_config=base_config, grid=grid,
-                                          arrivals=arrivals)
-        step_metrics: dict[str, float] = {}
-        if arrays is not None:
-            aggregated = {**state, **from_array_record(arrays)}
-            state, moments, step_metrics = server_move(cfg, rnd, state, aggregated, moments)
-        control = strategy.control
-        clients = int(agg["clients"]) if agg is not None else 0
-        dp_metrics = privacy.after_round(rnd, clients=clients)
-        if dp_metrics:
-            logger.info(
-                "round %d: max epsilon %.4f at delta %g across sites; ledger head %s",
-                rnd,
-                dp_metrics["epsilon_max"],
-                dp_metrics["delta"],
-                dp_metrics["ledger_head"][:12],
-            )
-        for row in traffic.per_site():
-            append_jsonl(run_dir / "traffic.jsonl", {"round": rnd, **row})
-        extra = round_metrics(cfg, traffic, agg, skipped=arrays is None, clients=clients)
-        record = record_round(rnd, {**extra, **step_metrics, **dp_metrics}, started)
-        commit(rnd, population, privacy.ledger)
-
-    finish_run(cfg, evaluator, state, canaries=canaries, privacy=privacy)
-    return record
 
 
 def head_frozen_after(cfg: FedPeftConfig) -> int | None:
@@ -244,7 +262,6 @@ def head_frozen_after(cfg: FedPeftConfig) -> int | None:
     return cfg.probes if cfg.head_after_probe == "freeze" else None
 
 
-Arrays = dict[str, np.ndarray]
 
 
 def server_move(cfg: FedPeftConfig, rnd: int, state: Arrays, aggregated: Arrays,
@@ -258,60 +275,6 @@ def server_move(cfg: FedPeftConfig, rnd: int, state: Arrays, aggregated: Arrays,
     fixed = round_rule(AGGREGATORS.get(cfg.strategy), rnd, head_frozen_after=head_frozen_after(cfg)).fixed
     return server_step(SERVER_OPTIMIZERS.get(cfg.server_opt), state, aggregated, moments, settings=settings,
                        fixed=fixed)
-
-
-def play_round(rnd: int, state: Mapping[str, np.ndarray], *, cfg: FedPeftConfig, strategy: FedPeftStrategy,
-               base_config: Any, grid: Any, arrivals: list[float] | None = None) -> tuple[Any, Any, RoundTraffic]:
-    """Send round ``rnd`` and aggregate its replies: ``(arrays, aggregate metrics, traffic)``, arrays None
-    when too few valid replies came (then ``short_round`` decides: retry, skip, or stop with the reasons).
-    ``arrivals`` holds when the previous round's replies came (seconds after its push) and is refilled."""
-    arrivals = [] if arrivals is None else arrivals
-    attempts = 1 + (cfg.round_retries if cfg.short_round == "retry" else 0)
-    for attempt in range(1, attempts + 1):
-        strategy.traffic.pop(rnd, None)  # the round's record is its last attempt's
-        messages = strategy.configure_train(rnd, to_array_record(state), base_config, grid)
-        expect = min(arrivals, default=0.0)
-        arrivals.clear()
-        replies = send_and_receive(grid, messages, timeout=cfg.round_timeout, expect=expect, arrivals=arrivals)
-        arrays, agg = strategy.aggregate_train(rnd, replies)
-        traffic = strategy.traffic.setdefault(rnd, RoundTraffic())
-        if arrays is not None:
-            break
-        reasons = short_round_reasons(traffic, sampled=len(messages))
-        if cfg.short_round == "stop" and not traffic.refused:
-            raise FedPeftError(f"round {rnd}: fewer than min_clients={cfg.min_clients} valid replies ({reasons})")
-        then = "sending it again" if attempt < attempts else "skipping it: the global adapter stays as it was"
-        logger.warning("round %d (attempt %d of %d): fewer than min_clients=%d valid replies (%s); %s",
-                       rnd, attempt, attempts, cfg.min_clients, reasons, then)
-    return arrays, agg, traffic
-
-
-def send_and_receive(grid: Any, messages: Iterable[Message], *, timeout: float, poll: float = REPLY_POLL_SECONDS,
-                     expect: float = 0.0, slow: float = REPLY_POLL_SLOW,
-                     arrivals: list[float] | None = None) -> list[Message]:
-    """Push ``messages`` and pull their replies until all came or ``timeout`` passed.
-
-    What ``Grid.send_and_receive`` does, but asking every ``poll`` seconds: a deployed ServerApp's grid
-    (Flower 1.39) sleeps 3 s between pulls, which a round pays after its last reply (1.5 s on average).
-    Until a reply may be near (:data:`REPLY_EARLY` of ``expect``, when the previous round's first reply
-    came) and while none came, it asks every ``slow`` seconds instead: on a machine that also trains,
-    every ask is CPU taken from training. ``arrivals`` receives each reply's seconds after the push."""
-    pending = set(grid.push_messages(messages))
-    replies: list[Message] = []
-    start = time.monotonic()
-    deadline, near = start + timeout, start + REPLY_EARLY * expect
-    while pending:
-        got = list(grid.pull_messages(pending))
-        now = time.monotonic()
-        replies += got
-        if arrivals is not None:
-            arrivals += [now - start] * len(got)
-        pending -= {m.metadata.reply_to_message_id for m in got}
-        if not pending or now >= deadline:
-            break
-        wait = poll if replies or now >= near else min(slow, max(poll, near - now))
-        time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
-    return replies
 
 
 def round_metrics(cfg: FedPeftConfig, traffic: RoundTraffic, agg: Mapping[str, Any] | None, *, skipped: bool,
@@ -357,8 +320,6 @@ def finish_run(cfg: FedPeftConfig, evaluator: Evaluator, state: Mapping[str, np.
             "against %s%s", audit["epsilon"], 100 * audit["confidence"], audit["canaries"], audit["correct"],
             audit["guesses"], claimed, " — VIOLATION: the run leaks more than it claims" if audit["violation"] else "")
     try:
-        from server.report import write_report
-
         write_report(run_dir)
     except Exception as err:  # the run's results are saved; a figure that fails must not lose them
         logger.warning("the run finished, but its report could not be written (%s); try: fedpeft report %s",

@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 from fedpeft.config import FedPeftConfig
+from fedpeft.errors import FedPeftError
 from fedpeft.state_dir import STATE_DIR_ENV
+
+
+def simulation_environment() -> None:
+    """Defaults of the variables Flower, Ray and tokenizers read when first imported (telemetry off, Ray's
+    log dedup off, no tokenizer threads): set before anything imports them, by :func:`simulate` and by
+    ``fedpeft simulate`` before its checks (which may import Flower)."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def simulate(
@@ -25,11 +37,11 @@ def simulate(
     ``output``: how rounds are reported (:mod:`server.console`); ``client_app`` replaces fedpeft's own
     ClientApp (tests inject faults with it); ``ray_address``: run on that existing Ray cluster instead of
     starting a local one."""
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    simulation_environment()
     # Simulated sites keep their privacy accounts and ledger keys beside the run unless told otherwise.
     os.environ.setdefault(STATE_DIR_ENV, str(Path(cfg.out).resolve() / "sites"))
+    # deferred: heavy (flwr, ray) on the CLI start-up path, and Flower and Ray read the variables set above
+    # (FLWR_TELEMETRY_ENABLED, RAY_DEDUP_LOGS) when first imported
     from flwr.simulation import run_simulation
 
     from server.app import make_server_app
@@ -59,7 +71,7 @@ def simulate(
             )
     finally:
         if ray_address:  # leave the cluster (Flower's backend does too when it ends normally)
-            import ray
+            import ray  # deferred: as above
 
             ray.shutdown()
     if errors:
@@ -77,11 +89,7 @@ def join_cluster(address: str, cfg: FedPeftConfig, *, level: int, verbose: bool)
 
     Flower's own ``ray.init`` starts a local Ray and cannot be given an address; connecting first makes it
     keep this connection. Fails in one line when the cluster is unreachable or cannot host one client."""
-    import sys
-
-    import ray
-
-    from fedpeft.errors import FedPeftError
+    import ray  # deferred: heavy on the CLI start-up path, and imported only after simulate() set RAY_DEDUP_LOGS
 
     if address != "auto":
         _probe(address)
@@ -106,10 +114,6 @@ def join_cluster(address: str, cfg: FedPeftConfig, *, level: int, verbose: bool)
 
 def _probe(address: str) -> None:
     """Fail in one line when nothing listens at ``address`` (Ray itself would retry it for minutes)."""
-    import socket
-
-    from fedpeft.errors import FedPeftError
-
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise FedPeftError(f"--ray-address {address!r}: give HOST:PORT of the cluster's head, ray://HOST:PORT or auto")

@@ -33,7 +33,7 @@ import numpy as np
 
 from fedpeft.adapters.state import HEAD_MODULES, adapter_kind, key_matches
 from strategies.residual import LayerGrams, layer_geometry
-from strategies.robust import combiner
+from strategies.robust import combiner, parse_robust
 
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
@@ -82,8 +82,6 @@ class AggregationOptions:
                 raise ValueError(f"{name} must be >= 1 (power iterations >= 0), got {getattr(self, name)}")
         if self.sketch_oversample < 0:
             raise ValueError(f"sketch_oversample must be >= 0, got {self.sketch_oversample}")
-        from strategies.robust import parse_robust
-
         parse_robust(self.robust)
 
 
@@ -190,7 +188,7 @@ def round_rule(agg: Aggregator, server_round: int, *, head_frozen_after: int | N
 def check_adapter(agg: Aggregator, keys: Any) -> None:
     """Raise a one-line error unless the adapter with tensor names ``keys`` is of ``agg.adapter``'s kind;
     the message names the strategies that would aggregate it (:func:`strategies.checks.check_adapter_kind`)."""
-    from strategies.checks import check_adapter_kind  # a real cycle: it reads the registry this package fills
+    from strategies.checks import check_adapter_kind  # deferred: cycle with strategies (checks reads AGGREGATORS)
 
     check_adapter_kind(agg, adapter_kind(keys))
 

@@ -6,14 +6,16 @@ names (:mod:`fedpeft.wire`), replies ordered by site (so floating-point sums do 
 order), bytes measured on the wire for every message, and per-client records for the run log. It
 does no file I/O.
 
-A reply is used only if, in order: it has arrays and metrics; its privacy record (if any) is well
-formed; every check passes (the privacy ledger admits its signed entry: the site spent that budget
-whether or not its update is used); it did not refuse the round; the site was sampled; the reply
-fits the size bound; its payload decodes to exactly the tensors the site was sent, finite; the
-update's norm is within the absolute bound and, against the round's median, within the ratio
-(:mod:`strategies.validation`). An accepted update is then bounded, if asked (central DP's clip, or
-norm bounding: :mod:`strategies.norm_bound`). Anything else is logged with its reason and the round goes on with
-the other replies; with fewer than ``min_replies`` valid ones it aggregates nothing.
+A reply goes through one pipeline (:mod:`strategies.replies`): it is received (it has arrays and
+metrics, a well-formed privacy record), ledgered (every check passes: the privacy ledger admits its
+signed entry, since the site spent that budget whether or not its update is used), accounted (it did
+not refuse the round), validated (the site was sampled; the reply fits the size bound; its payload
+decodes to exactly the tensors the site was sent, finite; SCAFFOLD's change fits them; the update's norm
+is within the absolute bound), bounded (central DP's clip, or norm bounding:
+:mod:`strategies.norm_bound`) and weighed; the survivors are screened against the round's median norm
+(:mod:`strategies.validation`). Anything else is logged with its reason and the round goes on with the
+other replies; with fewer than ``min_replies`` valid ones it aggregates nothing. A round is a sequence of
+message stages (:meth:`FedPeftStrategy.train_round`); training needs one.
 
 Under central DP a ``release`` replaces the aggregator: it gets the accepted updates and returns the
 noised mean over the fixed sampled cohort (:func:`privacy.central.central_release`), so a site that
@@ -23,8 +25,8 @@ failed, was rejected or stayed silent is one more absent contribution, never a v
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,103 +36,37 @@ from flwr.serverapp.strategy import Strategy
 from fedpeft.adapters.state import key_matches, without_keys
 from fedpeft.codecs import parse_codec
 from fedpeft.errors import FedPeftError
-from fedpeft.wire import (
-    CONFIG,
-    CONTROL,
-    METRICS,
-    NUM_EXAMPLES,
-    REFUSED,
-    SECONDS,
-    PayloadError,
-    decode_payload,
-    encode_tensors,
-    from_array_record,
-    raw_nbytes,
-    read_privacy,
-    record_nbytes,
-    to_array_record,
-)
+from fedpeft.wire import CONFIG, CONTROL, encode_tensors, from_array_record, raw_nbytes, record_nbytes, to_array_record
 from strategies import AGGREGATORS
 from strategies.aggregator import AggregationOptions, check_adapter, lora_layers, round_rule, truncate_to_rank
 from strategies.checks import check_ranks
+from strategies.replies import (
+    Release,
+    ReplyCheck,
+    ReplyContext,
+    RoundTraffic,
+    UpdateBound,
+    moved_control,
+    receive,
+    run_steps,
+    screen,
+    train_loss,
+)
 from strategies.sampling import sample_sites
-from strategies.scaffold import control_rejection, server_variate
-from strategies.validation import ReplyLimits, norm_rejection, relative_outliers, reply_bound, update_norm
+from strategies.validation import ReplyLimits
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class RoundTraffic:
-    """What one training round sent and received, per site."""
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What a round's replies came to: the new global adapter and the round's metrics (None when too few
+    valid replies came), what each site sent and received, and SCAFFOLD's variate c after the round."""
 
-    sent: dict[str, int] = field(default_factory=dict)  # site → bytes down
-    received: dict[str, int] = field(default_factory=dict)  # site → bytes up
-    raw_sent: dict[str, int] = field(default_factory=dict)  # site → the broadcast's bytes as raw fp32
-    raw_received: dict[str, int] = field(default_factory=dict)  # site → its decoded update's bytes as raw fp32
-    reclipped: set[str] = field(default_factory=set)  # sites whose decoded update the server clipped (bound)
-    client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    failures: dict[str, str] = field(default_factory=dict)  # site → reason
-    refused: dict[str, str] = field(default_factory=dict)  # site → why it did not train (its privacy budget)
-    unreachable: dict[str, str] = field(default_factory=dict)  # site → what the SuperLink said in its place
-
-    def per_site(self) -> list[dict[str, Any]]:
-        """One record per site this round touched: bytes each way, compression, what became of it."""
-        rows = []
-        for site in sorted(set(self.sent) | set(self.received) | set(self.failures)):
-            up, raw_up = self.received.get(site, 0), self.raw_received.get(site, 0)
-            down, raw_down = self.sent.get(site, 0), self.raw_sent.get(site, 0)
-            if site in self.raw_received:
-                status, reason = "accepted", ""
-            elif site in self.refused:
-                status, reason = "refused", self.refused[site]
-            elif site in self.failures:
-                status, reason = ("rejected" if site in self.received else "failed"), self.failures[site]
-            else:
-                status, reason = "no reply", self.unreachable.get(site, "")
-            rows.append({
-                "site": site,
-                "status": status,
-                **({"reason": reason} if reason else {}),
-                "bytes_down": down,
-                "bytes_up": up,
-                "compression_ratio_down": raw_down / down if down else 0.0,
-                "compression_ratio": raw_up / up if up and raw_up else 0.0,
-                **({"codec_error": self.client_metrics[site]["codec-error"]}
-                   if "codec-error" in self.client_metrics.get(site, {}) else {}),
-                # where the site's time went (load, train; at a deployed site with a worker: wait, relay)
-                **{key.replace("-", "_"): round(value, 3) for key, value in self.client_metrics.get(site, {}).items()
-                   if key in SECONDS},
-            })
-        return rows
-
-    def rejected(self) -> list[str]:
-        """Sites whose reply arrived but was not used (failed a check), sorted."""
-        return sorted(s for s in self.failures if s in self.received)
-
-    def compression(self) -> dict[str, float]:
-        """Ratios of raw fp32 tensor bytes to the bytes on the wire, over accepted replies and all sends."""
-        up = sum(self.received[s] for s in self.raw_received)
-        down = sum(self.sent.values())
-        metrics = [m for s, m in self.client_metrics.items() if s in self.raw_received]
-        errors = [m["codec-error"] for m in metrics if "codec-error" in m]
-        return {
-            "compression_ratio": sum(self.raw_received.values()) / up if up else 0.0,
-            "compression_ratio_down": sum(self.raw_sent.values()) / down if down else 0.0,
-            **({"codec_error": float(sum(errors) / len(errors))} if errors else {}),
-        }
-
-
-ReplyCheck = Callable[[str, int, Any], "str | None"]
-"""``check(site, server_round, content)``: a reason to reject the reply, or None to accept it."""
-
-Release = Callable[[Sequence[dict[str, Any]]], "tuple[dict[str, Any], dict[str, Any]]"]
-"""``release(updates)``: the round's mean update from the accepted updates (in site order), and its
-metrics (central DP: the noised sum of clipped updates over the fixed cohort size)."""
-
-UpdateBound = Callable[[dict[str, Any]], "tuple[dict[str, Any], bool]"]
-"""``bound(update)``: the decoded update made safe to aggregate (central DP: clipped to C), and
-whether it had to change."""
+    arrays: ArrayRecord | None
+    metrics: MetricRecord | None
+    traffic: RoundTraffic
+    control: dict[str, Any] | None
 
 
 class FedPeftStrategy(Strategy):
@@ -263,6 +199,7 @@ class FedPeftStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
     ) -> Iterable[Message]:
         chosen = sample_sites(list(self.sites.values()), self.fraction, seed=self.seed, server_round=server_round)
+        self.traffic[server_round] = RoundTraffic()  # a round sent again (short_round=retry) starts its record anew
         self.previous = from_array_record(arrays)
         check_adapter(self.aggregator, self.previous.keys())  # before any site trains: SSF under LoRA, or the reverse
         rule = self._rule(server_round)  # RoLoRA: the factor clients hold this round
@@ -273,7 +210,7 @@ class FedPeftStrategy(Strategy):
         pairs, _ = lora_layers(self.previous.keys())
         global_rank = self.previous[pairs[0][0]].shape[0] if pairs else None
         contents: dict[int | None, RecordDict] = {}
-        traffic = self.traffic.setdefault(server_round, RoundTraffic())
+        traffic = self.traffic[server_round]
         messages = []
         if global_rank:  # every site, sampled this round or not
             check_ranks(self.aggregator, self.ranks, global_rank=global_rank)
@@ -318,106 +255,57 @@ class FedPeftStrategy(Strategy):
             return self.sites[node], True
         return f"node-{src}", False
 
+    def train_round(self, server_round: int, arrays: ArrayRecord,
+                    config: ConfigRecord) -> Generator[list[Message], list[Message], RoundOutcome]:
+        """Round ``server_round`` as message stages: yields each stage's messages, is sent that stage's
+        replies, returns the :class:`RoundOutcome`. A training round is one stage (train instructions,
+        then their replies); a protocol that needs several (secure aggregation: keys, shares, masked
+        updates, unmasking) yields once per stage, and the round loop (:func:`server.rounds.play_round`)
+        runs any number of them the same way."""
+        replies = yield list(self.configure_train(server_round, arrays, config, grid=None))
+        return self.collect(server_round, replies)
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's entry: :meth:`collect`'s arrays and metrics (its traffic stays in :attr:`traffic`)."""
+        outcome = self.collect(server_round, replies)
+        return outcome.arrays, outcome.metrics
+
+    def collect(self, server_round: int, replies: Iterable[Message]) -> RoundOutcome:
+        """Round ``server_round``'s replies through the reply pipeline (:mod:`strategies.replies`): each
+        reply received, checked by the ledger, accounted, validated, bounded and weighed; the survivors
+        screened and aggregated."""
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
-        rule = self._rule(server_round)
-        held = rule.held
-        candidates: list[tuple[str, dict[str, Any], float, float, int]] = []  # site, state|update, weight, norm, raw
-        controls: dict[str, dict[str, Any]] = {}  # SCAFFOLD: site → its change of c_i
+        ctx = ReplyContext(
+            server_round=server_round, held=self._rule(server_round).held, baselines=self.baselines,
+            rank_of=self._rank_of, checks=tuple(self.checks), limits=self.limits, scaffold=self.control is not None,
+            bound=self.bound, releases=self.release is not None, uniform_weights=self.uniform_weights,
+            min_replies=self.min_replies,
+        )
+        candidates = []
         for msg in replies:
             site, unreachable = self._site_of(msg)
-            if unreachable:  # not an answer from the site: it stays "no reply", with the SuperLink's reason
-                traffic.unreachable[site] = msg.error.reason
-                logger.warning("round %d: %s did not reply: %s", server_round, site, msg.error.reason)
-                continue
-            if msg.has_error():
-                traffic.failures[site] = msg.error.reason
-                logger.warning("round %d: %s failed: %s", server_round, site, msg.error.reason)
-                continue
-            content = msg.content
-            traffic.received[site] = record_nbytes(content)
-            reason = self._rejection(site, server_round, content)
-            if reason is not None:
-                traffic.failures[site] = reason
-                logger.warning("round %d: rejected the reply of %s: %s", server_round, site, reason)
-                continue
-            metrics = dict(content.metric_records[METRICS])
-            traffic.client_metrics[site] = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-            privacy = read_privacy(content)
-            if privacy is not None and privacy["status"] == REFUSED:
-                traffic.refused[site] = privacy["reason"]
-                logger.warning("round %d: %s did not train: %s", server_round, site, privacy["reason"])
-                continue
-            baseline = self.baselines.get(self._rank_of.get(site, -1))
-            if baseline is None:
-                traffic.failures[site] = "replied to a round it was not sampled for"
-                logger.warning("round %d: rejected the reply of %s: not sampled", server_round, site)
-                continue
-            shapes = {k: v.shape for k, v in without_keys(baseline, held).items()}  # what the site sends
-            raw = raw_nbytes(shapes)
-            if traffic.received[site] > reply_bound(raw):
-                self._reject(traffic, server_round, site, f"reply of {traffic.received[site]} bytes exceeds the "
-                             f"bound {reply_bound(raw)} for this adapter")
-                continue
-            try:
-                update, _ = decode_payload(content, shapes)
-            except PayloadError as err:
-                self._reject(traffic, server_round, site, f"payload rejected: {err}")
-                continue
-            if self.control is not None:
-                change = from_array_record(content[CONTROL]) if CONTROL in content else None
-                reason = control_rejection(change, shapes)
-                if reason is not None:
-                    self._reject(traffic, server_round, site, reason)
-                    continue
-                controls[site] = change
-            norm = update_norm(update)  # as sent: the bounds judge the site, not what clipping made of it
-            reason = norm_rejection(norm, self.limits)
-            if reason is not None:
-                self._reject(traffic, server_round, site, reason)
-                continue
-            if self.bound is not None:
-                update, changed = self.bound(update)
-                if changed:
-                    traffic.reclipped.add(site)
-            weight = 1.0 if self.uniform_weights else float(metrics.get(NUM_EXAMPLES, 0))
-            if self.release is None:  # the aggregator reads states; a release reads the updates themselves
-                update = {k: baseline[k] + update[k] for k in shapes}
-            candidates.append((site, update, weight, norm, raw))
-        outliers = relative_outliers({c[0]: c[3] for c in candidates}, self.limits)
-        for site, reason in sorted(outliers.items()):
-            self._reject(traffic, server_round, site, reason)
-        accepted = [(site, state, weight) for site, state, weight, _, _ in candidates if site not in outliers]
-        if len(accepted) < self.min_replies:
-            logger.warning("round %d: %d valid replies, fewer than the %d needed; nothing aggregated",
-                           server_round, len(accepted), self.min_replies)
-            for site, _, _ in accepted:
-                traffic.failures[site] = f"valid, but the round had {len(accepted)} of {self.min_replies} needed"
-            return None, None
-        for site, _, _, _, raw in candidates:
-            if site not in outliers:
-                traffic.raw_received[site] = raw
-        accepted.sort(key=lambda item: item[0])
+            reply, report = receive(msg, site, unreachable)
+            traffic.note(site, report, server_round)
+            if reply is not None and (reply := run_steps(reply, ctx, traffic)) is not None:
+                candidates.append(reply)
+        accepted, reports = screen(candidates, ctx)
+        for site, report in reports.items():
+            traffic.note(site, report, server_round)
+        if accepted is None:
+            return RoundOutcome(None, None, traffic, self.control)
         if self.control is not None:
-            self.control = server_variate(self.control, [controls[a[0]] for a in accepted],
-                                          population=len(self.sites))
+            self.control = moved_control(self.control, accepted, population=len(self.sites))
+        updates = [r.update for r in accepted]
         if self.release is not None:
-            state, agg_metrics = self._released([a[1] for a in accepted])
+            state, agg_metrics = self._released(updates)
         else:
-            state, agg_metrics = rule(
-                [a[1] for a in accepted], [a[2] for a in accepted], previous=self.previous, options=self.options
-            )
-        metrics = MetricRecord({"clients": len(accepted), **agg_metrics})
-        losses = [
-            (w, traffic.client_metrics[s]["train-loss"])
-            for s, _, w in accepted
-            if "train-loss" in traffic.client_metrics[s]
-        ]
-        if losses:  # DP sites do not report it: a loss on private data is not covered by their epsilon
-            metrics["train-loss"] = sum(w * loss for w, loss in losses) / sum(w for w, _ in losses)
-        return to_array_record(state), metrics
+            state, agg_metrics = self._rule(server_round)(updates, [r.weight for r in accepted],
+                                                          previous=self.previous, options=self.options)
+        metrics = MetricRecord({"clients": len(accepted), **agg_metrics,
+                                **train_loss(accepted, traffic.client_metrics)})
+        return RoundOutcome(to_array_record(state), metrics, traffic, self.control)
 
     def _released(self, updates: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
         """The broadcast plus the release; tensors the aggregator freezes stay as they were."""
@@ -425,25 +313,6 @@ class FedPeftStrategy(Strategy):
         change, metrics = self.release(updates)
         state = {k: (v + change[k]).astype(v.dtype) if k in change else v for k, v in self.previous.items()}
         return state, {f"dp_{k}": v for k, v in metrics.items()}
-
-    @staticmethod
-    def _reject(traffic: RoundTraffic, server_round: int, site: str, reason: str) -> None:
-        traffic.failures[site] = reason
-        logger.warning("round %d: rejected the reply of %s: %s", server_round, site, reason)
-
-    def _rejection(self, site: str, server_round: int, content: Any) -> str | None:
-        """Why a reply cannot be used, or None."""
-        if not content.array_records or METRICS not in content.metric_records:
-            return "reply lacks arrays or metrics"
-        try:
-            read_privacy(content)
-        except ValueError as err:
-            return str(err)
-        for check in self.checks:
-            reason = check(site, server_round, content)
-            if reason is not None:
-                return reason
-        return None
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any

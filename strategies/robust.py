@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from fedpeft.deploy import flower_compat  # its Flower functions resolve on first use, not at import
+
 Combine = Callable[[Sequence[np.ndarray]], np.ndarray]
 
 
@@ -44,15 +46,14 @@ def parse_robust(spec: str) -> tuple[str, float]:
 
 def combiner(spec: str) -> Combine | None:
     """The coordinate-wise statistic of ``spec`` (None for ``none``: the weighted average)."""
-    from fedpeft.deploy.flower_compat import aggregate_median, aggregate_trimmed_avg
-
     name, beta = parse_robust(spec)
     if name == "none":
         return None
 
     def combine(arrays: Sequence[np.ndarray]) -> np.ndarray:
         results = [([np.asarray(a, dtype=np.float64)], 1) for a in arrays]
-        out = aggregate_median(results) if name == "median" else aggregate_trimmed_avg(results, beta)
+        out = (flower_compat.aggregate_median(results) if name == "median"
+               else flower_compat.aggregate_trimmed_avg(results, beta))
         return np.asarray(out[0])
 
     return combine

@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    # deferred: torch, transformers and the handlers, imported here once, before the worker says it is ready
-    # (importing this package imports no torch)
+    # deferred: heavy (torch, transformers) on the `python -m client.worker` start-up path (a bad flag fails
+    # above without them); imported here once, before the worker says it is ready
     from client.local import app as local
 
     state = Path(args.state_dir).expanduser()

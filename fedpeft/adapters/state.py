@@ -22,7 +22,7 @@ LORA_COMPONENTS = ("lora_A", "lora_B")
 def _state_dict(model: Any) -> dict[str, Any]:
     if hasattr(model, "adapter_state_dict"):  # fedpeft's own methods (SSF) keep their state themselves
         return model.adapter_state_dict()
-    from peft import get_peft_model_state_dict
+    from peft import get_peft_model_state_dict  # deferred: heavy (peft) on the CLI start-up path
 
     return get_peft_model_state_dict(model)
 
@@ -37,7 +37,7 @@ def adapter_state(model: Any) -> dict[str, np.ndarray]:
 
 def load_adapter_state(model: Any, state: Mapping[str, np.ndarray]) -> None:
     """Overwrite the adapter of ``model`` with ``state``; keys and shapes must match exactly."""
-    import torch
+    import torch  # deferred: heavy (torch) on the CLI start-up path
 
     expected = _state_dict(model)
     if set(state) != set(expected):
@@ -51,7 +51,7 @@ def load_adapter_state(model: Any, state: Mapping[str, np.ndarray]) -> None:
     if hasattr(model, "load_adapter_state_dict"):
         model.load_adapter_state_dict(tensors)
     else:
-        from peft import set_peft_model_state_dict
+        from peft import set_peft_model_state_dict  # deferred: heavy (peft) on the CLI start-up path
 
         set_peft_model_state_dict(model, tensors)
 

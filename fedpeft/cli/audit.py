@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 from fedpeft.errors import FedPeftError
+from fedpeft.state_dir import state_dir
+from privacy.ledger import LedgerError, load_or_create_key, public_key_b64
+from privacy.state import account_path
 
 
 def run_audit(args: argparse.Namespace) -> int:
     """Audit a run; print a table (or JSON) and draw the ε plot. 0: clean, 1: violations."""
+    # deferred: heavy (flwr) on `fedpeft site-key`'s path, which imports this module too
     from privacy.audit import audit_run, load_pinned_keys
-    from privacy.ledger import LedgerError
 
     if not 0 < args.tolerance < 1:
         raise FedPeftError(f"--tolerance must be in (0, 1), got {args.tolerance}")
@@ -29,7 +36,7 @@ def run_audit(args: argparse.Namespace) -> int:
         raise FedPeftError(str(err)) from None
     plot = Path(args.plot) if args.plot else run_dir / "privacy_epsilon.png"
     if report.entries:
-        from privacy.plots import plot_epsilon
+        from privacy.plots import plot_epsilon  # deferred: heavy (matplotlib, flwr), as above
 
         plot_epsilon(report, plot)
     if args.json:
@@ -40,9 +47,6 @@ def run_audit(args: argparse.Namespace) -> int:
 
 
 def _print_table(report, plot: Path | None) -> None:  # noqa: ANN001 - an AuditReport
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 150)
     table = Table(title=f"privacy audit of {report.run_dir} ({report.lines} ledger lines)")
     for column in ("site", "trained", "refused", "sigma", "q", "steps", "delta", "epsilon", "PLD", "PRV", "budget"):
@@ -76,9 +80,7 @@ def _print_table(report, plot: Path | None) -> None:  # noqa: ANN001 - an AuditR
 
 def _print_empirical(run_dir: Path, *, as_json: bool) -> int:
     """The empirical audit's result (``--canaries``); 1 when the bound exceeds the accountant's epsilon."""
-    import json
-
-    from server.report import empirical_audit
+    from server.report import empirical_audit  # deferred: heavy (scipy, matplotlib) on `fedpeft site-key`'s path
 
     audit = empirical_audit(run_dir)
     if audit is None:
@@ -104,10 +106,6 @@ def _num(value: float | None, spec: str) -> str:
 
 def print_site_key(args: argparse.Namespace) -> int:
     """Print the public key a site signs its ledger entries with."""
-    from fedpeft.state_dir import state_dir
-    from privacy.ledger import LedgerError, load_or_create_key, public_key_b64
-    from privacy.state import account_path
-
     root = Path(args.state_dir).expanduser() if args.state_dir else state_dir()
     try:
         key = load_or_create_key(account_path(root, args.site, "x").parent)

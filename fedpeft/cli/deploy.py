@@ -9,9 +9,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from fedpeft.codecs import CodecError, parse_codec
 from fedpeft.config_checks import DEVICES, PRECISIONS
 from fedpeft.deploy import flower_compat
-from fedpeft.deploy.certs import DEFAULT_SANS, write_credentials
 from fedpeft.deploy.commands import printable, superlink_command, supernode_command
 from fedpeft.deploy.connection import add_connection
 from fedpeft.deploy.supervise import supervise, worker_command
@@ -97,6 +97,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run_certs(args: argparse.Namespace) -> int:
+    # deferred: heavy (cryptography) on the CLI start-up path
+    from fedpeft.deploy.certs import DEFAULT_SANS, write_credentials
+
     made = write_credentials(args.out_dir, sans=args.san or DEFAULT_SANS, nodes=args.node, force=args.force)
     print(f"fedpeft: CA {made.ca_cert}; SuperLink certificate {made.server_cert} "
           f"for {', '.join(args.san or DEFAULT_SANS)}")
@@ -135,8 +138,6 @@ def run_node(args: argparse.Namespace) -> int:
         precision=args.precision or "",
     )
     if args.codec:
-        from fedpeft.codecs import CodecError, parse_codec  # deferred: numpy, only when --codec is given
-
         try:
             parse_codec(args.codec)
         except CodecError as err:

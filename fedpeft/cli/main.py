@@ -9,6 +9,7 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedpeft.cli import deploy
 from fedpeft.config import (
     DP_DEFAULTS,
     PEFT_DEFAULT_STRATEGY,
@@ -18,6 +19,10 @@ from fedpeft.config import (
     field_help,
 )
 from fedpeft.errors import FedPeftError
+from privacy.modes import privacy_mode
+from server.checkpoint import load_checkpoint, resumed_config
+from server.checks import check_config
+from server.simulate import simulate, simulation_environment
 
 # Flags shown first in --help, in this order; every other config field follows.
 _MAIN_FLAGS = (
@@ -153,9 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--base", metavar="MODEL", help="the base model's directory, when the path the run "
                         "recorded does not resolve from here (default: the run's own)")
     export.add_argument("--force", action="store_true", help="replace DIR if it exists")
-    from fedpeft.cli.deploy import add_parsers
-
-    add_parsers(sub)
+    deploy.add_parsers(sub)
     key = sub.add_parser(
         "site-key",
         help="print a site's ledger public key (creating the key if needed)",
@@ -201,23 +204,20 @@ def resume_config(given: dict) -> FedPeftConfig:
     others = [f"--{name.replace('_', '-')}" for name in given if name != "resume"]
     if others:
         raise FedPeftError(f"--resume continues a run under its own config.json; drop {' '.join(others)}")
-    from server.checkpoint import resumed_config
-
     return resumed_config(FedPeftConfig(resume=given["resume"]))
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from fedpeft.preflight import check_run
-    from privacy.modes import privacy_mode
-    from server.checks import check_config
-
+    simulation_environment()  # before the checks below, which may import Flower
     given = {
         f.name: getattr(args, f.name) for f in dataclasses.fields(FedPeftConfig) if getattr(args, f.name) is not None
     }
-    if "resume" in given:
-        from server.checkpoint import load_checkpoint
+    cfg = resume_config(given) if "resume" in given else FedPeftConfig(**with_defaults(given)).with_default_out()
+    # deferred: heavy (torch, pandas) on the CLI start-up path: a bad flag has failed above without them
+    from fedpeft.preflight import check_run
 
-        cfg = check_run(resume_config(given), clients_given=True, here=not args.ray_address)
+    cfg = check_run(cfg, clients_given="resume" in given or "clients" in given, here=not args.ray_address)
+    if "resume" in given:
         done = load_checkpoint(Path(cfg.out)).round
         if done >= cfg.rounds and (Path(cfg.out) / "adapter").is_dir():
             if not args.quiet:
@@ -225,17 +225,11 @@ def _simulate(args: argparse.Namespace) -> int:
             return 0
         if not (args.quiet or args.json):
             print(f"fedpeft: resuming {cfg.out} after round {done} of {cfg.rounds}")
-    else:
-        cfg = FedPeftConfig(**with_defaults(given)).with_default_out()
-        cfg = check_run(cfg, clients_given="clients" in given, here=not args.ray_address)
-
-    from server.simulate import simulate
-
     check_config(cfg)
     mode = privacy_mode(cfg)
     output = "json" if args.json else "quiet" if args.quiet else "table"
     if output == "json":
-        from server.console import emit
+        from server.console import emit  # deferred: heavy (rich, scipy, matplotlib) on the CLI start-up path
 
         emit("start", out=cfg.out, clients=cfg.clients, rounds=cfg.rounds,
              dp=mode.describe(cfg) if mode.private else "off", resume=bool(cfg.resume))
@@ -247,10 +241,11 @@ def _simulate(args: argparse.Namespace) -> int:
     simulate(cfg, verbose=args.verbose, output=output, ray_address=args.ray_address)
     out = Path(cfg.out)
     if output == "json":
-        from server.report import REPORT_FILE, load_run
+        from server.report import REPORT_FILE, load_run  # deferred: heavy (scipy, matplotlib), as above
 
         emit("end", final=load_run(out).metrics[-1], adapter=str(out / "adapter"), report=str(out / REPORT_FILE))
     elif output == "table":
+        # deferred: heavy (rich, scipy, matplotlib) on the CLI start-up path
         from rich.console import Console
 
         from server.console import summary_table
@@ -266,15 +261,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "simulate":
             return _simulate(args)
         if args.command == "audit":
-            from fedpeft.cli.audit import run_audit
+            from fedpeft.cli.audit import run_audit  # deferred: heavy (cryptography, rich) on the CLI start-up path
 
             return run_audit(args)
         if args.command == "report":
-            from server.report import write_report
+            from server.report import write_report  # deferred: heavy (scipy, matplotlib) on the CLI start-up path
 
             print(f"fedpeft: report written to {write_report(args.run_dir)}")
             return 0
         if args.command == "export":
+            # deferred: heavy (torch, pandas) on the CLI start-up path
             from fedpeft.export import adapter_meta, export_merged
             from fedpeft.tasks import TASKS
 
@@ -283,11 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"fedpeft: merged model saved to {out} (load it with transformers' {auto}.from_pretrained)")
             return 0
         if args.command in ("certs", "link", "node", "connection"):
-            from fedpeft.cli import deploy
-
             return getattr(deploy, f"run_{args.command}")(args)
         if args.command == "site-key":
-            from fedpeft.cli.audit import print_site_key
+            from fedpeft.cli.audit import print_site_key  # deferred: heavy (cryptography, rich), as above
 
             return print_site_key(args)
     except FedPeftError as err:

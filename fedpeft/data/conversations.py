@@ -9,6 +9,7 @@ partition can use them).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,8 +91,6 @@ def _text(value: Any) -> str:
 def _messages(value: Any, name: str, row: int) -> tuple[Turn, ...]:
     """One row's ``messages``: a list of role/content dicts (a JSON string in CSV files)."""
     if isinstance(value, str):
-        import json
-
         try:
             value = json.loads(value)
         except ValueError:

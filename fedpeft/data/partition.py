@@ -63,7 +63,8 @@ def partition_indices(
     FedPeftError
         When the table cannot give every client at least one example under the spec.
     """
-    from datasets import Dataset  # heavy; imported only when partitioning
+    # deferred: heavy (datasets, flwr_datasets) on the CLI start-up path (fedpeft simulate's preflight checks)
+    from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
     spec = parse_partition_spec(spec) if isinstance(spec, str) else spec

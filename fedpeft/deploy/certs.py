@@ -24,6 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from fedpeft.errors import FedPeftError
 
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -47,8 +52,6 @@ def _now() -> dt.datetime:
 
 
 def _pem_key(key: Any) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -56,11 +59,6 @@ def _pem_key(key: Any) -> bytes:
 
 def make_ca(common_name: str = "fedpeft federation CA", *, days: int = 3650) -> tuple[bytes, bytes]:
     """A self-signed CA: ``(certificate PEM, private key PEM)``."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
     key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     cert = (
@@ -85,8 +83,6 @@ def make_ca(common_name: str = "fedpeft federation CA", *, days: int = 3650) -> 
 
 
 def _san(entry: str) -> Any:
-    from cryptography import x509
-
     try:
         return x509.IPAddress(ipaddress.ip_address(entry))
     except ValueError:
@@ -99,11 +95,6 @@ def make_server_cert(
     ca_cert_pem: bytes, ca_key_pem: bytes, sans: Sequence[str], *, days: int = 825
 ) -> tuple[bytes, bytes]:
     """The SuperLink's certificate for ``sans`` (host names / IPs), signed by the CA: ``(cert PEM, key PEM)``."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
     if not sans:
         raise FedPeftError("the SuperLink certificate needs at least one --san (host name or IP)")
     ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
@@ -130,9 +121,6 @@ def make_server_cert(
 
 def make_node_key() -> tuple[bytes, bytes]:
     """A SuperNode authentication key pair: ``(OpenSSH private key, OpenSSH public line)`` on P-384."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()

@@ -64,6 +64,7 @@ def resolve_pooling(requested: str, model_dir: str | Path | None) -> Pooling:
 
 def mean_pooling_classifier(path: str, *, num_labels: int, normalize: bool, dtype):
     """The encoder at ``path`` under a mean-pooling linear classifier (a fresh, seeded-by-caller head)."""
+    # deferred: heavy (transformers, torch) on the CLI start-up path
     import transformers
 
     from fedpeft.heads.modeling_mean_pooling import AUTO_MAP, MeanPoolingForSequenceClassification

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedpeft.data.chat import encode_conversations
+from fedpeft.data.conversations import load_conversations
 from fedpeft.errors import FedPeftError
 from fedpeft.runtime import CPU, Runtime
 from fedpeft.tasks import TASKS, Task
@@ -54,14 +56,10 @@ def lora_targets(model: Any) -> list[str] | str:
 
 
 def _read(path: Any, **_columns: Any) -> Any:  # a conversation file names its own columns
-    from fedpeft.data.conversations import load_conversations
-
     return load_conversations(path)
 
 
 def _encode(tokenizer: Any, table: Any, *, max_length: int) -> Encoded:
-    from fedpeft.data.chat import encode_conversations
-
     ids, labels, dropped = encode_conversations(tokenizer, table.conversations, max_length=max_length)
     if not ids:
         raise FedPeftError(f"no conversation keeps a response token within max_length={max_length}; raise it")

@@ -6,7 +6,9 @@ import time
 from collections.abc import Iterable
 from types import SimpleNamespace
 
-from server.run import send_and_receive
+from server.rounds import play_round, send_and_receive
+from strategies.flower import RoundOutcome
+from strategies.replies import RoundTraffic
 
 
 class Grid:
@@ -71,3 +73,46 @@ def test_a_deployed_grid_asks_again_soon_for_a_reply_whose_objects_are_still_upl
     assert eager_reply_pulls(object.__new__(http_grid.HttpGrid))  # what flwr-serverapp hands a deployed run
     assert http_grid.pull_objects.keywords == {"initial_backoff": FIRST_RETRY}  # Flower's first retry: 1 s
     assert not eager_reply_pulls(object.__new__(inmemory_grid.InMemoryGrid))  # simulation: nothing to pull
+
+
+class Everyone(Grid):
+    """Every message is answered on the first pull."""
+
+    def pull_messages(self, ids: Iterable[str]) -> list[SimpleNamespace]:
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in ids]
+
+
+class Stages:
+    """A strategy whose round has several message stages, each one's messages named after the last one's
+    replies (the shape secure aggregation needs), and a short first attempt when told to."""
+
+    def __init__(self, stages: int, short_first: bool = False) -> None:
+        self.stages, self.short_first, self.attempts, self.seen = stages, short_first, 0, []
+
+    def train_round(self, rnd, arrays, config):
+        self.attempts += 1
+        messages = [f"r{rnd}-s1-a", f"r{rnd}-s1-b"]
+        for stage in range(2, self.stages + 1):
+            replies = yield messages
+            self.seen.append(replied(replies))
+            messages = [f"{r}>s{stage}" for r in replied(replies)]
+        replies = yield messages
+        self.seen.append(replied(replies))
+        short = self.short_first and self.attempts == 1
+        traffic = RoundTraffic(failures={"site-a": "masked share missing"} if short else {})
+        return RoundOutcome(None if short else "arrays", None, traffic, None)
+
+
+def test_a_round_plays_every_message_stage_in_turn() -> None:
+    strategy = Stages(4)
+    cfg = SimpleNamespace(round_retries=0, short_round="skip", round_timeout=60.0, min_clients=1)
+    outcome = play_round(3, {}, cfg=cfg, strategy=strategy, base_config=None, grid=Everyone({}))
+    assert outcome.arrays == "arrays" and len(strategy.seen) == 4
+    assert strategy.seen[-1] == ["r3-s1-a>s2>s3>s4", "r3-s1-b>s2>s3>s4"]  # each stage built on the last
+
+
+def test_a_short_multi_stage_round_is_sent_again_from_its_first_stage() -> None:
+    strategy = Stages(2, short_first=True)
+    cfg = SimpleNamespace(round_retries=1, short_round="retry", round_timeout=60.0, min_clients=1)
+    outcome = play_round(1, {}, cfg=cfg, strategy=strategy, base_config=None, grid=Everyone({}))
+    assert strategy.attempts == 2 and outcome.arrays == "arrays" and len(strategy.seen) == 4

@@ -24,7 +24,8 @@ from fedpeft.wire import (
 )
 from strategies import AGGREGATORS, AggregationOptions, strategies_for
 from strategies.fedit import FEDIT
-from strategies.flower import FedPeftStrategy, RoundTraffic
+from strategies.flower import FedPeftStrategy
+from strategies.replies import RoundTraffic
 from strategies.sampling import sample_sites
 
 NODES = {1000 + 37 * i: f"partition-{i:05d}" for i in range(10)}  # node id -> site key

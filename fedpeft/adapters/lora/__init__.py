@@ -17,6 +17,7 @@ from fedpeft.errors import FedPeftError
 @PEFT_METHODS.register("lora")
 def apply_lora(model: Any, cfg: Any) -> Any:
     """Freeze ``model`` and add LoRA adapters as configured by ``cfg.lora_*``."""
+    # deferred: heavy (peft; torch via fedpeft.tasks) on the CLI start-up path
     from peft import LoraConfig, TaskType, get_peft_model
 
     from fedpeft.tasks import TASKS

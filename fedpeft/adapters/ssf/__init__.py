@@ -11,14 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 from fedpeft.adapters import PEFT_METHODS
+from fedpeft.adapters.ssf.config import SSFConfig
+from fedpeft.adapters.state import HEAD_MODULES
 
 
 @PEFT_METHODS.register("ssf")
 def apply_ssf(model: Any, cfg: Any) -> Any:
     """Freeze ``model`` and add SSF after the layers ``cfg.ssf_target_modules`` names (empty: all)."""
-    from fedpeft.adapters.ssf.config import SSFConfig
-    from fedpeft.adapters.ssf.model import SSFModel
-    from fedpeft.adapters.state import HEAD_MODULES
+    from fedpeft.adapters.ssf.model import SSFModel  # deferred: heavy (torch) on the CLI start-up path
 
     targets = tuple(t.strip() for t in cfg.ssf_target_modules.split(",") if t.strip())
     heads = () if cfg.task == "causal-lm" else HEAD_MODULES  # an LM trains no head

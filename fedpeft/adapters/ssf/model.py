@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fedpeft.adapters.ssf.config import CONFIG_NAME, WEIGHTS_NAME, SSFConfig
@@ -105,8 +106,6 @@ class SSFModel(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         """Write the adapter alone: ``adapter_model.safetensors`` and ``ssf_config.json`` (with the
         resolved target names, so loading attaches exactly these layers)."""
-        from safetensors.torch import save_file
-
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
@@ -123,8 +122,6 @@ class SSFModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str | Path) -> SSFModel:
         """``model`` with the SSF adapter saved in ``directory`` by :meth:`save_pretrained`."""
-        from safetensors.torch import load_file
-
         path = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (path / name).is_file():
