@@ -186,11 +186,13 @@ def round_rule(agg: Aggregator, server_round: int, *, head_frozen_after: int | N
 
 
 def check_adapter(agg: Aggregator, keys: Any) -> None:
-    """Raise a one-line error unless the adapter with tensor names ``keys`` is of ``agg.adapter``'s kind;
-    the message names the strategies that would aggregate it (:func:`strategies.checks.check_adapter_kind`)."""
-    from strategies.checks import check_adapter_kind  # deferred: cycle with strategies (checks reads AGGREGATORS)
-
-    check_adapter_kind(agg, adapter_kind(keys))
+    """Raise a ValueError unless the adapter with tensor names ``keys`` is of ``agg.adapter``'s kind (a head
+    alone fits every rule). The driver's own guard: the coordinator checks first, naming the rules that
+    would fit (:func:`strategies.checks.check_adapter_kind`)."""
+    kind = adapter_kind(keys)
+    if kind is not None and kind != agg.adapter:
+        raise ValueError(f"strategy {agg.name!r} aggregates {agg.adapter.upper()} adapters, but this adapter is "
+                         f"{kind.upper()}")
 
 
 def lora_layers(keys: Sequence[str] | Any) -> tuple[list[tuple[str, str]], list[str]]:

@@ -33,13 +33,13 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
-from fedpeft.adapters.state import key_matches, without_keys
+from fedpeft.adapters.state import adapter_kind, key_matches, without_keys
 from fedpeft.codecs import parse_codec
 from fedpeft.errors import FedPeftError
 from fedpeft.wire import CONFIG, CONTROL, encode_tensors, from_array_record, raw_nbytes, record_nbytes, to_array_record
 from strategies import AGGREGATORS
-from strategies.aggregator import AggregationOptions, check_adapter, lora_layers, round_rule, truncate_to_rank
-from strategies.checks import check_ranks
+from strategies.aggregator import AggregationOptions, lora_layers, round_rule, truncate_to_rank
+from strategies.checks import check_adapter_kind, check_ranks
 from strategies.replies import (
     Release,
     ReplyCheck,
@@ -201,7 +201,7 @@ class FedPeftStrategy(Strategy):
         chosen = sample_sites(list(self.sites.values()), self.fraction, seed=self.seed, server_round=server_round)
         self.traffic[server_round] = RoundTraffic()  # a round sent again (short_round=retry) starts its record anew
         self.previous = from_array_record(arrays)
-        check_adapter(self.aggregator, self.previous.keys())  # before any site trains: SSF under LoRA, or the reverse
+        check_adapter_kind(self.aggregator, adapter_kind(self.previous.keys()))  # before any site trains
         rule = self._rule(server_round)  # RoLoRA: the factor clients hold this round
         frozen = rule.frozen
         config = ConfigRecord({**config, "server-round": server_round, "frozen": ",".join(frozen),

@@ -13,6 +13,7 @@ from replies import reply
 from fedpeft.errors import FedPeftError
 from fedpeft.wire import NUM_EXAMPLES, from_array_record, to_array_record
 from strategies import AGGREGATORS, strategies_for
+from strategies.checks import check_adapter_kind
 from strategies.flower import FedPeftStrategy
 from strategies.ssf_avg import SSF_AVG
 
@@ -51,18 +52,22 @@ def test_ssf_avg_is_registered_linear_and_for_ssf_only() -> None:
 
 
 def test_ssf_avg_refuses_a_lora_state() -> None:
-    with pytest.raises(ValueError, match="'ssf-avg' aggregates SSF adapters, but this adapter is LORA; "
-                                         "use --strategy exact-svd or fedit or ffa-lora"):
+    with pytest.raises(ValueError, match="'ssf-avg' aggregates SSF adapters, but this adapter is LORA$"):
         SSF_AVG([LORA], [1.0], previous=LORA)
+    with pytest.raises(FedPeftError, match="'ssf-avg' aggregates SSF adapters, but this adapter is LORA; "
+                                           "use --strategy exact-svd or fedit or ffa-lora"):
+        check_adapter_kind(SSF_AVG, "lora")  # what the coordinator says first
 
 
 @pytest.mark.parametrize("name", strategies_for("lora"))
 def test_every_lora_strategy_refuses_an_ssf_state(name: str) -> None:
     state = ssf_state(np.random.default_rng(0))
     agg = AGGREGATORS.get(name)  # fedavg is fedit under a second name
-    message = f"'{agg.name}' aggregates LORA adapters, but this adapter is SSF; use --strategy ssf-avg"
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=f"'{agg.name}' aggregates LORA adapters, but this adapter is SSF$"):
         agg([state], [1.0], previous=state)
+    with pytest.raises(FedPeftError, match=f"'{agg.name}' aggregates LORA adapters, but this adapter is SSF; "
+                                           "use --strategy ssf-avg"):
+        check_adapter_kind(agg, "ssf")
 
 
 def test_a_head_alone_is_accepted_by_both() -> None:
