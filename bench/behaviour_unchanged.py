@@ -5,6 +5,7 @@ holds two such sets side by side.
     python bench/behaviour_unchanged.py --out /tmp/before          # on the old code (a worktree of it)
     python bench/behaviour_unchanged.py --out /tmp/after           # on the new code
     python bench/behaviour_unchanged.py --compare /tmp/before /tmp/after
+    python bench/behaviour_unchanged.py --compare /tmp/before /tmp/after --except bytes_down,compression_ratio_down
 
 The runs are ``fedpeft simulate --rounds 2 --seed 0`` plus, in turn: nothing; ``--dp``; ``--dp central
 --clients 20 --fraction 0.5``; ``--peft ssf``; ``--codec topk:0.3+int4``. DP noise and central DP's secret
@@ -13,6 +14,12 @@ draw of sites come from the OS entropy pool, so for this check alone the runs se
 in both sets (every run has the run id ``behaviour-check``, which the noise's derivation includes). Such
 runs have no privacy; they exist to compare bytes. The ledger's head hash is left out of the digest: it
 chains signatures made with keys each site draws afresh.
+
+``--compare`` digests the two sets' run directories again, so that ``--except`` can leave metrics out
+that a change is meant to change (the typed requests of 2026-12-07 send a site only its settings: the
+broadcast's ``bytes_down`` shrank, nothing else may move), and names every one it left out. An
+adapter's ``adapter_config.json`` is compared as JSON with ``target_modules`` sorted: peft writes that
+set in the order of Python's per-process string hashing, so two runs of the same code differ there.
 """
 
 from __future__ import annotations
@@ -37,13 +44,20 @@ RUNS = {
 UNSTABLE = ("seconds", "ledger_head")
 
 
-def digest(run: Path) -> dict[str, str]:
-    """sha256 of the run's metrics (timings dropped) and of every adapter file."""
+def digest(run: Path, *, without: tuple[str, ...] = ()) -> dict[str, str]:
+    """sha256 of the run's metrics (timings and the keys starting with one of ``without`` dropped) and of
+    every adapter file (``adapter_config.json`` canonically: see the module doc)."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    rows = [{k: v for k, v in row.items() if not k.startswith(UNSTABLE)} for row in rows]
+    rows = [{k: v for k, v in row.items() if not k.startswith((*UNSTABLE, *without))} for row in rows]
     out = {"metrics.jsonl": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()}
     for path in sorted((run / "adapter").iterdir()):
-        out[f"adapter/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        data = path.read_bytes()
+        if path.name == "adapter_config.json":
+            config = json.loads(data)
+            if isinstance(config.get("target_modules"), list):
+                config["target_modules"] = sorted(config["target_modules"])
+            data = json.dumps(config, sort_keys=True).encode()
+        out[f"adapter/{path.name}"] = hashlib.sha256(data).hexdigest()
     return out
 
 
@@ -63,8 +77,10 @@ def run_all(out: Path) -> None:
     (out / "digests.json").write_text(json.dumps(digests, indent=2) + "\n")
 
 
-def compare(a: Path, b: Path) -> int:
-    left, right = (json.loads((d / "digests.json").read_text()) for d in (a, b))
+def compare(a: Path, b: Path, *, without: tuple[str, ...] = ()) -> int:
+    left, right = ({name: digest(d / name, without=without) for name in RUNS if (d / name).is_dir()} for d in (a, b))
+    if without:
+        print(f"left out of metrics.jsonl: every key starting with {', '.join(without)}")
     differ = 0
     for name in RUNS:
         same = left.get(name) == right.get(name)
@@ -81,9 +97,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="run the set here")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"), help="compare two sets")
+    parser.add_argument("--except", dest="without", default="", metavar="KEY,...",
+                        help="with --compare: metrics keys (prefixes) a change is meant to move")
     args = parser.parse_args()
     if args.compare:
-        raise SystemExit(compare(*args.compare))
+        raise SystemExit(compare(*args.compare, without=tuple(k for k in args.without.split(",") if k)))
     if not args.out:
         parser.error("give --out DIR or --compare A B")
     run_all(args.out)

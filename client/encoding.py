@@ -22,17 +22,16 @@ from typing import Any
 import numpy as np
 from flwr.app import Context, Message, MetricRecord
 
-from client.sites import held_components, site_for, unbroadcast_components
+from client.sites import site_for
 from fedpeft.adapters.state import key_matches, without_keys
 from fedpeft.codecs import compress, parse_codec
 from fedpeft.errors import FedPeftError
 from fedpeft.feedback_state import load_residual, residual_path, save_residual
+from fedpeft.protocol import train_request
 from fedpeft.wire import (
     ARRAYS,
     CODEC,
-    CONFIG,
     METRICS,
-    config_from_record,
     decode_payload,
     from_array_record,
     payload_records,
@@ -44,16 +43,17 @@ logger = logging.getLogger(__name__)
 
 def codec_mod(msg: Message, context: Context, call_next: Any) -> Message:
     """Decode the broadcast, run the handler, send back the encoded update (see the module doc)."""
-    config = msg.content[CONFIG]
-    cfg = config_from_record(config)
-    site, _ = site_for(cfg, context, list(config["label-names"]))
+    request = train_request(msg.content)
+    cfg = request.settings
+    site, _ = site_for(cfg, context, list(request.label_names))
     return encoded_exchange(
         msg,
         context,
         call_next,
-        expected={k: v.shape for k, v in without_keys(site.model.initial, unbroadcast_components(config)).items()},
+        expected={k: v.shape for k, v in without_keys(site.model.initial, request.frozen).items()},
         codec=str(context.node_config.get("codec") or cfg.codec),
         residual_file=residual_path(site.state_dir, site.key, cfg.run_id),
+        held=request.held,
     )
 
 
@@ -65,9 +65,11 @@ def encoded_exchange(
     expected: Mapping[str, tuple[int, ...]],
     codec: str,
     residual_file: Path,
+    held: tuple[str, ...] = (),
 ) -> Message:
     """:func:`codec_mod` once the site knows its tensors (``expected``: name → shape of what the
-    broadcast must hold), its codec spec and where its error-feedback residual lives."""
+    broadcast must hold), its codec spec, where its error-feedback residual lives, and the tensors the
+    rule holds this round (``held``: broadcast, not trained, not sent back)."""
     broadcast, _ = decode_payload(msg.content, expected)  # a PayloadError becomes the reply's error
     del msg.content[CODEC]
     msg.content[ARRAYS] = to_array_record(broadcast)
@@ -78,7 +80,6 @@ def encoded_exchange(
     trained = from_array_record(reply.content[ARRAYS])
     if trained and set(trained) != set(broadcast):
         raise FedPeftError("the trained adapter holds other tensors than the broadcast")
-    held = held_components(msg.content[CONFIG])
     sent = without_keys(broadcast, held)  # a held factor is not sent back: the server has it
     if trained and any(not np.array_equal(trained[k], broadcast[k]) for k in broadcast if k not in sent):
         raise FedPeftError(f"the site trained a factor the strategy holds this round ({', '.join(held)})")

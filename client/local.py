@@ -6,8 +6,9 @@ process keeps its sites in :data:`client.sites.SITES`, so a site's model and dat
 rounds.
 
 Steps (see the round diagram in the README): the base model is loaded once per process and frozen;
-the adapter is set from the broadcast (tensors the strategy freezes, named in the config's ``frozen``,
-are not broadcast and come from the seeded initial adapter); local training runs on this site's
+the adapter is set from the broadcast (tensors the strategy freezes, named in the request's ``frozen``,
+are not broadcast and come from the seeded initial adapter; the request is :mod:`fedpeft.protocol`'s
+:class:`~fedpeft.protocol.TrainRequest`, parsed once per message); local training runs on this site's
 data; the reply carries only the trained, non-frozen adapter tensors (the adapter state dict) and
 metrics with ``num-examples``. A simulated node trains its partition of the run's data; a deployed
 site (node config ``data-path``, optionally ``site``) trains on its own file, never on a partition.
@@ -20,7 +21,6 @@ run's) and error feedback.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -29,29 +29,33 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.encoding import codec_mod
-from client.sites import frozen_components, site_for
+from client.sites import site_for
 from fedpeft.adapters import adapter_state, load_adapter_state
 from fedpeft.client_round import Control
 from fedpeft.errors import FedPeftError
 from fedpeft.feedback_state import control_path, load_control, save_control
-from fedpeft.wire import (
+from fedpeft.protocol import (
     ARRAYS,
-    CANARIES,
     CONFIG,
     CONTROL,
-    LEDGER_SEQ,
+    EXAMPLES_SEEN,
+    LORA_R,
     METRICS,
     NUM_EXAMPLES,
+    NUM_PARTITIONS,
+    PARTITION_ID,
     PRIVACY,
     REFUSED,
     SECONDS_LOAD,
     SECONDS_TRAIN,
+    SITE,
+    STEPS,
+    TRAIN_LOSS,
     TRAINED,
-    config_from_record,
-    from_array_record,
-    privacy_record,
-    to_array_record,
+    QueryRequest,
+    train_request,
 )
+from fedpeft.wire import from_array_record, privacy_record, to_array_record
 from privacy.central import clipping_mod
 from privacy.modes import privacy_mode
 
@@ -64,25 +68,22 @@ def identify(msg: Message, context: Context) -> Message:
 
     Also loads the model and tokenizes this site's data, so that the first round does not wait for it.
     """
-    config = msg.content[CONFIG]
-    cfg = config_from_record(config)
-    site, local = site_for(cfg, context, list(config["label-names"]))
-    metrics = MetricRecord({"partition-id": site.partition_id, "num-partitions": site.num_partitions,
+    request = QueryRequest.from_record(msg.content[CONFIG])
+    site, local = site_for(request.settings, context, list(request.label_names))
+    metrics = MetricRecord({PARTITION_ID: site.partition_id, NUM_PARTITIONS: site.num_partitions,
                             NUM_EXAMPLES: len(site.data)})
     if local.peft == "lora":
-        metrics["lora-r"] = local.lora_r
-    return Message(RecordDict({METRICS: metrics, CONFIG: ConfigRecord({"site": site.key})}), reply_to=msg)
+        metrics[LORA_R] = local.lora_r
+    return Message(RecordDict({METRICS: metrics, CONFIG: ConfigRecord({SITE: site.key})}), reply_to=msg)
 
 
 # codec_mod outermost: it encodes what the clipping mod (central DP, only when asked) has clipped
 @app.train(mods=[codec_mod, clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """One client-round of local training on the broadcast adapter (with DP-SGD under local DP)."""
-    config = msg.content[CONFIG]
-    cfg = config_from_record(config)
-    server_round = int(config["server-round"])
-    label_names: list[Any] = list(config["label-names"])
-    frozen = frozen_components(config)
+    request = train_request(msg.content)
+    cfg, server_round = request.settings, request.server_round
+    label_names: list[Any] = list(request.label_names)
     torch.set_num_threads(cfg.client_cpus)
 
     started = time.monotonic()
@@ -91,9 +92,8 @@ def train(msg: Message, context: Context) -> Message:
     broadcast = from_array_record(msg.content[ARRAYS])
     load_adapter_state(model, {**site.model.initial, **broadcast})
     data = site.data
-    if CANARIES in config:  # an empirical privacy audit: the canaries the coordinator drew for this site
-        data = site.with_extra_examples(json.loads(str(config[CANARIES])), label_names=label_names,
-                                        max_length=cfg.max_length)
+    if request.canaries is not None:  # an empirical privacy audit: the canaries the coordinator drew for this site
+        data = site.with_extra_examples(list(request.canaries), label_names=label_names, max_length=cfg.max_length)
     loaded = time.monotonic()
     content = RecordDict()
     mode = privacy_mode(cfg)
@@ -103,11 +103,9 @@ def train(msg: Message, context: Context) -> Message:
     if CONTROL in msg.content:  # SCAFFOLD: the coordinator's c, and this site's own c_i from its state dir
         variate_file = control_path(site.state_dir, site.key, cfg.run_id)
         control = Control(server=from_array_record(msg.content[CONTROL]), site=load_control(variate_file, server_round))
-    seq = config.get(LEDGER_SEQ)
     outcome = mode.site_round(local, model, data, node_config=context.node_config, site=site.key,
-                              server_round=server_round, partition_id=site.partition_id, frozen=frozen,
-                              control=control, ledger_seq=None if seq is None else int(seq),
-                              features=site.features)
+                              server_round=server_round, partition_id=site.partition_id, frozen=request.untrained,
+                              control=control, ledger_seq=request.ledger_seq, features=site.features)
     if outcome.report is not None:  # local DP: the signed entry travels with the reply
         report = outcome.report
         content[PRIVACY] = privacy_record(
@@ -121,13 +119,13 @@ def train(msg: Message, context: Context) -> Message:
     result, trained = outcome.metrics, outcome.trained
     metrics = {
         NUM_EXAMPLES: len(data) if trained else 0,
-        "steps": result.get("steps", 0),
+        STEPS: result.get("steps", 0),
         SECONDS_LOAD: loaded - started,  # the model, the broadcast and the data: ~0 once a process is warm
         SECONDS_TRAIN: time.monotonic() - loaded,
         **{k: v for k, v in result.items() if k.startswith("dp-")},
     }
     if mode.reports_training_loss:  # under DP a loss on private data, and the examples seen, are covered by no ε
-        metrics |= {"train-loss": result["train_loss"], "examples-seen": result["examples_seen"]}
+        metrics |= {TRAIN_LOSS: result["train_loss"], EXAMPLES_SEEN: result["examples_seen"]}
     state = adapter_state(model)  # sent back: the broadcast's tensors (never the frozen ones), in its order
     content[ARRAYS] = to_array_record({k: state[k] for k in broadcast} if trained else {})
     content[METRICS] = MetricRecord(metrics)

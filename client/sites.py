@@ -43,24 +43,3 @@ def site_config(cfg: FedPeftConfig, context: Context, partition_id: int) -> FedP
             raise FedPeftError(f"this site's node config: {err}") from None
     node_rank = node.get("lora-r")
     return at_rank(cfg, client_rank(cfg, partition_id, None if node_rank is None else int(node_rank)))
-
-
-def frozen_components(config: Any) -> tuple[str, ...]:
-    """The tensor names the site does not train this round and never sends back: those the strategy
-    freezes (config ``frozen``, never broadcast either) and those it holds this round (config ``held``,
-    broadcast: RoLoRA's other factor)."""
-    return unbroadcast_components(config) + held_components(config)
-
-
-def unbroadcast_components(config: Any) -> tuple[str, ...]:
-    """The tensor names the strategy freezes: never broadcast, never sent back (FFA-LoRA's A)."""
-    return _components(config, "frozen")
-
-
-def held_components(config: Any) -> tuple[str, ...]:
-    """The tensor names broadcast this round but neither trained nor sent back."""
-    return _components(config, "held")
-
-
-def _components(config: Any, key: str) -> tuple[str, ...]:
-    return tuple(c for c in str(config.get(key, "")).split(",") if c)

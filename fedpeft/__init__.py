@@ -3,7 +3,7 @@
 The shared package: configuration, model and adapter surgery, data loading and partitioning, local
 training, and the ``fedpeft`` command line. Its modelling and training code never talks to Flower;
 ``client/`` and ``server/`` route Flower messages to it. The exceptions are the record types of
-:mod:`fedpeft.wire` (Flower's public ``flwr.app``) and :mod:`fedpeft.deploy`, which starts Flower's
+:mod:`fedpeft.protocol` and :mod:`fedpeft.wire` (Flower's public ``flwr.app``) and :mod:`fedpeft.deploy`, which starts Flower's
 SuperLink and SuperNodes and keeps every use of Flower's internals in one checked module
 (:mod:`fedpeft.deploy.flower_compat`).
 

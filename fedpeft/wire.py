@@ -30,27 +30,28 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedpeft.codecs import Codec, CodecError, parse_codec
-from fedpeft.config import FedPeftConfig
 from fedpeft.deploy import flower_compat
 
-ARRAYS = "arrays"
-METRICS = "metrics"
-CONFIG = "config"
-NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key; every reply carries it
-PRIVACY = "privacy"  # ConfigRecord of a DP reply: round status and the site's signed ledger entry
-CONTROL = "control"  # ArrayRecord under SCAFFOLD: the coordinator's variate c down, a site's change of c_i up (fp32)
-CANARIES = "canaries"  # train config of the empirical audit: JSON [[text, label], ...] this site trains on too
-LEDGER_SEQ = "ledger-seq"  # train config under local DP: how many of this site's entries the ledger holds
-# where a site's time went, in a train reply's metrics (seconds): building the model and data, training, and
-# waiting for the site worker to take the message from the SuperNode
-SECONDS_LOAD = "seconds-load"
-SECONDS_TRAIN = "seconds-train"
-SECONDS_WAIT = "seconds-wait"
-SECONDS = (SECONDS_LOAD, SECONDS_TRAIN, SECONDS_WAIT)
-TRAINED, REFUSED = "trained", "refused"
-CODEC = "codec"  # ConfigRecord: the header of an encoded adapter payload
-PAYLOAD = "payload"  # the one array of an encoded payload
-WIRE_VERSION = 1
+# the keys are named in fedpeft.protocol; the ones packed here are re-exported for the code that packs them
+from fedpeft.protocol import (  # noqa: F401 - re-exported names
+    ARRAYS,
+    CANARIES,
+    CODEC,
+    CONFIG,
+    CONTROL,
+    LEDGER_SEQ,
+    METRICS,
+    NUM_EXAMPLES,
+    PAYLOAD,
+    PRIVACY,
+    REFUSED,
+    SECONDS,
+    SECONDS_LOAD,
+    SECONDS_TRAIN,
+    SECONDS_WAIT,
+    TRAINED,
+    WIRE_VERSION,
+)
 
 
 class PayloadError(ValueError):
@@ -65,23 +66,6 @@ def to_array_record(state: Mapping[str, np.ndarray]) -> Any:
 def from_array_record(record: Any) -> dict[str, np.ndarray]:
     """Unpack an ArrayRecord into name → numpy array, keeping its order."""
     return {key: array.numpy() for key, array in record.items()}
-
-
-# Settings only the coordinator uses; never sent to sites (``out`` and ``resume`` are paths on the coordinator).
-SERVER_ONLY = frozenset({"out", "resume"})
-
-
-def config_record(cfg: FedPeftConfig, **extra: Any) -> Any:
-    """The run config (minus :data:`SERVER_ONLY` fields, plus ``extra`` keys) as a ConfigRecord."""
-    values: dict[str, Any] = {f"fedpeft.{k}": v for k, v in cfg.to_dict().items() if k not in SERVER_ONLY}
-    values.update(extra)
-    return ConfigRecord(values)
-
-
-def config_from_record(record: Mapping[str, Any]) -> FedPeftConfig:
-    """Inverse of :func:`config_record` (extra keys are ignored)."""
-    prefix = "fedpeft."
-    return FedPeftConfig.from_mapping({k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)})
 
 
 def record_nbytes(content: Any) -> int:

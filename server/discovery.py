@@ -15,7 +15,7 @@ from flwr.app import Message, MessageType, RecordDict
 
 from fedpeft.config import FedPeftConfig
 from fedpeft.errors import FedPeftError
-from fedpeft.wire import CONFIG, METRICS, NUM_EXAMPLES, config_record
+from fedpeft.protocol import CONFIG, LORA_R, METRICS, NUM_EXAMPLES, SITE, request_record
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def start_discovery(grid: Any, cfg: FedPeftConfig, nodes: list[int], *, label_na
     The query also makes each client process load its model and tokenize its data, so pushing it
     before the server loads its own model lets the two start-ups overlap.
     """
-    content = RecordDict({CONFIG: config_record(cfg, **{"label-names": label_names})})
+    content = RecordDict({CONFIG: request_record(cfg, label_names=label_names)})
     # a list, not a generator: Flower's HTTP grid (deployment) reads the messages twice
     messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n, ttl=cfg.startup_timeout)
                 for n in nodes]
@@ -70,15 +70,15 @@ def finish_discovery(
         if reply.has_error():
             problems.append(f"client {reply.metadata.src_node_id} could not start: {reply.error.reason}")
             continue
-        key = str(reply.content[CONFIG]["site"])
+        key = str(reply.content[CONFIG][SITE])
         examples = int(reply.content[METRICS].get(NUM_EXAMPLES, 0))
         if example_delta > 0 and example_delta * examples >= 1:
             raise FedPeftError(f"dp_delta {example_delta:g} is not below 1/examples at site {key} ({examples} "
                                f"examples): a mechanism may then reveal a whole example; set --dp-delta below "
                                f"{1 / examples:.2g}")
         sites[reply.metadata.src_node_id] = key
-        if "lora-r" in reply.content[METRICS]:
-            ranks[key] = int(reply.content[METRICS]["lora-r"])
+        if LORA_R in reply.content[METRICS]:
+            ranks[key] = int(reply.content[METRICS][LORA_R])
     if pending:
         problems.append(f"{len(pending)} client(s) did not answer the start-up query within {timeout:.0f} s")
     if len(set(sites.values())) != len(sites):

@@ -29,9 +29,10 @@ from fedpeft.config import FedPeftConfig
 from fedpeft.data.sources import load_split
 from fedpeft.errors import FedPeftError
 from fedpeft.heads import model_pooling, save_remote_code
+from fedpeft.protocol import CANARIES, NUM_EXAMPLES, TRAIN_LOSS, request_record
 from fedpeft.runlog import append_jsonl, atomic_replace_dir, atomic_write_text
 from fedpeft.state_dir import state_dir
-from fedpeft.wire import CANARIES, NUM_EXAMPLES, config_record, from_array_record
+from fedpeft.wire import from_array_record
 from privacy.empirical import audit_run_canaries, run_canaries, save_result, site_rows
 from privacy.modes import privacy_mode
 from privacy.server import RunPrivacy
@@ -187,7 +188,7 @@ def run_federation(
     population = checkpoint.population if checkpoint is not None and checkpoint.population else len(sites)
     privacy = RunPrivacy(cfg, run_dir, num_sites=population, key_dir=state_dir() / "coordinator",
                          resume=checkpoint)
-    base_config = config_record(cfg, **{"label-names": label_names}, **privacy.train_config)
+    base_config = request_record(cfg, label_names=label_names, **privacy.train_config)
     canaries = run_canaries(run_dir, cfg.canaries, label_names=label_names, sites=list(sites.values())) \
         if cfg.canaries else []
 
@@ -288,7 +289,7 @@ def round_metrics(cfg: FedPeftConfig, traffic: RoundTraffic, agg: Mapping[str, A
         "rejected": len(traffic.rejected()),
         **({"skipped": True} if skipped else {}),
         "refused": len(traffic.refused),
-        **({"train_loss": float(agg["train-loss"])} if agg is not None and "train-loss" in agg else {}),
+        **({"train_loss": float(agg[TRAIN_LOSS])} if agg is not None and TRAIN_LOSS in agg else {}),
         "num_examples": int(sum(m.get(NUM_EXAMPLES, 0) for m in traffic.client_metrics.values())),
         "bytes_up": int(sum(up)),
         "bytes_down": int(sum(down)),

@@ -36,6 +36,7 @@ from flwr.serverapp.strategy import Strategy
 from fedpeft.adapters.state import adapter_kind, key_matches, without_keys
 from fedpeft.codecs import parse_codec
 from fedpeft.errors import FedPeftError
+from fedpeft.protocol import FROZEN, HELD, SERVER_ROUND
 from fedpeft.wire import CONFIG, CONTROL, encode_tensors, from_array_record, raw_nbytes, record_nbytes, to_array_record
 from strategies import AGGREGATORS
 from strategies.aggregator import AggregationOptions, lora_layers, round_rule, truncate_to_rank
@@ -204,8 +205,8 @@ class FedPeftStrategy(Strategy):
         check_adapter_kind(self.aggregator, adapter_kind(self.previous.keys()))  # before any site trains
         rule = self._rule(server_round)  # RoLoRA: the factor clients hold this round
         frozen = rule.frozen
-        config = ConfigRecord({**config, "server-round": server_round, "frozen": ",".join(frozen),
-                               "held": ",".join(rule.held)})
+        config = ConfigRecord({**config, SERVER_ROUND: server_round, FROZEN: ",".join(frozen),
+                               HELD: ",".join(rule.held)})
         broadcast = without_keys(self.previous, frozen)
         pairs, _ = lora_layers(self.previous.keys())
         global_rank = self.previous[pairs[0][0]].shape[0] if pairs else None

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fedpeft.adapters.state import without_keys
+from fedpeft.protocol import TRAIN_LOSS
 from fedpeft.wire import (
     CONTROL,
     METRICS,
@@ -311,8 +312,8 @@ def moved_control(control: Mapping[str, Any], accepted: Sequence[Reply], *, popu
 def train_loss(accepted: Sequence[Reply], client_metrics: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """The example-weighted mean of the sites' reported training losses (DP sites report none: a loss on
     private data is not covered by their epsilon)."""
-    losses = [(r.weight, client_metrics[r.site]["train-loss"]) for r in accepted
-              if "train-loss" in client_metrics[r.site]]
+    losses = [(r.weight, client_metrics[r.site][TRAIN_LOSS]) for r in accepted
+              if TRAIN_LOSS in client_metrics[r.site]]
     if not losses:
         return {}
-    return {"train-loss": sum(w * loss for w, loss in losses) / sum(w for w, _ in losses)}
+    return {TRAIN_LOSS: sum(w * loss for w, loss in losses) / sum(w for w, _ in losses)}

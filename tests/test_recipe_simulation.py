@@ -5,6 +5,10 @@ A site's label counts shape its local loss and nothing else: no reply carries a 
 array that the run without a label correction would not carry, and the reported training loss is the
 plain one. SCAFFOLD adds exactly one array record, the change of the site's variate, for the tensors
 the site trained; the site's variate is on its own disk.
+
+The same runs record every run setting the sites' code reads (``$FEDPEFT_TEST_READS``): each one is among
+the settings a request carries (:data:`fedpeft.protocol.SITE_SETTINGS`), so a site never acts on a
+default in place of the run's value.
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ from pathlib import Path
 
 import pytest
 
+from fedpeft.protocol import QUERY_KEYS, SETTING, SITE_SETTINGS, TRAIN_KEYS
+
 pytestmark = pytest.mark.slow
 
 TESTS = Path(__file__).parent
 
 
 def run(tmp: Path, model: Path, data: Path, **recipe: object) -> tuple[Path, list[dict]]:
-    out, capture = tmp / "run", tmp / "replies.jsonl"
+    out, capture, reads = tmp / "run", tmp / "replies.jsonl", tmp / "reads.jsonl"
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(TESTS)!r})
@@ -35,10 +41,23 @@ def run(tmp: Path, model: Path, data: Path, **recipe: object) -> tuple[Path, lis
                             max_local_steps=3, batch_size=8, client_cpus=1, out={str(out)!r}, **{recipe!r})
         simulate(cfg, client_app=app)
     """)
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "FEDPEFT_TEST_CAPTURE": str(capture)}
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "FEDPEFT_TEST_CAPTURE": str(capture),
+           "FEDPEFT_TEST_READS": str(reads)}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    check_reads([json.loads(line) for line in reads.read_text().splitlines()])
     return out, [json.loads(line) for line in capture.read_text().splitlines()]
+
+
+def check_reads(messages: list[dict]) -> None:
+    """Every setting a site read is one the request carried, and a request carries nothing else."""
+    assert {m["type"] for m in messages} == {"query", "train"}
+    for message in messages:
+        assert message["read"] and set(message["read"]) <= SITE_SETTINGS, set(message["read"]) - SITE_SETTINGS
+        sent = {k.removeprefix(SETTING) for k in message["request"] if k.startswith(SETTING)}
+        assert sent == SITE_SETTINGS
+        allowed = QUERY_KEYS if message["type"] == "query" else TRAIN_KEYS
+        assert {k for k in message["request"] if not k.startswith(SETTING)} <= allowed
 
 
 def test_label_correction_scaffold_and_a_server_optimizer(tmp_path: Path, tiny_model_dir: Path,

@@ -11,7 +11,7 @@ from typing import Any
 
 from flwr.app import Context, Error, Message
 
-from fedpeft.wire import METRICS, SECONDS
+from fedpeft.protocol import CONFIG, METRICS, NUM_EXAMPLES, SECONDS, SERVER_ROUND, STEPS
 
 logger = logging.getLogger("client.worker")  # one logger for the worker's lines, as the site's log shows them
 
@@ -47,8 +47,8 @@ def timed(reply: Message, seconds: Mapping[str, Any]) -> None:
 def head(msg: Message) -> str:
     """``train round 3``: the message's type and round."""
     kind = msg.metadata.message_type
-    config = msg.content.config_records.get("config", {}) if msg.has_content() else {}
-    return f"{kind} round {config['server-round']}" if "server-round" in config else kind
+    config = msg.content.config_records.get(CONFIG, {}) if msg.has_content() else {}
+    return f"{kind} round {config[SERVER_ROUND]}" if SERVER_ROUND in config else kind
 
 
 def summary(msg: Message, reply: Message, seconds: float) -> str:
@@ -56,8 +56,8 @@ def summary(msg: Message, reply: Message, seconds: float) -> str:
     what = head(msg)
     if reply.has_error():
         return f"{what} failed after {seconds:.2f} s: {reply.error.reason}"
-    metrics = reply.content.metric_records.get("metrics", {})
-    parts = [f"{metrics[key]} {name}" for key, name in (("steps", "steps"), ("num-examples", "examples"))
+    metrics = reply.content.metric_records.get(METRICS, {})
+    parts = [f"{metrics[key]} {name}" for key, name in ((STEPS, "steps"), (NUM_EXAMPLES, "examples"))
              if key in metrics]
     spent = ", ".join(f"{key.removeprefix('seconds-')} {metrics[key]:.2f}" for key in SECONDS if key in metrics)
     return f"{what}: {', '.join([*parts, f'{seconds:.2f} s'])}" + (f" ({spent})" if spent else "")

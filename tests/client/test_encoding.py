@@ -62,7 +62,8 @@ def handler_moving_by(delta: dict[str, np.ndarray], seen: list[RecordDict] | Non
 
 
 def exchange(msg: Message, handler: object, codec: str, residual: Path) -> Message:
-    return encoded_exchange(msg, None, handler, expected=SHAPES, codec=codec, residual_file=residual)
+    held = tuple(c for c in str(msg.content[CONFIG].get("held", "")).split(",") if c)  # as the request says
+    return encoded_exchange(msg, None, handler, expected=SHAPES, codec=codec, residual_file=residual, held=held)
 
 
 def test_handler_sees_plain_arrays_and_one_config() -> None:
@@ -150,13 +151,13 @@ def test_codec_mod_takes_the_site_codec_and_its_tensors_from_the_model(
     from client.encoding import codec_mod
     from fedpeft.adapters.state import without_keys
     from fedpeft.config import FedPeftConfig
+    from fedpeft.protocol import FROZEN, SERVER_ROUND, request_record
     from fedpeft.site import SiteModel
-    from fedpeft.wire import config_record
 
     cfg = FedPeftConfig(model=str(tiny_model_dir), data=str(small_data), clients=3, codec="fp16", run_id="r1")
     state = without_keys(SiteModel(cfg, 2).initial, (frozen,) if frozen else ())
     records, _ = encode_tensors(parse_codec("none"), state)
-    config = config_record(cfg, **{"label-names": ["fresh", "rotten"], "frozen": frozen, "server-round": 1})
+    config = request_record(cfg, label_names=["fresh", "rotten"], **{FROZEN: frozen, SERVER_ROUND: 1})
     msg = Message(content=RecordDict({**records, CONFIG: config}), dst_node_id=7, message_type=MessageType.TRAIN)
     node = {"partition-id": 1, "num-partitions": 3, "state-dir": str(tmp_path)}
     if node_codec:

@@ -1,8 +1,7 @@
-"""The wire format: adapter tensors in ArrayRecords, the run config in a ConfigRecord, message sizes."""
+"""The wire format: adapter tensors in ArrayRecords, encoded payloads, message sizes (requests: test_protocol.py)."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -12,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedpeft.codecs import compress, parse_codec
-from fedpeft.config import FedPeftConfig
 from fedpeft.wire import (
     ARRAYS,
     CODEC,
@@ -20,8 +18,6 @@ from fedpeft.wire import (
     METRICS,
     PAYLOAD,
     PayloadError,
-    config_from_record,
-    config_record,
     decode_payload,
     encode_tensors,
     from_array_record,
@@ -106,52 +102,6 @@ def test_round_trip_property(layout: dict[str, tuple[int, ...]], dtype: type, se
         np.testing.assert_array_equal(back[key], state[key])
 
 
-NON_DEFAULT = FedPeftConfig(
-    model="/models/tiny", peft="lora", lora_r=3, lora_alpha=6, lora_dropout=0.25, lora_target_modules="q,v",
-    data="/data/x.csv.gz", text_column="body", label_column="stars", test_fraction=0.3, max_length=64,
-    partition="natural:hospital", clients=4, rounds=2, fraction=1.0, round_timeout=30.0, local_epochs=3,
-    max_local_steps=0, batch_size=4, lr=2e-4, weight_decay=0.01, eval_batch_size=8, client_cpus=1, seed=42,
-    out="runs/test",
-)
-
-
-# Server-only fields (the run directory) are not sent; sites see them at their defaults.
-AS_SITES_SEE_IT = dataclasses.replace(NON_DEFAULT, out="")
-
-
-def test_config_record_round_trip() -> None:
-    record = config_record(NON_DEFAULT)
-    assert isinstance(record, ConfigRecord)
-    assert config_from_record(record) == AS_SITES_SEE_IT
-    assert config_from_record(config_record(FedPeftConfig())) == FedPeftConfig()
-    assert not any(key.endswith(".out") for key in record)  # the coordinator's paths stay home
-
-
-def test_config_record_extra_keys_kept_and_ignored_on_read() -> None:
-    record = config_record(NON_DEFAULT, **{"server-round": 3, "label-names": ["neg", "pos"]})
-    assert record["server-round"] == 3
-    assert list(record["label-names"]) == ["neg", "pos"]
-    assert record["fedpeft.lora_r"] == 3
-    assert config_from_record(record) == AS_SITES_SEE_IT
-
-
-def test_config_record_survives_serialization() -> None:
-    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-
-    content = RecordDict({CONFIG: config_record(NON_DEFAULT, **{"server-round": 1})})
-    decoded = recorddict_from_proto(recorddict_to_proto(content))
-    assert config_from_record(decoded.config_records[CONFIG]) == AS_SITES_SEE_IT
-
-
-def test_config_from_record_rejects_unknown_prefixed_key() -> None:
-    from fedpeft.errors import FedPeftError
-
-    record = dict(config_record(FedPeftConfig()))
-    record["fedpeft.roundz"] = 3
-    with pytest.raises(FedPeftError, match="roundz"):
-        config_from_record(record)
-
-
 def test_record_nbytes_grows_with_payload() -> None:
     sizes = [record_nbytes(RecordDict({ARRAYS: to_array_record({"x": np.zeros(n, np.float32)})}))
              for n in (0, 10, 1_000, 10_000)]
@@ -172,7 +122,7 @@ def test_record_nbytes_close_to_raw_payload() -> None:
 
 def test_record_nbytes_counts_every_record() -> None:
     arrays = RecordDict({ARRAYS: to_array_record(_state())})
-    both = RecordDict({ARRAYS: to_array_record(_state()), CONFIG: config_record(NON_DEFAULT)})
+    both = RecordDict({ARRAYS: to_array_record(_state()), CONFIG: ConfigRecord({"fedpeft.lora_r": 3})})
     assert record_nbytes(both) > record_nbytes(arrays) > 0
     assert record_nbytes(RecordDict({})) == 0
 
