@@ -1,0 +1,217 @@
+"""Secure aggregation's protocol (privacy/secagg): Shamir sharing, the mask generator, fixed point, and
+whole rounds with and without dropouts, as pure functions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from privacy.secagg import fixed_point, shamir
+from privacy.secagg.masks import prg
+from privacy.secagg.protocol import (
+    Advert,
+    SecAggError,
+    advertise,
+    mask,
+    receive_shares,
+    reveal,
+    share,
+    unmask,
+)
+
+TAG = b"run-1/round-3"
+
+
+# --- Shamir -----------------------------------------------------------------------------------------
+
+@settings(max_examples=30, deadline=None)
+@given(secret=st.binary(min_size=1, max_size=64), n=st.integers(2, 9), data=st.data())
+def test_any_threshold_shares_rebuild_the_secret(secret: bytes, n: int, data: st.DataObject) -> None:
+    threshold = data.draw(st.integers(1, n))
+    shares = shamir.split(secret, xs=list(range(1, n + 1)), threshold=threshold)
+    chosen = data.draw(st.lists(st.sampled_from(sorted(shares)), min_size=threshold, max_size=n, unique=True))
+    assert shamir.combine({x: shares[x] for x in chosen}, threshold=threshold, length=len(secret)) == secret
+
+
+def test_fewer_shares_than_the_threshold_are_refused_and_a_wrong_share_is_noticed() -> None:
+    secret = bytes(range(32))
+    shares = shamir.split(secret, xs=[1, 2, 3, 4, 5], threshold=3)
+    with pytest.raises(ValueError, match="2 shares, 3 needed"):
+        shamir.combine({1: shares[1], 2: shares[2]}, threshold=3, length=32)
+    forged = {**shares, 2: shamir.split(b"\xff" * 32, xs=[2], threshold=1)[2]}  # another split's share
+    with pytest.raises(ValueError, match="wrong or tampered"):
+        shamir.combine({x: forged[x] for x in (1, 2, 3)}, threshold=3, length=32)
+
+
+def test_threshold_minus_one_shares_say_nothing_each_secret_fits_them() -> None:
+    """With t-1 shares fixed, every candidate secret has a polynomial through them: the shares are equally
+    consistent with any secret (checked by building one for a second secret)."""
+    xs, t = [1, 2, 3], 3
+    shares = shamir.split(b"\x01" * 32, xs=xs, threshold=t)
+    known = {x: int.from_bytes(shares[x], "big") for x in (1, 2)}
+    other = int.from_bytes(b"\x02" * 32, "big")
+    # a degree-2 polynomial through (0, other), (1, y1), (2, y2) exists over the field
+    points = [(0, other), *known.items()]
+    y3 = 0
+    for i, (xi, yi) in enumerate(points):
+        num = den = 1
+        for j, (xj, _) in enumerate(points):
+            if i != j:
+                num, den = num * (3 - xj) % shamir.P, den * (xi - xj) % shamir.P
+        y3 = (y3 + yi * num * pow(den, -1, shamir.P)) % shamir.P
+    rebuilt = shamir.combine({1: shares[1], 2: shares[2], 3: y3.to_bytes(shamir.SHARE_BYTES, "big")}, threshold=t,
+                             length=32)
+    assert rebuilt == b"\x02" * 32
+
+
+# --- masks and fixed point --------------------------------------------------------------------------
+
+def test_the_mask_generator_uses_the_whole_seed() -> None:
+    seed = bytes(32)
+    base = prg(seed, 64, bits=64)
+    for byte in (0, 17, 31):  # a change anywhere in the 256-bit seed gives another stream
+        other = bytearray(seed)
+        other[byte] ^= 0x80
+        assert not np.array_equal(prg(bytes(other), 64, bits=64), base)
+    assert np.array_equal(prg(seed, 64, bits=64), base)  # and the same seed the same stream
+    assert prg(seed, 1000, bits=20).max() < 2**20
+    with pytest.raises(ValueError, match="32 bytes"):
+        prg(b"\x00" * 4, 8, bits=32)
+
+
+@settings(max_examples=50, deadline=None)
+@given(sites=st.lists(st.tuples(st.lists(st.floats(-3, 3), min_size=5, max_size=5), st.integers(0, 500)),
+                      min_size=1, max_size=8),
+       bits=st.integers(4, 24))
+def test_the_ring_sum_decodes_to_the_weighted_sum_within_half_a_step_each(sites: list, bits: int) -> None:
+    clip = 2.0
+    total_weight = sum(w for _, w in sites) or 1
+    ring = fixed_point.ring_bits(bits, total_weight)
+    total = np.zeros(5, np.uint64)
+    for values, weight in sites:
+        total = fixed_point.add(total, fixed_point.encode(np.array(values), clip=clip, bits=bits, weight=weight,
+                                                          ring=ring), ring=ring)
+    expected = sum(w * np.clip(np.array(v), -clip, clip) for v, w in sites)
+    got = fixed_point.decode(total, clip=clip, bits=bits, ring=ring)
+    assert np.all(np.abs(got - expected) <= total_weight * fixed_point.step(clip, bits) / 2 + 1e-9)
+
+
+def test_a_ring_too_wide_for_64_bits_is_refused() -> None:
+    assert fixed_point.ring_bits(16, 1000) == 26  # 2·1000·32767 < 2^26
+    with pytest.raises(ValueError, match="needs a 72-bit ring"):
+        fixed_point.ring_bits(32, 2**40)
+
+
+# --- whole rounds -------------------------------------------------------------------------------------
+
+def round_(values: dict[int, np.ndarray], *, threshold: int, drop_before_shares: set[int] = frozenset(),
+           drop_after_shares: set[int] = frozenset(), ring: int = 40,
+           forge: object = lambda answer: answer) -> tuple[np.ndarray, dict]:
+    """One round through the four stages, the coordinator's routing included."""
+    secrets, roster = {}, {}
+    for u in values:
+        secrets[u], roster[u] = advertise(round_tag=TAG, me=u)
+    outs = {u: share(secrets[u], roster, threshold=threshold) for u in values if u not in drop_before_shares}
+    sent, commitments = {u: o[0] for u, o in outs.items()}, {u: o[1] for u, o in outs.items()}
+    shared = set(sent)
+    for v in shared:  # the coordinator routes each site's ciphertexts to it
+        receive_shares(secrets[v], {u: out[v] for u, out in sent.items() if u != v})
+    masked = {u: mask(secrets[u], values[u], ring=ring, shared_with=shared) for u in shared
+              if u not in drop_after_shares}
+    survivors = set(masked)
+    revealed = {u: reveal(secrets[u], survivors=survivors, dropped=shared - survivors) for u in survivors}
+    revealed = {u: forge(answer) for u, answer in revealed.items()}
+    total = unmask(masked, revealed, roster=roster, commitments=commitments, threshold=threshold, round_tag=TAG,
+                   ring=ring)
+    return total, {"masked": masked, "secrets": secrets, "roster": roster}
+
+
+def vectors(n: int, size: int = 50, ring: int = 40, seed: int = 0) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {u: rng.integers(0, 2**30, size=size).astype(np.uint64) for u in range(1, n + 1)}
+
+
+def ring_sum(vs: list[np.ndarray], ring: int = 40) -> np.ndarray:
+    total = np.zeros_like(vs[0])
+    for v in vs:
+        total = fixed_point.add(total, v, ring=ring)
+    return total
+
+
+def test_the_coordinator_gets_the_sum_and_each_masked_vector_looks_uniform() -> None:
+    values = vectors(5)
+    total, seen = round_(values, threshold=3)
+    assert np.array_equal(total, ring_sum(list(values.values())))
+    for u, masked in seen["masked"].items():
+        assert not np.array_equal(masked, values[u])
+        assert np.mean(masked < 2**30) < 0.05  # the inputs lie below 2^30 of a 2^40 ring; masked ones do not
+
+
+@pytest.mark.parametrize("dropped", [{2}, {1, 5}])
+def test_sites_that_drop_after_sharing_leave_the_sum_of_the_others(dropped: set[int]) -> None:
+    values = vectors(5, seed=1)
+    total, _ = round_(values, threshold=3, drop_after_shares=dropped)
+    assert np.array_equal(total, ring_sum([v for u, v in values.items() if u not in dropped]))
+
+
+def test_a_site_that_drops_before_sharing_is_left_out_of_every_mask() -> None:
+    values = vectors(4, seed=2)
+    total, _ = round_(values, threshold=2, drop_before_shares={3})
+    assert np.array_equal(total, ring_sum([v for u, v in values.items() if u != 3]))
+
+
+@pytest.mark.parametrize("dropped", [set(), {2}])
+def test_a_forged_share_is_refused_naming_the_site(dropped: set[int]) -> None:
+    """A share shifted by one (an offset a malicious site could choose) rebuilds another secret: the seed's
+    commitment, or the mask key's public key, catches it."""
+    def shifted(answer: dict) -> dict:
+        kind, share_ = answer[2]
+        return {**answer, 2: (kind, (int.from_bytes(share_, "big") + 1).to_bytes(shamir.SHARE_BYTES, "big"))}
+
+    with pytest.raises(SecAggError, match="site 2's (self-mask seed|mask key) do not rebuild"):
+        round_(vectors(4), threshold=4 - len(dropped), drop_after_shares=dropped, forge=shifted)
+
+
+def test_too_many_dropouts_are_refused() -> None:
+    with pytest.raises(SecAggError, match="fewer than the threshold"):
+        round_(vectors(4), threshold=3, drop_after_shares={1, 2})
+
+
+def test_a_site_never_reveals_both_secrets_of_one_site() -> None:
+    values = vectors(3)
+    secrets, roster = {}, {}
+    for u in values:
+        secrets[u], roster[u] = advertise(round_tag=TAG, me=u)
+    sent = {u: share(secrets[u], roster, threshold=2)[0] for u in values}
+    for v in values:
+        receive_shares(secrets[v], {u: out[v] for u, out in sent.items() if u != v})
+    with pytest.raises(SecAggError, match="both as survivors and as dropped"):
+        reveal(secrets[1], survivors={1, 2}, dropped={2})
+    with pytest.raises(SecAggError, match="named as dropped"):
+        reveal(secrets[1], survivors={2, 3}, dropped={1})
+
+
+def test_a_share_moved_to_another_site_or_round_does_not_decrypt() -> None:
+    secrets, roster = {}, {}
+    for u in (1, 2, 3):
+        secrets[u], roster[u] = advertise(round_tag=TAG, me=u)
+    sent = {u: share(secrets[u], roster, threshold=2)[0] for u in (1, 2, 3)}
+    with pytest.raises(SecAggError, match="do not authenticate"):
+        receive_shares(secrets[3], {1: sent[1][2]})  # site 2's share handed to site 3
+    secrets[2].round_tag = b"run-1/round-4"
+    with pytest.raises(SecAggError, match="do not authenticate"):
+        receive_shares(secrets[2], {1: sent[1][2]})
+
+
+def test_a_roster_without_the_sites_own_keys_or_with_repeated_keys_is_refused() -> None:
+    mine, _ = advertise(round_tag=TAG, me=1)
+    others = {u: advertise(round_tag=TAG, me=u)[1] for u in (1, 2, 3)}
+    with pytest.raises(SecAggError, match="own keys"):
+        share(mine, others, threshold=2)
+    twice = {1: others[1], 2: others[1], 3: others[3]}
+    with pytest.raises(SecAggError, match="repeats a public key"):
+        share(mine, twice, threshold=2)
+    with pytest.raises(SecAggError, match="threshold must lie in 2..3"):
+        share(mine, {1: Advert(b"a" * 32, b"b" * 32), 2: others[2], 3: others[3]}, threshold=4)
