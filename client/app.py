@@ -45,3 +45,5 @@ def handle(msg: Message, context: Context) -> Message:
 
 app.query()(handle)
 app.train()(handle)
+for _action in ("secagg_shares", "secagg_masked", "secagg_unmask"):  # secure aggregation's later stages
+    app.query(_action)(handle)

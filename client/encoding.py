@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Context, Message, MetricRecord
 
+from client.secure import secure_exchange
 from client.sites import site_for
 from fedpeft.adapters.state import key_matches, without_keys
 from fedpeft.codecs import compress, parse_codec
@@ -46,11 +47,14 @@ def codec_mod(msg: Message, context: Context, call_next: Any) -> Message:
     request = train_request(msg.content)
     cfg = request.settings
     site, _ = site_for(cfg, context, list(request.label_names))
+    expected = {k: v.shape for k, v in without_keys(site.model.initial, request.frozen).items()}
+    if request.secagg is not None:  # secure aggregation: the update waits at the site for the masked stage
+        return secure_exchange(msg, context, call_next, expected=expected, held=request.held, secagg=request.secagg)
     return encoded_exchange(
         msg,
         context,
         call_next,
-        expected={k: v.shape for k, v in without_keys(site.model.initial, request.frozen).items()},
+        expected=expected,
         codec=str(context.node_config.get("codec") or cfg.codec),
         residual_file=residual_path(site.state_dir, site.key, cfg.run_id),
         held=request.held,

@@ -28,6 +28,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import secure
 from client.encoding import codec_mod
 from client.sites import site_for
 from fedpeft.adapters import adapter_state, load_adapter_state
@@ -130,3 +131,9 @@ def train(msg: Message, context: Context) -> Message:
     content[ARRAYS] = to_array_record({k: state[k] for k in broadcast} if trained else {})
     content[METRICS] = MetricRecord(metrics)
     return Message(content, reply_to=msg)
+
+
+# secure aggregation's later stages (client/secure.py): the round's secrets are in the node's context
+app.query("secagg_shares")(secure.shares)
+app.query("secagg_masked")(secure.masked)
+app.query("secagg_unmask")(secure.unmask)

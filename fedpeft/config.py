@@ -167,6 +167,16 @@ class FedPeftConfig:
     dp_max_grad_norm: float = _f(1.0, "clipping norm C: per example (local) or per client update (central)")
     dp_clipping: str = _f("hooks", "Opacus clipping for local DP: hooks (per-sample gradients) | ghost (fast clipping)")
     dp_accountant: str = _f("prv", "accountant sites count with: prv (near-tight) | rdp (Opacus)")
+    secure_aggregation: bool = _f(
+        False, "secure aggregation (SecAgg): the coordinator learns the sum of the sampled sites' updates, never one "
+        "site's; four message stages a round; linear rules only (fedit, ffa-lora, rolora, ssf-avg), codec none"
+    )
+    secagg_clip: float = _f(1.0, "secure aggregation: the L2 norm each site clips its own update to before masking")
+    secagg_bits: int = _f(20, "secure aggregation: fixed-point bits per value (each value's error <= clip/2^bits)")
+    secagg_threshold: int = _f(
+        0, "secure aggregation: shares that rebuild a site's masks (sites that must stay to the end); 0: a majority "
+        "of the round's sampled sites"
+    )
     canaries: int = _f(
         0, "empirical privacy audit: this many random canaries spread over the sites, each trained on with "
         "probability 1/2 (a secret draw), scored by the final model; 0: off"
@@ -211,6 +221,12 @@ class FedPeftConfig:
             if not getattr(self, name) > 0:
                 raise FedPeftError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         check_reliability(self)
+        if not (math.isfinite(self.secagg_clip) and self.secagg_clip > 0):
+            raise FedPeftError(f"secagg_clip must be a finite number > 0, got {self.secagg_clip}")
+        if not 2 <= self.secagg_bits <= 32:
+            raise FedPeftError(f"secagg_bits must lie in 2..32, got {self.secagg_bits}")
+        if self.secagg_threshold < 0 or self.secagg_threshold == 1:
+            raise FedPeftError(f"secagg_threshold must be 0 (a majority) or at least 2, got {self.secagg_threshold}")
         if self.canaries < 0 or self.canaries == 1:
             raise FedPeftError(f"canaries must be 0 (off) or at least 2, got {self.canaries}")
         for name in ("text_column", "label_column"):

@@ -17,8 +17,10 @@ adapter payload, :mod:`fedpeft.wire`), :data:`CONTROL` (SCAFFOLD's variates), :d
 
 A train request adds :data:`SERVER_ROUND`, :data:`FROZEN` and :data:`HELD` (the tensors the rule freezes,
 never broadcast, and those it holds this round, broadcast but not trained), and for some sites
-:data:`CANARIES` (the empirical audit), :data:`LEDGER_SEQ` (local DP) or :data:`CLIPPING_NORM` (central
-DP: Flower's fixed-clipping mod reads it under Flower's name).
+:data:`CANARIES` (the empirical audit), :data:`LEDGER_SEQ` (local DP), :data:`CLIPPING_NORM` (central
+DP: Flower's fixed-clipping mod reads it under Flower's name) or :data:`SECAGG` (secure aggregation,
+whose three later stages are query messages: :data:`SECAGG_SHARES`, :data:`SECAGG_MASKED`,
+:data:`SECAGG_UNMASK`).
 
 A site parses a request once per message (:func:`train_request`); its handler and its mods share the
 parsed :class:`TrainRequest`.
@@ -58,8 +60,17 @@ HELD = "held"
 CANARIES = "canaries"  # train config of the empirical audit: JSON [[text, label], ...] this site trains on too
 LEDGER_SEQ = "ledger-seq"  # train config under local DP: how many of this site's entries the ledger holds
 CLIPPING_NORM: str = flower_compat.KEY_CLIPPING_NORM  # central DP: the norm every sampled site clips its update to
+SECAGG = "secagg"  # secure aggregation: JSON {number, threshold, bits, clip, tag} of this site's round
 QUERY_KEYS = frozenset({PROTOCOL, LABEL_NAMES})
-TRAIN_KEYS = QUERY_KEYS | {SERVER_ROUND, FROZEN, HELD, CANARIES, LEDGER_SEQ, CLIPPING_NORM}
+TRAIN_KEYS = QUERY_KEYS | {SERVER_ROUND, FROZEN, HELD, CANARIES, LEDGER_SEQ, CLIPPING_NORM, SECAGG}
+
+# --- secure aggregation's later stages (query messages; privacy/secagg, client/secure.py) -------------
+SECAGG_SHARES = "query.secagg_shares"  # the roster down; encrypted shares and the seed's commitment up
+SECAGG_MASKED = "query.secagg_masked"  # a site's incoming shares and who shared down; its masked vector up
+SECAGG_UNMASK = "query.secagg_unmask"  # who survived and who dropped down; the shares asked for up
+SECAGG_KEYS = "secagg-keys"  # ConfigRecord of a secure train reply: the site's public keys (hex)
+SECAGG_STAGE = "secagg-stage"  # ConfigRecord of a later stage's request and reply: JSON under "json"
+MASKED = "masked"  # ArrayRecord of the masked-input reply: one uint64 array, "vector"
 
 # The run settings a site reads: its model and adapter, its data and partition, local training (with
 # the probe, drift and label corrections), local DP's plan and accountant, its codec, and the run's
@@ -74,6 +85,7 @@ SITE_SETTINGS = frozenset({
     "client_cpus", "device", "precision", "gradient_checkpointing",
     "dp", "dp_epsilon", "dp_delta", "dp_noise_multiplier", "dp_max_grad_norm", "dp_clipping", "dp_accountant",
     "seed", "run_id",
+    "secure_aggregation",  # what drift "auto" means (fedpeft.drift.resolve_drift)
 })
 
 # --- a reply's keys ------------------------------------------------------------------------------
@@ -138,6 +150,7 @@ class TrainRequest:
     held: tuple[str, ...]  # broadcast this round, neither trained nor sent back (RoLoRA's other factor)
     canaries: tuple[Any, ...] | None = None  # [text, label] pairs
     ledger_seq: int | None = None
+    secagg: dict[str, Any] | None = None  # secure aggregation's settings for this site's round
 
     @property
     def untrained(self) -> tuple[str, ...]:
@@ -151,9 +164,10 @@ class TrainRequest:
             server_round = int(record[SERVER_ROUND])
             canaries = tuple(json.loads(str(record[CANARIES]))) if CANARIES in record else None
             seq = record.get(LEDGER_SEQ)
+            secagg = json.loads(str(record[SECAGG])) if SECAGG in record else None
             return cls(settings=settings, label_names=label_names, server_round=server_round,
                        frozen=_names(record.get(FROZEN, "")), held=_names(record.get(HELD, "")),
-                       canaries=canaries, ledger_seq=None if seq is None else int(seq))
+                       canaries=canaries, ledger_seq=None if seq is None else int(seq), secagg=secagg)
         except (KeyError, TypeError, ValueError) as err:
             raise FedPeftError(f"malformed train request: {type(err).__name__}: {err}") from None
 

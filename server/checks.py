@@ -37,3 +37,35 @@ def check_config(cfg: FedPeftConfig) -> None:
     if cfg.peft == "lora" and drift.method == "scaffold" and not drift.scope and set(ranks) - {cfg.lora_r}:
         raise FedPeftError(f"drift {cfg.drift} keeps a control variate per LoRA factor, whose shape differs across "
                            f"client_ranks {cfg.client_ranks!r}; use --drift scaffold:head")
+    if cfg.secure_aggregation:
+        check_secure(cfg, aggregator, sampled, drift.method)
+
+
+# what secure aggregation leaves the coordinator unable to do, by setting: (is it set?, why it cannot run)
+def check_secure(cfg: FedPeftConfig, aggregator: object, sampled: int, drift: str) -> None:
+    """Secure aggregation gives the coordinator the sum of the sampled sites' updates and nothing else."""
+    if not aggregator.linear:  # type: ignore[attr-defined]
+        linear = sorted({AGGREGATORS.get(n).name for n in AGGREGATORS if AGGREGATORS.get(n).linear})
+        raise FedPeftError(f"secure aggregation: strategy {cfg.strategy} needs each site's factors, and the "
+                           f"coordinator would see only their sum; use one of: {', '.join(linear)}")
+    refusals = [
+        (cfg.codec != "none", f"codec {cfg.codec} encodes each site's update its own way (indices, scales), which a "
+                              "masked sum cannot add; use --codec none (the masked sum is its own encoding)"),
+        (cfg.dp == "central", "central DP under secure aggregation needs the sites to add the noise (distributed "
+                              "noise), which is not built yet; use --dp local, or drop one of them"),
+        (cfg.robust != "none", f"robust {cfg.robust} reads each site's update, which secure aggregation hides"),
+        (cfg.max_update_norm > 0 or cfg.max_norm_ratio > 0 or cfg.clip_update_norm > 0,
+         "the coordinator cannot check or clip one site's masked update; the sites clip their own to --secagg-clip "
+         "(drop --max-update-norm, --max-norm-ratio and --clip-update-norm)"),
+        (drift == "scaffold", "drift scaffold sends each site's change of its control variate, a second upload the "
+                              "masked sum does not cover; use --drift fedprox:<mu> or none"),
+        (bool(cfg.client_ranks), "sites of different LoRA ranks send vectors of different sizes, which a masked sum "
+                                 "cannot add; drop --client-ranks"),
+        (sampled < 2, f"it sums at least 2 sites a round; {sampled} is sampled (raise --fraction or "
+                      "--clients)"),
+        (cfg.secagg_threshold > sampled, f"secagg_threshold {cfg.secagg_threshold} exceeds the {sampled} sites "
+                                         "sampled a round"),
+    ]
+    for refused, why in refusals:
+        if refused:
+            raise FedPeftError(f"secure aggregation: {why}")

@@ -46,6 +46,7 @@ from strategies.aggregator import round_rule
 from strategies.flower import FedPeftStrategy, RoundOutcome
 from strategies.norm_bound import clip_to_norm
 from strategies.replies import RoundTraffic
+from strategies.secure import SecureSettings
 from strategies.server_opt import SERVER_OPTIMIZERS, ServerOptSettings, server_step
 from strategies.validation import ReplyLimits
 
@@ -255,6 +256,8 @@ def build_strategy(cfg: FedPeftConfig, *, sites: Mapping[int, str], ranks: Mappi
         control=control,
         control_scope=control_scope,
         head_frozen_after=head_frozen_after(cfg),
+        secure=SecureSettings(clip=cfg.secagg_clip, bits=cfg.secagg_bits, threshold=cfg.secagg_threshold,
+                              run_id=cfg.run_id) if cfg.secure_aggregation else None,
     )
 
 
@@ -298,7 +301,7 @@ def round_metrics(cfg: FedPeftConfig, traffic: RoundTraffic, agg: Mapping[str, A
         **traffic.compression(),
         **({bound: len(traffic.reclipped)} if (bound := privacy_mode(cfg).bound_metric) else {}),
         **({"clipped": len(traffic.reclipped)} if cfg.clip_update_norm > 0 else {}),
-        **{key: float(value) for key, value in (agg or {}).items() if key.startswith("agg_")},
+        **{key: float(value) for key, value in (agg or {}).items() if key.startswith(("agg_", "secagg_"))},
         **({"dp_noise_std": float(agg["dp_noise_std"])} if agg is not None and "dp_noise_std" in agg else {}),
     }
 

@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import Strategy
 from fedpeft.adapters.state import adapter_kind, key_matches, without_keys
 from fedpeft.codecs import parse_codec
 from fedpeft.errors import FedPeftError
-from fedpeft.protocol import FROZEN, HELD, SERVER_ROUND
+from fedpeft.protocol import FROZEN, HELD, SECAGG, SERVER_ROUND
 from fedpeft.wire import CONFIG, CONTROL, encode_tensors, from_array_record, raw_nbytes, record_nbytes, to_array_record
 from strategies import AGGREGATORS
 from strategies.aggregator import AggregationOptions, lora_layers, round_rule, truncate_to_rank
@@ -54,6 +54,7 @@ from strategies.replies import (
     train_loss,
 )
 from strategies.sampling import sample_sites
+from strategies.secure import SecureSettings, secure_round
 from strategies.validation import ReplyLimits
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,9 @@ class FedPeftStrategy(Strategy):
         Central DP: computes the new global adapter's change from the accepted updates in place of
         the aggregator (which must be linear); the aggregator's own metrics, computed from each
         site's factors, are then not reported.
+    secure : SecureSettings, optional
+        Secure aggregation (:mod:`strategies.secure`): each round is four message stages and the
+        coordinator sees only the sum of the sampled sites' clipped updates (linear rules only).
     head_frozen_after : int, optional
         Hold the classification head in every round after this one (``head_after_probe=freeze``: the
         head the probe rounds trained stays; sites train and send only the adapter).
@@ -153,6 +157,7 @@ class FedPeftStrategy(Strategy):
         control: Mapping[str, Any] | None = None,
         control_scope: tuple[str, ...] = (),
         head_frozen_after: int | None = None,
+        secure: SecureSettings | None = None,
     ) -> None:
         self.aggregator_name = aggregator
         self.aggregator = AGGREGATORS.get(aggregator)
@@ -174,6 +179,12 @@ class FedPeftStrategy(Strategy):
         if release is not None and not self.aggregator.linear:
             raise FedPeftError(f"strategy {aggregator!r} does not average, so a release cannot replace it")
         self.release = release
+        if secure is not None and not self.aggregator.linear:
+            raise FedPeftError(f"strategy {aggregator!r} needs each site's factors; secure aggregation gives only "
+                               "their sum")
+        self.secure = secure
+        self.secure_numbers: dict[str, int] = {}  # site → its number (Shamir point) in this round's secure sum
+        self._secure_shapes: dict[str, tuple[int, ...]] = {}  # the tensors of the secure sum, in its order
         self.control = None if control is None else dict(control)
         self.control_scope = control_scope
         self.head_frozen_after = head_frozen_after
@@ -225,6 +236,10 @@ class FedPeftStrategy(Strategy):
                 {k: self.control.get(k, np.zeros(v.shape, np.float32)) for k, v in trained.items()})}
         contents[global_rank] = RecordDict({**records, CONFIG: config, **control})
         self.previous = {**self.previous, **self.baselines[global_rank]}  # what every site starts from
+        if self.secure is not None:  # sites numbered from 1 in site order: the Shamir points of the round
+            self.secure_numbers = {site: i + 1 for i, site in enumerate(sorted(chosen))}
+            sent = without_keys(self.baselines[global_rank], rule.held)
+            self._secure_shapes = {k: sent[k].shape for k in sorted(sent)}
         for site in chosen:
             rank = self.ranks.get(site, global_rank)
             if rank not in contents:  # a lower rank: SCAFFOLD covers only the head then (server.checks)
@@ -233,6 +248,9 @@ class FedPeftStrategy(Strategy):
             content = RecordDict(dict(contents[rank]))  # one dict per message: a site's mods replace records
             if self.site_config is not None:
                 content[CONFIG] = ConfigRecord({**config, **self.site_config(site)})
+            if self.secure is not None:
+                content[CONFIG] = ConfigRecord({**content[CONFIG], SECAGG: self.secure.request(
+                    self.secure_numbers[site], server_round, len(chosen))})
             self._rank_of[site] = rank
             traffic.sent[site] = record_nbytes(content)
             traffic.raw_sent[site] = raw_nbytes({k: v.shape for k, v in self.baselines[rank].items()})
@@ -263,8 +281,39 @@ class FedPeftStrategy(Strategy):
         then their replies); a protocol that needs several (secure aggregation: keys, shares, masked
         updates, unmasking) yields once per stage, and the round loop (:func:`server.rounds.play_round`)
         runs any number of them the same way."""
+        if self.secure is not None:
+            return (yield from secure_round(self, server_round, arrays, config))
         replies = yield list(self.configure_train(server_round, arrays, config, grid=None))
         return self.collect(server_round, replies)
+
+    # --- what a round of several stages (strategies.secure) asks of the strategy ---------------------------
+    def site_of(self, msg: Message) -> tuple[str, bool]:
+        return self._site_of(msg)
+
+    def node_of(self, site: str) -> int:
+        return self._node_of[site]
+
+    def sending(self, messages: list[Message]) -> list[Message]:
+        """A later stage's messages: the grid gives each its id, by which a reply the SuperLink wrote names
+        its site."""
+        self._sent = messages
+        return messages
+
+    def outcome(self, server_round: int, arrays: ArrayRecord | None, metrics: MetricRecord | None) -> RoundOutcome:
+        return RoundOutcome(arrays, metrics, self.traffic[server_round], self.control)
+
+    def secure_size(self) -> int:
+        """Values in this round's secure sum (the flattened update, without the weight)."""
+        return int(sum(int(np.prod(shape)) for shape in self._secure_shapes.values()))
+
+    def secure_unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """The secure sum's flat mean back into the tensors it was made of (sorted-name order)."""
+        out, at = {}, 0
+        for name, shape in self._secure_shapes.items():
+            n = int(np.prod(shape))
+            out[name] = flat[at:at + n].reshape(shape).astype(np.float32)
+            at += n
+        return out
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -278,12 +327,7 @@ class FedPeftStrategy(Strategy):
         reply received, checked by the ledger, accounted, validated, bounded and weighed; the survivors
         screened and aggregated."""
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
-        ctx = ReplyContext(
-            server_round=server_round, held=self._rule(server_round).held, baselines=self.baselines,
-            rank_of=self._rank_of, checks=tuple(self.checks), limits=self.limits, scaffold=self.control is not None,
-            bound=self.bound, releases=self.release is not None, uniform_weights=self.uniform_weights,
-            min_replies=self.min_replies,
-        )
+        ctx = self.reply_context(server_round)
         candidates = []
         for msg in replies:
             site, unreachable = self._site_of(msg)
@@ -307,6 +351,15 @@ class FedPeftStrategy(Strategy):
         metrics = MetricRecord({"clients": len(accepted), **agg_metrics,
                                 **train_loss(accepted, traffic.client_metrics)})
         return RoundOutcome(to_array_record(state), metrics, traffic, self.control)
+
+    def reply_context(self, server_round: int) -> ReplyContext:
+        """What round ``server_round``'s replies are judged against."""
+        return ReplyContext(
+            server_round=server_round, held=self._rule(server_round).held, baselines=self.baselines,
+            rank_of=self._rank_of, checks=tuple(self.checks), limits=self.limits, scaffold=self.control is not None,
+            bound=self.bound, releases=self.release is not None, uniform_weights=self.uniform_weights,
+            min_replies=self.min_replies,
+        )
 
     def _released(self, updates: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
         """The broadcast plus the release; tensors the aggregator freezes stay as they were."""

@@ -42,9 +42,11 @@ def resolve_drift(cfg: Any) -> DriftSpec:
     """The drift correction a run without differential privacy uses: its ``drift`` setting, with ``auto``
     resolved — SCAFFOLD on the classification head for ``seq-cls``, nothing for a causal LM (no head).
     Under DP the run's privacy mode decides what ``auto`` means (:meth:`privacy.modes.PrivacyMode.drift`:
-    none, since the term would bypass clipping and the variate would be an unprotected upload)."""
+    none, since the term would bypass clipping and the variate would be an unprotected upload). Under
+    secure aggregation ``auto`` is none too: a site's change of its variate would be a second upload the
+    masked sum does not cover."""
     if cfg.drift.strip() == "auto":
-        return parse_drift("scaffold:head" if cfg.task == "seq-cls" else "none")
+        return parse_drift("scaffold:head" if cfg.task == "seq-cls" and not cfg.secure_aggregation else "none")
     return parse_drift(cfg.drift)
 
 

@@ -263,3 +263,47 @@ def test_causal_lm_config_and_boolean_coercion() -> None:
 ])
 def test_auto_probe_rounds(fields: dict, probes: int) -> None:
     assert FedPeftConfig(**fields).probes == probes
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"strategy": "lora-fair"}, "strategy lora-fair needs each site's factors"),
+    ({"strategy": "exact-svd"}, "strategy exact-svd needs each site's factors"),
+    ({"codec": "topk:0.3+int4"}, "codec topk:0.3+int4 encodes each site's update its own way"),
+    ({"dp": "central", "dp_epsilon": 8.0}, "central DP under secure aggregation"),
+    ({"robust": "median"}, "robust median reads each site's update"),
+    ({"max_update_norm": 5.0}, "the coordinator cannot check or clip one site's masked update"),
+    ({"clip_update_norm": 1.0}, "the coordinator cannot check or clip one site's masked update"),
+    ({"drift": "scaffold"}, "drift scaffold sends each site's change"),
+    ({"client_ranks": "4,8", "strategy": "exact-svd"}, "strategy exact-svd needs each site's factors"),
+    ({"client_ranks": "4,8", "strategy": "fedit"}, None),  # refused by the rule's own rank check first
+    ({"clients": 1, "min_clients": 1}, "it sums at least 2 sites a round"),
+    ({"clients": 4, "fraction": 0.5, "secagg_threshold": 3}, "secagg_threshold 3 exceeds the 2 sites"),
+])
+def test_secure_aggregation_refuses_what_needs_one_sites_update(kwargs: dict, message: str | None) -> None:
+    from server.checks import check_config
+
+    with pytest.raises(FedPeftError, match=re.escape(f"secure aggregation: {message}") if message else None) as err:
+        check_config(FedPeftConfig(secure_aggregation=True, **kwargs))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"strategy": "ffa-lora"}, {"strategy": "rolora"},
+                                    {"peft": "ssf", "strategy": "ssf-avg"}, {"server_opt": "adam"},
+                                    {"dp": "local", "dp_epsilon": 8.0}, {"drift": "fedprox:0.01"}])
+def test_secure_aggregation_runs_with_every_linear_rule_and_local_dp(kwargs: dict) -> None:
+    from fedpeft.drift import resolve_drift
+    from server.checks import check_config
+
+    cfg = FedPeftConfig(secure_aggregation=True, **kwargs)
+    check_config(cfg)
+    assert resolve_drift(FedPeftConfig(secure_aggregation=True)).method == "none"  # auto: no second upload
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"secagg_clip": 0.0}, "secagg_clip must be a finite number > 0"),
+    ({"secagg_bits": 33}, "secagg_bits must lie in 2..32"),
+    ({"secagg_threshold": 1}, "secagg_threshold must be 0 (a majority) or at least 2"),
+])
+def test_bad_secure_aggregation_settings_are_one_line(kwargs: dict, message: str) -> None:
+    with pytest.raises(FedPeftError, match=re.escape(message)):
+        FedPeftConfig(**kwargs)

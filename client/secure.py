@@ -1,0 +1,152 @@
+"""The site's stages of secure aggregation (the protocol itself: :mod:`privacy.secagg`).
+
+1. **Train** (:func:`secure_exchange`, in place of the codec exchange when the request has ``secagg``):
+   the site trains as usual, clips its update to the run's L2 bound, turns it into fixed point times its
+   weight (its number of examples, which travels only inside the masked sum) with the weight appended,
+   draws its key pairs for the round and replies with the public keys. The vector waits at the site.
+2. **Shares** (:func:`shares`): the roster in; the encrypted shares for every other site out.
+3. **Masked input** (:func:`masked`): the shares meant for this site and who shared in; the masked
+   vector out.
+4. **Unmasking** (:func:`unmask`): who survived and who dropped in; the shares asked for out. The round's
+   secrets are then deleted.
+
+Between stages the round's secrets live in the node's :class:`flwr.app.Context` state, which Flower
+keeps in the memory of the site's own processes (the simulation's, or the SuperNode's and its site
+worker's); nothing is written to disk.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedpeft.adapters.state import without_keys
+from fedpeft.errors import FedPeftError
+from fedpeft.protocol import (
+    ARRAYS,
+    CODEC,
+    MASKED,
+    METRICS,
+    NUM_EXAMPLES,
+    SECAGG_KEYS,
+    SECAGG_STAGE,
+)
+from fedpeft.wire import decode_payload, from_array_record, to_array_record
+from privacy.secagg import fixed_point
+from privacy.secagg.protocol import Advert, SiteSecrets, advertise, mask, receive_shares, reveal, share
+from strategies.norm_bound import clip_to_norm
+
+RING = 64  # the ring of the masked sum: uint64 arithmetic, room for any cohort's weighted sum at <= 32 bits
+STATE = "secagg-state"  # the node context's ConfigRecord of the round's secrets
+VECTOR = "secagg-vector"  # the node context's ArrayRecord of the round's unmasked vector
+
+
+def flatten(update: dict[str, np.ndarray]) -> np.ndarray:
+    """The update's tensors in sorted-name order, as one float64 vector (the coordinator cuts it the same way)."""
+    return np.concatenate([np.asarray(update[k], np.float64).ravel() for k in sorted(update)]) if update \
+        else np.zeros(0, np.float64)
+
+
+def secure_exchange(msg: Message, context: Context, call_next: Any, *, expected: dict[str, tuple[int, ...]],
+                    held: tuple[str, ...], secagg: dict[str, Any]) -> Message:
+    """Stage 1 at the site: train, keep the masked sum's input, reply with this round's public keys."""
+    broadcast, _ = decode_payload(msg.content, expected)
+    del msg.content[CODEC]
+    msg.content[ARRAYS] = to_array_record(broadcast)
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    trained = from_array_record(reply.content[ARRAYS])
+    sent = without_keys(broadcast, held)
+    if trained and any(not np.array_equal(trained[k], broadcast[k]) for k in broadcast if k not in sent):
+        raise FedPeftError(f"the site trained a factor the strategy holds this round ({', '.join(held)})")
+    metrics = dict(reply.content[METRICS])
+    weight = int(metrics.pop(NUM_EXAMPLES))  # inside the masked sum only
+    update = {k: trained[k] - broadcast[k] for k in sent} if trained else \
+        {k: np.zeros_like(v) for k, v in sent.items()}  # a refused round adds nothing, weight 0
+    update, _ = clip_to_norm(update, max_norm=float(secagg["clip"]))
+    vector = np.concatenate([
+        fixed_point.encode(flatten(update), clip=float(secagg["clip"]), bits=int(secagg["bits"]), weight=weight,
+                           ring=RING),
+        np.array([weight], np.uint64)])
+    secrets, advert = advertise(round_tag=str(secagg["tag"]).encode(), me=int(secagg["number"]))
+    _save(context, secrets)
+    context.state[VECTOR] = ArrayRecord({"vector": _array(vector)})
+    content = RecordDict({METRICS: MetricRecord(metrics),
+                          SECAGG_KEYS: ConfigRecord({"c": advert.c_public.hex(), "s": advert.s_public.hex()})})
+    for name, record in reply.content.config_records.items():  # the privacy record (local DP's ledger entry)
+        content[name] = record
+    return Message(content, reply_to=msg)
+
+
+def shares(msg: Message, context: Context) -> Message:
+    """Stage 2 at the site."""
+    request, secrets = _stage(msg, context)
+    roster = {int(v): Advert(bytes.fromhex(c), bytes.fromhex(s)) for v, (c, s) in request["roster"].items()}
+    out, commitment = share(secrets, roster, threshold=int(request["threshold"]))
+    _save(context, secrets)
+    return _reply(msg, {"shares": {str(v): blob.hex() for v, blob in out.items()}, "commitment": commitment.hex()})
+
+
+def masked(msg: Message, context: Context) -> Message:
+    """Stage 3 at the site."""
+    request, secrets = _stage(msg, context)
+    receive_shares(secrets, {int(u): bytes.fromhex(blob) for u, blob in request["shares"].items()})
+    _save(context, secrets)
+    vector = context.state[VECTOR]["vector"].numpy()
+    out = mask(secrets, vector, ring=RING, shared_with=[int(v) for v in request["shared"]])
+    return Message(RecordDict({MASKED: ArrayRecord({"vector": _array(out)})}), reply_to=msg)
+
+
+def unmask(msg: Message, context: Context) -> Message:
+    """Stage 4 at the site; the round's secrets go with it."""
+    request, secrets = _stage(msg, context)
+    answer = reveal(secrets, survivors=[int(v) for v in request["survivors"]],
+                    dropped=[int(v) for v in request["dropped"]])
+    for name in (STATE, VECTOR):
+        if name in context.state:
+            del context.state[name]
+    return _reply(msg, {"revealed": {str(v): [kind, part.hex()] for v, (kind, part) in answer.items()}})
+
+
+# --- the round's secrets in the node's context -----------------------------------------------------------
+
+def _array(values: np.ndarray) -> Any:
+    return to_array_record({"vector": np.ascontiguousarray(values, dtype=np.uint64)})["vector"]
+
+
+def _save(context: Context, secrets: SiteSecrets) -> None:
+    context.state[STATE] = ConfigRecord({"json": json.dumps({
+        "tag": secrets.round_tag.hex(), "me": secrets.me, "c": secrets.c_private.hex(), "s": secrets.s_private.hex(),
+        "seed": secrets.self_seed.hex(), "threshold": secrets.threshold,
+        "roster": {str(v): [a.c_public.hex(), a.s_public.hex()] for v, a in secrets.roster.items()},
+        "received": {str(v): [b.hex(), s.hex()] for v, (b, s) in secrets.received.items()},
+    })})
+
+
+def _load(context: Context) -> SiteSecrets:
+    if STATE not in context.state:
+        raise FedPeftError("a secure-aggregation stage for a round this site holds no secrets of (it restarted, or "
+                           "the stage came out of order)")
+    raw = json.loads(str(context.state[STATE]["json"]))
+    return SiteSecrets(
+        round_tag=bytes.fromhex(raw["tag"]), me=int(raw["me"]), c_private=bytes.fromhex(raw["c"]),
+        s_private=bytes.fromhex(raw["s"]), self_seed=bytes.fromhex(raw["seed"]), threshold=int(raw["threshold"]),
+        roster={int(v): Advert(bytes.fromhex(c), bytes.fromhex(s)) for v, (c, s) in raw["roster"].items()},
+        received={int(v): (bytes.fromhex(b), bytes.fromhex(s)) for v, (b, s) in raw["received"].items()},
+    )
+
+
+def _stage(msg: Message, context: Context) -> tuple[dict[str, Any], SiteSecrets]:
+    request = json.loads(str(msg.content[SECAGG_STAGE]["json"]))
+    secrets = _load(context)
+    if str(request.get("tag", "")).encode() != secrets.round_tag:
+        raise FedPeftError("a secure-aggregation stage of another round than the one this site holds secrets of")
+    return request, secrets
+
+
+def _reply(msg: Message, body: dict[str, Any]) -> Message:
+    return Message(RecordDict({SECAGG_STAGE: ConfigRecord({"json": json.dumps(body)})}), reply_to=msg)

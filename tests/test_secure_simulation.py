@@ -1,0 +1,68 @@
+"""Secure aggregation in a real simulation (Ray workers, four message stages a round): the global adapter
+equals plain averaging's within the fixed-point step, the coordinator receives no update in the clear, and
+a site that drops out after sharing its keys leaves the round to the others."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+pytestmark = pytest.mark.slow
+
+TESTS = Path(__file__).parent
+
+
+def run(tmp: Path, model: Path, data: Path, *, app: str = "", **settings: object) -> list[dict]:
+    out = tmp / "run"
+    load = f"from {app} import app" if app else "app = None"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(TESTS)!r})
+        {load}
+        from fedpeft.config import FedPeftConfig
+        from server.simulate import simulate
+        cfg = FedPeftConfig(model={str(model)!r}, data={str(data)!r}, rounds=2, fraction=1.0, max_local_steps=3,
+                            batch_size=8, client_cpus=1, drift="none", run_id="secure-test", out={str(out)!r},
+                            **{settings!r})
+        simulate(cfg, **({{"client_app": app}} if app else {{}}))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "FEDPEFT_TEST_DROPPED": str(tmp / "dropped")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_secure_sum_is_plain_averaging_within_the_fixed_point_step(tmp_path: Path, tiny_model_dir: Path,
+                                                                        small_data: Path) -> None:
+    plain = run(tmp_path / "plain", tiny_model_dir, small_data, clients=3)
+    secure = run(tmp_path / "secure", tiny_model_dir, small_data, clients=3, secure_aggregation=True,
+                 secagg_clip=100.0)  # no site's update is clipped: the only difference is the fixed point
+    a = load_file(tmp_path / "plain" / "run" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "secure" / "run" / "adapter" / "adapter_model.safetensors")
+    step = secure[1]["secagg_step"]
+    assert step == pytest.approx(100.0 / (2**19 - 1))
+    assert set(a) == set(b)
+    gap = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    assert 0 < gap < 10 * step  # two rounds, each mean within half a step; round 2 trains from round 1's
+    for row in secure[1:]:
+        assert row["clients"] == 3 and row["secagg_dropped"] == 0
+        assert row["num_examples"] == 0  # weights travel inside the masked sum only
+    assert [r["clients"] for r in plain[1:]] == [3, 3]
+
+
+def test_a_site_that_drops_after_sharing_leaves_the_round_to_the_others(tmp_path: Path, tiny_model_dir: Path,
+                                                                        small_data: Path) -> None:
+    rows = run(tmp_path, tiny_model_dir, small_data, app="secure_dropout_client", clients=4, secure_aggregation=True)
+    first, second = rows[1], rows[2]
+    assert first["clients"] == 3 and first["secagg_dropped"] == 1 and first["failures"] == 1
+    assert second["clients"] == 4 and second["secagg_dropped"] == 0
+    assert (tmp_path / "dropped").exists()
+    assert second["accuracy"] > 0  # the run went on from round 1's secure sum
