@@ -64,14 +64,20 @@ def secure_exchange(msg: Message, context: Context, call_next: Any, *, expected:
     if trained and any(not np.array_equal(trained[k], broadcast[k]) for k in broadcast if k not in sent):
         raise FedPeftError(f"the site trained a factor the strategy holds this round ({', '.join(held)})")
     metrics = dict(reply.content[METRICS])
-    weight = int(metrics.pop(NUM_EXAMPLES))  # inside the masked sum only
+    examples = int(metrics.pop(NUM_EXAMPLES))  # inside the masked sum only
+    weight = min(examples, 1) if secagg.get("uniform") else examples  # central DP: every site that trained weighs 1
     update = {k: trained[k] - broadcast[k] for k in sent} if trained else \
         {k: np.zeros_like(v) for k, v in sent.items()}  # a refused round adds nothing, weight 0
-    update, _ = clip_to_norm(update, max_norm=float(secagg["clip"]))
-    vector = np.concatenate([
-        fixed_point.encode(flatten(update), clip=float(secagg["clip"]), bits=int(secagg["bits"]), weight=weight,
-                           ring=RING),
-        np.array([weight], np.uint64)])
+    clip, bits = float(secagg["clip"]), int(secagg["bits"])
+    flat = flatten(update)
+    # clipped to C less the most rounding can add, so that the fixed-point vector's norm stays within C
+    # (central DP's sensitivity holds for what is summed, not only for what was trained)
+    room = clip - fixed_point.step(clip, bits) / 2 * np.sqrt(flat.size)
+    if room <= 0:
+        raise FedPeftError(f"secure aggregation: {bits} bits are too few for {flat.size} values within norm {clip:g}")
+    flat = flatten(clip_to_norm(update, max_norm=room)[0])
+    vector = np.concatenate([fixed_point.encode(flat, clip=clip, bits=bits, weight=weight, ring=RING),
+                             np.array([weight], np.uint64)])
     secrets, advert = advertise(round_tag=str(secagg["tag"]).encode(), me=int(secagg["number"]))
     _save(context, secrets)
     context.state[VECTOR] = ArrayRecord({"vector": _array(vector)})

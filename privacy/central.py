@@ -148,9 +148,29 @@ def central_release(
         clipped += int(changed)
         for k in keys:
             total[k] += np.asarray(bounded[k], dtype=np.float64)
+    release, metrics = noised_mean_of_sum(total, len(updates), clipping_norm=clipping_norm,
+                                          noise_multiplier=noise_multiplier, sample_size=sample_size, rng=rng)
+    return release, {**metrics, "clipped": clipped}
+
+
+def noised_mean_of_sum(
+    total: Mapping[str, np.ndarray],
+    contributions: int,
+    *,
+    clipping_norm: float,
+    noise_multiplier: float,
+    sample_size: int,
+    rng: np.random.Generator,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(``total`` + N(0, (σC)² I)) / m: the release of a sum of ``contributions`` updates, each of L2 norm
+    at most C, made by whoever summed them (:func:`central_release`; under secure aggregation, the
+    secure sum of the sites' own clipped updates, :mod:`strategies.secure`)."""
+    if not 1 <= contributions <= sample_size:
+        raise ValueError(f"{contributions} updates for a sampled cohort of {sample_size}")
     std = noise_multiplier * clipping_norm
-    release = {k: ((v + rng.normal(0.0, std, v.shape)) / sample_size).astype(np.float32) for k, v in total.items()}
-    return release, {"contributions": len(updates), "noise_std": std / sample_size, "clipped": clipped}
+    release = {k: ((np.asarray(v, np.float64) + rng.normal(0.0, std, np.shape(v))) / sample_size).astype(np.float32)
+               for k, v in total.items()}
+    return release, {"contributions": contributions, "noise_std": std / sample_size}
 
 
 class CentralAccountant:

@@ -20,7 +20,13 @@ import numpy as np
 
 from fedpeft.errors import FedPeftError
 from fedpeft.wire import LEDGER_SEQ, read_privacy
-from privacy.central import CentralAccountant, calibrate_central_sigma, central_release, clip_update
+from privacy.central import (
+    CentralAccountant,
+    calibrate_central_sigma,
+    central_release,
+    clip_update,
+    noised_mean_of_sum,
+)
 from privacy.central import train_config as central_train_config
 from privacy.ledger import (
     ENTRY_VERSION,
@@ -231,6 +237,16 @@ class RunPrivacy:
             return None
         c = self.central
         return partial(central_release, clipping_norm=self.clipping_norm, noise_multiplier=c.noise_multiplier,
+                       sample_size=c.sample_size, rng=self._noise)
+
+    @property
+    def release_sum(self) -> Any:
+        """Central DP under secure aggregation: the release of the secure sum of the sites' own clipped updates,
+        ``release_sum(total, contributions)``, noised by the coordinator after unmasking."""
+        if self.central is None:
+            return None
+        c = self.central
+        return partial(noised_mean_of_sum, clipping_norm=self.clipping_norm, noise_multiplier=c.noise_multiplier,
                        sample_size=c.sample_size, rng=self._noise)
 
     def stop_reason(self) -> str | None:

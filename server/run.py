@@ -252,12 +252,14 @@ def build_strategy(cfg: FedPeftConfig, *, sites: Mapping[int, str], ranks: Mappi
         limits=ReplyLimits(max_norm=cfg.max_update_norm, ratio=cfg.max_norm_ratio),
         min_replies=cfg.min_clients,
         message_ttl=cfg.round_timeout,
-        release=privacy.release,
+        release=None if cfg.secure_aggregation else privacy.release,
         control=control,
         control_scope=control_scope,
         head_frozen_after=head_frozen_after(cfg),
-        secure=SecureSettings(clip=cfg.secagg_clip, bits=cfg.secagg_bits, threshold=cfg.secagg_threshold,
-                              run_id=cfg.run_id) if cfg.secure_aggregation else None,
+        secure=SecureSettings(
+            clip=cfg.dp_max_grad_norm if privacy.release_sum else cfg.secagg_clip, bits=cfg.secagg_bits,
+            threshold=cfg.secagg_threshold, run_id=cfg.run_id, uniform=privacy.uniform_weights,
+            release=privacy.release_sum) if cfg.secure_aggregation else None,
     )
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,12 +43,15 @@ RING = 64  # as the sites' (client.secure.RING)
 
 @dataclass(frozen=True)
 class SecureSettings:
-    """The run's secure-aggregation settings (the config's ``secagg_*``)."""
+    """The run's secure-aggregation settings (the config's ``secagg_*``; under central DP the clip is C and
+    every site weighs 1, and ``release`` noises the secure sum: :func:`privacy.central.noised_mean_of_sum`)."""
 
     clip: float
     bits: int
     threshold: int  # 0: a majority of the round's sampled sites
     run_id: str
+    uniform: bool = False
+    release: Callable[..., tuple[dict[str, Any], dict[str, Any]]] | None = None
 
     def threshold_for(self, sampled: int) -> int:
         return self.threshold or max(2, sampled // 2 + 1)
@@ -56,7 +59,7 @@ class SecureSettings:
     def request(self, number: int, server_round: int, sampled: int) -> str:
         """The ``secagg`` entry of site ``number``'s train request."""
         return json.dumps({"number": number, "threshold": self.threshold_for(sampled), "bits": self.bits,
-                           "clip": self.clip, "tag": tag(self.run_id, server_round)})
+                           "clip": self.clip, "uniform": self.uniform, "tag": tag(self.run_id, server_round)})
 
 
 def tag(run_id: str, server_round: int) -> str:
@@ -101,7 +104,14 @@ def secure_round(strategy: Any, server_round: int, arrays: Any,
     sampled = len(numbers)
     threshold = settings.threshold_for(sampled)
     ctx = strategy.reply_context(server_round)
-    short = strategy.outcome(server_round, None, None)
+
+    def stop(reason: str) -> Any:
+        """Too few sites left: the round aggregates nothing, and every site that was still in it says why."""
+        logger.warning("round %d: secure aggregation stops: %s", server_round, reason)
+        ended = set(traffic.failures) | set(traffic.refused) | set(traffic.unreachable)
+        for site in sorted(set(numbers) - ended):
+            traffic.failures[site] = f"secure aggregation stopped: {reason}"
+        return strategy.outcome(server_round, None, None)
 
     # 1. train → public keys (and the ledger's entries under local DP)
     roster: dict[int, Advert] = {}
@@ -138,8 +148,7 @@ def secure_round(strategy: Any, server_round: int, arrays: Any,
             raise SecAggError(f"{len(roster)} sites sent keys, {needed} needed")
         check_roster(roster, threshold=threshold)
     except SecAggError as err:
-        logger.warning("round %d: secure aggregation stops: %s", server_round, err)
-        return short
+        return stop(str(err))
 
     # 2. shares
     roster_json = {str(n): [a.c_public.hex(), a.s_public.hex()] for n, a in roster.items()}
@@ -157,9 +166,7 @@ def secure_round(strategy: Any, server_round: int, arrays: Any,
             routed.setdefault(int(receiver), {})[str(numbers[site])] = blob
     shared = sorted(commitments)
     if len(shared) < needed:
-        logger.warning("round %d: secure aggregation stops: %d sites shared, %d needed", server_round, len(shared),
-                       needed)
-        return short
+        return stop(f"{len(shared)} sites shared their keys, {needed} needed")
 
     # 3. masked input
     sites = [site_of_number[n] for n in shared]
@@ -177,9 +184,7 @@ def secure_round(strategy: Any, server_round: int, arrays: Any,
             continue
         masked[numbers[site]] = vector
     if len(masked) < needed:
-        logger.warning("round %d: secure aggregation stops: %d masked inputs, %d needed", server_round, len(masked),
-                       needed)
-        return short
+        return stop(f"{len(masked)} masked inputs, {needed} needed")
 
     # 4. unmasking
     survivors, dropped = sorted(masked), sorted(set(shared) - set(masked))
@@ -196,14 +201,19 @@ def secure_round(strategy: Any, server_round: int, arrays: Any,
         total = unmask(masked, revealed, roster=roster, commitments={n: commitments[n] for n in shared},
                        threshold=threshold, round_tag=tag(settings.run_id, server_round).encode(), ring=RING)
     except SecAggError as err:
-        logger.warning("round %d: secure aggregation stops: %s", server_round, err)
-        return short
+        return stop(str(err))
     weight = int(total[-1])
     if weight <= 0:
-        logger.warning("round %d: the survivors' weights sum to %d; nothing aggregated", server_round, weight)
-        return short
-    mean = fixed_point.decode(total[:-1], clip=settings.clip, bits=settings.bits, ring=RING) / weight
-    change = strategy.secure_unflatten(mean)
+        return stop(f"the survivors' weights sum to {weight}")
+    summed = fixed_point.decode(total[:-1], clip=settings.clip, bits=settings.bits, ring=RING)
+    dp_metrics: dict[str, Any] = {}
+    if settings.release is not None:  # central DP: noise on the sum after unmasking, ÷ the fixed cohort size
+        change, released = settings.release(strategy.secure_unflatten(summed), len(masked))
+        dp_metrics = {f"dp_{k}": v for k, v in released.items()}
+        mean = summed / max(weight, 1)
+    else:
+        mean = summed / weight
+        change = strategy.secure_unflatten(mean)
     for n in survivors:
         traffic.raw_received[site_of_number[n]] = int(mean.size * 4)
     state = {k: (v + change[k]).astype(v.dtype) if k in change else v for k, v in strategy.previous.items()}
@@ -213,7 +223,7 @@ def secure_round(strategy: Any, server_round: int, arrays: Any,
         "clients": len(accepted), "secagg_dropped": len(dropped), "secagg_threshold": threshold,
         "secagg_step": fixed_point.step(settings.clip, settings.bits), "secagg_ring_bits": RING,
         "secagg_max_error": float(fixed_point.step(settings.clip, settings.bits) / 2 * math.sqrt(mean.size)),
-        **losses,
+        **losses, **dp_metrics,
     })
     logger.info("round %d: secure sum of %d sites (%d dropped after sharing)", server_round, len(accepted),
                 len(dropped))

@@ -29,9 +29,9 @@ def run(tmp: Path, model: Path, data: Path, *, app: str = "", **settings: object
         {load}
         from fedpeft.config import FedPeftConfig
         from server.simulate import simulate
-        cfg = FedPeftConfig(model={str(model)!r}, data={str(data)!r}, rounds=2, fraction=1.0, max_local_steps=3,
-                            batch_size=8, client_cpus=1, drift="none", run_id="secure-test", out={str(out)!r},
-                            **{settings!r})
+        settings = dict(model={str(model)!r}, data={str(data)!r}, rounds=2, fraction=1.0, max_local_steps=3,
+                        batch_size=8, client_cpus=1, drift="none", run_id="secure-test", out={str(out)!r})
+        cfg = FedPeftConfig(**{{**settings, **{settings!r}}})
         simulate(cfg, **({{"client_app": app}} if app else {{}}))
     """)
     env = {**os.environ, "PYTHONPATH": str(TESTS), "FEDPEFT_TEST_DROPPED": str(tmp / "dropped")}
@@ -66,3 +66,28 @@ def test_a_site_that_drops_after_sharing_leaves_the_round_to_the_others(tmp_path
     assert second["clients"] == 4 and second["secagg_dropped"] == 0
     assert (tmp_path / "dropped").exists()
     assert second["accuracy"] > 0  # the run went on from round 1's secure sum
+
+
+def test_too_few_survivors_skip_the_round_with_the_reason_and_the_run_goes_on(tmp_path: Path, tiny_model_dir: Path,
+                                                                             small_data: Path) -> None:
+    rows = run(tmp_path, tiny_model_dir, small_data, app="secure_dropout_client", clients=4, secure_aggregation=True,
+               secagg_threshold=4)  # every site must stay: the one that drops ends the round
+    assert rows[1]["skipped"] is True and rows[1]["clients"] == 0
+    assert rows[2]["clients"] == 4 and "skipped" not in rows[2]
+    traffic = [json.loads(line) for line in (tmp_path / "run" / "traffic.jsonl").read_text().splitlines()]
+    first = [t for t in traffic if t["round"] == 1]
+    assert len(first) == 4 and all(t["status"] != "accepted" for t in first)
+    reasons = sorted(t["reason"] for t in first)
+    assert sum("3 masked inputs, 4 needed" in r for r in reasons) == 3  # the three that stayed say why
+    assert sum("injected fault" in r for r in reasons) == 1
+
+
+def test_central_dp_noises_the_secure_sum_and_the_audit_passes(tmp_path: Path, tiny_model_dir: Path,
+                                                              small_data: Path) -> None:
+    rows = run(tmp_path, tiny_model_dir, small_data, clients=4, fraction=0.5, secure_aggregation=True, dp="central",
+               dp_epsilon=8.0)
+    assert all(r["clients"] == 2 and r["dp_noise_std"] > 0 for r in rows[1:])
+    assert rows[-1]["epsilon_max"] <= 8.0
+    audit = subprocess.run([sys.executable, "-m", "fedpeft.cli.main", "audit", str(tmp_path / "run")],
+                           capture_output=True, text=True, timeout=300)
+    assert audit.returncode == 0 and "audit: OK" in audit.stdout, audit.stdout + audit.stderr

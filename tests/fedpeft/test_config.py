@@ -269,7 +269,7 @@ def test_auto_probe_rounds(fields: dict, probes: int) -> None:
     ({"strategy": "lora-fair"}, "strategy lora-fair needs each site's factors"),
     ({"strategy": "exact-svd"}, "strategy exact-svd needs each site's factors"),
     ({"codec": "topk:0.3+int4"}, "codec topk:0.3+int4 encodes each site's update its own way"),
-    ({"dp": "central", "dp_epsilon": 8.0}, "central DP under secure aggregation"),
+    ({"dp": "central", "dp_epsilon": 8.0, "secagg_clip": 2.0}, "under central DP the sites clip their update to"),
     ({"robust": "median"}, "robust median reads each site's update"),
     ({"max_update_norm": 5.0}, "the coordinator cannot check or clip one site's masked update"),
     ({"clip_update_norm": 1.0}, "the coordinator cannot check or clip one site's masked update"),
@@ -289,7 +289,8 @@ def test_secure_aggregation_refuses_what_needs_one_sites_update(kwargs: dict, me
 
 @pytest.mark.parametrize("kwargs", [{}, {"strategy": "ffa-lora"}, {"strategy": "rolora"},
                                     {"peft": "ssf", "strategy": "ssf-avg"}, {"server_opt": "adam"},
-                                    {"dp": "local", "dp_epsilon": 8.0}, {"drift": "fedprox:0.01"}])
+                                    {"dp": "local", "dp_epsilon": 8.0}, {"drift": "fedprox:0.01"},
+                                    {"dp": "central", "dp_epsilon": 8.0}])
 def test_secure_aggregation_runs_with_every_linear_rule_and_local_dp(kwargs: dict) -> None:
     from fedpeft.drift import resolve_drift
     from server.checks import check_config

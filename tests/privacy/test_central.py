@@ -294,3 +294,23 @@ def test_a_failed_a_rejected_and_a_silent_site_leave_the_round_to_the_others() -
     assert status[sites[1]] == ("no reply", "")
     assert status[sites[2]] == ("rejected", "forged")
     assert sorted(s for s, (st, _) in status.items() if st == "accepted") == sites[3:]
+
+
+def test_the_release_of_a_secure_sum_is_the_release_of_the_updates_it_sums() -> None:
+    """Under secure aggregation the coordinator noises the sum it unmasked: the same release as from the
+    updates themselves, for the same noise."""
+    from privacy.central import noised_mean_of_sum
+
+    rng = np.random.default_rng(5)
+    updates = [{"a": rng.normal(size=(3, 4)), "b": rng.normal(size=5)} for _ in range(3)]
+    clipped = [clip_update(u, clipping_norm=1.0)[0] for u in updates]
+    total = {k: sum(np.asarray(c[k], np.float64) for c in clipped) for k in ("a", "b")}
+    want, w_metrics = central_release(updates, clipping_norm=1.0, noise_multiplier=0.7, sample_size=5,
+                                      rng=np.random.default_rng(9))
+    got, g_metrics = noised_mean_of_sum(total, 3, clipping_norm=1.0, noise_multiplier=0.7, sample_size=5,
+                                        rng=np.random.default_rng(9))
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7)
+    assert g_metrics["noise_std"] == w_metrics["noise_std"] == pytest.approx(0.7 / 5)
+    with pytest.raises(ValueError, match="6 updates for a sampled cohort of 5"):
+        noised_mean_of_sum(total, 6, clipping_norm=1.0, noise_multiplier=0.7, sample_size=5, rng=rng)

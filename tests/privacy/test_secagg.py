@@ -215,3 +215,67 @@ def test_a_roster_without_the_sites_own_keys_or_with_repeated_keys_is_refused() 
         share(mine, twice, threshold=2)
     with pytest.raises(SecAggError, match="threshold must lie in 2..3"):
         share(mine, {1: Advert(b"a" * 32, b"b" * 32), 2: others[2], 3: others[3]}, threshold=4)
+
+
+# --- the generator against a known answer, the masked vector against uniformity ---------------------------
+
+def test_the_generator_is_chacha20_by_its_known_answer() -> None:
+    """ChaCha20 with the all-zero key and nonce (RFC 7539 §2.3.2's cipher, Bernstein's test vector): the first
+    keystream words read as little-endian uint64."""
+    words = prg(bytes(32), 4, bits=64)
+    stream = bytes.fromhex("76b8e0ada0f13d90405d6ae55386bd28bdd219b8a08ded1aa836efcc8b770dc7")
+    assert words.tobytes() == stream
+
+
+def test_a_masked_vector_passes_a_uniformity_test() -> None:
+    """A constant input, masked, is uniform over the ring: its top byte falls into 256 bins evenly (chi-square,
+    255 degrees of freedom, below 330.5, the critical value at p = 0.001)."""
+    values = {u: np.full(40_000, 7, np.uint64) for u in range(1, 4)}
+    _, seen = round_(values, threshold=2)
+    top = (seen["masked"][1] >> np.uint64(32)).astype(np.int64) & 0xFF  # bits 32-39 of the 40-bit ring
+    counts = np.bincount(top, minlength=256)
+    expected = counts.sum() / 256
+    assert float(((counts - expected) ** 2 / expected).sum()) < 330.5
+    assert not np.array_equal(seen["masked"][1], values[1])
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(3, 7), size=st.integers(1, 40), seed=st.integers(0, 2**31), data=st.data())
+def test_the_unmasked_sum_is_the_sum_of_the_survivors_whoever_drops_when(n: int, size: int, seed: int,
+                                                                          data: st.DataObject) -> None:
+    threshold = data.draw(st.integers(2, n))
+    sites = list(range(1, n + 1))
+    before = set(data.draw(st.lists(st.sampled_from(sites), max_size=n - threshold, unique=True)))
+    left = [u for u in sites if u not in before]
+    after = set(data.draw(st.lists(st.sampled_from(left), max_size=len(left) - threshold, unique=True)))
+    values = vectors(n, size=size, seed=seed)
+    total, _ = round_(values, threshold=threshold, drop_before_shares=before, drop_after_shares=after)
+    assert np.array_equal(total, ring_sum([v for u, v in values.items() if u not in before | after]))
+
+
+def test_a_coordinator_that_calls_a_live_site_dropped_cannot_unmask_it() -> None:
+    """Site 2 sent its masked input; the coordinator tells the others it dropped. They reveal its mask key
+    (the pair masks come off) but, naming it dropped, no share of its self-mask seed: its vector stays masked."""
+    values = vectors(4, seed=3)
+    secrets, roster = {}, {}
+    for u in values:
+        secrets[u], roster[u] = advertise(round_tag=TAG, me=u)
+    outs = {u: share(secrets[u], roster, threshold=3) for u in values}
+    for v in values:
+        receive_shares(secrets[v], {u: out[0][v] for u, out in outs.items() if u != v})
+    masked = {u: mask(secrets[u], values[u], ring=40, shared_with=values) for u in values}
+    lie = {u: reveal(secrets[u], survivors={1, 3, 4}, dropped={2}) for u in (1, 3, 4)}
+    assert all(answer[2][0] == "s" for answer in lie.values())  # no "b" share of site 2 anywhere
+    # the best the coordinator can do: strip site 2's pair masks with the revealed key; its self mask stays
+    from privacy.secagg import shamir
+    from privacy.secagg.protocol import _pair_seed
+
+    s2 = shamir.combine({u: answer[2][1] for u, answer in lie.items()}, threshold=3, length=32)
+    stripped = masked[2]
+    for u in (1, 3, 4):
+        pair = prg(_pair_seed(s2, roster[u].s_public, TAG), 50, bits=40)
+        stripped = fixed_point.subtract(stripped, pair, ring=40) if 2 < u else fixed_point.add(stripped, pair, ring=40)
+    assert not np.array_equal(stripped, values[2])
+    assert np.mean(stripped < 2**30) < 0.2  # still uniform over the 2^40 ring, the input lay below 2^30
+    with pytest.raises(SecAggError, match="both as survivors and as dropped"):
+        reveal(secrets[1], survivors={1, 2, 3}, dropped={2})  # asking for both kinds is refused
