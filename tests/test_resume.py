@@ -2,7 +2,8 @@
 with SIGKILL mid-run, as a whole process group, and ``fedpeft simulate --resume RUN_DIR`` finishes it.
 
 Without DP the resumed run ends exactly where an uninterrupted run with the same config ends (rounds,
-traffic, adapter bytes): no round lost or repeated, also with a server optimizer and SCAFFOLD. Under
+traffic, adapter bytes): no round lost or repeated, also with a server optimizer and SCAFFOLD, and under
+secure aggregation. Under
 local DP the kill lands after a site has signed (and counted) its entry for the round in flight but before
 the coordinator ledgered it; after the resume that entry is in the ledger, every site's ledger matches its
 own account, and ``fedpeft audit`` is clean.
@@ -84,8 +85,11 @@ def resume(run: Path) -> subprocess.CompletedProcess:
 
 # The coordinator's own state rides in the checkpoint: a server optimizer's moments, SCAFFOLD's c; each
 # site's c_i is kept before and after its last round, so a round the crash undid starts again from the same c_i.
+# Under secure aggregation the masks are fresh randomness every round, but the sum they hide is exact: the
+# resumed run ends on the same bytes.
 RECIPES = {"plain": (),
-           "server-opt-and-scaffold": ("--server-opt", "adam", "--server-lr", "0.01", "--drift", "scaffold")}
+           "server-opt-and-scaffold": ("--server-opt", "adam", "--server-lr", "0.01", "--drift", "scaffold"),
+           "secure-aggregation": ("--secure-aggregation",)}
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
