@@ -16,6 +16,8 @@ In one run of this script, on this machine's loopback:
   adapter evaluated; the sites have answered the discovery query, so a worker has loaded) to the moment
   the last round's line lands: the rounds themselves, including the coordinator's evaluation after each
   (kept small, ``--eval-rows``).
+* **secure**: the worker mode with ``--secure-aggregation`` (four message stages a round; issue 37's target:
+  <= 1.3x the worker mode's wall time).
 
 Reported per federated mode: federated ÷ bare (target with the worker: <= 1.10); the median over rounds
 2.. of a round's wall time minus its slower site's ``seconds_train`` (everything a round costs that is not
@@ -54,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SITES = ("hospital-a", "hospital-b")
-MODES = ("bare", "worker", "no-worker")
+MODES = ("bare", "worker", "no-worker", "secure")  # secure: the worker mode with --secure-aggregation
 
 
 def site_config(args: argparse.Namespace, data: str) -> object:
@@ -120,7 +122,7 @@ def run_bare(root: Path, args: argparse.Namespace) -> dict:
     return {"wall": max(r["seconds"] for r in results), "per_round": per_round[1:] or per_round, "sites": results}
 
 
-def run_federated(root: Path, args: argparse.Namespace, *, worker: bool) -> dict:
+def run_federated(root: Path, args: argparse.Namespace, *, worker: bool, secure: bool = False) -> dict:
     from tests.test_deployment import Federation, command, free_port, online_nodes, wait_for
 
     fed = Federation(root, Path(""))
@@ -133,7 +135,8 @@ def run_federated(root: Path, args: argparse.Namespace, *, worker: bool) -> dict
         out = root / "run"
         overrides = (f'rounds={args.rounds} fraction=1.0 data="{root / "eval.jsonl"}" test-fraction=0.5 '
                      f'max-local-steps={args.steps} local-epochs=1000 batch-size={args.batch_size} '
-                     f'max-length={args.max_length} client-cpus={args.cpus} round-timeout=3600 out="{out}"')
+                     f'max-length={args.max_length} client-cpus={args.cpus} round-timeout=3600 out="{out}"'
+                     + (" secure-aggregation=true" if secure else ""))
         line = re.sub(r"--run-config '[^']*'", f"--run-config {shlex.quote(overrides)}", command("flwr run")[0])
         submitted = time.perf_counter()
         proc = subprocess.Popen(["bash", "-c", fed.ports(line)], env=fed.home("cli"), cwd=ROOT,
@@ -233,7 +236,8 @@ def main() -> None:
                 make_files(root, args)
                 print(f"# repeat {repeat + 1}, {mode} ...", flush=True)
                 results[-1][mode] = (run_bare(root, args) if mode == "bare"
-                                     else run_federated(root, args, worker=mode == "worker"))
+                                     else run_federated(root, args, worker=mode != "no-worker",
+                                                        secure=mode == "secure"))
                 print(f"# repeat {repeat + 1}, {mode}: {json.dumps(results[-1][mode])}", flush=True)
     finally:
         if args.keep:
