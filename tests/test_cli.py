@@ -101,6 +101,12 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
         (["--dp", "--label-correction", "balanced"], "label_correction balanced under local DP"),
         (["--head-after-probe", "drop"], "head_after_probe must be one of train, freeze"),
         (["--head-after-probe", "freeze", "--probe-rounds", "0"], "head_after_probe freeze keeps the probed head"),
+        (["--secure-aggregation", "--strategy", "lora-fair"], "secure aggregation: strategy lora-fair needs each"),
+        (["--secure-aggregation", "--codec", "int8"], "secure aggregation: codec int8 encodes each site's update"),
+        (["--secure-aggregation", "--robust", "median"], "secure aggregation: robust median reads each site's"),
+        (["--secure-aggregation", "--drift", "scaffold"], "secure aggregation: drift scaffold sends each site's"),
+        (["--secure-aggregation", "--secagg-threshold", "9"], "secagg_threshold 9 exceeds the 5 sites sampled"),
+        (["--secagg-bits", "64"], "secagg_bits must lie in 2..32, got 64"),
     ],
 )
 def test_bad_input_is_one_line(capsys: pytest.CaptureFixture[str], small_data: Path, tmp_path: Path,
