@@ -189,6 +189,9 @@ class CentralDP(PrivacyMode):
         if self.drift(cfg).method == "scaffold":
             raise FedPeftError("drift scaffold under central DP: each site's control-variate update is a second upload "
                                "that the noised sum does not cover; use --drift fedprox:<mu> or none")
+        if cfg.secure_aggregation and cfg.secagg_clip != type(cfg).__dataclass_fields__["secagg_clip"].default:
+            raise FedPeftError("secure aggregation: under central DP the sites clip their update to "
+                               "--dp-max-grad-norm; drop --secagg-clip")
 
     def describe(self, cfg: Any) -> str:
         return (f"central DP: {_budget(cfg)} at delta {cfg.dp_delta:g} per client (user level), clip "

@@ -51,8 +51,6 @@ def check_secure(cfg: FedPeftConfig, aggregator: object, sampled: int, drift: st
     refusals = [
         (cfg.codec != "none", f"codec {cfg.codec} encodes each site's update its own way (indices, scales), which a "
                               "masked sum cannot add; use --codec none (the masked sum is its own encoding)"),
-        (cfg.dp == "central" and cfg.secagg_clip != type(cfg).__dataclass_fields__["secagg_clip"].default,
-         "under central DP the sites clip their update to --dp-max-grad-norm; drop --secagg-clip"),
         (cfg.robust != "none", f"robust {cfg.robust} reads each site's update, which secure aggregation hides"),
         (cfg.max_update_norm > 0 or cfg.max_norm_ratio > 0 or cfg.clip_update_norm > 0,
          "the coordinator cannot check or clip one site's masked update; the sites clip their own to --secagg-clip "

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,164 +67,174 @@ def tag(run_id: str, server_round: int) -> str:
     return f"{run_id}/round-{server_round}"
 
 
-def _stage_message(strategy: Any, site: str, message_type: str, body: Mapping[str, Any]) -> Message:
-    content = RecordDict({SECAGG_STAGE: ConfigRecord({"json": json.dumps(body)})})
-    return Message(content=content, message_type=message_type, dst_node_id=strategy.node_of(site),
-                   ttl=strategy.message_ttl)
+class SecureRound:
+    """One secure round's bookkeeping at the coordinator: who has which number, what each stage brought, and
+    the traffic; :func:`secure_round` drives it through the four stages."""
 
+    def __init__(self, strategy: Any, server_round: int) -> None:
+        self.strategy, self.server_round = strategy, server_round
+        self.settings: SecureSettings = strategy.secure
+        self.traffic = strategy.traffic[server_round]
+        self.numbers: dict[str, int] = dict(strategy.secure_numbers)
+        self.site_of_number = {n: s for s, n in self.numbers.items()}
+        self.threshold = self.settings.threshold_for(len(self.numbers))
+        self.ctx = strategy.reply_context(server_round)
+        self.needed = max(self.threshold, self.ctx.min_replies)
+        self.tag = tag(self.settings.run_id, server_round)
 
-def _answers(strategy: Any, replies: list[Message], traffic: Any, server_round: int, stage: str) -> dict[str, Any]:
-    """site → the reply's content, for the replies that came without error (the others noted as failed)."""
-    out = {}
-    for msg in replies:
-        site, unreachable = strategy.site_of(msg)
-        if unreachable:
-            traffic.note(site, Report(unreachable=msg.error.reason), server_round)
-        elif msg.has_error():
-            traffic.note(site, Report(failed=f"secure aggregation, {stage}: {msg.error.reason}"), server_round)
+    def note(self, site: str, report: Report) -> None:
+        self.traffic.note(site, report, self.server_round)
+
+    def short(self, count: int, what: str) -> str | None:
+        """Why the round cannot go on with ``count`` sites left, or None."""
+        return f"{count} {what}, {self.needed} needed" if count < self.needed else None
+
+    def stop(self, reason: str) -> Any:
+        """Too few sites left: the round aggregates nothing, and every site that was still in it says why."""
+        logger.warning("round %d: secure aggregation stops: %s", self.server_round, reason)
+        ended = set(self.traffic.failures) | set(self.traffic.refused) | set(self.traffic.unreachable)
+        for site in sorted(set(self.numbers) - ended):
+            self.traffic.failures[site] = f"secure aggregation stopped: {reason}"
+        return self.strategy.outcome(self.server_round, None, None)
+
+    def send(self, message_type: str, numbers: list[int], body: Callable[[int], dict[str, Any]]) -> list[Message]:
+        """A later stage's messages to the sites ``numbers`` (each its ``body``, with the round's tag)."""
+        messages = []
+        for n in numbers:
+            site = self.site_of_number[n]
+            content = RecordDict({SECAGG_STAGE: ConfigRecord({"json": json.dumps({"tag": self.tag, **body(n)})})})
+            messages.append(Message(content=content, message_type=message_type,
+                                    dst_node_id=self.strategy.node_of(site), ttl=self.strategy.message_ttl))
+            self.traffic.sent[site] = self.traffic.sent.get(site, 0) + record_nbytes(content)
+        return self.strategy.sending(messages)
+
+    def answers(self, replies: list[Message], stage: str, read: Callable[[Any], Any]) -> dict[int, Any]:
+        """Site number → ``read(content)`` of each reply of a later stage; an error or a reply ``read`` cannot
+        make sense of is noted with its reason and left out."""
+        out = {}
+        for msg in replies:
+            site, unreachable = self.strategy.site_of(msg)
+            if unreachable:
+                self.note(site, Report(unreachable=msg.error.reason))
+            elif msg.has_error():
+                self.note(site, Report(failed=f"secure aggregation, {stage}: {msg.error.reason}"))
+            elif site in self.numbers:
+                self.traffic.received[site] = self.traffic.received.get(site, 0) + record_nbytes(msg.content)
+                try:
+                    out[self.numbers[site]] = read(msg.content)
+                except (KeyError, TypeError, ValueError) as err:
+                    self.note(site, Report(rejected=f"secure aggregation, {stage}: a malformed reply ({err})"))
+        return out
+
+    def keys(self, replies: list[Message]) -> dict[int, Advert]:
+        """Stage 1's replies: each site's public keys, after the ledger and the site's own metrics (a site that
+        did not train, or whose ledger entry does not verify, stops here)."""
+        roster: dict[int, Advert] = {}
+        for msg in replies:
+            site, unreachable = self.strategy.site_of(msg)
+            if unreachable or msg.has_error():
+                reason = msg.error.reason
+                self.note(site, Report(unreachable=reason) if unreachable else Report(failed=reason))
+                continue
+            reply: Reply | None = Reply(site=site, content=msg.content, nbytes=record_nbytes(msg.content))
+            self.note(site, Report(received=reply.nbytes))
+            for step in (ledger, account):
+                reply, report = step(reply, self.ctx)
+                self.note(site, report)
+                if reply is None:
+                    break
+            if reply is None or site not in self.numbers:
+                continue
+            try:
+                keys = msg.content.config_records[SECAGG_KEYS]
+                roster[self.numbers[site]] = Advert(bytes.fromhex(str(keys["c"])), bytes.fromhex(str(keys["s"])))
+            except (KeyError, ValueError) as err:
+                self.note(site, Report(rejected=f"a secure round's reply without well-formed public keys ({err})"))
+        return roster
+
+    def finish(self, roster: dict[int, Advert], commitments: dict[int, bytes], masked: dict[int, np.ndarray],
+               revealed: dict[int, Any]) -> Any:
+        """Unmask, and the round's outcome: the broadcast plus the mean (or central DP's release) of the sum."""
+        survivors = sorted(masked)
+        try:
+            total = unmask(masked, revealed, roster=roster, commitments=commitments, threshold=self.threshold,
+                           round_tag=self.tag.encode(), ring=RING)
+        except SecAggError as err:
+            return self.stop(str(err))
+        weight = int(total[-1])
+        if weight <= 0:
+            return self.stop(f"the survivors' weights sum to {weight}")
+        settings, strategy = self.settings, self.strategy
+        summed = fixed_point.decode(total[:-1], clip=settings.clip, bits=settings.bits, ring=RING)
+        dp_metrics: dict[str, Any] = {}
+        if settings.release is not None:  # central DP: noise on the sum after unmasking, ÷ the fixed cohort size
+            change, released = settings.release(strategy.secure_unflatten(summed), len(masked))
+            dp_metrics = {f"dp_{k}": v for k, v in released.items()}
         else:
-            out[site] = msg.content
-            traffic.received[site] = traffic.received.get(site, 0) + record_nbytes(msg.content)
-    return out
+            change = strategy.secure_unflatten(summed / weight)
+        for n in survivors:
+            self.traffic.raw_received[self.site_of_number[n]] = int(summed.size * 4)
+        state = {k: (v + change[k]).astype(v.dtype) if k in change else v for k, v in strategy.previous.items()}
+        accepted = [self.site_of_number[n] for n in survivors]
+        step = fixed_point.step(settings.clip, settings.bits)
+        metrics = MetricRecord({
+            "clients": len(accepted), "secagg_dropped": len(commitments) - len(survivors),
+            "secagg_threshold": self.threshold, "secagg_step": step, "secagg_ring_bits": RING,
+            "secagg_max_error": float(step / 2 * math.sqrt(summed.size)),
+            **train_loss([Reply(site=s, content=None, weight=1.0) for s in accepted], self.traffic.client_metrics),
+            **dp_metrics,
+        })
+        logger.info("round %d: secure sum of %d sites (%d dropped after sharing)", self.server_round, len(accepted),
+                    len(commitments) - len(survivors))
+        return strategy.outcome(self.server_round, to_array_record(state), metrics)
 
 
-def _send(strategy: Any, traffic: Any, messages: list[Message], sites: list[str]) -> list[Message]:
-    for site, msg in zip(sites, messages, strict=True):
-        traffic.sent[site] = traffic.sent.get(site, 0) + record_nbytes(msg.content)
-    return strategy.sending(messages)
+def _shares_of(content: Any) -> tuple[bytes, dict[int, str]]:
+    body = json.loads(str(content[SECAGG_STAGE]["json"]))
+    return bytes.fromhex(body["commitment"]), {int(v): str(blob) for v, blob in body["shares"].items()}
+
+
+def _revealed(content: Any) -> dict[int, tuple[str, bytes]]:
+    body = json.loads(str(content[SECAGG_STAGE]["json"]))
+    return {int(v): (str(kind), bytes.fromhex(part)) for v, (kind, part) in body["revealed"].items()}
+
+
+def _masked_of(size: int) -> Callable[[Any], np.ndarray]:
+    def read(content: Any) -> np.ndarray:
+        vector = content.array_records[MASKED]["vector"].numpy()
+        if vector.dtype != np.uint64 or vector.shape != (size,):
+            raise ValueError(f"a masked vector that is not {size} uint64 values")
+        return vector
+    return read
 
 
 def secure_round(strategy: Any, server_round: int, arrays: Any,
                  config: Any) -> Generator[list[Message], list[Message], Any]:
     """Round ``server_round`` under secure aggregation (see the module doc); returns the RoundOutcome."""
-    settings: SecureSettings = strategy.secure
     messages = list(strategy.configure_train(server_round, arrays, config, grid=None))
-    traffic = strategy.traffic[server_round]
-    numbers: dict[str, int] = dict(strategy.secure_numbers)
-    sampled = len(numbers)
-    threshold = settings.threshold_for(sampled)
-    ctx = strategy.reply_context(server_round)
-
-    def stop(reason: str) -> Any:
-        """Too few sites left: the round aggregates nothing, and every site that was still in it says why."""
-        logger.warning("round %d: secure aggregation stops: %s", server_round, reason)
-        ended = set(traffic.failures) | set(traffic.refused) | set(traffic.unreachable)
-        for site in sorted(set(numbers) - ended):
-            traffic.failures[site] = f"secure aggregation stopped: {reason}"
-        return strategy.outcome(server_round, None, None)
-
-    # 1. train → public keys (and the ledger's entries under local DP)
-    roster: dict[int, Advert] = {}
-    metrics: dict[str, Any] = {}
-    for msg in (yield messages):
-        site, unreachable = strategy.site_of(msg)
-        if unreachable or msg.has_error():
-            traffic.note(site, Report(unreachable=msg.error.reason) if unreachable else
-                         Report(failed=msg.error.reason), server_round)
-            continue
-        reply = Reply(site=site, content=msg.content, nbytes=record_nbytes(msg.content))
-        traffic.note(site, Report(received=reply.nbytes), server_round)
-        for step in (ledger, account):
-            reply, report = step(reply, ctx)
-            traffic.note(site, report, server_round)
-            if reply is None:
-                break
-        if reply is None:
-            continue
-        if SECAGG_KEYS not in msg.content.config_records:
-            traffic.note(site, Report(rejected="a secure round's reply without public keys"), server_round)
-            continue
-        keys = msg.content.config_records[SECAGG_KEYS]
-        try:
-            roster[numbers[site]] = Advert(bytes.fromhex(str(keys["c"])), bytes.fromhex(str(keys["s"])))
-        except (KeyError, ValueError) as err:
-            traffic.note(site, Report(rejected=f"malformed public keys: {err}"), server_round)
-            continue
-        metrics[site] = reply.metrics
-    site_of_number = {n: s for s, n in numbers.items()}
-    needed = max(threshold, ctx.min_replies)
+    r = SecureRound(strategy, server_round)
+    roster = r.keys((yield messages))
     try:
-        if len(roster) < needed:
-            raise SecAggError(f"{len(roster)} sites sent keys, {needed} needed")
-        check_roster(roster, threshold=threshold)
+        why = r.short(len(roster), "sites sent keys") or check_roster(roster, threshold=r.threshold)
     except SecAggError as err:
-        return stop(str(err))
-
-    # 2. shares
-    roster_json = {str(n): [a.c_public.hex(), a.s_public.hex()] for n, a in roster.items()}
-    sites = [site_of_number[n] for n in sorted(roster)]
-    answers = _answers(strategy, (yield _send(strategy, traffic, [
-        _stage_message(strategy, s, SECAGG_SHARES, {"tag": tag(settings.run_id, server_round), "roster": roster_json,
-                                                    "threshold": threshold}) for s in sites], sites)),
-        traffic, server_round, "shares")
-    routed: dict[int, dict[str, str]] = {}
-    commitments: dict[int, bytes] = {}
-    for site, content in answers.items():
-        body = json.loads(str(content[SECAGG_STAGE]["json"]))
-        commitments[numbers[site]] = bytes.fromhex(body["commitment"])
-        for receiver, blob in body["shares"].items():
-            routed.setdefault(int(receiver), {})[str(numbers[site])] = blob
-    shared = sorted(commitments)
-    if len(shared) < needed:
-        return stop(f"{len(shared)} sites shared their keys, {needed} needed")
-
-    # 3. masked input
-    sites = [site_of_number[n] for n in shared]
-    answers = _answers(strategy, (yield _send(strategy, traffic, [
-        _stage_message(strategy, site_of_number[n], SECAGG_MASKED, {
-            "tag": tag(settings.run_id, server_round), "shared": shared,
-            "shares": {u: blob for u, blob in routed.get(n, {}).items() if int(u) in commitments}})
-        for n in shared], sites)), traffic, server_round, "masked input")
-    size = strategy.secure_size() + 1  # the flattened update and the weight
-    masked: dict[int, np.ndarray] = {}
-    for site, content in answers.items():
-        vector = content.array_records[MASKED]["vector"].numpy() if MASKED in content.array_records else None
-        if vector is None or vector.dtype != np.uint64 or vector.shape != (size,):
-            traffic.note(site, Report(rejected=f"a masked vector that is not {size} uint64 values"), server_round)
-            continue
-        masked[numbers[site]] = vector
-    if len(masked) < needed:
-        return stop(f"{len(masked)} masked inputs, {needed} needed")
-
-    # 4. unmasking
-    survivors, dropped = sorted(masked), sorted(set(shared) - set(masked))
-    sites = [site_of_number[n] for n in survivors]
-    answers = _answers(strategy, (yield _send(strategy, traffic, [
-        _stage_message(strategy, s, SECAGG_UNMASK, {"tag": tag(settings.run_id, server_round),
-                                                    "survivors": survivors, "dropped": dropped}) for s in sites],
-        sites)), traffic, server_round, "unmasking")
-    revealed = {}
-    for site, content in answers.items():
-        body = json.loads(str(content[SECAGG_STAGE]["json"]))
-        revealed[numbers[site]] = {int(v): (kind, bytes.fromhex(part)) for v, (kind, part) in body["revealed"].items()}
-    try:
-        total = unmask(masked, revealed, roster=roster, commitments={n: commitments[n] for n in shared},
-                       threshold=threshold, round_tag=tag(settings.run_id, server_round).encode(), ring=RING)
-    except SecAggError as err:
-        return stop(str(err))
-    weight = int(total[-1])
-    if weight <= 0:
-        return stop(f"the survivors' weights sum to {weight}")
-    summed = fixed_point.decode(total[:-1], clip=settings.clip, bits=settings.bits, ring=RING)
-    dp_metrics: dict[str, Any] = {}
-    if settings.release is not None:  # central DP: noise on the sum after unmasking, ÷ the fixed cohort size
-        change, released = settings.release(strategy.secure_unflatten(summed), len(masked))
-        dp_metrics = {f"dp_{k}": v for k, v in released.items()}
-        mean = summed / max(weight, 1)
-    else:
-        mean = summed / weight
-        change = strategy.secure_unflatten(mean)
-    for n in survivors:
-        traffic.raw_received[site_of_number[n]] = int(mean.size * 4)
-    state = {k: (v + change[k]).astype(v.dtype) if k in change else v for k, v in strategy.previous.items()}
-    accepted = [site_of_number[n] for n in survivors]
-    losses = train_loss([Reply(site=s, content=None, weight=1.0) for s in accepted], traffic.client_metrics)
-    round_metrics = MetricRecord({
-        "clients": len(accepted), "secagg_dropped": len(dropped), "secagg_threshold": threshold,
-        "secagg_step": fixed_point.step(settings.clip, settings.bits), "secagg_ring_bits": RING,
-        "secagg_max_error": float(fixed_point.step(settings.clip, settings.bits) / 2 * math.sqrt(mean.size)),
-        **losses, **dp_metrics,
-    })
-    logger.info("round %d: secure sum of %d sites (%d dropped after sharing)", server_round, len(accepted),
-                len(dropped))
-    return strategy.outcome(server_round, to_array_record(state), round_metrics)
+        why = str(err)
+    if why:
+        return r.stop(why)
+    keys = {str(n): [a.c_public.hex(), a.s_public.hex()] for n, a in roster.items()}
+    shared = r.answers((yield r.send(SECAGG_SHARES, sorted(roster), lambda n: {"roster": keys,
+                                                                                "threshold": r.threshold})),
+                       "shares", _shares_of)
+    if why := r.short(len(shared), "sites shared their keys"):
+        return r.stop(why)
+    sharers = sorted(shared)
+    masked = r.answers((yield r.send(SECAGG_MASKED, sharers, lambda n: {"shared": sharers, "shares": {
+        str(u): shared[u][1][n] for u in sharers if u != n and n in shared[u][1]}})),
+        "masked input", _masked_of(strategy.secure_size() + 1))
+    if why := r.short(len(masked), "masked inputs"):
+        return r.stop(why)
+    survivors = sorted(masked)
+    dropped = sorted(set(sharers) - set(survivors))
+    revealed = r.answers((yield r.send(SECAGG_UNMASK, survivors, lambda n: {"survivors": survivors,
+                                                                            "dropped": dropped})),
+                         "unmasking", _revealed)
+    return r.finish(roster, {n: shared[n][0] for n in sharers}, masked, revealed)
