@@ -347,6 +347,39 @@ def test_a_worker_killed_mid_round_fails_that_round_and_the_next_trains(federati
     assert audit.returncode == 0, audit.stdout[-2000:] + audit.stderr[-2000:]
 
 
+def test_secure_aggregation_over_tls_survives_a_site_killed_mid_protocol(federation: Federation) -> None:
+    """--secure-aggregation with local DP on the deployed federation: kill -9 hospital-a's site worker while it
+    trains round 2 (stage 1 of 4). With two sites the round is below the threshold: it is skipped, each site's
+    reason in traffic.jsonl; round 3 sums both again; every ledger entry arrives and `fedpeft audit` passes."""
+    fed = federation
+    wait_for(lambda: len(online_nodes(fed)) == 2, 120, "both SuperNodes online")
+    out = fed.root / "secure"
+    seen = len(fed.log("hospital-a"))
+    proc = submit(fed, f'rounds=3 fraction=1.0 model="{fed.model}" data="{fed.root / "eval.jsonl"}" '
+                       f'test-fraction=0.5 local-epochs=3 max-local-steps=0 batch-size=8 client-cpus=1 out="{out}" '
+                       'round-timeout=300.0 dp="local" dp-epsilon=20.0 dp-delta=1e-5 secure-aggregation=true')
+    try:
+        wait_for(lambda: "train round 2 received" in fed.log("hospital-a")[seen:], 400, "round 2 at hospital-a",
+                 lambda: logs(fed))
+        pid = int(re.findall(r"site worker started \(pid (\d+)\)", fed.log("hospital-a"))[-1])
+        os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=900)
+    finally:
+        end(fed, proc)
+    records = metrics(out)
+    assert [r["round"] for r in records] == [0, 1, 2, 3], (fed.root / "submit.log").read_text()[-3000:]
+    assert [r["clients"] for r in records[1:]] == [2, 0, 2] and records[2]["skipped"] is True
+    assert records[1]["secagg_dropped"] == 0 and records[3]["num_examples"] == 0  # weights only in the sum
+    traffic = {(t["round"], t["site"]): t for t in
+               (json.loads(x) for x in (out / "traffic.jsonl").read_text().splitlines())}
+    assert traffic[(2, "hospital-a")]["status"] == "failed"
+    assert "secure aggregation stopped: 1 sites sent keys, 2 needed" in traffic[(2, "hospital-b")]["reason"]
+    assert traffic[(3, "hospital-a")]["status"] == traffic[(3, "hospital-b")]["status"] == "accepted"
+    audit = subprocess.run([sys.executable, "-m", "fedpeft.cli.main", "audit", str(out)], capture_output=True,
+                           text=True, timeout=300, env=fed.env)
+    assert audit.returncode == 0, audit.stdout[-2000:] + audit.stderr[-2000:]
+
+
 def test_an_unregistered_key_is_refused(federation: Federation) -> None:
     fed = federation
     line = fed.node_line("intruder", free_port())  # a key made by `fedpeft certs`, never registered
