@@ -61,11 +61,13 @@ def digest(run: Path, *, without: tuple[str, ...] = ()) -> dict[str, str]:
     return out
 
 
-def run_all(out: Path) -> None:
+def run_all(out: Path, names: list[str]) -> None:
     env = {**os.environ, "FEDPEFT_UNSAFE_NOISE_SEED": "36", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     out.mkdir(parents=True, exist_ok=True)
     digests = {}
     for name, flags in RUNS.items():
+        if name not in names:
+            continue
         run = out / name
         cmd = [sys.executable, "-m", "fedpeft.cli.main", "simulate", "--rounds", "2", "--seed", "0", "--quiet",
                "--run-id", "behaviour-check", "--out", str(run), *flags]
@@ -97,6 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="run the set here")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"), help="compare two sets")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"with --out: which of {', '.join(RUNS)}")
     parser.add_argument("--except", dest="without", default="", metavar="KEY,...",
                         help="with --compare: metrics keys (prefixes) a change is meant to move")
     args = parser.parse_args()
@@ -104,7 +107,10 @@ def main() -> None:
         raise SystemExit(compare(*args.compare, without=tuple(k for k in args.without.split(",") if k)))
     if not args.out:
         parser.error("give --out DIR or --compare A B")
-    run_all(args.out)
+    names = [n for n in args.runs.split(",") if n]
+    if not names or set(names) - set(RUNS):
+        parser.error(f"--runs takes some of {', '.join(RUNS)}")
+    run_all(args.out, names)
 
 
 if __name__ == "__main__":
