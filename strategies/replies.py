@@ -60,6 +60,7 @@ class RoundTraffic:
     raw_sent: dict[str, int] = field(default_factory=dict)  # site → the broadcast's bytes as raw fp32
     raw_received: dict[str, int] = field(default_factory=dict)  # site → its decoded update's bytes as raw fp32
     reclipped: set[str] = field(default_factory=set)  # sites whose decoded update the server clipped (bound)
+    norms: dict[str, float] = field(default_factory=dict)  # site → its decoded update's L2 norm, as sent
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)  # site → reason
     refused: dict[str, str] = field(default_factory=dict)  # site → why it did not train (its privacy budget)
@@ -75,6 +76,8 @@ class RoundTraffic:
             self.reclipped.add(site)
         if report.raw is not None:
             self.raw_received[site] = report.raw
+        if report.norm is not None:
+            self.norms[site] = report.norm
         if report.unreachable is not None:
             self.unreachable[site] = report.unreachable
             logger.warning("round %d: %s did not reply: %s", server_round, site, report.unreachable)
@@ -110,6 +113,7 @@ class RoundTraffic:
                 "bytes_up": up,
                 "compression_ratio_down": raw_down / down if down else 0.0,
                 "compression_ratio": raw_up / up if up and raw_up else 0.0,
+                **({"update_norm": round(self.norms[site], 6)} if site in self.norms else {}),
                 **({"codec_error": self.client_metrics[site]["codec-error"]}
                    if "codec-error" in self.client_metrics.get(site, {}) else {}),
                 # where the site's time went (load, train; at a deployed site with a worker: the wait)
@@ -143,6 +147,7 @@ class Report:
     received: int | None = None  # bytes on the wire
     client_metrics: dict[str, float] | None = None
     raw: int | None = None  # the accepted update's bytes as raw fp32
+    norm: float | None = None  # the decoded update's L2 norm, as the site sent it
     reclipped: bool = False
     unreachable: str | None = None  # the SuperLink answered in the site's place
     failed: str | None = None  # the site answered with an error
@@ -252,7 +257,8 @@ def validate(reply: Reply, ctx: ReplyContext) -> tuple[Reply | None, Report]:
     reason = norm_rejection(norm, ctx.limits)
     if reason is not None:
         return None, Report(rejected=reason)
-    return replace(reply, baseline=baseline, shapes=shapes, update=update, control=control, norm=norm, raw=raw), NOTHING
+    return (replace(reply, baseline=baseline, shapes=shapes, update=update, control=control, norm=norm, raw=raw),
+            Report(norm=norm))
 
 
 def bound(reply: Reply, ctx: ReplyContext) -> tuple[Reply | None, Report]:
