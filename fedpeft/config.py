@@ -171,8 +171,11 @@ class FedPeftConfig:
         False, "secure aggregation (SecAgg): the coordinator learns the sum of the sampled sites' updates, never one "
         "site's; four message stages a round; linear rules only (fedit, ffa-lora, rolora, ssf-avg), codec none"
     )
-    secagg_clip: float = _f(1.0, "secure aggregation: the L2 norm each site clips its own update to before masking")
-    secagg_bits: int = _f(20, "secure aggregation: fixed-point bits per value (each value's error <= clip/2^bits)")
+    secagg_clip: float = _f(
+        25.0, "secure aggregation: the L2 norm each site clips its own update to before masking (set it from a plain "
+        "run's update_norm in traffic.jsonl; the default run's largest is 18.6, its probe round's)"
+    )
+    secagg_bits: int = _f(24, "secure aggregation: fixed-point bits per value (each value's error <= clip/2^bits)")
     secagg_threshold: int = _f(
         0, "secure aggregation: shares that rebuild a site's masks (sites that must stay to the end); 0: a majority "
         "of the round's sampled sites"

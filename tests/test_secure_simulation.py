@@ -48,7 +48,7 @@ def test_the_secure_sum_is_plain_averaging_within_the_fixed_point_step(tmp_path:
     a = load_file(tmp_path / "plain" / "run" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "secure" / "run" / "adapter" / "adapter_model.safetensors")
     step = secure[1]["secagg_step"]
-    assert step == pytest.approx(100.0 / (2**19 - 1))
+    assert step == pytest.approx(100.0 / (2**23 - 1))
     assert set(a) == set(b)
     gap = max(float(np.abs(a[k] - b[k]).max()) for k in a)
     assert 0 < gap < 10 * step  # two rounds, each mean within half a step; round 2 trains from round 1's
