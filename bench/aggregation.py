@@ -42,6 +42,7 @@ import numpy as np
 
 # bench/strategies.py would shadow the `strategies` package: drop this folder from the import path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: strategies/, fedpeft/
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 AGGREGATORS_RUN = ("fedit", "lora-fair", "lora-fair-ridge", "lora-fair-ab", "ffa-lora", "rolora", "exact-svd")
