@@ -85,6 +85,9 @@ def compare(a: Path, b: Path, *, without: tuple[str, ...] = ()) -> int:
         print(f"left out of metrics.jsonl: every key starting with {', '.join(without)}")
     differ = 0
     for name in RUNS:
+        if name not in left or name not in right:
+            print(f"{name:12} not run in {a if name not in left else b}")
+            continue
         same = left.get(name) == right.get(name)
         differ += not same
         print(f"{name:12} {'identical' if same else 'DIFFERENT'}")
