@@ -107,7 +107,7 @@ def test_a_ring_too_wide_for_64_bits_is_refused() -> None:
 # --- whole rounds -------------------------------------------------------------------------------------
 
 def round_(values: dict[int, np.ndarray], *, threshold: int, drop_before_shares: set[int] = frozenset(),
-           drop_after_shares: set[int] = frozenset(), ring: int = 40,
+           drop_after_shares: set[int] = frozenset(), drop_before_reveal: set[int] = frozenset(), ring: int = 40,
            forge: object = lambda answer: answer) -> tuple[np.ndarray, dict]:
     """One round through the four stages, the coordinator's routing included."""
     secrets, roster = {}, {}
@@ -121,7 +121,8 @@ def round_(values: dict[int, np.ndarray], *, threshold: int, drop_before_shares:
     masked = {u: mask(secrets[u], values[u], ring=ring, shared_with=shared) for u in shared
               if u not in drop_after_shares}
     survivors = set(masked)
-    revealed = {u: reveal(secrets[u], survivors=survivors, dropped=shared - survivors) for u in survivors}
+    revealed = {u: reveal(secrets[u], survivors=survivors, dropped=shared - survivors) for u in survivors
+                if u not in drop_before_reveal}  # a survivor gone before revealing: its input still counts
     revealed = {u: forge(answer) for u, answer in revealed.items()}
     total = unmask(masked, revealed, roster=roster, commitments=commitments, threshold=threshold, round_tag=TAG,
                    ring=ring)
@@ -243,13 +244,18 @@ def test_a_masked_vector_passes_a_uniformity_test() -> None:
 @given(n=st.integers(3, 7), size=st.integers(1, 40), seed=st.integers(0, 2**31), data=st.data())
 def test_the_unmasked_sum_is_the_sum_of_the_survivors_whoever_drops_when(n: int, size: int, seed: int,
                                                                           data: st.DataObject) -> None:
+    """Sites drop before sharing, after sharing, or (survivors) before revealing; as long as the threshold
+    remains at each stage, the sum is the survivors' exactly."""
     threshold = data.draw(st.integers(2, n))
     sites = list(range(1, n + 1))
     before = set(data.draw(st.lists(st.sampled_from(sites), max_size=n - threshold, unique=True)))
     left = [u for u in sites if u not in before]
     after = set(data.draw(st.lists(st.sampled_from(left), max_size=len(left) - threshold, unique=True)))
+    survivors = [u for u in left if u not in after]
+    silent = set(data.draw(st.lists(st.sampled_from(survivors), max_size=len(survivors) - threshold, unique=True)))
     values = vectors(n, size=size, seed=seed)
-    total, _ = round_(values, threshold=threshold, drop_before_shares=before, drop_after_shares=after)
+    total, _ = round_(values, threshold=threshold, drop_before_shares=before, drop_after_shares=after,
+                      drop_before_reveal=silent)
     assert np.array_equal(total, ring_sum([v for u, v in values.items() if u not in before | after]))
 
 
