@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -105,16 +106,19 @@ class Federation:
         line = line.replace(f"/data/{site}.jsonl", str(self.root / f"{site}.jsonl"))
         return self.ports(line) + f" --port {port} --max-retries 3 --max-wait 30"
 
-    def start_link(self) -> None:
+    def start_link(self, extra_sites: tuple[str, ...] = ()) -> None:
         """docs/deployment.md's coordinator steps: credentials (and an intruder's key), the SuperLink, the flwr CLI's
-        connection, both sites registered."""
-        self.run(command("fedpeft certs")[0] + " --node intruder", "coordinator")
+        connection, both sites registered (and ``extra_sites``, the same way)."""
+        self.run(command("fedpeft certs")[0] + " --node intruder" + "".join(f" --node {s}" for s in extra_sites),
+                 "coordinator")
         self.start(self.ports(command("fedpeft link")[0].rstrip("&").strip()), "link")
         wait_for(lambda: "Starting Fleet API (gRPC-rere)" in self.log("link") and "Uvicorn running" in self.log("link"),
                  60, "the SuperLink")
         self.run(self.ports(command("fedpeft connection")[0]), "cli")
         for line in command("flwr supernode register"):
             self.run(line, "cli")
+        for site in extra_sites:
+            self.run(command("flwr supernode register")[0].replace(SITES[0], site), "cli")
 
     def close(self) -> None:
         for proc in self.procs:
@@ -347,34 +351,43 @@ def test_a_worker_killed_mid_round_fails_that_round_and_the_next_trains(federati
     assert audit.returncode == 0, audit.stdout[-2000:] + audit.stderr[-2000:]
 
 
-def test_secure_aggregation_over_tls_survives_a_site_killed_mid_protocol(federation: Federation) -> None:
-    """--secure-aggregation with local DP on the deployed federation: kill -9 hospital-a's site worker while it
-    trains round 2 (stage 1 of 4). With two sites the round is below the threshold: it is skipped, each site's
-    reason in traffic.jsonl; round 3 sums both again; every ledger entry arrives and `fedpeft audit` passes."""
-    fed = federation
-    wait_for(lambda: len(online_nodes(fed)) == 2, 120, "both SuperNodes online")
-    out = fed.root / "secure"
-    seen = len(fed.log("hospital-a"))
-    proc = submit(fed, f'rounds=3 fraction=1.0 model="{fed.model}" data="{fed.root / "eval.jsonl"}" '
-                       f'test-fraction=0.5 local-epochs=3 max-local-steps=0 batch-size=8 client-cpus=1 out="{out}" '
-                       'round-timeout=300.0 dp="local" dp-epsilon=20.0 dp-delta=1e-5 secure-aggregation=true')
+def test_secure_aggregation_over_tls_survives_a_site_killed_mid_protocol(tmp_path_factory: pytest.TempPathFactory,
+                                                                         tiny_model_dir: Path) -> None:
+    """--secure-aggregation with local DP on a federation of its own, three sites over TLS: kill -9 hospital-a's
+    site worker while it trains round 2 (stage 1 of 4). The other two are still the threshold (a majority of
+    three): round 2 is their secure sum; round 3 sums all three again; every ledger entry arrives and
+    `fedpeft audit` passes."""
+    sites = (*SITES, "hospital-c")
+    fed = Federation(tmp_path_factory.mktemp("secure"), tiny_model_dir)
+    make_files(fed.root)
+    shutil.copy(fed.root / f"{SITES[0]}.jsonl", fed.root / "hospital-c.jsonl")
+    out, proc = fed.root / "secure", None
     try:
-        wait_for(lambda: "train round 2 received" in fed.log("hospital-a")[seen:], 400, "round 2 at hospital-a",
+        fed.start_link(extra_sites=("hospital-c",))
+        for site in sites:
+            fed.start(fed.node_line(site, free_port()), site)
+        wait_for(lambda: len(online_nodes(fed)) == 3, 180, "three SuperNodes online")
+        proc = submit(fed, f'rounds=3 fraction=1.0 model="{fed.model}" data="{fed.root / "eval.jsonl"}" '
+                           f'test-fraction=0.5 local-epochs=3 max-local-steps=0 batch-size=8 client-cpus=1 out="{out}" '
+                           'round-timeout=300.0 dp="local" dp-epsilon=20.0 dp-delta=1e-5 secure-aggregation=true')
+        wait_for(lambda: "train round 2 received" in fed.log("hospital-a"), 400, "round 2 at hospital-a",
                  lambda: logs(fed))
         pid = int(re.findall(r"site worker started \(pid (\d+)\)", fed.log("hospital-a"))[-1])
         os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=900)
     finally:
-        end(fed, proc)
+        if proc is not None:
+            end(fed, proc)
+        fed.close()
     records = metrics(out)
     assert [r["round"] for r in records] == [0, 1, 2, 3], (fed.root / "submit.log").read_text()[-3000:]
-    assert [r["clients"] for r in records[1:]] == [2, 0, 2] and records[2]["skipped"] is True
-    assert records[1]["secagg_dropped"] == 0 and records[3]["num_examples"] == 0  # weights only in the sum
+    assert [r["clients"] for r in records[1:]] == [3, 2, 3] and "skipped" not in records[2]
+    assert records[2]["secagg_threshold"] == 2 and records[3]["num_examples"] == 0  # weights only in the sum
     traffic = {(t["round"], t["site"]): t for t in
                (json.loads(x) for x in (out / "traffic.jsonl").read_text().splitlines())}
     assert traffic[(2, "hospital-a")]["status"] == "failed"
-    assert "secure aggregation stopped: 1 sites sent keys, 2 needed" in traffic[(2, "hospital-b")]["reason"]
-    assert traffic[(3, "hospital-a")]["status"] == traffic[(3, "hospital-b")]["status"] == "accepted"
+    assert traffic[(2, "hospital-b")]["status"] == traffic[(2, "hospital-c")]["status"] == "accepted"
+    assert all(traffic[(3, s)]["status"] == "accepted" for s in sites)
     audit = subprocess.run([sys.executable, "-m", "fedpeft.cli.main", "audit", str(out)], capture_output=True,
                            text=True, timeout=300, env=fed.env)
     assert audit.returncode == 0, audit.stdout[-2000:] + audit.stderr[-2000:]
