@@ -164,7 +164,7 @@ def noised_mean_of_sum(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(``total`` + N(0, (σC)² I)) / m: the release of a sum of ``contributions`` updates, each of L2 norm
     at most C, made by whoever summed them (:func:`central_release`; under secure aggregation, the
-    secure sum of the sites' own clipped updates, :mod:`strategies.secure`)."""
+    secure sum of the sites' own clipped updates, :mod:`server.secure`)."""
     if not 1 <= contributions <= sample_size:
         raise ValueError(f"{contributions} updates for a sampled cohort of {sample_size}")
     std = noise_multiplier * clipping_norm

@@ -41,12 +41,12 @@ from server.discovery import finish_discovery, start_discovery, wait_for_nodes
 from server.evaluation import Evaluator
 from server.report import write_report
 from server.rounds import play_round
+from server.secure import SecureSettings
 from strategies import AGGREGATORS, AggregationOptions
 from strategies.aggregator import round_rule
 from strategies.flower import FedPeftStrategy, RoundOutcome
 from strategies.norm_bound import clip_to_norm
 from strategies.replies import RoundTraffic
-from strategies.secure import SecureSettings
 from strategies.server_opt import SERVER_OPTIMIZERS, ServerOptSettings, server_step
 from strategies.validation import ReplyLimits
 

@@ -54,7 +54,6 @@ from strategies.replies import (
     train_loss,
 )
 from strategies.sampling import sample_sites
-from strategies.secure import SecureSettings, secure_round
 from strategies.validation import ReplyLimits
 
 logger = logging.getLogger(__name__)
@@ -117,8 +116,10 @@ class FedPeftStrategy(Strategy):
         the aggregator (which must be linear); the aggregator's own metrics, computed from each
         site's factors, are then not reported.
     secure : SecureSettings, optional
-        Secure aggregation (:mod:`strategies.secure`): each round is four message stages and the
-        coordinator sees only the sum of the sampled sites' clipped updates (linear rules only).
+        Secure aggregation (:class:`server.secure.SecureSettings`): each round is four message stages
+        and the coordinator sees only the sum of the sampled sites' clipped updates (linear rules only).
+        The strategy calls its ``request(number, round, sampled)`` for each train request and plays the
+        round through its ``round(strategy, round, arrays, config)``.
     head_frozen_after : int, optional
         Hold the classification head in every round after this one (``head_after_probe=freeze``: the
         head the probe rounds trained stays; sites train and send only the adapter).
@@ -157,7 +158,7 @@ class FedPeftStrategy(Strategy):
         control: Mapping[str, Any] | None = None,
         control_scope: tuple[str, ...] = (),
         head_frozen_after: int | None = None,
-        secure: SecureSettings | None = None,
+        secure: Any = None,
     ) -> None:
         self.aggregator_name = aggregator
         self.aggregator = AGGREGATORS.get(aggregator)
@@ -282,11 +283,11 @@ class FedPeftStrategy(Strategy):
         updates, unmasking) yields once per stage, and the round loop (:func:`server.rounds.play_round`)
         runs any number of them the same way."""
         if self.secure is not None:
-            return (yield from secure_round(self, server_round, arrays, config))
+            return (yield from self.secure.round(self, server_round, arrays, config))
         replies = yield list(self.configure_train(server_round, arrays, config, grid=None))
         return self.collect(server_round, replies)
 
-    # --- what a round of several stages (strategies.secure) asks of the strategy ---------------------------
+    # --- what a round of several stages (server.secure) asks of the strategy ---------------------------
     def site_of(self, msg: Message) -> tuple[str, bool]:
         return self._site_of(msg)
 

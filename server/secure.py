@@ -1,5 +1,6 @@
 """The coordinator's stages of a secure-aggregation round (the protocol: :mod:`privacy.secagg`; the site's
-stages: :mod:`client.secure`).
+stages: :mod:`client.secure`). The strategy is handed a :class:`SecureSettings` and plays its rounds
+through :meth:`SecureSettings.round`, so that ``strategies/`` needs nothing of ``privacy/``.
 
 A round is four message stages (:func:`secure_round`, driven by :func:`server.rounds.play_round`):
 
@@ -55,6 +56,11 @@ class SecureSettings:
 
     def threshold_for(self, sampled: int) -> int:
         return self.threshold or max(2, sampled // 2 + 1)
+
+    def round(self, strategy: Any, server_round: int, arrays: Any,
+              config: Any) -> Generator[list[Message], list[Message], Any]:
+        """Round ``server_round`` of ``strategy`` as four message stages (:func:`secure_round`)."""
+        return secure_round(strategy, server_round, arrays, config)
 
     def request(self, number: int, server_round: int, sampled: int) -> str:
         """The ``secagg`` entry of site ``number``'s train request."""
