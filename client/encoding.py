@@ -19,24 +19,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import Context, Message, MetricRecord
 
+from client.exchange import trained_update
 from client.secure import secure_exchange
 from client.sites import site_for
 from fedpeft.adapters.state import key_matches, without_keys
 from fedpeft.codecs import compress, parse_codec
-from fedpeft.errors import FedPeftError
 from fedpeft.feedback_state import load_residual, residual_path, save_residual
 from fedpeft.protocol import train_request
 from fedpeft.wire import (
     ARRAYS,
     CODEC,
     METRICS,
-    decode_payload,
-    from_array_record,
     payload_records,
-    to_array_record,
 )
 
 logger = logging.getLogger(__name__)
@@ -74,20 +70,9 @@ def encoded_exchange(
     """:func:`codec_mod` once the site knows its tensors (``expected``: name → shape of what the
     broadcast must hold), its codec spec, where its error-feedback residual lives, and the tensors the
     rule holds this round (``held``: broadcast, not trained, not sent back)."""
-    broadcast, _ = decode_payload(msg.content, expected)  # a PayloadError becomes the reply's error
-    del msg.content[CODEC]
-    msg.content[ARRAYS] = to_array_record(broadcast)
-
-    reply = call_next(msg, context)
-    if reply.has_error():
+    reply, _, update = trained_update(msg, context, call_next, expected=expected, held=held)
+    if update is None:
         return reply
-    trained = from_array_record(reply.content[ARRAYS])
-    if trained and set(trained) != set(broadcast):
-        raise FedPeftError("the trained adapter holds other tensors than the broadcast")
-    sent = without_keys(broadcast, held)  # a held factor is not sent back: the server has it
-    if trained and any(not np.array_equal(trained[k], broadcast[k]) for k in broadcast if k not in sent):
-        raise FedPeftError(f"the site trained a factor the strategy holds this round ({', '.join(held)})")
-    update = {k: trained[k] - broadcast[k] for k in sent} if trained else {}  # empty: a refused round
     chosen = parse_codec(codec)
     carry = bool(update) and not chosen.lossless
     residual = None

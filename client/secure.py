@@ -21,20 +21,17 @@ import json
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedpeft.adapters.state import without_keys
+from client.exchange import trained_update
 from fedpeft.errors import FedPeftError
 from fedpeft.protocol import (
-    ARRAYS,
-    CODEC,
     MASKED,
     METRICS,
     NUM_EXAMPLES,
     SECAGG_KEYS,
     SECAGG_STAGE,
 )
-from fedpeft.wire import decode_payload, from_array_record, to_array_record
 from privacy.secagg import fixed_point
 from privacy.secagg.protocol import Advert, SiteSecrets, advertise, mask, receive_shares, reveal, share
 from strategies.norm_bound import clip_to_norm
@@ -53,28 +50,20 @@ def flatten(update: dict[str, np.ndarray]) -> np.ndarray:
 def secure_exchange(msg: Message, context: Context, call_next: Any, *, expected: dict[str, tuple[int, ...]],
                     held: tuple[str, ...], secagg: dict[str, Any]) -> Message:
     """Stage 1 at the site: train, keep the masked sum's input, reply with this round's public keys."""
-    broadcast, _ = decode_payload(msg.content, expected)
-    del msg.content[CODEC]
-    msg.content[ARRAYS] = to_array_record(broadcast)
-    reply = call_next(msg, context)
-    if reply.has_error():
+    reply, sent, update = trained_update(msg, context, call_next, expected=expected, held=held)
+    if update is None:
         return reply
-    trained = from_array_record(reply.content[ARRAYS])
-    sent = without_keys(broadcast, held)
-    if trained and any(not np.array_equal(trained[k], broadcast[k]) for k in broadcast if k not in sent):
-        raise FedPeftError(f"the site trained a factor the strategy holds this round ({', '.join(held)})")
     metrics = dict(reply.content[METRICS])
     examples = int(metrics.pop(NUM_EXAMPLES))  # inside the masked sum only
     weight = min(examples, 1) if secagg.get("uniform") else examples  # central DP: every site that trained weighs 1
-    update = {k: trained[k] - broadcast[k] for k in sent} if trained else \
-        {k: np.zeros_like(v) for k, v in sent.items()}  # a refused round adds nothing, weight 0
+    update = update or {k: np.zeros_like(v) for k, v in sent.items()}  # a refused round adds nothing, weight 0
     clip, bits = float(secagg["clip"]), int(secagg["bits"])
-    flat = flatten(update)
+    size = sum(int(v.size) for v in update.values())
     # clipped to C less the most rounding can add, so that the fixed-point vector's norm stays within C
     # (central DP's sensitivity holds for what is summed, not only for what was trained)
-    room = clip - fixed_point.step(clip, bits) / 2 * np.sqrt(flat.size)
+    room = clip - fixed_point.step(clip, bits) / 2 * np.sqrt(size)
     if room <= 0:
-        raise FedPeftError(f"secure aggregation: {bits} bits are too few for {flat.size} values within norm {clip:g}")
+        raise FedPeftError(f"secure aggregation: {bits} bits are too few for {size} values within norm {clip:g}")
     flat = flatten(clip_to_norm(update, max_norm=room)[0])
     vector = np.concatenate([fixed_point.encode(flat, clip=clip, bits=bits, weight=weight, ring=RING),
                              np.array([weight], np.uint64)])
@@ -120,8 +109,8 @@ def unmask(msg: Message, context: Context) -> Message:
 
 # --- the round's secrets in the node's context -----------------------------------------------------------
 
-def _array(values: np.ndarray) -> Any:
-    return to_array_record({"vector": np.ascontiguousarray(values, dtype=np.uint64)})["vector"]
+def _array(values: np.ndarray) -> Array:
+    return Array(np.ascontiguousarray(values, dtype=np.uint64))
 
 
 def _save(context: Context, secrets: SiteSecrets) -> None:
