@@ -48,7 +48,8 @@ class FedPeftConfig:
         "LM: prompt/response or chat messages, loss on the response tokens)"
     )
     model: str = _f("", "HF model directory or cached hub name; empty: bundled all-MiniLM-L6-v2 (seq-cls only)")
-    peft: str = _f("lora", "PEFT method: lora (low-rank factors, HF peft) | ssf (per-feature scale and shift)")
+    peft: str = _f("lora", "PEFT method: lora (low-rank factors, HF peft) | ssf (per-feature scale and shift) | "
+                   "ssf-pool (FedIns: a pool of SSF entries with keys, chosen per input)")
     lora_r: int = _f(8, "LoRA rank r")
     lora_alpha: float = _f(16.0, "LoRA scaling alpha (update scaled by alpha/r)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA input, in [0, 1)")
@@ -57,7 +58,13 @@ class FedPeftConfig:
         "and MLP projections of the architecture"
     )
     ssf_target_modules: str = _f(
-        "", "SSF: comma-separated nn.Linear / nn.LayerNorm names it follows; empty: every one but the head"
+        "", "SSF, ssf-pool: comma-separated nn.Linear / nn.LayerNorm names it follows; empty: every one but the head"
+    )
+    ssf_pool_size: int = _f(4, "ssf-pool (FedIns): M, the pool's entries, each an SSF over the targets with one key")
+    ssf_pool_select: int = _f(1, "ssf-pool: N, the entries each input combines (its N nearest keys by cosine), 1..M")
+    ssf_pool_match: float = _f(
+        0.1, "ssf-pool: lambda of the objective (1 - lambda) CE + lambda (1 - sum of the chosen keys' cosines), "
+        "in [0, 1)"
     )
     pooling: str = _f(
         "auto", "seq-cls head: auto (the pooling the model directory declares, sentence-transformers layout: "
@@ -109,7 +116,7 @@ class FedPeftConfig:
     )
     robust: str = _f(
         "none", "none | median | trimmed:<beta>: a coordinate-wise robust statistic instead of the average "
-        "(fedit, ffa-lora, ssf-avg)"
+        "(fedit, ffa-lora, ssf-avg, fedins)"
     )
     max_norm_ratio: float = _f(
         0.0, "reject an update whose norm exceeds this multiple of the median of the round's others (>= 3); 0: off"
@@ -169,7 +176,7 @@ class FedPeftConfig:
     dp_accountant: str = _f("prv", "accountant sites count with: prv (near-tight) | rdp (Opacus)")
     secure_aggregation: bool = _f(
         False, "secure aggregation (SecAgg): the coordinator learns the sum of the sampled sites' updates, never one "
-        "site's; four message stages a round; linear rules only (fedit, ffa-lora, rolora, ssf-avg), codec none"
+        "site's; four message stages a round; linear rules only (fedit, ffa-lora, rolora, ssf-avg, fedins), codec none"
     )
     secagg_clip: float = _f(
         25.0, "secure aggregation: the L2 norm each site clips its own update to before masking (set it from a plain "

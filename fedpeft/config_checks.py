@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 from fedpeft.adapters import PEFT_METHODS
+from fedpeft.adapters.ssf_pool.config import check_pool
 from fedpeft.codecs import CodecError, parse_codec
 from fedpeft.drift import parse_drift
 from fedpeft.errors import FedPeftError
@@ -58,19 +59,25 @@ def check_reliability(cfg: Any) -> None:
 PEFT_FIELDS = {
     "lora": ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "client_ranks"),
     "ssf": ("ssf_target_modules",),
+    "ssf-pool": ("ssf_target_modules", "ssf_pool_size", "ssf_pool_select", "ssf_pool_match"),
 }
 # The aggregation a PEFT method gets when no strategy is named (the CLI fills it in).
-PEFT_DEFAULT_STRATEGY = {"lora": "fedit", "ssf": "ssf-avg"}
+PEFT_DEFAULT_STRATEGY = {"lora": "fedit", "ssf": "ssf-avg", "ssf-pool": "fedins"}
 
 
 def check_peft(cfg: Any) -> None:
     PEFT_METHODS.get(cfg.peft)  # unknown: lists the known ones
+    try:
+        check_pool(cfg.ssf_pool_size, cfg.ssf_pool_select, cfg.ssf_pool_match)
+    except ValueError as err:
+        raise FedPeftError(str(err)) from None
     defaults = type(cfg).__dataclass_fields__
+    own = PEFT_FIELDS.get(cfg.peft, ())
     for method, names in PEFT_FIELDS.items():
         if method == cfg.peft:
             continue
         for name in names:
-            if getattr(cfg, name) != defaults[name].default:
+            if name not in own and getattr(cfg, name) != defaults[name].default:
                 raise FedPeftError(
                     f"{name} is a {method} setting but peft is {cfg.peft}; drop it or use --peft {method}"
                 )

@@ -5,7 +5,10 @@ or peft: with ``AutoModelForSequenceClassification`` (``seq-cls``) or ``AutoMode
 ``trust_remote_code=True``.
 
 LoRA: peft's ``merge_and_unload`` (W + (α/r)·B·A). SSF: :meth:`SSFModel.merge_and_unload`
-(W' = diag(γ)W, b' = γ⊙b + β). The directory is built beside ``DIR`` and renamed into place, so a
+(W' = diag(γ)W, b' = γ⊙b + β). An SSF pool (FedIns) gives each input its own SSF and cannot fold: its
+export is the instance-adaptive model
+(:class:`fedpeft.heads.modeling_fedins.FedInsForSequenceClassification`, its code beside the weights, loaded
+with ``trust_remote_code=True``). The directory is built beside ``DIR`` and renamed into place, so a
 failed export leaves nothing behind.
 """
 
@@ -19,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.adapters.ssf.model import SSFModel
+from fedpeft.adapters.ssf_pool.config import CONFIG_NAME as POOL_CONFIG
+from fedpeft.adapters.ssf_pool.model import SSFPoolModel
 from fedpeft.errors import FedPeftError
-from fedpeft.heads import model_pooling, save_remote_code
+from fedpeft.heads import is_fedins, model_pooling, save_fedins_code, save_remote_code
 from fedpeft.models import load_model
 from fedpeft.runlog import atomic_replace_dir
 
@@ -55,6 +60,8 @@ def merged_model(run_dir: str | Path, *, base: str | None = None) -> tuple[Any, 
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {name: i for i, name in enumerate(labels)}
     adapter = run_dir / "adapter"
+    if (adapter / POOL_CONFIG).exists():  # FedIns: a pool cannot fold; the model routes each input itself
+        return SSFPoolModel.from_pretrained(model, adapter).to_exported(), tokenizer
     if (adapter / "ssf_config.json").exists():
         wrapped = SSFModel.from_pretrained(model, adapter)
     else:
@@ -97,7 +104,9 @@ def export_merged(run_dir: str | Path, out: str | Path, *, base: str | None = No
             warnings.simplefilter("ignore", FutureWarning)
             model.save_pretrained(str(build))
         tokenizer.save_pretrained(str(build))
-        if model_pooling(model).mode == "mean":
+        if is_fedins(model):
+            save_fedins_code(build)  # the instance-adaptive model and the mean-pooling head it may hold
+        elif model_pooling(model).mode == "mean":
             save_remote_code(build)  # AutoModelForSequenceClassification(..., trust_remote_code=True) loads it
         atomic_replace_dir(build, out)
     except BaseException:

@@ -114,7 +114,8 @@ def check_model_fits_task(path: str, task: str) -> None:
 
 # The config fields that decide what a PEFT model is: two settings equal in these share one model.
 MODEL_FIELDS = ("task", "model", "pooling", "peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-                "ssf_target_modules", "seed", "device", "precision", "gradient_checkpointing")
+                "ssf_target_modules", "ssf_pool_size", "ssf_pool_select", "ssf_pool_match", "seed", "device",
+                "precision", "gradient_checkpointing")
 
 
 def model_key(cfg: Any, num_labels: int) -> tuple[Any, ...]:

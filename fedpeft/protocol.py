@@ -77,7 +77,7 @@ MASKED = "masked"  # ArrayRecord of the masked-input reply: one uint64 array, "v
 # identity and seed. Measured by recording every field a site's code reads (tests/capturing_client.py).
 SITE_SETTINGS = frozenset({
     "task", "model", "peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "ssf_target_modules",
-    "client_ranks", "pooling",
+    "ssf_pool_size", "ssf_pool_select", "ssf_pool_match", "client_ranks", "pooling",
     "data", "text_column", "label_column", "test_fraction", "max_length", "partition", "clients",
     "local_epochs", "max_local_steps", "batch_size", "lr", "head_lr", "weight_decay", "eval_batch_size",
     "rounds", "probe_rounds", "probe_steps", "probe_batch_size", "probe_lr", "drift", "label_correction",

@@ -172,15 +172,23 @@ def _batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], offset: 
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss to train on, loss to report)``: the model's own loss twice, or, with a logit offset, the
     cross-entropy of the offset logits and of the plain ones (the reported loss means the same with or
-    without a label correction, and reveals nothing of the offsets)."""
+    without a label correction, and reveals nothing of the offsets). A model with an ``objective`` (an
+    SSF pool's matching term) trains on that objective of the loss; the reported loss stays the task's."""
     if offset is None:
         loss = model(**batch).loss
-        return loss, loss
+        return training_objective(model, loss), loss
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits.float()
     labels = batch["labels"]
-    return (torch.nn.functional.cross_entropy(logits + offset, labels),
+    return (training_objective(model, torch.nn.functional.cross_entropy(logits + offset, labels)),
             torch.nn.functional.cross_entropy(logits, labels))
+
+
+def training_objective(model: torch.nn.Module, task_loss: torch.Tensor) -> torch.Tensor:
+    """What a step minimises: the task loss, or the model's own objective of it (FedIns adds the
+    matching loss of its pool's keys: :meth:`fedpeft.adapters.ssf_pool.model.SSFPoolModel.objective`)."""
+    objective = getattr(model, "objective", None)
+    return task_loss if objective is None else objective(task_loss)
 
 
 @torch.no_grad()

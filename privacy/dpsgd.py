@@ -38,7 +38,7 @@ from opacus import PrivacyEngine
 import privacy.ssf_grad_sample  # noqa: F401  (registers SSF's per-sample gradient rule)
 from fedpeft.runtime import CPU, Runtime
 from fedpeft.tasks.causal_lm import sequence_losses
-from fedpeft.training import Encoded, HeadInputs, padded_batch, param_groups
+from fedpeft.training import Encoded, HeadInputs, padded_batch, param_groups, training_objective
 from privacy.randomness import secret_seed
 
 CLIPPING_MODES = ("hooks", "ghost")
@@ -217,7 +217,7 @@ def _steps(
                 with runtime.autocast_context():
                     logits = model(**batch).logits
                 loss = _loss(criterion, logits, labels, ghost=clipping == "ghost")
-                loss.backward()
+                training_objective(model, loss).backward()  # FedIns' matching term is per example too: hooks clip it
                 optimizer.step()
                 losses.append(loss.detach())
                 seen += len(rows)

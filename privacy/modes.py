@@ -120,6 +120,9 @@ class LocalDP(PrivacyMode):
         if cfg.gradient_checkpointing:
             raise FedPeftError("gradient_checkpointing under local DP: Opacus's per-sample hooks would see every "
                                "recomputed layer twice; turn one off")
+        if cfg.peft == "ssf-pool" and cfg.dp_clipping == "ghost":
+            raise FedPeftError("dp_clipping ghost with peft ssf-pool: ghost clipping clips only the criterion's loss, "
+                               "not the pool's matching loss; use --dp-clipping hooks")
         method, _ = parse_label_correction(cfg.label_correction)
         if method != "none":
             raise FedPeftError(f"label_correction {cfg.label_correction} under local DP: it reads the site's label "

@@ -2,7 +2,7 @@
 
 Each algorithm lives in one file and registers an :class:`strategies.aggregator.Aggregator`: a rule
 for one LoRA layer, plus what clients must freeze and whether mixed client ranks are allowed (or,
-for SSF, plain weighted averaging: ``ssf-avg``). The
+for SSF, plain weighted averaging: ``ssf-avg``; for FedIns' SSF pools, ``fedins``). The
 shared driver (:func:`strategies.aggregator.aggregate`) pairs LoRA factors by name, averages the
 other tensors and measures the aggregation bias. Nothing here does I/O or knows Flower;
 :class:`strategies.flower.FedPeftStrategy` routes messages to it.
@@ -17,6 +17,7 @@ AGGREGATORS: Registry[Aggregator] = Registry("strategy")
 
 from strategies import (  # noqa: E402,F401  (register)
     exact_svd,
+    fedins,
     fedit,
     ffa_lora,
     lora_fair,

@@ -258,7 +258,7 @@ def aggregate(
     combine = combiner(options.robust)
     if combine is not None and not agg.linear:
         raise ValueError(f"robust={options.robust} replaces averages; {agg.name!r} does not average (use fedit, "
-                         "ffa-lora or ssf-avg)")
+                         "ffa-lora, ssf-avg or fedins)")
     average = combine if combine is not None else (lambda arrays: weighted_sum(arrays, p))
     pairs, others = lora_layers(previous.keys())
     expected = {k for k in previous if not key_matches(k, agg.fixed)}

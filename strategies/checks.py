@@ -38,4 +38,4 @@ def check_robust(agg: Aggregator, spec: str) -> None:
         raise FedPeftError(str(err)) from None
     if name != "none" and not agg.linear:
         raise FedPeftError(f"robust={spec} replaces averages; strategy {agg.name!r} does not average: use fedit, "
-                           "ffa-lora or ssf-avg")
+                           "ffa-lora, ssf-avg or fedins")

@@ -7,7 +7,7 @@ exactly what an attacker would inflate) and bound what a minority of clients can
 coordinate. The maths is Flower's own (``flwr.server.strategy.aggregate``: ``aggregate_median``,
 ``aggregate_trimmed_avg``); this module only parses the choice and hands it the tensors.
 
-They apply to aggregators that average tensors (``Aggregator.linear``: fedit, ffa-lora, ssf-avg),
+They apply to aggregators that average tensors (``Aggregator.linear``: fedit, ffa-lora, ssf-avg, fedins),
 replacing each average (of A, of B, of γ, β and the head) by the robust statistic.
 """
 

@@ -2,7 +2,8 @@
 
 A PEFT method is a function ``(model, cfg) -> peft_model`` that freezes the base model and leaves only
 the adapter and the classification head trainable: ``lora`` (HF peft) and ``ssf`` (fedpeft's own,
-shaped like a peft tuner). Both models offer ``save_pretrained`` (adapter only) and
+shaped like a peft tuner) and ``ssf-pool``
+(FedIns: a pool of SSF entries chosen per input). Both models offer ``save_pretrained`` (adapter only) and
 ``merge_and_unload`` (a plain transformers model).
 """
 
@@ -16,7 +17,7 @@ from fedpeft.registry import Registry
 
 PEFT_METHODS: Registry[Callable[..., Any]] = Registry("PEFT method")
 
-from fedpeft.adapters import lora, ssf  # noqa: E402,F401  (register "lora", "ssf")
+from fedpeft.adapters import lora, ssf, ssf_pool  # noqa: E402,F401  (register "lora", "ssf", "ssf-pool")
 
 
 def apply_peft(model: Any, cfg: Any) -> Any:

@@ -16,6 +16,7 @@ from fedpeft.errors import FedPeftError
 
 HEAD_MODULES = ("classifier", "score")  # sequence-classification heads (BERT-like, decoder-like)
 SSF_COMPONENT = "ssf"  # key component of SSF tensors: ``<target>.ssf.scale``, ``<target>.ssf.shift``
+SSF_POOL_COMPONENT = "ssf_pool"  # FedIns: ``<target>.ssf_pool.scale`` / ``.shift`` (M x d) and ``ssf_pool.keys``
 LORA_COMPONENTS = ("lora_A", "lora_B")
 
 
@@ -68,10 +69,13 @@ def without_keys(state: Mapping[str, np.ndarray], components: tuple[str, ...] | 
 
 
 def adapter_kind(keys: Any) -> str | None:
-    """``"lora"`` or ``"ssf"`` from an adapter state's tensor names; None when it holds only a head."""
+    """``"lora"``, ``"ssf"`` or ``"ssf-pool"`` from an adapter state's tensor names; None when it holds
+    only a head."""
     keys = list(keys)
     if any(key_matches(k, LORA_COMPONENTS) for k in keys):
         return "lora"
+    if any(key_matches(k, (SSF_POOL_COMPONENT,)) for k in keys):
+        return "ssf-pool"
     if any(key_matches(k, (SSF_COMPONENT,)) for k in keys):
         return "ssf"
     return None

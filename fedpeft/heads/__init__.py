@@ -17,6 +17,7 @@ from fedpeft.errors import FedPeftError
 
 POOLING_MODES = ("auto", "cls", "mean")
 MODELING_FILE = Path(__file__).with_name("modeling_mean_pooling.py")
+FEDINS_FILE = Path(__file__).with_name("modeling_fedins.py")
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,18 @@ def model_pooling(model) -> Pooling:
     if config is not None and "MeanPoolingForSequenceClassification" in (getattr(config, "architectures", None) or ()):
         return Pooling("mean", bool(getattr(config, "pooling_normalize", False)))
     return Pooling("cls")
+
+
+def is_fedins(model) -> bool:
+    """Whether ``model`` is an exported FedIns classifier (an SSF pool that routes each input)."""
+    return "FedInsForSequenceClassification" in (getattr(getattr(model, "config", None), "architectures", None) or ())
+
+
+def save_fedins_code(directory: str | Path) -> None:
+    """Copy the FedIns model's code, and the mean-pooling head's it imports, next to a saved model."""
+    save_remote_code(directory)
+    target = Path(directory) / FEDINS_FILE.name
+    target.write_text(FEDINS_FILE.read_text(encoding="utf-8"), encoding="utf-8")
 
 
 def save_remote_code(directory: str | Path) -> None:

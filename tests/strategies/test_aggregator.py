@@ -317,7 +317,7 @@ def dW_as(case: str, problem: Problem) -> np.ndarray:
 def test_registry_names() -> None:
     assert NAMES == ["exact-svd", "fedavg", "fedit", "ffa-lora", "lora-fair", "lora-fair-ab", "lora-fair-ridge",
                      "rolora"]  # fmt: skip
-    assert AGGREGATORS.names() == sorted([*NAMES, "ssf-avg"])  # SSF's: tests/strategies/test_ssf_avg.py
+    assert AGGREGATORS.names() == sorted([*NAMES, "ssf-avg", "fedins"])  # test_ssf_avg.py, test_fedins.py
     for name in NAMES:
         assert AGGREGATORS.get(name).name == ("fedit" if name == "fedavg" else name)
         assert AGGREGATORS.get(name).summary
