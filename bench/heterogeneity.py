@@ -13,6 +13,8 @@
   (6 sites, 504–3,822 tweets);
 - ``movies``: the default data, review snippets of a movie grouped into sites of at least 100 snippets
   (movies in a seeded order, consecutive movies joined until a site has 100), the first 20 such sites;
+- ``debian-mixed``: heterogeneity *inside* sites, for FedIns: ``debian``'s maintainers joined in pairs of
+  the most different label mixes (10 sites of two populations each);
 - ``iid``: the README's main job itself (the default data, 10 IID clients, half a round, 5 rounds), the
   check that a recipe for differing sites costs nothing where they do not differ.
 
@@ -32,7 +34,8 @@ The natural splits run as the heterogeneity issue measured them: ``--fraction 1 
 - ``fedit-2026-12-06``: the defaults before this benchmark (fedit, no probe round);
 - ``dp``: ``--dp`` (the preset, ε 8 per site);
 - recipe rows (``--rows recipes``): the aggregation rules, the server optimizers, FedProx, SCAFFOLD, the
-  label corrections and the frozen head, each on top of the default recipe.
+  label corrections and the frozen head, each on top of the default recipe; ``--rows peft``: SSF
+  (``ssf``), FedIns (``fedins``: M 4, N 1 over every layer SSF follows; ``fedins-ln``: the LayerNorms only).
 
 Every federated and pooled row is a real ``fedpeft simulate`` in its own process (one at a time: two
 would fight over the cores). Runs land in ``--root/<split>/<row>-s<seed>/`` and a finished run is not
@@ -89,7 +92,36 @@ def movie_sites(out: Path, *, sites: int = 20, min_examples: int = 100, seed: in
     return out
 
 
-SPLITS = ("debian", "airline", "movies", "iid")
+def mixed_sites(out: Path, *, source: Path = DATA / "debian_packages.jsonl", key: str = "maintainer") -> Path:
+    """Heterogeneity inside sites: the ``debian`` split's 20 maintainers joined in pairs into 10 sites, each
+    maintainer paired with the one whose label mix differs most from its own (greedy, by total-variation
+    distance, the largest sites first), so that every site holds two different populations."""
+    if out.exists():
+        return out
+    with open(source, encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row[key], []).append(row)
+    labels = sorted({r["label"] for r in rows})
+
+    def mix(name: str) -> list[float]:
+        return [sum(r["label"] == lab for r in groups[name]) / len(groups[name]) for lab in labels]
+
+    left = sorted(groups, key=lambda g: (-len(groups[g]), g))
+    site_of: dict[str, str] = {}
+    while len(left) > 1:
+        first = left.pop(0)
+        other = max(left, key=lambda g: (sum(abs(a - b) for a, b in zip(mix(first), mix(g), strict=True)), g))
+        left.remove(other)
+        site_of[first] = site_of[other] = f"pair-{len(site_of) // 2:02d}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps({**r, "site": site_of[r[key]]}, ensure_ascii=False) + "\n" for r in rows
+                           if r[key] in site_of), encoding="utf-8")
+    return out
+
+
+SPLITS = ("debian", "airline", "movies", "debian-mixed", "iid")
 COMMON = ["--fraction", "1", "--rounds", "10", "--max-length", "64"]  # the natural splits' federation
 
 
@@ -105,6 +137,9 @@ def split_flags(name: str, root: Path) -> list[str]:
     if name == "movies":
         return ["--data", str(movie_sites(root / "movies.jsonl")), "--partition", "natural:site", "--clients", "20",
                 "--test-fraction", "0.2", *COMMON]
+    if name == "debian-mixed":
+        return ["--data", str(mixed_sites(root / "debian-mixed.jsonl")), "--partition", "natural:site", "--clients",
+                "10", "--test-fraction", "0.2", *COMMON]
     if name == "iid":
         return []
     raise SystemExit(f"unknown split {name!r}; known: {', '.join(SPLITS)}")
@@ -136,6 +171,14 @@ RECIPES = {
     "fedlc": ["--label-correction", "fedlc"],
     "head-frozen": ["--head-after-probe", "freeze"],
 }
+# FedIns (issue 38) beside SSF: the paper's pool (every Linear and LayerNorm, M 4, N 1) and one that pools the
+# LayerNorms only (a fifth of SSF's size per entry: the upload stays near SSF's)
+PEFT_ROWS = {
+    "ssf": ["--peft", "ssf"],
+    "fedins": ["--peft", "ssf-pool"],
+    "fedins-ln": ["--peft", "ssf-pool", "--ssf-target-modules", "LayerNorm"],
+}
+RECIPES = {**RECIPES, **PEFT_ROWS}
 
 
 def flags_of(split: str, row: str, root: Path) -> list[str]:
@@ -297,7 +340,8 @@ def main() -> None:
     if args.report:
         report([json.loads(line) for line in results_file.read_text().splitlines()])
         return
-    names = {"core": list(CORE), "recipes": list(RECIPES)}.get(args.rows) or args.rows.split(",")
+    names = {"core": list(CORE), "recipes": list(RECIPES), "peft": list(PEFT_ROWS)}.get(args.rows) \
+        or args.rows.split(",")
     unknown = [n for n in names if n not in CORE and n not in RECIPES]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; known: {', '.join([*CORE, *RECIPES])}")

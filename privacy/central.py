@@ -28,7 +28,7 @@ Kasiviswanathan, AISTATS 2019, the only relation dp-accounting supports for it),
 multiplier of that relation (:attr:`CentralAccountant.accounted_sigma`).
 
 **Which aggregators compose.** The release is the noised mean of clipped updates; anything computed
-from it alone is post-processing and keeps the guarantee. ``fedit``, ``ffa-lora`` and ``ssf-avg``
+from it alone is post-processing and keeps the guarantee. ``fedit``, ``ffa-lora``, ``ssf-avg`` and ``fedins``
 return exactly that mean (:attr:`strategies.aggregator.Aggregator.linear`), and under central DP the
 strategy computes it here instead of calling the aggregator (whose per-site metrics are not covered).
 ``lora-fair``, ``lora-fair-ab`` and ``exact-svd`` read each client's factors through non-linear maps
@@ -83,7 +83,8 @@ def clip_update(update: dict[str, np.ndarray], *, clipping_norm: float) -> tuple
 def check_composes(aggregator: Any) -> None:
     """Raise a one-line error unless ``aggregator`` keeps central DP (its output is the average)."""
     if not aggregator.linear:
-        ok = sorted({AGGREGATORS.get(n).name for n in AGGREGATORS if AGGREGATORS.get(n).linear})
+        ok = sorted({AGGREGATORS.get(n).name for n in AGGREGATORS
+                     if AGGREGATORS.get(n).linear and AGGREGATORS.get(n).adapter == aggregator.adapter})
         raise FedPeftError(
             f"strategy {aggregator.name!r} is not post-processing of the noised average, so central DP "
             f"would not cover it; use one of: {', '.join(ok)}"

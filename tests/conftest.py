@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedpeft.data import DEFAULT_DATA
@@ -113,3 +114,34 @@ def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
     monkeypatch.setattr(TaskIdentity, "_run_id", 77)
     monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+
+
+WORDS = "river stone cloud table green window paper music garden letter yellow horse silver bottle forest orange"
+
+
+@pytest.fixture(scope="session")
+def ssf_setting(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny random BERT initialised wider than BERT's default (std 0.1), so that its features vary with the
+    input as a pretrained model's do (SSF rescales features; it cannot create them), and a task: is the word
+    "excellent" among random words."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
+
+    from fedpeft.models import resolve_model_path
+
+    root = tmp_path_factory.mktemp("ssf")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(""))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=2, initializer_range=0.1)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rng = np.random.default_rng(0)
+    words = WORDS.split()
+    with open(root / "data.jsonl", "w", encoding="utf-8") as fh:
+        for i in range(600):
+            seq = [str(w) for w in rng.choice(words, rng.integers(3, 9))]
+            if i % 2:
+                seq[rng.integers(0, len(seq))] = "excellent"
+            fh.write(json.dumps({"text": " ".join(seq), "label": ["absent", "present"][i % 2]}) + "\n")
+    return root / "model", root / "data.jsonl"

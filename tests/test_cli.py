@@ -35,7 +35,7 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
         (["--rounds", "0"], "rounds must be >= 1"),
         (
             ["--strategy", "fedmagic"],
-            "unknown strategy 'fedmagic'; known: exact-svd, fedavg, fedit, ffa-lora, lora-fair, lora-fair-ab, "
+            "unknown strategy 'fedmagic'; known: exact-svd, fedavg, fedins, fedit, ffa-lora, lora-fair, lora-fair-ab, "
             "lora-fair-ridge, rolora, ssf-avg",
         ),
         (["--peft", "prefix"], "unknown PEFT method 'prefix'; known: lora, ssf"),
@@ -107,6 +107,15 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
         (["--secure-aggregation", "--drift", "scaffold"], "secure aggregation: drift scaffold sends each site's"),
         (["--secure-aggregation", "--secagg-threshold", "9"], "secagg_threshold 9 exceeds the 5 sites sampled"),
         (["--secagg-bits", "64"], "secagg_bits must lie in 2..32, got 64"),
+        (["--peft", "ssf-pool", "--ssf-pool-size", "0"], "ssf_pool_size (M) must be an integer >= 1, got 0"),
+        (["--peft", "ssf-pool", "--ssf-pool-size", "2", "--ssf-pool-select", "3"],
+         "ssf_pool_select (N) must be an integer in 1..ssf_pool_size=2, got 3"),
+        (["--peft", "ssf-pool", "--ssf-pool-match", "1"], "ssf_pool_match (lambda) must lie in [0, 1), got 1.0"),
+        (["--ssf-pool-size", "8"], "ssf_pool_size is a ssf-pool setting but peft is lora"),
+        (["--peft", "ssf-pool", "--strategy", "ssf-avg"],
+         "strategy 'ssf-avg' aggregates SSF adapters, but this adapter is SSF-POOL; use --strategy fedins"),
+        (["--peft", "ssf-pool", "--dp", "local", "--dp-clipping", "ghost"],
+         "dp_clipping ghost with peft ssf-pool: ghost clipping clips only the criterion's loss"),
     ],
 )
 def test_bad_input_is_one_line(capsys: pytest.CaptureFixture[str], small_data: Path, tmp_path: Path,

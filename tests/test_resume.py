@@ -89,7 +89,8 @@ def resume(run: Path) -> subprocess.CompletedProcess:
 # resumed run ends on the same bytes.
 RECIPES = {"plain": (),
            "server-opt-and-scaffold": ("--server-opt", "adam", "--server-lr", "0.01", "--drift", "scaffold"),
-           "secure-aggregation": ("--secure-aggregation",)}
+           "secure-aggregation": ("--secure-aggregation",),
+           "fedins-pool": ("--peft", "ssf-pool", "--ssf-pool-size", "3", "--ssf-pool-select", "2")}
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))

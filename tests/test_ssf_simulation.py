@@ -18,34 +18,6 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-WORDS = "river stone cloud table green window paper music garden letter yellow horse silver bottle forest orange"
-
-
-@pytest.fixture(scope="module")
-def ssf_setting(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
-
-    from fedpeft.models import resolve_model_path
-
-    root = tmp_path_factory.mktemp("ssf")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(""))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=2, initializer_range=0.1)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    rng = np.random.default_rng(0)
-    words = WORDS.split()
-    with open(root / "data.jsonl", "w", encoding="utf-8") as fh:
-        for i in range(600):
-            seq = [str(w) for w in rng.choice(words, rng.integers(3, 9))]
-            if i % 2:
-                seq[rng.integers(0, len(seq))] = "excellent"
-            fh.write(json.dumps({"text": " ".join(seq), "label": ["absent", "present"][i % 2]}) + "\n")
-    return root / "model", root / "data.jsonl"
-
-
 def simulate(out: Path, model: Path, data: Path, *extra: str) -> list[dict]:
     cmd = [sys.executable, "-m", "fedpeft.cli.main", "simulate", "--model", str(model), "--data", str(data),
            "--peft", "ssf", "--clients", "3", "--fraction", "1", "--batch-size", "16", "--client-cpus", "1",

@@ -276,7 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             out = export_merged(args.run_dir, args.out, base=args.base, force=args.force)
             auto = TASKS.get(str(adapter_meta(Path(args.run_dir)).get("task", "seq-cls"))).auto_class
-            print(f"fedpeft: merged model saved to {out} (load it with transformers' {auto}.from_pretrained)")
+            remote = ", trust_remote_code=True" if any(out.glob("modeling_*.py")) else ""  # the head's code beside it
+            what = "instance-adaptive FedIns model" if (out / "modeling_fedins.py").exists() else "merged model"
+            print(f"fedpeft: {what} saved to {out} (load it with transformers' {auto}.from_pretrained(path{remote}))")
             return 0
         if args.command in ("certs", "link", "node", "connection"):
             return getattr(deploy, f"run_{args.command}")(args)
