@@ -71,6 +71,9 @@ def check_peft(cfg: Any) -> None:
         check_pool(cfg.ssf_pool_size, cfg.ssf_pool_select, cfg.ssf_pool_match)
     except ValueError as err:
         raise FedPeftError(str(err)) from None
+    if cfg.peft == "ssf-pool" and cfg.gradient_checkpointing:
+        raise FedPeftError("gradient_checkpointing with peft ssf-pool: the forward recomputed in the backward pass "
+                           "would not see each input's choice of pool entries; turn it off")
     defaults = type(cfg).__dataclass_fields__
     own = PEFT_FIELDS.get(cfg.peft, ())
     for method, names in PEFT_FIELDS.items():

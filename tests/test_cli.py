@@ -114,6 +114,8 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
         (["--ssf-pool-size", "8"], "ssf_pool_size is a ssf-pool setting but peft is lora"),
         (["--peft", "ssf-pool", "--strategy", "ssf-avg"],
          "strategy 'ssf-avg' aggregates SSF adapters, but this adapter is SSF-POOL; use --strategy fedins"),
+        (["--peft", "ssf-pool", "--gradient-checkpointing"],
+         "gradient_checkpointing with peft ssf-pool: the forward recomputed in the backward pass"),
         (["--peft", "ssf-pool", "--dp", "local", "--dp-clipping", "ghost"],
          "dp_clipping ghost with peft ssf-pool: ghost clipping clips only the criterion's loss"),
     ],
