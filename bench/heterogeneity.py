@@ -330,7 +330,7 @@ def report(results: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--splits", default="debian,airline,movies", help=f"of {', '.join(SPLITS)}")
-    parser.add_argument("--rows", default="core", help="core, recipes, or comma-separated row names")
+    parser.add_argument("--rows", default="core", help="comma-separated row names or groups (core, recipes, peft)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--root", default="runs/bench-heterogeneity", help="where runs and results.jsonl go")
     parser.add_argument("--report", action="store_true", help="print the tables from ROOT/results.jsonl and stop")
@@ -340,8 +340,8 @@ def main() -> None:
     if args.report:
         report([json.loads(line) for line in results_file.read_text().splitlines()])
         return
-    names = {"core": list(CORE), "recipes": list(RECIPES), "peft": list(PEFT_ROWS)}.get(args.rows) \
-        or args.rows.split(",")
+    groups = {"core": list(CORE), "recipes": list(RECIPES), "peft": list(PEFT_ROWS)}
+    names = list(dict.fromkeys(n for item in args.rows.split(",") for n in groups.get(item, [item])))
     unknown = [n for n in names if n not in CORE and n not in RECIPES]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; known: {', '.join([*CORE, *RECIPES])}")
