@@ -45,7 +45,8 @@ def check_config(cfg: FedPeftConfig) -> None:
 def check_secure(cfg: FedPeftConfig, aggregator: object, sampled: int, drift: str) -> None:
     """Secure aggregation gives the coordinator the sum of the sampled sites' updates and nothing else."""
     if not aggregator.linear:  # type: ignore[attr-defined]
-        linear = sorted({AGGREGATORS.get(n).name for n in AGGREGATORS if AGGREGATORS.get(n).linear})
+        linear = sorted({AGGREGATORS.get(n).name for n in AGGREGATORS
+                         if AGGREGATORS.get(n).linear and AGGREGATORS.get(n).adapter == aggregator.adapter})  # type: ignore[attr-defined]
         raise FedPeftError(f"secure aggregation: strategy {cfg.strategy} needs each site's factors, and the "
                            f"coordinator would see only their sum; use one of: {', '.join(linear)}")
     refusals = [

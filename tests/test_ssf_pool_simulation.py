@@ -121,22 +121,3 @@ def test_ssf_pool_under_local_dp(tmp_path: Path, ssf_setting: tuple[Path, Path])
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
-
-@pytest.mark.parametrize("extra", [
-    ("--dp", "central", "--dp-epsilon", "8", "--dp-delta", "1e-5", "--dp-max-grad-norm", "0.5", "--codec", "int8"),
-    ("--secure-aggregation",),
-], ids=lambda e: " ".join(e))
-def test_fedins_composes_with_codecs_central_dp_and_secure_aggregation(extra: tuple[str, ...], tmp_path: Path,
-                                                                      ssf_setting: tuple[Path, Path]) -> None:
-    """fedins is a weighted sum: a lossy codec with the central release, and the masked sum, take it."""
-    model, data = ssf_setting
-    out = tmp_path / "run"
-    records = simulate(out, model, data, "--rounds", "2", "--max-local-steps", "3", *extra)
-    assert [r["round"] for r in records] == [0, 1, 2] and all(r["clients"] == 3 for r in records[1:])
-    rows = [json.loads(line) for line in (out / "traffic.jsonl").read_text().splitlines()]
-    assert rows and all(row["status"] == "accepted" for row in rows)
-    if "--dp" in extra:
-        assert 0 < records[-1]["epsilon_max"] <= 8.0 + 1e-6
-        proc = subprocess.run([sys.executable, "-m", "fedpeft.cli.main", "audit", str(out)], capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-2000:]

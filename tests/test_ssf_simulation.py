@@ -1,5 +1,7 @@
 """End to end with ``--peft ssf``: a real Flower simulation whose accuracy rises over rounds, where only
-SSF vectors and the head travel, whose saved adapter reloads and merges; and the same under local DP.
+SSF vectors and the head travel, whose saved adapter reloads and merges. (SSF under local DP:
+tests/privacy/test_ssf_grad_sample.py, a private round at unit level; end to end, the SSF pool's DP run in
+tests/test_ssf_pool_simulation.py.)
 
 The model is a tiny random BERT initialised wider than BERT's default (std 0.1), so that its features
 vary with the input as a pretrained model's do (SSF rescales features; it cannot create them). The
@@ -86,13 +88,3 @@ def test_saved_adapter_reloads_and_merges_to_the_reported_accuracy(run: tuple[Pa
     accuracy = float((unmerged.argmax(-1).numpy() == test.labels).mean())
     assert accuracy == pytest.approx(records[-1]["accuracy"], abs=1e-9)
 
-
-def test_ssf_under_local_dp(tmp_path: Path, ssf_setting: tuple[Path, Path]) -> None:
-    """DP-SGD on SSF through Opacus with the registered rule: every client-round ledgered and audited."""
-    model, data = ssf_setting
-    records = simulate(tmp_path / "run", model, data, "--dp", "--rounds", "2", "--max-local-steps", "3")
-    assert all(r["clients"] == 3 for r in records[1:])
-    assert 0 < records[-1]["epsilon_max"] <= 8.0
-    proc = subprocess.run([sys.executable, "-m", "fedpeft.cli.main", "audit", str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

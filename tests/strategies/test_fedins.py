@@ -60,3 +60,17 @@ def test_robust_median_replaces_the_average() -> None:
     states = [{k: v + i for k, v in PREVIOUS.items()} for i in (0.0, 1.0, 5.0)]
     out, _ = FEDINS(states, [1, 1, 1], previous=PREVIOUS, options=AggregationOptions(robust="median"))
     np.testing.assert_allclose(out["ssf_pool.keys"], PREVIOUS["ssf_pool.keys"] + 1.0)
+
+
+@pytest.mark.parametrize("settings", [
+    {"dp": "central", "dp_epsilon": 8.0, "dp_delta": 1e-5, "codec": "int8"},
+    {"secure_aggregation": True},
+], ids=["central DP with int8", "secure aggregation"])
+def test_fedins_passes_the_coordinators_checks_where_a_weighted_sum_is_needed(settings: dict) -> None:
+    """A weighted sum: the central release and the masked sum take it (the LoRA rules that are not are refused)."""
+    from fedpeft.config import FedPeftConfig
+    from privacy.central import check_composes
+    from server.checks import check_config
+
+    check_composes(FEDINS)
+    check_config(FedPeftConfig(peft="ssf-pool", strategy="fedins", clients=4, fraction=1.0, **settings))
