@@ -38,8 +38,9 @@ The natural splits run as the heterogeneity issue measured them: ``--fraction 1 
   (``ssf``), FedIns (``fedins``: M 4, N 1 over every layer SSF follows; ``fedins-ln``: the LayerNorms only).
 
 Every federated and pooled row is a real ``fedpeft simulate`` in its own process (one at a time: two
-would fight over the cores). Runs land in ``--root/<split>/<row>-s<seed>/`` and a finished run is not
-run again, so the bench can be stopped and restarted. ``--report`` prints, per split, each row's final
+would fight over the cores). Runs land in ``--root/<split>/<row>-s<seed>/``; a finished run is not run
+again and a stopped one resumes from its last completed round (``fedpeft simulate --resume``, byte-identical
+to an uninterrupted run), so the bench can be stopped and restarted. ``--report`` prints, per split, each row's final
 accuracy as mean ± half-range over seeds, ÷ the best pooled row's mean, and − the best local-only
 site's mean.
 """
@@ -203,11 +204,14 @@ def run_row(split: str, row: str, seed: int, root: Path) -> dict:
         flags = [*flags_of(split, row, root), "--seed", str(seed), "--quiet"]
         rounds = _config(flags[:-1]).rounds
         if not (metrics.exists() and len(metrics.read_text().splitlines()) == rounds + 1):
-            if out.exists():
-                import shutil
+            if (out / "checkpoint.npz").exists():  # a stopped run: on from its last round (resume is byte-identical)
+                simulate(out, flags, resume=True)
+            else:
+                if out.exists():
+                    import shutil
 
-                shutil.rmtree(out)
-            simulate(out, flags)
+                    shutil.rmtree(out)
+                simulate(out, flags)
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
         result = {"accuracy": records[-1]["accuracy"], "curve": [round(r["accuracy"], 4) for r in records],
                   "bytes_up_per_client": max(r.get("bytes_up_per_client", 0) for r in records)}
