@@ -350,12 +350,16 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; known: {', '.join([*CORE, *RECIPES])}")
     root.mkdir(parents=True, exist_ok=True)
-    done = {(r["split"], r["row"], r["seed"]) for r in (json.loads(x) for x in results_file.read_text().splitlines())} \
-        if results_file.exists() else set()
+
+    def done() -> set[tuple[str, str, int]]:  # read before each row: another bench may share the root
+        if not results_file.exists():
+            return set()
+        return {(r["split"], r["row"], r["seed"]) for r in map(json.loads, results_file.read_text().splitlines())}
+
     for seed in (int(s) for s in args.seeds.split(",")):
         for split in args.splits.split(","):
             for row in names:
-                if (split, row, seed) in done:
+                if (split, row, seed) in done():
                     continue
                 result = run_row(split, row, seed, root)
                 print(json.dumps(result), flush=True)
