@@ -307,7 +307,9 @@ def plain_loop(flags: list[str], *, epochs: int = 3, lr: float = 1e-3, batch_siz
 
 
 def report(results: list[dict]) -> None:
-    """Per split: mean ± half-range over seeds, ÷ best pooled, − best local-only (a markdown table)."""
+    """Per split: mean ± half-range over seeds, ÷ best pooled, − best local-only (a markdown table). A run
+    recorded twice (two benches on one root) counts once."""
+    results = list({(r["split"], r["row"], r["seed"]): r for r in results}.values())
     for split in dict.fromkeys(r["split"] for r in results):
         rows: dict[str, list[dict]] = {}
         for r in results:
