@@ -150,11 +150,10 @@ def pooled_query(classifier: nn.Module, input_ids: torch.Tensor, attention_mask:
     return hidden[:, 0]
 
 
-def routed_forward(classifier: nn.Module, keys: PoolKeys, n_select: int, batch: dict) -> tuple[object, torch.Tensor]:
-    """``(classifier output, matching loss)`` with each input's SSF built from its top-N pool entries."""
-    pools = pools_of(classifier)
-    for pool in pools:
-        pool.routing = None
+def routed_forward(classifier: nn.Module, pools: list[SSFPool], keys: PoolKeys, n_select: int,
+                   batch: dict) -> tuple[object, torch.Tensor]:
+    """``(classifier output, matching loss)`` with each input's SSF built from its top-N pool entries
+    (``pools``: the classifier's, :func:`pools_of`, found once by the caller; each is off between calls)."""
     query = pooled_query(classifier, **{k: batch[k] for k in INPUT_KEYS if batch.get(k) is not None})
     cosine = keys(query)
     weights, chosen = select(cosine, n_select)
@@ -190,6 +189,7 @@ class FedInsForSequenceClassification(PreTrainedModel):
             self.inner = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)](config)
         self.n_select = int(spec["pool_select"])
         attach_pools(self.inner, spec["targets"], size=int(spec["pool_size"]))
+        self._pools = pools_of(self.inner)
         self.ssf_pool = PoolKeys(int(spec["pool_size"]), config.hidden_size)
         self.post_init()
 
@@ -208,7 +208,7 @@ class FedInsForSequenceClassification(PreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
         kwargs.pop("return_dict", None)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-        output, _ = routed_forward(self.inner, self.ssf_pool, self.n_select,
+        output, _ = routed_forward(self.inner, self._pools, self.ssf_pool, self.n_select,
                                    {k: v for k, v in batch.items() if v is not None})
         logits = output.logits
         loss = None if labels is None else nn.functional.cross_entropy(logits.float(), labels.view(-1))

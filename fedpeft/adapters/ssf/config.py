@@ -54,14 +54,19 @@ class SSFConfig:
     @classmethod
     def from_json(cls, text: str) -> SSFConfig:
         """Parse ``ssf_config.json``; raises ValueError for anything that is not an SSF config."""
-        try:
-            data: dict[str, Any] = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{CONFIG_NAME} is not valid JSON: {err}") from None
-        if not isinstance(data, dict) or data.pop("peft_type", None) != "SSF":
-            raise ValueError(f"{CONFIG_NAME} does not describe an SSF adapter (peft_type must be 'SSF')")
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{CONFIG_NAME} has unknown fields {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        return parse_config(cls, text, name=CONFIG_NAME, peft_type="SSF", what="an SSF adapter")
+
+
+def parse_config(cls: Any, text: str, *, name: str, peft_type: str, what: str) -> Any:
+    """The dataclass ``cls`` from the JSON of its config file ``name`` (lists become tuples); a ValueError,
+    in one line, for invalid JSON, another ``peft_type`` or a field ``cls`` does not have."""
+    try:
+        data: dict[str, Any] = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{name} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or data.pop("peft_type", None) != peft_type:
+        raise ValueError(f"{name} does not describe {what} (peft_type must be {peft_type!r})")
+    unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"{name} has unknown fields {unknown}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

@@ -32,7 +32,75 @@ from fedpeft.errors import FedPeftError
 OUTPUT_LAYERS = ("lm_head",)
 
 
-class SSFModel(nn.Module):
+class WrappedAdapter(nn.Module):
+    """What fedpeft's own adapters (SSF, FedIns' pool) share: the wrapped base model's attributes, loading
+    an adapter state strictly, and reading and writing an adapter directory.
+
+    A subclass names itself (``kind``), its config (``config_class``, ``config_name``) and says which
+    parameters are its adapter (:meth:`adapter_parameters`)."""
+
+    kind = "adapter"
+    config_class: Any = None
+    config_name = ""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)  # config, device, ... of the wrapped model
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """State name → parameter of everything the adapter holds."""
+        raise NotImplementedError
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors, detached, by state name."""
+        return {n: p.detach() for n, p in self.adapter_parameters().items()}
+
+    @torch.no_grad()
+    def load_adapter_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Overwrite the adapter with ``tensors``; keys and shapes must match exactly."""
+        params = self.adapter_parameters()
+        if set(tensors) != set(params):
+            missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+            raise FedPeftError(f"{self.kind} state mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
+        for key, value in tensors.items():
+            if tuple(value.shape) != tuple(params[key].shape):
+                raise FedPeftError(f"{self.kind} tensor {key} has shape {tuple(value.shape)}, "
+                                   f"expected {tuple(params[key].shape)}")
+        for key, value in tensors.items():
+            params[key].copy_(value.to(dtype=params[key].dtype, device=params[key].device))
+
+    def _save(self, directory: str | Path, config: Any) -> None:
+        """Write the adapter's tensors and ``config`` (its ``to_json``) to ``directory``."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
+        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        (out / self.config_name).write_text(config.to_json())
+
+    def _base_name(self) -> str:
+        return str(getattr(getattr(self.base_model, "config", None), "name_or_path", "") or "")
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | Path) -> Any:
+        """``model`` with the adapter saved in ``directory`` by ``save_pretrained``."""
+        path = Path(directory)
+        for name in (cls.config_name, WEIGHTS_NAME):
+            if not (path / name).is_file():
+                raise FedPeftError(f"{path} is not an {cls.kind} adapter directory: {name} is missing")
+        try:
+            config = cls.config_class.from_json((path / cls.config_name).read_text())
+        except ValueError as err:
+            raise FedPeftError(f"{path / cls.config_name}: {err}") from None
+        wrapped = cls(model, config)
+        wrapped.load_adapter_state_dict(load_file(str(path / WEIGHTS_NAME)))
+        return wrapped
+
+
+class SSFModel(WrappedAdapter):
     """A transformers model with SSF layers after its targets; only SSF and the head train.
 
     Parameters
@@ -42,6 +110,10 @@ class SSFModel(nn.Module):
     config : SSFConfig
         Targets, initialisation and head.
     """
+
+    kind = "SSF"
+    config_class = SSFConfig
+    config_name = CONFIG_NAME
 
     def __init__(self, model: nn.Module, config: SSFConfig) -> None:
         super().__init__()
@@ -61,14 +133,6 @@ class SSFModel(nn.Module):
             for p in getattr(model, name).parameters():
                 p.requires_grad_(True)
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)  # config, device, ... of the wrapped model
-
     @property
     def targets(self) -> tuple[str, ...]:
         """Full names of the layers SSF follows."""
@@ -84,55 +148,20 @@ class SSFModel(nn.Module):
         parts = name.split(".")
         return parts[0] in self.head_names or (len(parts) >= 2 and parts[-2] == SSF_CHILD)
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every γ (``<target>.ssf.scale``), β (``<target>.ssf.shift``) and head tensor (detached)."""
-        return {n: p.detach() for n, p in self.base_model.named_parameters() if self._is_adapter(n)}
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """Every γ (``<target>.ssf.scale``), β (``<target>.ssf.shift``) and head tensor."""
+        return {n: p for n, p in self.base_model.named_parameters() if self._is_adapter(n)}
 
-    @torch.no_grad()
-    def load_adapter_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Overwrite the adapter with ``tensors``; keys and shapes must match exactly."""
-        own = self.adapter_state_dict()
-        if set(tensors) != set(own):
-            missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-            raise FedPeftError(f"SSF state mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
-        for key, value in tensors.items():
-            if tuple(value.shape) != tuple(own[key].shape):
-                raise FedPeftError(f"SSF tensor {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
-        params = dict(self.base_model.named_parameters())
-        for key, value in tensors.items():
-            params[key].copy_(value.to(dtype=params[key].dtype, device=params[key].device))
-
-    # --- save / load ------------------------------------------------------------------------------
+    # --- save ---------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
         """Write the adapter alone: ``adapter_model.safetensors`` and ``ssf_config.json`` (with the
         resolved target names, so loading attaches exactly these layers)."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
-        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-        base = str(getattr(getattr(self.base_model, "config", None), "name_or_path", "") or "")
-        config = SSFConfig(
+        self._save(directory, SSFConfig(
             target_modules=self.targets,
             init_std=self.ssf_config.init_std,
             head_modules=self.ssf_config.head_modules,
-            base_model=self.ssf_config.base_model or base,
-        )
-        (out / CONFIG_NAME).write_text(config.to_json())
-
-    @classmethod
-    def from_pretrained(cls, model: nn.Module, directory: str | Path) -> SSFModel:
-        """``model`` with the SSF adapter saved in ``directory`` by :meth:`save_pretrained`."""
-        path = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (path / name).is_file():
-                raise FedPeftError(f"{path} is not an SSF adapter directory: {name} is missing")
-        try:
-            config = SSFConfig.from_json((path / CONFIG_NAME).read_text())
-        except ValueError as err:
-            raise FedPeftError(f"{path / CONFIG_NAME}: {err}") from None
-        wrapped = cls(model, config)
-        wrapped.load_adapter_state_dict(load_file(str(path / WEIGHTS_NAME)))
-        return wrapped
+            base_model=self.ssf_config.base_model or self._base_name(),
+        ))
 
     # --- merge ------------------------------------------------------------------------------------
     def merge_and_unload(self) -> nn.Module:

@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fedpeft.adapters.ssf.config import parse_config
 from fedpeft.adapters.state import HEAD_MODULES
 
 CONFIG_NAME = "ssf_pool_config.json"
@@ -57,16 +58,7 @@ class SSFPoolConfig:
     @classmethod
     def from_json(cls, text: str) -> SSFPoolConfig:
         """Parse ``ssf_pool_config.json``; raises ValueError for anything that is not an SSF pool config."""
-        try:
-            data: dict[str, Any] = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{CONFIG_NAME} is not valid JSON: {err}") from None
-        if not isinstance(data, dict) or data.pop("peft_type", None) != "SSF_POOL":
-            raise ValueError(f"{CONFIG_NAME} does not describe an SSF pool (peft_type must be 'SSF_POOL')")
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"{CONFIG_NAME} has unknown fields {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        return parse_config(cls, text, name=CONFIG_NAME, peft_type="SSF_POOL", what="an SSF pool")
 
 
 def check_pool(size: Any, select: Any, match_weight: Any) -> None:

@@ -25,16 +25,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fedpeft.adapters.ssf.config import WEIGHTS_NAME
-from fedpeft.adapters.ssf.model import OUTPUT_LAYERS, find_targets
+from fedpeft.adapters.ssf.model import OUTPUT_LAYERS, WrappedAdapter, find_targets
 from fedpeft.adapters.ssf_pool.config import CONFIG_NAME, SSFPoolConfig
 from fedpeft.errors import FedPeftError
 from fedpeft.heads.modeling_fedins import (
@@ -43,11 +40,12 @@ from fedpeft.heads.modeling_fedins import (
     FedInsForSequenceClassification,
     PoolKeys,
     attach_pools,
+    pools_of,
     routed_forward,
 )
 
 
-class SSFPoolModel(nn.Module):
+class SSFPoolModel(WrappedAdapter):
     """A transformers classifier with SSF pools after its targets; only the pools, keys and head train.
 
     Parameters
@@ -57,6 +55,10 @@ class SSFPoolModel(nn.Module):
     config : SSFPoolConfig
         Targets, M, N, λ, initialisation and head.
     """
+
+    kind = "SSF pool"
+    config_class = SSFPoolConfig
+    config_name = CONFIG_NAME
 
     def __init__(self, model: nn.Module, config: SSFPoolConfig) -> None:
         super().__init__()
@@ -73,20 +75,13 @@ class SSFPoolModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self._hooks = attach_pools(model, targets, size=config.pool_size, init_std=config.init_std)
+        self._pools = pools_of(model)  # found once: every forward switches them on and off
         for name in self.head_names:
             for p in getattr(model, name).parameters():
                 p.requires_grad_(True)
         ref = next(iter(self.head_parameters()))
         self.ssf_pool = PoolKeys(config.pool_size, width).to(device=ref.device, dtype=ref.dtype)
         self._match: torch.Tensor | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)  # config, device, ... of the wrapped model
 
     def head_parameters(self) -> Any:
         for name in self.head_names:
@@ -100,7 +95,8 @@ class SSFPoolModel(nn.Module):
     def forward(self, *args: Any, **batch: Any) -> Any:
         if args:
             raise TypeError("SSFPoolModel takes keyword inputs (input_ids=..., attention_mask=...)")
-        output, self._match = routed_forward(self.base_model, self.ssf_pool, self.pool_config.pool_select, batch)
+        output, self._match = routed_forward(self.base_model, self._pools, self.ssf_pool,
+                                             self.pool_config.pool_select, batch)
         return output
 
     def objective(self, task_loss: torch.Tensor) -> torch.Tensor:
@@ -115,54 +111,18 @@ class SSFPoolModel(nn.Module):
         parts = name.split(".")
         return parts[0] in self.head_names or (len(parts) >= 2 and parts[-2] == POOL_CHILD)
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every pool (``<target>.ssf_pool.scale`` / ``.shift``, M × d), the keys (``ssf_pool.keys``)
-        and the head, detached."""
-        state = {n: p.detach() for n, p in self.base_model.named_parameters() if self._is_adapter(n)}
-        state[f"{POOL_CHILD}.keys"] = self.ssf_pool.keys.detach()
-        return state
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """Every pool (``<target>.ssf_pool.scale`` / ``.shift``, M × d), the keys (``ssf_pool.keys``) and
+        the head."""
+        params = {n: p for n, p in self.base_model.named_parameters() if self._is_adapter(n)}
+        params[f"{POOL_CHILD}.keys"] = self.ssf_pool.keys
+        return params
 
-    @torch.no_grad()
-    def load_adapter_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Overwrite the adapter with ``tensors``; keys and shapes must match exactly."""
-        own = self.adapter_state_dict()
-        if set(tensors) != set(own):
-            missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-            raise FedPeftError(f"SSF pool state mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
-        for key, value in tensors.items():
-            if tuple(value.shape) != tuple(own[key].shape):
-                raise FedPeftError(f"SSF pool tensor {key} has shape {tuple(value.shape)}, "
-                                   f"expected {tuple(own[key].shape)}")
-        params = {**dict(self.base_model.named_parameters()), f"{POOL_CHILD}.keys": self.ssf_pool.keys}
-        for key, value in tensors.items():
-            params[key].copy_(value.to(dtype=params[key].dtype, device=params[key].device))
-
-    # --- save / load ------------------------------------------------------------------------------
+    # --- save ---------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
         """Write the adapter alone: ``adapter_model.safetensors`` and ``ssf_pool_config.json``."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
-        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-        base = str(getattr(getattr(self.base_model, "config", None), "name_or_path", "") or "")
-        config = dataclasses.replace(self.pool_config, target_modules=self.targets,
-                              base_model=self.pool_config.base_model or base)
-        (out / CONFIG_NAME).write_text(config.to_json())
-
-    @classmethod
-    def from_pretrained(cls, model: nn.Module, directory: str | Path) -> SSFPoolModel:
-        """``model`` with the SSF pool saved in ``directory`` by :meth:`save_pretrained`."""
-        path = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (path / name).is_file():
-                raise FedPeftError(f"{path} is not an SSF pool adapter directory: {name} is missing")
-        try:
-            config = SSFPoolConfig.from_json((path / CONFIG_NAME).read_text())
-        except ValueError as err:
-            raise FedPeftError(f"{path / CONFIG_NAME}: {err}") from None
-        wrapped = cls(model, config)
-        wrapped.load_adapter_state_dict(load_file(str(path / WEIGHTS_NAME)))
-        return wrapped
+        self._save(directory, dataclasses.replace(self.pool_config, target_modules=self.targets,
+                                                  base_model=self.pool_config.base_model or self._base_name()))
 
     # --- export -----------------------------------------------------------------------------------
     @torch.no_grad()
