@@ -24,6 +24,7 @@ from flwr.app import Context, Message, MetricRecord
 from client.exchange import trained_update
 from client.secure import secure_exchange
 from client.sites import site_for
+from fedpeft.adapters.lora.dynamic import split_active
 from fedpeft.adapters.state import key_matches, without_keys
 from fedpeft.codecs import compress, parse_codec
 from fedpeft.feedback_state import load_residual, residual_path, save_residual
@@ -54,6 +55,7 @@ def codec_mod(msg: Message, context: Context, call_next: Any) -> Message:
         codec=str(context.node_config.get("codec") or cfg.codec),
         residual_file=residual_path(site.state_dir, site.key, cfg.run_id),
         held=request.held,
+        active_rank=request.active_rank,
     )
 
 
@@ -66,10 +68,13 @@ def encoded_exchange(
     codec: str,
     residual_file: Path,
     held: tuple[str, ...] = (),
+    active_rank: int | None = None,
 ) -> Message:
     """:func:`codec_mod` once the site knows its tensors (``expected``: name → shape of what the
-    broadcast must hold), its codec spec, where its error-feedback residual lives, and the tensors the
-    rule holds this round (``held``: broadcast, not trained, not sent back)."""
+    broadcast must hold), its codec spec, where its error-feedback residual lives, the tensors the
+    rule holds this round (``held``: broadcast, not trained, not sent back) and the round's LoRA rank
+    under DP-DyLoRA (``active_rank``: the residual of components above it waits for a round that trains
+    them, since the coordinator drops anything sent there)."""
     reply, _, update = trained_update(msg, context, call_next, expected=expected, held=held)
     if update is None:
         return reply
@@ -81,9 +86,13 @@ def encoded_exchange(
             residual = load_residual(residual_file)
         except ValueError as err:  # costs accuracy, not privacy: restart the feedback from zero
             logger.warning("%s; starting error feedback from zero", err)
+    stored, waiting = residual, {}
+    if residual is not None and active_rank is not None:
+        residual, waiting = split_active(residual, active_rank)
     parts, left, metrics = compress(chosen, update, residual)
-    if carry:  # a held factor's residual waits for the round that sends it
-        kept = {k: v for k, v in (residual or {}).items() if key_matches(k, held)}
+    if carry:  # a held factor's residual waits for the round that sends it, and so do inactive components'
+        kept = {k: v for k, v in (stored or {}).items() if key_matches(k, held)}
+        left = {k: v + waiting[k] if k in waiting else v for k, v in left.items()}
         save_residual(residual_file, {**kept, **left})
     records = payload_records(chosen, parts, {k: v.shape for k, v in update.items()})
     reply.content[ARRAYS], reply.content[CODEC] = records[ARRAYS], records[CODEC]

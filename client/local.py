@@ -22,6 +22,7 @@ run's) and error feedback.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from client import secure
 from client.encoding import codec_mod
 from client.sites import site_for
 from fedpeft.adapters import adapter_state, load_adapter_state
+from fedpeft.adapters.lora.dynamic import keep_active, train_at_rank
 from fedpeft.client_round import Control
 from fedpeft.errors import FedPeftError
 from fedpeft.feedback_state import control_path, load_control, save_control
@@ -104,9 +106,11 @@ def train(msg: Message, context: Context) -> Message:
     if CONTROL in msg.content:  # SCAFFOLD: the coordinator's c, and this site's own c_i from its state dir
         variate_file = control_path(site.state_dir, site.key, cfg.run_id)
         control = Control(server=from_array_record(msg.content[CONTROL]), site=load_control(variate_file, server_round))
-    outcome = mode.site_round(local, model, data, node_config=context.node_config, site=site.key,
-                              server_round=server_round, partition_id=site.partition_id, frozen=request.untrained,
-                              control=control, ledger_seq=request.ledger_seq, features=site.features)
+    rank = request.active_rank  # DP-DyLoRA: the round's rank; components above it neither train nor travel changed
+    with train_at_rank(model, rank) if rank is not None else nullcontext():
+        outcome = mode.site_round(local, model, data, node_config=context.node_config, site=site.key,
+                                  server_round=server_round, partition_id=site.partition_id, frozen=request.untrained,
+                                  control=control, ledger_seq=request.ledger_seq, features=site.features)
     if outcome.report is not None:  # local DP: the signed entry travels with the reply
         report = outcome.report
         content[PRIVACY] = privacy_record(
@@ -128,6 +132,8 @@ def train(msg: Message, context: Context) -> Message:
     if mode.reports_training_loss:  # under DP a loss on private data, and the examples seen, are covered by no ε
         metrics |= {TRAIN_LOSS: result["train_loss"], EXAMPLES_SEEN: result["examples_seen"]}
     state = adapter_state(model)  # sent back: the broadcast's tensors (never the frozen ones), in its order
+    if rank is not None:  # what DP-SGD's noise or weight decay did to inactive components is dropped
+        state = keep_active(state, broadcast, rank)
     content[ARRAYS] = to_array_record({k: state[k] for k in broadcast} if trained else {})
     content[METRICS] = MetricRecord(metrics)
     return Message(content, reply_to=msg)

@@ -57,6 +57,11 @@ class FedPeftConfig:
         "", "comma-separated module names; empty: seq-cls peft's per-architecture default, causal-lm the attention "
         "and MLP projections of the architecture"
     )
+    lora_dynamic_rank: bool = _f(
+        False, "DP-DyLoRA: each round trains LoRA at one rank b that the coordinator draws from the run seed "
+        "(uniform on lora_rank_min..lora_r, scale alpha/b); components above b stay as they were that round"
+    )
+    lora_rank_min: int = _f(1, "the lowest rank lora_dynamic_rank draws")
     ssf_target_modules: str = _f(
         "", "SSF, ssf-pool: comma-separated nn.Linear / nn.LayerNorm names it follows; empty: every one but the head"
     )

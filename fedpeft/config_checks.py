@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 from fedpeft.adapters import PEFT_METHODS
+from fedpeft.adapters.lora.dynamic import check_dynamic_rank
 from fedpeft.adapters.ssf_pool.config import check_pool
 from fedpeft.codecs import CodecError, parse_codec
 from fedpeft.drift import parse_drift
@@ -57,7 +58,8 @@ def check_reliability(cfg: Any) -> None:
 
 # The settings each PEFT method reads; setting another method's is a mistake worth one line.
 PEFT_FIELDS = {
-    "lora": ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "client_ranks"),
+    "lora": ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "client_ranks", "lora_dynamic_rank",
+             "lora_rank_min"),
     "ssf": ("ssf_target_modules",),
     "ssf-pool": ("ssf_target_modules", "ssf_pool_size", "ssf_pool_select", "ssf_pool_match"),
 }
@@ -84,6 +86,7 @@ def check_peft(cfg: Any) -> None:
                 raise FedPeftError(
                     f"{name} is a {method} setting but peft is {cfg.peft}; drop it or use --peft {method}"
                 )
+    check_dynamic_rank(cfg)
 
 
 TASKS = ("seq-cls", "causal-lm")

@@ -16,7 +16,8 @@ adapter payload, :mod:`fedpeft.wire`), :data:`CONTROL` (SCAFFOLD's variates), :d
 - :data:`LABEL_NAMES`: the run's classes in the order of the head's outputs.
 
 A train request adds :data:`SERVER_ROUND`, :data:`FROZEN` and :data:`HELD` (the tensors the rule freezes,
-never broadcast, and those it holds this round, broadcast but not trained), and for some sites
+never broadcast, and those it holds this round, broadcast but not trained), under DP-DyLoRA
+:data:`ACTIVE_RANK` (the round's drawn LoRA rank, the same for every site), and for some sites
 :data:`CANARIES` (the empirical audit), :data:`LEDGER_SEQ` (local DP), :data:`CLIPPING_NORM` (central
 DP: Flower's fixed-clipping mod reads it under Flower's name) or :data:`SECAGG` (secure aggregation,
 whose three later stages are query messages: :data:`SECAGG_SHARES`, :data:`SECAGG_MASKED`,
@@ -61,8 +62,9 @@ CANARIES = "canaries"  # train config of the empirical audit: JSON [[text, label
 LEDGER_SEQ = "ledger-seq"  # train config under local DP: how many of this site's entries the ledger holds
 CLIPPING_NORM: str = flower_compat.KEY_CLIPPING_NORM  # central DP: the norm every sampled site clips its update to
 SECAGG = "secagg"  # secure aggregation: JSON {number, threshold, bits, clip, tag} of this site's round
+ACTIVE_RANK = "active-rank"  # DP-DyLoRA: the LoRA rank every site trains this round (fedpeft.adapters.lora.dynamic)
 QUERY_KEYS = frozenset({PROTOCOL, LABEL_NAMES})
-TRAIN_KEYS = QUERY_KEYS | {SERVER_ROUND, FROZEN, HELD, CANARIES, LEDGER_SEQ, CLIPPING_NORM, SECAGG}
+TRAIN_KEYS = QUERY_KEYS | {SERVER_ROUND, FROZEN, HELD, CANARIES, LEDGER_SEQ, CLIPPING_NORM, SECAGG, ACTIVE_RANK}
 
 # --- secure aggregation's later stages (query messages; privacy/secagg, client/secure.py) -------------
 SECAGG_SHARES = "query.secagg_shares"  # the roster down; encrypted shares and the seed's commitment up
@@ -151,6 +153,7 @@ class TrainRequest:
     canaries: tuple[Any, ...] | None = None  # [text, label] pairs
     ledger_seq: int | None = None
     secagg: dict[str, Any] | None = None  # secure aggregation's settings for this site's round
+    active_rank: int | None = None  # DP-DyLoRA: train LoRA at this rank; None: the full rank
 
     @property
     def untrained(self) -> tuple[str, ...]:
@@ -165,9 +168,13 @@ class TrainRequest:
             canaries = tuple(json.loads(str(record[CANARIES]))) if CANARIES in record else None
             seq = record.get(LEDGER_SEQ)
             secagg = json.loads(str(record[SECAGG])) if SECAGG in record else None
+            rank = int(record[ACTIVE_RANK]) if ACTIVE_RANK in record else None
+            if rank is not None and not 1 <= rank <= settings.lora_r:
+                raise ValueError(f"{ACTIVE_RANK} {rank} outside 1..lora_r={settings.lora_r}")
             return cls(settings=settings, label_names=label_names, server_round=server_round,
                        frozen=_names(record.get(FROZEN, "")), held=_names(record.get(HELD, "")),
-                       canaries=canaries, ledger_seq=None if seq is None else int(seq), secagg=secagg)
+                       canaries=canaries, ledger_seq=None if seq is None else int(seq), secagg=secagg,
+                       active_rank=rank)
         except (KeyError, TypeError, ValueError) as err:
             raise FedPeftError(f"malformed train request: {type(err).__name__}: {err}") from None
 

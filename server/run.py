@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedpeft.adapters import load_adapter_state
+from fedpeft.adapters.lora.dynamic import RankSchedule, keep_active
 from fedpeft.config import FedPeftConfig
 from fedpeft.data.sources import load_split
 from fedpeft.errors import FedPeftError
@@ -126,7 +127,11 @@ class Coordinator:
         if outcome.arrays is None:
             return {}
         aggregated = {**self.state, **from_array_record(outcome.arrays)}
-        self.state, self.moments, metrics = server_move(self.cfg, rnd, self.state, aggregated, self.moments)
+        state, self.moments, metrics = server_move(self.cfg, rnd, self.state, aggregated, self.moments)
+        schedule = RankSchedule.of(self.cfg)
+        if schedule is not None:  # DP-DyLoRA: whatever path made the step, components above the rank stay
+            state = keep_active(state, self.state, schedule.rank(rnd))
+        self.state = state
         return metrics
 
     def record(self, rnd: int, extra: Mapping[str, Any], started: float) -> dict[str, Any]:
@@ -216,6 +221,8 @@ def run_federation(
         for row in outcome.traffic.per_site():
             append_jsonl(run_dir / "traffic.jsonl", {"round": rnd, **row})
         extra = round_metrics(cfg, outcome.traffic, outcome.metrics, skipped=outcome.arrays is None, clients=clients)
+        if (schedule := RankSchedule.of(cfg)) is not None:  # DP-DyLoRA: the rank this round trained
+            extra["active_rank"] = schedule.rank(rnd)
         record = owned.record(rnd, {**extra, **step_metrics, **dp_metrics}, started)
         owned.commit(rnd, population, privacy.ledger)
 
@@ -260,6 +267,7 @@ def build_strategy(cfg: FedPeftConfig, *, sites: Mapping[int, str], ranks: Mappi
             clip=cfg.dp_max_grad_norm if privacy.release_sum else cfg.secagg_clip, bits=cfg.secagg_bits,
             threshold=cfg.secagg_threshold, run_id=cfg.run_id, uniform=privacy.uniform_weights,
             release=privacy.release_sum) if cfg.secure_aggregation else None,
+        ranks_drawn=RankSchedule.of(cfg),
     )
 
 

@@ -33,10 +33,11 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
+from fedpeft.adapters.lora.dynamic import RankSchedule, keep_active
 from fedpeft.adapters.state import adapter_kind, key_matches, without_keys
 from fedpeft.codecs import parse_codec
 from fedpeft.errors import FedPeftError
-from fedpeft.protocol import FROZEN, HELD, SECAGG, SERVER_ROUND
+from fedpeft.protocol import ACTIVE_RANK, FROZEN, HELD, SECAGG, SERVER_ROUND
 from fedpeft.wire import CONFIG, CONTROL, encode_tensors, from_array_record, raw_nbytes, record_nbytes, to_array_record
 from strategies import AGGREGATORS
 from strategies.aggregator import AggregationOptions, lora_layers, round_rule, truncate_to_rank
@@ -159,6 +160,7 @@ class FedPeftStrategy(Strategy):
         control_scope: tuple[str, ...] = (),
         head_frozen_after: int | None = None,
         secure: Any = None,
+        ranks_drawn: RankSchedule | None = None,
     ) -> None:
         self.aggregator_name = aggregator
         self.aggregator = AGGREGATORS.get(aggregator)
@@ -184,6 +186,10 @@ class FedPeftStrategy(Strategy):
             raise FedPeftError(f"strategy {aggregator!r} needs each site's factors; secure aggregation gives only "
                                "their sum")
         self.secure = secure
+        if ranks_drawn is not None and (not self.aggregator.linear or self.aggregator.adapter != "lora"):
+            raise FedPeftError(f"strategy {aggregator!r} cannot train a drawn LoRA rank (lora_dynamic_rank)")
+        self.ranks_drawn = ranks_drawn
+        self.active_rank: int | None = None  # DP-DyLoRA: the rank of the round being played
         self.secure_numbers: dict[str, int] = {}  # site → its number (Shamir point) in this round's secure sum
         self._secure_shapes: dict[str, tuple[int, ...]] = {}  # the tensors of the secure sum, in its order
         self.control = None if control is None else dict(control)
@@ -219,6 +225,9 @@ class FedPeftStrategy(Strategy):
         frozen = rule.frozen
         config = ConfigRecord({**config, SERVER_ROUND: server_round, FROZEN: ",".join(frozen),
                                HELD: ",".join(rule.held)})
+        self.active_rank = None if self.ranks_drawn is None else self.ranks_drawn.rank(server_round)
+        if self.active_rank is not None:
+            config[ACTIVE_RANK] = self.active_rank
         broadcast = without_keys(self.previous, frozen)
         pairs, _ = lora_layers(self.previous.keys())
         global_rank = self.previous[pairs[0][0]].shape[0] if pairs else None
@@ -349,6 +358,9 @@ class FedPeftStrategy(Strategy):
         else:
             state, agg_metrics = self._rule(server_round)(updates, [r.weight for r in accepted],
                                                           previous=self.previous, options=self.options)
+        if self.active_rank is not None:  # components above the round's rank stay as broadcast
+            state = keep_active(state, self.previous, self.active_rank)
+            agg_metrics = {**agg_metrics, "active_rank": self.active_rank}
         metrics = MetricRecord({"clients": len(accepted), **agg_metrics,
                                 **train_loss(accepted, traffic.client_metrics)})
         return RoundOutcome(to_array_record(state), metrics, traffic, self.control)
@@ -359,7 +371,7 @@ class FedPeftStrategy(Strategy):
             server_round=server_round, held=self._rule(server_round).held, baselines=self.baselines,
             rank_of=self._rank_of, checks=tuple(self.checks), limits=self.limits, scaffold=self.control is not None,
             bound=self.bound, releases=self.release is not None, uniform_weights=self.uniform_weights,
-            min_replies=self.min_replies,
+            min_replies=self.min_replies, active_rank=self.active_rank,
         )
 
     def _released(self, updates: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:

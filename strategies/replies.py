@@ -1,6 +1,6 @@
 """The coordinator's reply path as one pipeline: each train reply goes through
 
-    receive → ledger → account → validate → bound → weigh
+    receive → ledger → account → validate → project → bound → weigh
 
 and the round's survivors through ``screen`` (outliers, quorum) and ``aggregate`` (SCAFFOLD's variate,
 then central DP's release or the aggregation rule).
@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from fedpeft.adapters.lora.dynamic import project_update
 from fedpeft.adapters.state import without_keys
 from fedpeft.protocol import TRAIN_LOSS
 from fedpeft.wire import (
@@ -173,6 +174,7 @@ class ReplyContext:
     releases: bool = False  # central DP: the aggregate is made of the updates, not of states
     uniform_weights: bool = False
     min_replies: int = 1
+    active_rank: int | None = None  # DP-DyLoRA: every update is projected onto this rank's components
 
 
 @dataclass(frozen=True)
@@ -261,6 +263,14 @@ def validate(reply: Reply, ctx: ReplyContext) -> tuple[Reply | None, Report]:
             Report(norm=norm))
 
 
+def project(reply: Reply, ctx: ReplyContext) -> tuple[Reply | None, Report]:
+    """Under DP-DyLoRA, the update on the round's active components only: anything a site sent for the
+    others is dropped before clipping, so every update lives on the same public support."""
+    if ctx.active_rank is None:
+        return reply, NOTHING
+    return replace(reply, update=project_update(reply.update, ctx.active_rank)), NOTHING
+
+
 def bound(reply: Reply, ctx: ReplyContext) -> tuple[Reply | None, Report]:
     """The update made safe to aggregate (central DP: clipped to C again)."""
     if ctx.bound is None:
@@ -279,7 +289,7 @@ def weigh(reply: Reply, ctx: ReplyContext) -> tuple[Reply | None, Report]:
     return replace(reply, update=update, weight=weight), NOTHING
 
 
-STEPS: tuple[Step, ...] = (ledger, account, validate, bound, weigh)
+STEPS: tuple[Step, ...] = (ledger, account, validate, project, bound, weigh)
 
 
 def run_steps(reply: Reply, ctx: ReplyContext, traffic: RoundTraffic, steps: Sequence[Step] = STEPS) -> Reply | None:

@@ -87,8 +87,10 @@ def resume(run: Path) -> subprocess.CompletedProcess:
 # site's c_i is kept before and after its last round, so a round the crash undid starts again from the same c_i.
 # Under secure aggregation the masks are fresh randomness every round, but the sum they hide is exact: the
 # resumed run ends on the same bytes. Two runs cover the paths (the suite's minutes are few): LoRA with the
-# default recipe plus both pieces of coordinator state, and FedIns' SSF pool summed securely.
-RECIPES = {"lora-server-opt-and-scaffold": ("--server-opt", "adam", "--server-lr", "0.01", "--drift", "scaffold"),
+# default recipe plus both pieces of coordinator state and DP-DyLoRA's drawn ranks (a resumed round must draw
+# the rank the lost one drew), and FedIns' SSF pool summed securely.
+RECIPES = {"lora-server-opt-and-scaffold": ("--server-opt", "adam", "--server-lr", "0.01", "--drift", "scaffold:head",
+                                            "--lora-dynamic-rank"),
            "fedins-pool-secure-aggregation": ("--peft", "ssf-pool", "--ssf-pool-size", "3", "--ssf-pool-select", "2",
                                               "--secure-aggregation")}
 
