@@ -15,7 +15,8 @@ from fedpeft.codecs.int4 import pack_nibbles, unpack_nibbles
 from fedpeft.codecs.topk import DENSE_BELOW
 
 SPECS = ["none", "fp16", "int8", "int8:16", "int4", "int4:7", "topk:0.1", "topk:1", "topk:0.5+int8:8",
-         "topk:0.3+int4", "topk:0.2+fp16", "topk:0.05+none", "ternary", "ternary:0.3"]
+         "topk:0.3+int4", "topk:0.2+fp16", "topk:0.05+none", "ternary", "ternary:0.3", "compeft", "compeft:0.3",
+         "compeft:1"]
 SHAPES = [(), (0,), (1,), (7,), (3, 5), (8, 384), (384, 8), (2, 3, 40), (70000,)]
 
 finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
@@ -151,6 +152,65 @@ def test_ternary_is_mean_magnitude_times_sign_on_the_top_k(fraction: float, x: n
     assert err(float(scale)) <= min(err(float(scale) * 1.01), err(float(scale) * 0.99)) + 1e-6
 
 
+def block_topk_reference(flat: np.ndarray, density: float) -> set[int]:
+    """Brute force: in each block of 64 (the last may be shorter), the round(density · size) largest |x|."""
+    chosen: set[int] = set()
+    for start in range(0, flat.size, 64):
+        block = flat[start:start + 64]
+        k = min(block.size, max(1, round(density * block.size)))
+        order = sorted(range(block.size), key=lambda i: (-abs(float(block[i])), i))
+        kth = abs(float(block[order[k - 1]]))
+        assert sum(abs(float(v)) > kth for v in block) < k  # the k-th magnitude bounds the choice (ties aside)
+        chosen |= {start + i for i in order[:k]}
+    return chosen
+
+
+@pytest.mark.parametrize("density", [0.05, 0.25, 0.5])
+@settings(max_examples=40, deadline=None)
+@given(x=large)
+def test_compeft_is_the_least_squares_scale_times_sign_on_each_blocks_top_k(density: float, x: np.ndarray) -> None:
+    flat = x.reshape(-1)
+    codec = parse_codec(f"compeft:{density}")
+    parts = codec.encode(x)
+    held = len(codec.sparsifier.layout(flat.size))
+    idx = codec.sparsifier.positions(parts[:held], flat.size)
+    assert np.all(np.diff(idx) > 0) and idx.size == codec.sparsifier.kept(flat.size)
+    want = block_topk_reference(flat, density)
+    magnitudes = lambda ids: sorted(abs(float(flat[i])) for i in ids)  # noqa: E731 - equal up to ties
+    assert magnitudes(idx) == magnitudes(want)
+    y = codec.decode(parts, x.shape).reshape(-1)
+    scale = np.float32(np.abs(flat[idx]).mean())
+    np.testing.assert_array_equal(y[idx], np.where(flat[idx] >= 0, scale, -scale))
+    assert not np.any(np.delete(y, idx))
+    signs = np.where(flat[idx] >= 0, 1.0, -1.0)  # brute force over scales: none is closer to the kept values
+    err = lambda a: float(np.sum((flat[idx].astype(np.float64) - a * signs) ** 2))  # noqa: E731
+    grid = np.linspace(0, 2 * float(scale) + 1e-6, 401)
+    assert err(float(scale)) <= min(err(a) for a in grid) + 1e-6 * (1 + err(float(scale)))
+
+
+def test_compeft_positions_cost_their_subset_rank_bits() -> None:
+    """ceil(log2 C(64, k)) bits a block: at density 0.25, 49 of them for 64 entries, plus one sign bit per kept
+    entry and one scale: about 31x smaller than fp32."""
+    codec = parse_codec("compeft:0.25")
+    n = 8 * 384
+    assert sum(p.nbytes for p in codec.layout((8, 384))) == math.ceil(48 * 49 / 8) + math.ceil(768 / 8) + 4
+    assert 4 * n / sum(p.nbytes for p in codec.layout((8, 384))) > 30
+
+
+def test_compeft_refuses_a_rank_past_the_subsets() -> None:
+    codec = parse_codec("compeft:0.25")
+    x = np.random.default_rng(4).normal(size=(65, 64)).astype(np.float32)  # 65 ranks of 49 bits: 7 bits of padding
+    parts = codec.encode(x)
+    bad = [p.copy() for p in parts]
+    bad[0][:7] = 0xFF  # the first block's 49-bit rank set to all ones: 2^49 - 1 >= C(64, 16)
+    with pytest.raises(CodecError, match="exceeds C"):
+        codec.decode(bad, x.shape)
+    tail = [p.copy() for p in parts]
+    tail[0][-1] |= 0x80  # a bit past the last rank
+    with pytest.raises(CodecError, match="past their end"):
+        codec.decode(tail, x.shape)
+
+
 # --- int4 packing ------------------------------------------------------------------------------------
 
 
@@ -184,7 +244,7 @@ def test_int4_round_trips_representable_values_exactly(levels: list[int], expone
     ("spec", "message"),
     [
         ("", "empty"),
-        ("zip", "unknown codec 'zip'.*known: fp16, int4, int8, none, ternary, topk"),
+        ("zip", "unknown codec 'zip'.*known: compeft, fp16, int4, int8, none, ternary, topk"),
         ("topk", "needs a fraction"),
         ("topk:0", r"fraction in \(0, 1\]"),
         ("topk:1.5", r"fraction in \(0, 1\]"),
@@ -203,7 +263,7 @@ def test_bad_specs_are_refused_with_the_rule(spec: str, message: str) -> None:
         parse_codec(spec)
 
 
-@pytest.mark.parametrize("spec", ["int8", "topk:0.1", "ternary", "topk:0.5+int4"])
+@pytest.mark.parametrize("spec", ["int8", "topk:0.1", "ternary", "topk:0.5+int4", "compeft"])
 def test_parts_of_the_wrong_dtype_or_length_are_refused(spec: str) -> None:
     codec = parse_codec(spec)
     parts = codec.encode(np.random.default_rng(1).normal(size=(160, 8)).astype(np.float32))
@@ -241,7 +301,7 @@ def test_positions_that_do_not_match_k_are_refused() -> None:
         sparse.decode(outside, x.shape)
 
 
-@pytest.mark.parametrize("spec", ["topk:0.01", "topk:0.1+int8", "ternary"])
+@pytest.mark.parametrize("spec", ["topk:0.01", "topk:0.1+int8", "ternary", "compeft"])
 def test_tensors_below_the_dense_size_are_sent_whole(spec: str) -> None:
     codec = parse_codec(spec)
     small = np.random.default_rng(3).normal(size=(2, 384)).astype(np.float32)  # a 2-label head: 768 entries

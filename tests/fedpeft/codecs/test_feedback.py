@@ -7,7 +7,7 @@ import pytest
 
 from fedpeft.codecs import compress, parse_codec
 
-LOSSY = ["topk:0.05", "topk:0.1+int8", "ternary", "int4", "topk:0.02+int4"]
+LOSSY = ["topk:0.05", "topk:0.1+int8", "ternary", "int4", "topk:0.02+int4", "compeft:0.1"]
 
 
 def updates(rounds: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
