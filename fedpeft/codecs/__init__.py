@@ -2,8 +2,8 @@
 
 Registered names: ``none``, ``fp16``, ``int8[:row]``, ``int4[:row]``, ``topk:<fraction>``,
 ``ternary[:fraction]``, ``compeft[:density]``; compose with ``+`` (``topk:0.1+int8``).
-:func:`parse_codec` turns a spec into a :class:`Codec`; :func:`compress` adds error feedback. The wire framing (header, byte layout) is in
-:mod:`fedpeft.wire`.
+:func:`parse_codec` turns a spec into a :class:`Codec`; :func:`compress` adds error feedback. The wire
+framing (header, byte layout) is in :mod:`fedpeft.wire`.
 """
 
 from fedpeft.codecs import compeft, fp16, int4, int8, none, ternary, topk  # noqa: F401 - each registers itself
