@@ -27,6 +27,7 @@ from client.sites import site_for
 from fedpeft.adapters.lora.dynamic import split_active
 from fedpeft.adapters.state import key_matches, without_keys
 from fedpeft.codecs import compress, parse_codec
+from fedpeft.codecs.shared import round_seed, with_seed
 from fedpeft.feedback_state import load_residual, residual_path, save_residual
 from fedpeft.protocol import train_request
 from fedpeft.wire import (
@@ -52,7 +53,7 @@ def codec_mod(msg: Message, context: Context, call_next: Any) -> Message:
         context,
         call_next,
         expected=expected,
-        codec=str(context.node_config.get("codec") or cfg.codec),
+        codec=with_seed(str(context.node_config.get("codec") or cfg.codec), round_seed(cfg.seed, request.server_round)),
         residual_file=residual_path(site.state_dir, site.key, cfg.run_id),
         held=request.held,
         active_rank=request.active_rank,

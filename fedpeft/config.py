@@ -130,7 +130,8 @@ class FedPeftConfig:
     codec: str = _f(
         "none",
         "how sites send their update: none | fp16 | int8[:row] | int4[:row] | topk:<fraction> | "
-        "ternary[:fraction] | compeft[:density], composed with + (topk:0.1+int8); lossy codecs keep error feedback",
+        "ternary[:fraction] | compeft[:density] | shared:<density>[:<bound>], composed with + (topk:0.1+int8); lossy "
+        "codecs keep error feedback",
     )
     downlink_codec: str = _f("none", "how the server sends the global adapter: none | fp16 | int8[:row] | int4[:row]")
     # --- local training -------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from flwr.serverapp.strategy import Strategy
 from fedpeft.adapters.lora.dynamic import RankSchedule, keep_active
 from fedpeft.adapters.state import adapter_kind, key_matches, without_keys
 from fedpeft.codecs import parse_codec
+from fedpeft.codecs.shared import round_seed
 from fedpeft.errors import FedPeftError
 from fedpeft.protocol import ACTIVE_RANK, FROZEN, HELD, SECAGG, SERVER_ROUND
 from fedpeft.wire import CONFIG, CONTROL, encode_tensors, from_array_record, raw_nbytes, record_nbytes, to_array_record
@@ -372,6 +373,7 @@ class FedPeftStrategy(Strategy):
             rank_of=self._rank_of, checks=tuple(self.checks), limits=self.limits, scaffold=self.control is not None,
             bound=self.bound, releases=self.release is not None, uniform_weights=self.uniform_weights,
             min_replies=self.min_replies, active_rank=self.active_rank,
+            shared_seed=round_seed(self.options.seed, server_round),
         )
 
     def _released(self, updates: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:

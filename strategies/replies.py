@@ -21,6 +21,7 @@ from typing import Any
 
 from fedpeft.adapters.lora.dynamic import project_update
 from fedpeft.adapters.state import without_keys
+from fedpeft.codecs.shared import SharedPositions
 from fedpeft.protocol import TRAIN_LOSS
 from fedpeft.wire import (
     CONTROL,
@@ -175,6 +176,7 @@ class ReplyContext:
     uniform_weights: bool = False
     min_replies: int = 1
     active_rank: int | None = None  # DP-DyLoRA: every update is projected onto this rank's components
+    shared_seed: int | None = None  # the round's public seed of the ``shared`` codec's positions
 
 
 @dataclass(frozen=True)
@@ -246,9 +248,12 @@ def validate(reply: Reply, ctx: ReplyContext) -> tuple[Reply | None, Report]:
         return None, Report(rejected=f"reply of {reply.nbytes} bytes exceeds the bound {reply_bound(raw)} for this "
                                      "adapter")
     try:
-        update, _ = decode_payload(reply.content, shapes)
+        update, codec = decode_payload(reply.content, shapes)
     except PayloadError as err:
         return None, Report(rejected=f"payload rejected: {err}")
+    drawn = getattr(codec.sparsifier, "seed", None)
+    if isinstance(codec.sparsifier, SharedPositions) and drawn != ctx.shared_seed:
+        return None, Report(rejected=f"payload rejected: shared positions drawn from seed {drawn}, not the round's")
     control = None
     if ctx.scaffold:
         control = from_array_record(reply.content[CONTROL]) if CONTROL in reply.content else None

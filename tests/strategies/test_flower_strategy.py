@@ -10,6 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageTy
 from replies import reply, sent
 
 from fedpeft.codecs import parse_codec
+from fedpeft.codecs.shared import round_seed
 from fedpeft.wire import (
     ARRAYS,
     CODEC,
@@ -790,3 +791,22 @@ def test_a_head_held_after_the_probe_is_neither_sent_back_nor_changed() -> None:
     new = from_array_record(arrays)
     np.testing.assert_array_equal(new["classifier.weight"], state["classifier.weight"])
     assert not np.array_equal(new["a.lora_B.weight"], state["a.lora_B.weight"])
+
+
+def test_shared_codec_replies_must_draw_the_rounds_positions() -> None:
+    """A ``shared`` payload carries its seed; the coordinator takes only the round's (the run seed and round
+    number), so no site can pick its own positions."""
+    big = {"a.lora_A.weight": np.zeros((8, 200), np.float32), "a.lora_B.weight": np.zeros((200, 8), np.float32),
+           "head.weight": np.zeros((3, 4), np.float32)}
+    strategy = FedPeftStrategy(aggregator="fedavg", sites=NODES, fraction=1.0, seed=0,
+                               options=AggregationOptions(seed=17))
+    messages = list(strategy.configure_train(3, to_array_record(big), ConfigRecord({}), _NoGrid()))
+    rng = np.random.default_rng(0)
+    trained = {k: (v + rng.normal(0, 0.01, v.shape)).astype(np.float32) for k, v in big.items()}
+    good = reply(messages[0], trained, {NUM_EXAMPLES: 5}, codec=f"shared:0.3@{round_seed(17, 3)}")
+    bad = reply(messages[1], trained, {NUM_EXAMPLES: 5}, codec=f"shared:0.3@{round_seed(17, 2)}")
+    arrays, metrics = strategy.aggregate_train(3, [good, bad])
+    assert arrays is not None and metrics["clients"] == 1
+    status = {row["site"]: (row["status"], row.get("reason", "")) for row in strategy.traffic[3].per_site()}
+    site = NODES[messages[1].metadata.dst_node_id]
+    assert status[site][0] == "rejected" and "not the round's" in status[site][1]

@@ -12,11 +12,12 @@ from hypothesis.extra import numpy as hnp
 
 from fedpeft.codecs import CODECS, CodecError, parse_codec
 from fedpeft.codecs.int4 import pack_nibbles, unpack_nibbles
+from fedpeft.codecs.shared import round_seed, sum_parts, with_seed
 from fedpeft.codecs.topk import DENSE_BELOW
 
 SPECS = ["none", "fp16", "int8", "int8:16", "int4", "int4:7", "topk:0.1", "topk:1", "topk:0.5+int8:8",
          "topk:0.3+int4", "topk:0.2+fp16", "topk:0.05+none", "ternary", "ternary:0.3", "compeft", "compeft:0.3",
-         "compeft:1"]
+         "compeft:1", "shared:0.4@7", "shared:0.1:0.5@8"]
 SHAPES = [(), (0,), (1,), (7,), (3, 5), (8, 384), (384, 8), (2, 3, 40), (70000,)]
 
 finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
@@ -211,6 +212,39 @@ def test_compeft_refuses_a_rank_past_the_subsets() -> None:
         codec.decode(tail, x.shape)
 
 
+@settings(max_examples=25, deadline=None)
+@given(sites=st.sampled_from([(1024,), (40, 60), (3000,)]).flatmap(
+    lambda shape: st.lists(hnp.arrays(np.float32, shape, elements=st.floats(-1, 1, width=32)), min_size=1,
+                           max_size=4)), seed=st.integers(0, 1 << 40))
+def test_shared_payloads_add_up_to_the_sum_of_their_decodings(sites: list[np.ndarray], seed: int) -> None:
+    """Every site draws the same positions from the round's seed, so summing the integer payloads (what a
+    secure sum computes) and decoding once equals decoding each and summing."""
+    codec = parse_codec(f"shared:0.3:0.5@{seed}")
+    shape = sites[0].shape
+    payloads = [codec.encode(x) for x in sites]
+    want = np.sum([codec.decode(p, shape).astype(np.float64) for p in payloads], axis=0)
+    np.testing.assert_allclose(sum_parts(codec, payloads, shape), want, rtol=1e-6, atol=1e-7 * len(sites))  # fp32
+    flat = sites[0].reshape(-1)
+    idx = codec.sparsifier.positions([], flat.size)
+    assert idx.size == codec.sparsifier.kept(flat.size) and np.all(np.diff(idx) > 0)
+    decoded = codec.decode(payloads[0], shape).reshape(-1)
+    assert not np.any(np.delete(decoded, idx))
+    np.testing.assert_allclose(decoded[idx], np.clip(flat[idx], -0.5, 0.5), atol=0.5 / 127 / 2 + 1e-7)
+    other = parse_codec(f"shared:0.3:0.5@{seed + 1}").sparsifier.positions([], flat.size)
+    assert flat.size < 1024 or not np.array_equal(other, idx)  # another round, other positions
+
+
+def test_shared_needs_the_rounds_seed_and_only_its_own_payloads_add_up() -> None:
+    x = np.random.default_rng(5).normal(size=(8, 384)).astype(np.float32)
+    with pytest.raises(CodecError, match="needs the round's seed"):
+        parse_codec("shared:0.4").encode(x)
+    assert with_seed("shared:0.4:0.1", 9) == "shared:0.4:0.1@9" and with_seed("shared:0.4@3", 9) == "shared:0.4@9"
+    assert with_seed("compeft", 9) == "compeft"
+    with pytest.raises(CodecError, match="only the 'shared' codec"):
+        sum_parts(parse_codec("int8"), [parse_codec("int8").encode(x)], x.shape)
+    assert round_seed(0, 1) == round_seed(0, 1) != round_seed(0, 2) != round_seed(1, 2)
+
+
 # --- int4 packing ------------------------------------------------------------------------------------
 
 
@@ -244,7 +278,7 @@ def test_int4_round_trips_representable_values_exactly(levels: list[int], expone
     ("spec", "message"),
     [
         ("", "empty"),
-        ("zip", "unknown codec 'zip'.*known: compeft, fp16, int4, int8, none, ternary, topk"),
+        ("zip", "unknown codec 'zip'.*known: compeft, fp16, int4, int8, none, shared, ternary, topk"),
         ("topk", "needs a fraction"),
         ("topk:0", r"fraction in \(0, 1\]"),
         ("topk:1.5", r"fraction in \(0, 1\]"),
@@ -263,7 +297,7 @@ def test_bad_specs_are_refused_with_the_rule(spec: str, message: str) -> None:
         parse_codec(spec)
 
 
-@pytest.mark.parametrize("spec", ["int8", "topk:0.1", "ternary", "topk:0.5+int4", "compeft"])
+@pytest.mark.parametrize("spec", ["int8", "topk:0.1", "ternary", "topk:0.5+int4", "compeft", "shared:0.3@1"])
 def test_parts_of_the_wrong_dtype_or_length_are_refused(spec: str) -> None:
     codec = parse_codec(spec)
     parts = codec.encode(np.random.default_rng(1).normal(size=(160, 8)).astype(np.float32))
@@ -301,7 +335,7 @@ def test_positions_that_do_not_match_k_are_refused() -> None:
         sparse.decode(outside, x.shape)
 
 
-@pytest.mark.parametrize("spec", ["topk:0.01", "topk:0.1+int8", "ternary", "compeft"])
+@pytest.mark.parametrize("spec", ["topk:0.01", "topk:0.1+int8", "ternary", "compeft", "shared:0.1:4@2"])
 def test_tensors_below_the_dense_size_are_sent_whole(spec: str) -> None:
     codec = parse_codec(spec)
     small = np.random.default_rng(3).normal(size=(2, 384)).astype(np.float32)  # a 2-label head: 768 entries

@@ -78,3 +78,22 @@ def test_a_residual_of_another_shape_is_dropped() -> None:
     parts, _, metrics = compress(codec, update, {"a": np.ones((2, 8), np.float32), "gone": np.ones(3, np.float32)})
     np.testing.assert_array_equal(codec.decode(parts["a"], (4, 8)), codec.round_trip(update["a"]))
     assert metrics["codec-residual-carried"] == 0.0
+
+
+def test_shared_positions_drawn_anew_each_round_deliver_everything_with_feedback() -> None:
+    """The ``shared`` codec sends the entries the round's seed draws; the rest (and what the public grid
+    clipped or rounded) waits in the residual: sent + residual equals the true total every round, and with
+    a new seed each round every entry is delivered (a fixed seed would starve the undrawn ones)."""
+    stream = updates(300)
+    residual = None
+    sent = {k: np.zeros_like(v, dtype=np.float64) for k, v in stream[0].items()}
+    true = {k: np.zeros_like(v, dtype=np.float64) for k, v in stream[0].items()}
+    for rnd, update in enumerate(stream, start=1):
+        codec = parse_codec(f"shared:0.3:0.5@{rnd}")  # a grid wide enough for this stream
+        parts, residual, _ = compress(codec, update, residual)
+        for k, v in update.items():
+            sent[k] += codec.decode(parts[k], v.shape)
+            true[k] += v
+            np.testing.assert_allclose(true[k] - sent[k], residual[k], atol=1e-4)
+    gap = sum(np.sum((sent[k] - true[k]) ** 2) for k in true) ** 0.5 / sum(np.sum(v ** 2) for v in true.values()) ** 0.5
+    assert gap < 0.1
