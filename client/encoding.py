@@ -46,15 +46,18 @@ def codec_mod(msg: Message, context: Context, call_next: Any) -> Message:
     cfg = request.settings
     site, _ = site_for(cfg, context, list(request.label_names))
     expected = {k: v.shape for k, v in without_keys(site.model.initial, request.frozen).items()}
+    residual_file = residual_path(site.state_dir, site.key, cfg.run_id)
     if request.secagg is not None:  # secure aggregation: the update waits at the site for the masked stage
-        return secure_exchange(msg, context, call_next, expected=expected, held=request.held, secagg=request.secagg)
+        return secure_exchange(msg, context, call_next, expected=expected, held=request.held, secagg=request.secagg,
+                               codec=with_seed(cfg.codec, round_seed(cfg.seed, request.server_round)),
+                               residual_file=residual_file)
     return encoded_exchange(
         msg,
         context,
         call_next,
         expected=expected,
         codec=with_seed(str(context.node_config.get("codec") or cfg.codec), round_seed(cfg.seed, request.server_round)),
-        residual_file=residual_path(site.state_dir, site.key, cfg.run_id),
+        residual_file=residual_file,
         held=request.held,
         active_rank=request.active_rank,
     )

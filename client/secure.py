@@ -18,13 +18,17 @@ worker's); nothing is written to disk.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.exchange import trained_update
+from fedpeft.codecs import parse_codec
+from fedpeft.codecs.shared import secure_positions
 from fedpeft.errors import FedPeftError
+from fedpeft.feedback_state import load_residual, save_residual
 from fedpeft.protocol import (
     MASKED,
     METRICS,
@@ -48,8 +52,13 @@ def flatten(update: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def secure_exchange(msg: Message, context: Context, call_next: Any, *, expected: dict[str, tuple[int, ...]],
-                    held: tuple[str, ...], secagg: dict[str, Any]) -> Message:
-    """Stage 1 at the site: train, keep the masked sum's input, reply with this round's public keys."""
+                    held: tuple[str, ...], secagg: dict[str, Any], codec: str = "none",
+                    residual_file: Path | None = None) -> Message:
+    """Stage 1 at the site: train, keep the masked sum's input, reply with this round's public keys.
+
+    With the ``shared`` codec (``codec``, the round's seed written in) only the round's shared positions
+    enter the masked sum, and the rest of update + residual waits in the error-feedback residual
+    (``residual_file``); what is summed is still clipped to the run's bound."""
     reply, sent, update = trained_update(msg, context, call_next, expected=expected, held=held)
     if update is None:
         return reply
@@ -58,15 +67,33 @@ def secure_exchange(msg: Message, context: Context, call_next: Any, *, expected:
     weight = min(examples, 1) if secagg.get("uniform") else examples  # central DP: every site that trained weighs 1
     update = update or {k: np.zeros_like(v) for k, v in sent.items()}  # a refused round adds nothing, weight 0
     clip, bits = float(secagg["clip"]), int(secagg["bits"])
-    size = sum(int(v.size) for v in update.values())
+    chosen = parse_codec(codec)
+    positions = secure_positions(chosen, {k: v.shape for k, v in update.items()})
+    target, residual = update, None
+    if positions is not None and residual_file is not None:  # the shared codec: what it does not send waits
+        residual = load_residual(residual_file) or {}
+        target = {k: v + residual[k] if residual.get(k) is not None and residual[k].shape == v.shape else v
+                  for k, v in update.items()}
+    picked = target if positions is None else {k: v.reshape(-1)[positions[k]] for k, v in target.items()}
+    size = sum(int(v.size) for v in picked.values())
     # clipped to C less the most rounding can add, so that the fixed-point vector's norm stays within C
     # (central DP's sensitivity holds for what is summed, not only for what was trained)
     room = clip - fixed_point.step(clip, bits) / 2 * np.sqrt(size)
     if room <= 0:
         raise FedPeftError(f"secure aggregation: {bits} bits are too few for {size} values within norm {clip:g}")
-    flat = flatten(clip_to_norm(update, max_norm=room)[0])
+    flat = flatten(clip_to_norm(picked, max_norm=room)[0])
     vector = np.concatenate([fixed_point.encode(flat, clip=clip, bits=bits, weight=weight, ring=RING),
                              np.array([weight], np.uint64)])
+    if positions is not None and residual_file is not None and weight > 0:  # residual = target − what is summed
+        step = fixed_point.step(clip, bits)
+        summed = np.rint(np.clip(flat, -clip, clip) / step) * step
+        left, at = {}, 0
+        for key in sorted(target):
+            value = np.array(target[key], dtype=np.float32).reshape(-1)
+            value[positions[key]] -= summed[at:at + positions[key].size].astype(np.float32)
+            at += positions[key].size
+            left[key] = value.reshape(target[key].shape)
+        save_residual(residual_file, left)
     secrets, advert = advertise(round_tag=str(secagg["tag"]).encode(), me=int(secagg["number"]))
     _save(context, secrets)
     context.state[VECTOR] = ArrayRecord({"vector": _array(vector)})

@@ -50,8 +50,9 @@ def check_secure(cfg: FedPeftConfig, aggregator: object, sampled: int, drift: st
         raise FedPeftError(f"secure aggregation: strategy {cfg.strategy} needs each site's factors, and the "
                            f"coordinator would see only their sum; use one of: {', '.join(linear)}")
     refusals = [
-        (cfg.codec != "none", f"codec {cfg.codec} encodes each site's update its own way (indices, scales), which a "
-                              "masked sum cannot add; use --codec none (the masked sum is its own encoding)"),
+        (cfg.codec != "none" and cfg.codec.split(":")[0].strip() != "shared",
+         f"codec {cfg.codec} encodes each site's update its own way (indices, scales), which a masked sum cannot "
+         "add; use --codec none (the masked sum is its own encoding) or shared:<density> (the round's positions)"),
         (cfg.robust != "none", f"robust {cfg.robust} reads each site's update, which secure aggregation hides"),
         (cfg.max_update_norm > 0 or cfg.max_norm_ratio > 0 or cfg.clip_update_norm > 0,
          "the coordinator cannot check or clip one site's masked update; the sites clip their own to --secagg-clip "

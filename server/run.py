@@ -268,6 +268,7 @@ def build_strategy(cfg: FedPeftConfig, *, sites: Mapping[int, str], ranks: Mappi
             threshold=cfg.secagg_threshold, run_id=cfg.run_id, uniform=privacy.uniform_weights,
             release=privacy.release_sum) if cfg.secure_aggregation else None,
         ranks_drawn=RankSchedule.of(cfg),
+        secure_codec=cfg.codec,
     )
 
 

@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import Strategy
 from fedpeft.adapters.lora.dynamic import RankSchedule, keep_active
 from fedpeft.adapters.state import adapter_kind, key_matches, without_keys
 from fedpeft.codecs import parse_codec
-from fedpeft.codecs.shared import round_seed
+from fedpeft.codecs.shared import round_seed, secure_positions, with_seed
 from fedpeft.errors import FedPeftError
 from fedpeft.protocol import ACTIVE_RANK, FROZEN, HELD, SECAGG, SERVER_ROUND
 from fedpeft.wire import CONFIG, CONTROL, encode_tensors, from_array_record, raw_nbytes, record_nbytes, to_array_record
@@ -162,6 +162,7 @@ class FedPeftStrategy(Strategy):
         head_frozen_after: int | None = None,
         secure: Any = None,
         ranks_drawn: RankSchedule | None = None,
+        secure_codec: str = "none",
     ) -> None:
         self.aggregator_name = aggregator
         self.aggregator = AGGREGATORS.get(aggregator)
@@ -187,6 +188,8 @@ class FedPeftStrategy(Strategy):
             raise FedPeftError(f"strategy {aggregator!r} needs each site's factors; secure aggregation gives only "
                                "their sum")
         self.secure = secure
+        self.secure_codec = secure_codec  # under secure aggregation, ``shared:<density>``: the entries summed
+        self._secure_positions: dict[str, np.ndarray] | None = None
         if ranks_drawn is not None and (not self.aggregator.linear or self.aggregator.adapter != "lora"):
             raise FedPeftError(f"strategy {aggregator!r} cannot train a drawn LoRA rank (lora_dynamic_rank)")
         self.ranks_drawn = ranks_drawn
@@ -251,6 +254,9 @@ class FedPeftStrategy(Strategy):
             self.secure_numbers = {site: i + 1 for i, site in enumerate(sorted(chosen))}
             sent = without_keys(self.baselines[global_rank], rule.held)
             self._secure_shapes = {k: sent[k].shape for k in sorted(sent)}
+            self._secure_positions = secure_positions(
+                parse_codec(with_seed(self.secure_codec, round_seed(self.options.seed, server_round))),
+                self._secure_shapes)
         for site in chosen:
             rank = self.ranks.get(site, global_rank)
             if rank not in contents:  # a lower rank: SCAFFOLD covers only the head then (server.checks)
@@ -313,16 +319,27 @@ class FedPeftStrategy(Strategy):
     def outcome(self, server_round: int, arrays: ArrayRecord | None, metrics: MetricRecord | None) -> RoundOutcome:
         return RoundOutcome(arrays, metrics, self.traffic[server_round], self.control)
 
+    def _summed(self, name: str) -> int:
+        positions = self._secure_positions
+        return int(np.prod(self._secure_shapes[name])) if positions is None else int(positions[name].size)
+
     def secure_size(self) -> int:
-        """Values in this round's secure sum (the flattened update, without the weight)."""
-        return int(sum(int(np.prod(shape)) for shape in self._secure_shapes.values()))
+        """Values in this round's secure sum (the flattened update, or the shared codec's positions of it;
+        without the weight)."""
+        return sum(self._summed(name) for name in self._secure_shapes)
 
     def secure_unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
-        """The secure sum's flat mean back into the tensors it was made of (sorted-name order)."""
+        """The secure sum's flat mean back into the tensors it was made of (sorted-name order; entries the
+        shared codec did not draw this round are 0)."""
         out, at = {}, 0
         for name, shape in self._secure_shapes.items():
-            n = int(np.prod(shape))
-            out[name] = flat[at:at + n].reshape(shape).astype(np.float32)
+            n = self._summed(name)
+            if self._secure_positions is None:
+                out[name] = flat[at:at + n].reshape(shape).astype(np.float32)
+            else:
+                full = np.zeros(int(np.prod(shape)), dtype=np.float32)
+                full[self._secure_positions[name]] = flat[at:at + n]
+                out[name] = full.reshape(shape)
             at += n
         return out
 

@@ -87,13 +87,16 @@ def test_too_few_survivors_skip_the_round_with_the_reason_and_the_run_goes_on(tm
 def test_central_dp_noises_the_secure_sum_and_the_audit_passes(tmp_path: Path, tiny_model_dir: Path,
                                                               small_data: Path) -> None:
     rows = run(tmp_path, tiny_model_dir, small_data, clients=4, fraction=0.5, secure_aggregation=True, dp="central",
-               dp_epsilon=8.0, lora_dynamic_rank=True, seed=2)  # DP-DyLoRA: seed 2 draws ranks 2 and 3 of r 8
+               dp_epsilon=8.0, lora_dynamic_rank=True, seed=2,  # DP-DyLoRA: seed 2 draws ranks 2 and 3 of r 8
+               codec="shared:0.5")  # only the round's shared half of the entries is masked and summed
     assert all(r["clients"] == 2 and r["dp_noise_std"] > 0 for r in rows[1:])
     assert [r["active_rank"] for r in rows[1:]] == [draw_rank(2, t, low=1, high=8) for t in (1, 2)] == [2, 3]
     adapter = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     factors_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert factors_b and all(np.any(b[:, :3]) for b in factors_b)  # trained (and noised)
     assert all(not np.any(b[:, 3:]) for b in factors_b)  # never active: still B's zero init, no noise
+    residuals = list((tmp_path / "run" / "sites").glob("*/codec-residual-*.npz"))
+    assert residuals  # what the shared positions left out waits at each site
     assert rows[-1]["epsilon_max"] <= 8.0
     audit = subprocess.run([sys.executable, "-m", "fedpeft.cli.main", "audit", str(tmp_path / "run")],
                            capture_output=True, text=True, timeout=300)

@@ -22,7 +22,7 @@ Bytes: one per kept entry, so density 0.4 is 10x against fp32 (4 bytes), before 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -105,6 +105,15 @@ def sum_parts(codec: object, payloads: Sequence[list[np.ndarray]], shape: tuple[
     flat = np.zeros(n, dtype=np.float64)
     flat[sparsifier.positions([], n)] = total * float(values.step)
     return flat.reshape(shape)
+
+
+def secure_positions(codec: object, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray] | None:
+    """The entries of each tensor a secure round sums: ``codec``'s shared positions of the round (its seed
+    written in), or None for any other codec (every entry). Site and coordinator compute the same."""
+    sparsifier = getattr(codec, "sparsifier", None)
+    if not isinstance(sparsifier, SharedPositions):
+        return None
+    return {k: sparsifier.positions([], int(np.prod(shape, dtype=np.int64))) for k, shape in shapes.items()}
 
 
 def factory(arg: str | None) -> Piece:
