@@ -33,7 +33,10 @@ from fedpeft.protocol import train_request
 from fedpeft.wire import (
     ARRAYS,
     CODEC,
+    CONTROL,
     METRICS,
+    from_array_record,
+    pack_control,
     payload_records,
 )
 
@@ -100,6 +103,9 @@ def encoded_exchange(
         save_residual(residual_file, {**kept, **left})
     records = payload_records(chosen, parts, {k: v.shape for k, v in update.items()})
     reply.content[ARRAYS], reply.content[CODEC] = records[ARRAYS], records[CODEC]
+    if CONTROL in reply.content and not chosen.lossless:  # SCAFFOLD's variate at int8 beside a compressed update
+        for name, record in pack_control(from_array_record(reply.content[CONTROL]), quantize=True).items():
+            reply.content[name] = record
     if update:
         reply.content[METRICS] = MetricRecord({**reply.content[METRICS], **metrics})
     return reply

@@ -248,3 +248,50 @@ def _payload_bytes(content: Any) -> np.ndarray:
 def raw_nbytes(shapes: Mapping[str, tuple[int, ...]]) -> int:
     """Bytes of the tensors as raw float32: the baseline of ``compression_ratio``."""
     return int(sum(4 * int(np.prod(shape, dtype=np.int64)) for shape in shapes.values()))
+
+
+
+CONTROL_CODEC = "control-codec"  # ConfigRecord: the header of a quantised control change (SCAFFOLD), with its names
+
+
+def pack_control(change: Mapping[str, np.ndarray], *, quantize: bool) -> dict[str, Any]:
+    """SCAFFOLD's change of c_i as it travels, as reply records: fp32 (``{control: ArrayRecord}``), or, when the
+    site's codec is lossy (``quantize``), int8 with one scale per row of 256 in the payload format, a quarter
+    of the bytes (``{control: payload, control-codec: header}``, the header naming the tensors), so that a
+    compressed reply is not dominated by its variate. The site keeps its exact c_i; the coordinator's c moves
+    by what arrives."""
+    if not quantize:
+        return {CONTROL: to_array_record(change)}
+    codec = parse_codec("int8")
+    shapes = {k: tuple(np.shape(v)) for k, v in change.items()}
+    records = payload_records(codec, {k: codec.encode(np.asarray(v, np.float32)) for k, v in change.items()}, shapes)
+    header = ConfigRecord({**records[CODEC], "names": json.dumps(sorted(change))})
+    return {CONTROL: records[ARRAYS], CONTROL_CODEC: header}
+
+
+def unpack_control(content: Any) -> dict[str, np.ndarray] | None:
+    """The change of c_i a reply carries (:func:`pack_control`'s inverse), None when it carries none.
+
+    Raises
+    ------
+    PayloadError
+        A quantised change whose header or payload does not decode.
+    """
+    if CONTROL not in content.array_records:
+        return None
+    if CONTROL_CODEC not in content.config_records:
+        return from_array_record(content.array_records[CONTROL])
+    header = content.config_records[CONTROL_CODEC]
+    try:
+        names = [str(n) for n in json.loads(str(header["names"]))]
+        shapes = [tuple(int(d) for d in part.split("x") if d) for part in str(header["shapes"]).split(";")] \
+            if str(header["shapes"]) else []
+    except (KeyError, TypeError, ValueError) as err:
+        raise PayloadError(f"malformed control header: {err}") from None
+    if len(names) != len(shapes) or names != sorted(names):
+        raise PayloadError("control header names and shapes do not match")
+    from flwr.app import RecordDict
+
+    framed = RecordDict({ARRAYS: content.array_records[CONTROL], CODEC: header})
+    decoded, _ = decode_payload(framed, dict(zip(names, shapes, strict=True)))
+    return decoded

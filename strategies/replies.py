@@ -24,17 +24,16 @@ from fedpeft.adapters.state import without_keys
 from fedpeft.codecs.shared import SharedPositions
 from fedpeft.protocol import TRAIN_LOSS
 from fedpeft.wire import (
-    CONTROL,
     METRICS,
     NUM_EXAMPLES,
     REFUSED,
     SECONDS,
     PayloadError,
     decode_payload,
-    from_array_record,
     raw_nbytes,
     read_privacy,
     record_nbytes,
+    unpack_control,
 )
 from strategies.scaffold import control_rejection, server_variate
 from strategies.validation import ReplyLimits, norm_rejection, relative_outliers, reply_bound, update_norm
@@ -256,7 +255,10 @@ def validate(reply: Reply, ctx: ReplyContext) -> tuple[Reply | None, Report]:
         return None, Report(rejected=f"payload rejected: shared positions drawn from seed {drawn}, not the round's")
     control = None
     if ctx.scaffold:
-        control = from_array_record(reply.content[CONTROL]) if CONTROL in reply.content else None
+        try:
+            control = unpack_control(reply.content)
+        except PayloadError as err:
+            return None, Report(rejected=f"control change rejected: {err}")
         reason = control_rejection(control, shapes)
         if reason is not None:
             return None, Report(rejected=reason)

@@ -240,3 +240,28 @@ def test_flipped_position_bits_are_refused() -> None:
     blob[0] ^= 0xFF
     with pytest.raises(PayloadError, match="a.lora_A.weight: position mask"):
         decode_payload(_with_payload_bytes(content, blob), _shapes())
+
+
+
+def test_a_control_change_travels_fp32_or_int8_in_the_payload_format() -> None:
+    """SCAFFOLD's change of c_i: exact in fp32, within half an int8 step per row of 256 when quantised (under a
+    third of the bytes); a header that does not fit its payload is refused."""
+    from fedpeft.wire import CONTROL_CODEC, pack_control, unpack_control
+
+    rng = np.random.default_rng(0)
+    change = {"classifier.weight": rng.normal(size=(2, 384)).astype(np.float32),
+              "classifier.bias": rng.normal(size=(2,)).astype(np.float32)}  # fmt: skip
+    plain = RecordDict(pack_control(change, quantize=False))
+    assert all(np.array_equal(unpack_control(plain)[k], v) for k, v in change.items())
+    packed = RecordDict(pack_control(change, quantize=True))
+    got = unpack_control(packed)
+    for key, value in change.items():
+        rows = np.array_split(value.reshape(-1), range(256, value.size, 256))
+        step = max(np.abs(r).max() for r in rows) / 127
+        assert got[key].shape == value.shape and np.abs(got[key] - value).max() <= step / 2 + 1e-7
+    assert record_nbytes(packed) < record_nbytes(plain) / 3
+    assert unpack_control(RecordDict({})) is None
+    forged = RecordDict(pack_control(change, quantize=True))
+    forged[CONTROL_CODEC] = ConfigRecord({**forged[CONTROL_CODEC], "names": '["classifier.bias", "other"]'})
+    with pytest.raises(PayloadError, match="another set of tensors"):
+        unpack_control(forged)
