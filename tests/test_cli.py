@@ -67,7 +67,7 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
         (["--dp", "--dp-max-grad-norm", "0"], "dp_max_grad_norm must be a finite number > 0"),
         (["--dp", "central", "--dp-epsilon", "8", "--dp-delta", "1e-5", "--strategy", "exact-svd"],
          "strategy 'exact-svd' is not post-processing of the noised average"),
-        (["--codec", "zip"], "codec: unknown codec 'zip' in 'zip'; known: fp16, int4, int8, none, ternary, topk"),
+        (["--codec", "zip"], "codec: unknown codec 'zip' in 'zip'; known: compeft, fp16, int4, int8, none, shared, ternary, topk"),
         (["--codec", "topk:7"], "codec: topk:<fraction> needs a fraction in (0, 1], got '7'"),
         (["--codec", "int8+topk:0.1"], "'topk' chooses which values are sent, so it must come first"),
         (["--downlink-codec", "ternary"], "downlink_codec cannot be a sparsifier"),
