@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 from fedpeft.adapters import PEFT_METHODS
-from fedpeft.adapters.lora.dynamic import check_dynamic_rank
+from fedpeft.adapters.lora.dynamic import DYNAMIC_RULES
 from fedpeft.adapters.ssf_pool.config import check_pool
 from fedpeft.codecs import CodecError, parse_codec
 from fedpeft.drift import parse_drift
@@ -87,6 +87,28 @@ def check_peft(cfg: Any) -> None:
                     f"{name} is a {method} setting but peft is {cfg.peft}; drop it or use --peft {method}"
                 )
     check_dynamic_rank(cfg)
+
+
+def check_dynamic_rank(cfg: Any) -> None:
+    """One line for a setting that dynamic rank cannot serve (exit 2 at the CLI)."""
+    if cfg.lora_rank_min < 1 or cfg.lora_rank_min > cfg.lora_r:
+        raise FedPeftError(f"lora_rank_min must lie in 1..lora_r={cfg.lora_r}, got {cfg.lora_rank_min}")
+    if not cfg.lora_dynamic_rank:
+        if cfg.lora_rank_min != 1:
+            raise FedPeftError("lora_rank_min is the lowest rank lora_dynamic_rank draws; add --lora-dynamic-rank")
+        return
+    if cfg.peft != "lora":
+        raise FedPeftError(f"lora_dynamic_rank trains LoRA at a drawn rank, but peft is {cfg.peft}; use --peft lora")
+    if cfg.client_ranks:
+        raise FedPeftError("lora_dynamic_rank with client_ranks: every site trains the round's drawn rank; drop "
+                           "--client-ranks")
+    drift = cfg.drift.strip()
+    if drift.startswith("scaffold") and ":" not in drift:
+        raise FedPeftError("drift scaffold with lora_dynamic_rank: a control variate of components the round does "
+                           "not train would move anyway; use --drift scaffold:head or fedprox")
+    if cfg.strategy not in DYNAMIC_RULES:
+        raise FedPeftError(f"strategy {cfg.strategy} reads whole factors (products, QR or SVD), so the components a "
+                           f"round does not train would change; with lora_dynamic_rank use {', '.join(DYNAMIC_RULES)}")
 
 
 TASKS = ("seq-cls", "causal-lm")

@@ -36,7 +36,7 @@ here, so fedpeft states its own reading and argument:
 - **Evaluation and export** use the full rank r at alpha/r, as DyLoRA evaluates its largest rank.
 
 The aggregation rules that compose are the linear ones on LoRA (``fedit``, ``ffa-lora``); others
-read whole factors (products, QR, SVD) and are refused with one line (:func:`check_dynamic_rank`).
+read whole factors (products, QR, SVD) and are refused with one line (:func:`fedpeft.config_checks.check_dynamic_rank`).
 """
 
 from __future__ import annotations
@@ -161,24 +161,3 @@ def _masking(mask: Any) -> Any:
 
     return hook
 
-
-def check_dynamic_rank(cfg: Any) -> None:
-    """One line for a setting that dynamic rank cannot serve (exit 2 at the CLI)."""
-    if cfg.lora_rank_min < 1 or cfg.lora_rank_min > cfg.lora_r:
-        raise FedPeftError(f"lora_rank_min must lie in 1..lora_r={cfg.lora_r}, got {cfg.lora_rank_min}")
-    if not cfg.lora_dynamic_rank:
-        if cfg.lora_rank_min != 1:
-            raise FedPeftError("lora_rank_min is the lowest rank lora_dynamic_rank draws; add --lora-dynamic-rank")
-        return
-    if cfg.peft != "lora":
-        raise FedPeftError(f"lora_dynamic_rank trains LoRA at a drawn rank, but peft is {cfg.peft}; use --peft lora")
-    if cfg.client_ranks:
-        raise FedPeftError("lora_dynamic_rank with client_ranks: every site trains the round's drawn rank; drop "
-                           "--client-ranks")
-    drift = cfg.drift.strip()
-    if drift.startswith("scaffold") and ":" not in drift:
-        raise FedPeftError("drift scaffold with lora_dynamic_rank: a control variate of components the round does "
-                           "not train would move anyway; use --drift scaffold:head or fedprox")
-    if cfg.strategy not in DYNAMIC_RULES:
-        raise FedPeftError(f"strategy {cfg.strategy} reads whole factors (products, QR or SVD), so the components a "
-                           f"round does not train would change; with lora_dynamic_rank use {', '.join(DYNAMIC_RULES)}")
