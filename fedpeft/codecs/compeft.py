@@ -7,7 +7,8 @@ them by one scale α·std(residual), with α picked on a validation set. It coun
 Golomb-coded gaps (as STC does). fedpeft's codec, per tensor, with error feedback around it:
 
 1. **Which entries.** The tensor is cut into blocks of 64 consecutive entries (the last block may be
-   shorter) and each block keeps its round(density · 64) entries of largest magnitude (at least one).
+   shorter) and each block keeps its round(density · 64) entries of largest magnitude (at least one;
+   density 0.2 by default).
    ComPEFT takes one top-k over the whole flattened update; a fixed count per block costs little
    selection quality and gives every tensor a payload size known from its shape alone, which fedpeft's
    wire format requires (the receiver never trusts a length field).
@@ -41,7 +42,7 @@ from fedpeft.codecs.ternary import SignScale
 
 BLOCK = 64
 DENSE_BELOW = 1024
-DEFAULT_DENSITY = 0.25
+DEFAULT_DENSITY = 0.2  # 27x with 0.18 points lost over 3 seeds on the default job (docs/compression.md)
 BYTES = np.dtype("u1")
 
 
