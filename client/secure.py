@@ -85,8 +85,8 @@ def secure_exchange(msg: Message, context: Context, call_next: Any, *, expected:
     vector = np.concatenate([fixed_point.encode(flat, clip=clip, bits=bits, weight=weight, ring=RING),
                              np.array([weight], np.uint64)])
     if positions is not None and residual_file is not None and weight > 0:  # residual = target − what is summed
-        step = fixed_point.step(clip, bits)
-        summed = np.rint(np.clip(flat, -clip, clip) / step) * step
+        summed = fixed_point.decode(fixed_point.encode(flat, clip=clip, bits=bits, weight=1, ring=RING), clip=clip,
+                                    bits=bits, ring=RING)  # this site's own values as the sum will hold them
         left, at = {}, 0
         for key in sorted(target):
             value = np.array(target[key], dtype=np.float32).reshape(-1)

@@ -111,6 +111,7 @@ class Coordinator:
         self.run_dir = Path(cfg.out)
         self.seed, self.state, self.control = seed, state, control
         self.moments: Arrays = {}
+        self.ranks = RankSchedule.of(cfg)  # DP-DyLoRA's drawn ranks, or None
 
     def resume(self, checkpoint: Checkpoint) -> dict[str, Any]:
         """Take the owned state from ``checkpoint``; the last round's record."""
@@ -128,9 +129,8 @@ class Coordinator:
             return {}
         aggregated = {**self.state, **from_array_record(outcome.arrays)}
         state, self.moments, metrics = server_move(self.cfg, rnd, self.state, aggregated, self.moments)
-        schedule = RankSchedule.of(self.cfg)
-        if schedule is not None:  # DP-DyLoRA: whatever path made the step, components above the rank stay
-            state = keep_active(state, self.state, schedule.rank(rnd))
+        if self.ranks is not None:  # DP-DyLoRA: whatever path made the step, components above the rank stay
+            state = keep_active(state, self.state, self.ranks.rank(rnd))
         self.state = state
         return metrics
 
@@ -221,8 +221,8 @@ def run_federation(
         for row in outcome.traffic.per_site():
             append_jsonl(run_dir / "traffic.jsonl", {"round": rnd, **row})
         extra = round_metrics(cfg, outcome.traffic, outcome.metrics, skipped=outcome.arrays is None, clients=clients)
-        if (schedule := RankSchedule.of(cfg)) is not None:  # DP-DyLoRA: the rank this round trained
-            extra["active_rank"] = schedule.rank(rnd)
+        if owned.ranks is not None:  # DP-DyLoRA: the rank this round trained
+            extra["active_rank"] = owned.ranks.rank(rnd)
         record = owned.record(rnd, {**extra, **step_metrics, **dp_metrics}, started)
         owned.commit(rnd, population, privacy.ledger)
 
