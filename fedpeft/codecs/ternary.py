@@ -36,7 +36,8 @@ class SignScale:
         return [Part("signs", BITS, math.ceil(n / 8)), Part("scale", FLOAT, 1)]
 
     def encode(self, x: np.ndarray) -> list[np.ndarray]:
-        scale = np.float32(np.abs(x).mean()) if x.size else np.float32(0)
+        scale = np.float32(np.abs(x).mean(dtype=np.float64)) if x.size else np.float32(0)  # the mean in float64,
+        # rounded once: the float32 nearest the least-squares scale
         return [np.packbits(x >= 0, bitorder="little"), np.array([scale], dtype=FLOAT)]
 
     def decode(self, parts: list[np.ndarray], n: int) -> np.ndarray:
