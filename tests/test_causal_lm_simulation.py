@@ -1,8 +1,8 @@
 """End to end: federated instruction tuning of tiny random decoder LMs through ``fedpeft simulate``.
 
 A 2-layer Llama (ChatML template) and a GPT-2 (no template) trained with LoRA on the attention and MLP
-projections, 3 clients, 2 rounds: the held-out response loss falls under every strategy, SSF and a
-lossy codec; local DP (hooks and ghost clipping) and central DP complete with a clean audit; the
+projections, 3 clients, 2 rounds: the held-out response loss falls under the rules that depend on the
+decoder's shapes and under SSF; local DP (hooks and ghost clipping) completes with a clean audit; the
 merged export loads with plain ``AutoModelForCausalLM`` and reproduces the run's held-out loss.
 """
 
@@ -77,13 +77,13 @@ def test_merged_export_loads_as_a_plain_causal_lm(llama_run, tmp_path: Path, ins
     assert got["loss"] == pytest.approx(records[-1]["loss"], rel=1e-4)
 
 
+# What depends on the decoder: LoRA-FAIR's correction over the seven projections, mixed ranks cut from
+# them, and SSF's surgery of a Llama. Rules and codecs that read only the factors (lora-fair-ab, ffa-lora,
+# topk) are the classifier's end-to-end runs and their own unit tests; a run here costs ~25 s of CI.
 @pytest.mark.parametrize("extra", [
     ("--strategy", "lora-fair"),
-    ("--strategy", "lora-fair-ab"),
-    ("--strategy", "ffa-lora"),
     ("--strategy", "exact-svd", "--client-ranks", "4,8"),
     ("--peft", "ssf", "--lr", "0.05"),
-    ("--codec", "topk:0.2+int8"),
 ], ids=lambda e: " ".join(e))
 def test_every_strategy_ssf_and_codec_learn(extra: tuple[str, ...], tmp_path: Path, tiny_lm_dir: Path,
                                             instruction_data: Path) -> None:
@@ -99,10 +99,11 @@ def test_gpt2_without_a_chat_template_learns(tmp_path: Path, tiny_gpt2_dir: Path
     assert records[2]["loss"] < records[0]["loss"]
 
 
+# Per-example clipping through a decoder's token-level loss, in both of opacus' modes. Central DP clips a
+# site's update, whatever the model: tests/privacy/test_central_dropout.py runs it end to end.
 @pytest.mark.parametrize("extra", [
     ("--dp", "local", "--dp-clipping", "hooks"),
     ("--dp", "local", "--dp-clipping", "ghost"),
-    ("--dp", "central", "--dp-epsilon", "8", "--dp-delta", "1e-5", "--dp-max-grad-norm", "0.01"),
 ], ids=lambda e: " ".join(e))
 def test_dp_runs_complete_and_audit_clean(extra: tuple[str, ...], tmp_path: Path, tiny_lm_dir: Path,
                                           instruction_data: Path) -> None:

@@ -1,5 +1,6 @@
-"""What ``fedpeft simulate`` prints: ``--json`` (one JSON object per stdout line, nothing else there),
-``--quiet`` (nothing), the default table and summary; every run ends with its report written."""
+"""What ``fedpeft simulate --json`` prints: one JSON object per stdout line, nothing else there, and the run
+ends with its report written. (The default table and summary, and ``--quiet``: test_simulation.py, on its
+runs.)"""
 
 from __future__ import annotations
 
@@ -35,13 +36,3 @@ def test_json_lines_and_the_report_written_at_the_end(tmp_path: Path, tiny_model
     assert "2 of 2 rounds, finished" in report
     for name in ("quality", "traffic", "residual"):
         assert (out / "report" / f"{name}.png").stat().st_size > 10_000
-
-
-def test_quiet_prints_nothing_and_the_table_prints_a_summary(tmp_path: Path, tiny_model_dir: Path,
-                                                              small_data: Path) -> None:
-    quiet = simulate(tmp_path / "quiet", tiny_model_dir, small_data, "--quiet")
-    assert quiet.stdout == ""
-    table = simulate(tmp_path / "table", tiny_model_dir, small_data)
-    assert "round  clients" in table.stdout and "fedpeft run summary" in table.stdout
-    flat = "".join(table.stdout.split()).replace("│", "")  # the summary folds long paths across lines
-    assert str(tmp_path / "table" / "report.md").replace(" ", "") in flat

@@ -2,8 +2,8 @@
 
 One tiny random BERT (with the real MiniLM tokenizer) on 400 real review snippets, 3 clients, 2 rounds.
 Checks the run directory, that only the adapter travels (bytes on the wire), that plain
-transformers + peft reproduce the reported accuracy from ``adapter/``, and that the same seed gives an
-identical ``metrics.jsonl``.
+transformers + peft reproduce the reported accuracy from ``adapter/``, that the same seed gives an
+identical ``metrics.jsonl``, and what the default output and ``--quiet`` print (``--json``: test_output.py).
 """
 
 from __future__ import annotations
@@ -20,20 +20,36 @@ pytestmark = pytest.mark.slow
 REQUIRED = {"round", "accuracy", "loss", "bytes_up", "bytes_down"}
 
 
-def simulate(out: Path, model: Path, data: Path, *extra: str) -> list[dict]:
+def cli(out: Path, model: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "fedpeft.cli.main", "simulate", "--model", str(model), "--data", str(data),
            "--clients", "3", "--rounds", "2", "--fraction", "0.67", "--max-local-steps", "3", "--batch-size", "8",
            "--client-cpus", "1", "--out", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+    return proc
+
+
+def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def simulate(out: Path, model: Path, data: Path, *extra: str) -> list[dict]:
+    cli(out, model, data, *extra)
+    return metrics(out)
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small_data: Path) -> tuple[Path, list[dict]]:
+def printed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, small_data: Path) -> tuple[Path, str]:
+    """The module's run, with what it printed (the default output: the round table and the summary)."""
     out = tmp_path_factory.mktemp("sim") / "run"
-    return out, simulate(out, tiny_model_dir, small_data)
+    return out, cli(out, tiny_model_dir, small_data).stdout
+
+
+@pytest.fixture(scope="module")
+def run(printed: tuple[Path, str]) -> tuple[Path, list[dict]]:
+    out, _ = printed
+    return out, metrics(out)
 
 
 def test_run_directory(run: tuple[Path, list[dict]]) -> None:
@@ -84,12 +100,19 @@ def test_saved_adapter_reproduces_accuracy_with_plain_peft(run: tuple[Path, list
     assert accuracy == pytest.approx(records[-1]["accuracy"], abs=1e-9)
 
 
-def test_same_seed_same_metrics(run: tuple[Path, list[dict]], tiny_model_dir: Path, small_data: Path,
-                                tmp_path: Path) -> None:
+def test_the_table_prints_a_summary(printed: tuple[Path, str]) -> None:
+    out, stdout = printed
+    assert "round  clients" in stdout and "fedpeft run summary" in stdout
+    flat = "".join(stdout.split()).replace("│", "")  # the summary folds long paths across lines
+    assert str(out / "report.md").replace(" ", "") in flat
+
+
+def test_same_seed_same_metrics_and_quiet_prints_nothing(run: tuple[Path, list[dict]], tiny_model_dir: Path,
+                                                         small_data: Path, tmp_path: Path) -> None:
     out, _ = run
     again = tmp_path / "again"
-    simulate(again, tiny_model_dir, small_data)
-    assert (again / "metrics.jsonl").read_text() == (out / "metrics.jsonl").read_text()
+    assert cli(again, tiny_model_dir, small_data, "--quiet").stdout == ""
+    assert (again / "metrics.jsonl").read_text() == (out / "metrics.jsonl").read_text()  # whatever is printed
 
 
 def test_natural_partition_runs_one_client_per_site(tiny_model_dir: Path, tmp_path: Path) -> None:
