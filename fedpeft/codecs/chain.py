@@ -31,7 +31,7 @@ class Codec:
         """Whether decode(encode(x)) == x bit for bit (then no error feedback is needed)."""
         return self.sparsifier is None and self.values.lossless
 
-    def _values(self, n: int) -> Any:
+    def value_stage(self, n: int) -> Any:
         """The value stage for a tensor of ``n`` entries: a sparsifier that sends a tensor whole may say how
         (``compeft``: small tensors as int8, not as signs)."""
         dense = getattr(self.sparsifier, "dense_values", None)
@@ -42,7 +42,7 @@ class Codec:
         n = int(np.prod(shape, dtype=np.int64))
         if self.sparsifier is None:
             return self.values.layout(n)
-        return self.sparsifier.layout(n) + self._values(n).layout(self.sparsifier.kept(n))
+        return self.sparsifier.layout(n) + self.value_stage(n).layout(self.sparsifier.kept(n))
 
     def encode(self, x: np.ndarray) -> list[np.ndarray]:
         """The parts of ``x`` (any shape; finite values only)."""
@@ -51,7 +51,7 @@ class Codec:
         if self.sparsifier is None:
             return self.values.encode(flat)
         positions, idx = self.sparsifier.select(flat)
-        return positions + self._values(flat.size).encode(flat[idx])
+        return positions + self.value_stage(flat.size).encode(flat[idx])
 
     def decode(self, parts: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
         """The float32 tensor of ``shape`` the parts stand for; :class:`CodecError` if they do not fit."""
@@ -65,7 +65,7 @@ class Codec:
             held = len(self.sparsifier.layout(n))
             idx = self.sparsifier.positions(list(parts[:held]), n)
             flat = np.zeros(n, dtype=np.float32)
-            flat[idx] = self._values(n).decode(list(parts[held:]), idx.size)
+            flat[idx] = self.value_stage(n).decode(list(parts[held:]), idx.size)
         return flat.reshape(shape)
 
     def round_trip(self, x: np.ndarray) -> np.ndarray:

@@ -216,7 +216,7 @@ def test_compeft_refuses_a_rank_past_the_subsets() -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(sites=st.sampled_from([(1024,), (40, 60), (3000,)]).flatmap(
+@given(sites=st.sampled_from([(1024,), (40, 60), (3000,), (2, 385)]).flatmap(
     lambda shape: st.lists(hnp.arrays(np.float32, shape, elements=st.floats(-1, 1, width=32)), min_size=1,
                            max_size=4)), seed=st.integers(0, 1 << 40))
 def test_shared_payloads_add_up_to_the_sum_of_their_decodings(sites: list[np.ndarray], seed: int) -> None:
@@ -232,9 +232,29 @@ def test_shared_payloads_add_up_to_the_sum_of_their_decodings(sites: list[np.nda
     assert idx.size == codec.sparsifier.kept(flat.size) and np.all(np.diff(idx) > 0)
     decoded = codec.decode(payloads[0], shape).reshape(-1)
     assert not np.any(np.delete(decoded, idx))
-    np.testing.assert_allclose(decoded[idx], np.clip(flat[idx], -0.5, 0.5), atol=0.5 / 127 / 2 + 1e-7)
+    grid = codec.value_stage(flat.size)  # int8 (±0.5) for drawn entries, int16 (±129) for a tensor sent whole
+    assert grid.step == np.float32(0.5 / 127) and (flat.size < 1024) == (grid.levels == 32767)
+    limit = 0.5 if flat.size >= 1024 else 1.0  # the hypothesis floats stay within ±1
+    np.testing.assert_allclose(decoded[idx], np.clip(flat[idx], -limit, limit), atol=0.5 / 127 / 2 + 1e-7)
     other = parse_codec(f"shared:0.3:0.5@{seed + 1}").sparsifier.positions([], flat.size)
     assert flat.size < 1024 or not np.array_equal(other, idx)  # another round, other positions
+
+
+def test_shared_sends_a_small_tensor_whole_on_a_wide_grid() -> None:
+    """A probe round's head update (770 entries, values far beyond the bound) arrives to within half a step,
+    as int16 on the drawn entries' step: clipping it to ±bound lost 94 % of it (docs/compression.md)."""
+    head = np.random.default_rng(6).normal(scale=0.5, size=(2, 385)).astype(np.float32)
+    codec = parse_codec("shared:0.4@3")  # the default bound, 0.05
+    (q,) = codec.encode(head)
+    assert q.dtype == np.dtype("<i2") and q.size == head.size
+    step = np.float32(0.05 / 127)
+    np.testing.assert_allclose(codec.decode([q], head.shape), head, atol=float(step) / 2 * (1 + 1e-5))
+    big = np.full((2, 385), 20.0, np.float32)  # beyond ±32767 steps (12.9): clipped there, not at 0.05
+    np.testing.assert_allclose(codec.decode(codec.encode(big), big.shape), 32767 * step, rtol=1e-6)
+    lora = np.full((8, 384), 0.2, np.float32)  # a drawn tensor: int8, clipped at the bound
+    parts = codec.encode(lora)
+    assert parts[0].dtype == np.dtype("i1")
+    assert np.abs(codec.decode(parts, lora.shape)).max() == pytest.approx(0.05, rel=1e-6)
 
 
 def test_shared_needs_the_rounds_seed_and_only_its_own_payloads_add_up() -> None:
