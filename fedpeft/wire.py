@@ -149,7 +149,7 @@ def payload_records(
     names = sorted(parts)
     chunks = []
     for name in names:
-        layout = codec.layout(tuple(shapes[name]))
+        layout = codec.for_tensor(name).layout(tuple(shapes[name]))
         for part, spec in zip(parts[name], layout, strict=True):
             chunks.append(np.ascontiguousarray(part, dtype=spec.dtype).tobytes())
     blob = np.frombuffer(b"".join(chunks), dtype=np.uint8)
@@ -166,9 +166,10 @@ def payload_records(
 def encode_tensors(codec: Codec, tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Encode ``tensors`` without error feedback (the broadcast); return the records and what the
     receiver will decode from them, so that the sender can start from exactly the same numbers."""
-    parts = {k: codec.encode(v) for k, v in tensors.items()}
+    parts = {k: codec.for_tensor(k).encode(v) for k, v in tensors.items()}
     shapes = {k: tuple(np.shape(v)) for k, v in tensors.items()}
-    decoded = tensors if codec.lossless else {k: codec.decode(parts[k], shapes[k]) for k in tensors}
+    decoded = {k: v if codec.for_tensor(k).lossless else codec.for_tensor(k).decode(parts[k], shapes[k])
+               for k, v in tensors.items()}
     return payload_records(codec, parts, shapes), {k: np.asarray(v, dtype=np.float32) for k, v in decoded.items()}
 
 
@@ -206,7 +207,7 @@ def decode_payload(content: Any, expected: Mapping[str, tuple[int, ...]]) -> tup
     if shapes_text != want_shapes:
         raise PayloadError(f"payload shapes {shapes_text[:80]!r} differ from the expected {want_shapes[:80]!r}")
     blob = _payload_bytes(content)
-    layouts = [codec.layout(tuple(expected[n])) for n in names]
+    layouts = [codec.for_tensor(n).layout(tuple(expected[n])) for n in names]
     need = sum(part.nbytes for layout in layouts for part in layout)
     if blob.size != need:
         raise PayloadError(f"payload holds {blob.size} bytes; codec {spec!r} needs {need} for these shapes")
@@ -218,7 +219,7 @@ def decode_payload(content: Any, expected: Mapping[str, tuple[int, ...]]) -> tup
             for part in layout:
                 parts.append(np.frombuffer(blob, dtype=part.dtype, count=part.count, offset=offset).copy())
                 offset += part.nbytes
-            out[name] = codec.decode(parts, tuple(expected[name]))
+            out[name] = codec.for_tensor(name).decode(parts, tuple(expected[name]))
     except CodecError as err:
         raise PayloadError(f"{name}: {err}") from None
     bad = [n for n, v in out.items() if not np.all(np.isfinite(v))]

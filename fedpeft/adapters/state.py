@@ -63,6 +63,14 @@ def key_matches(key: str, components: tuple[str, ...] | list[str]) -> bool:
     return any(c in parts for c in components)
 
 
+def is_head_key(key: str) -> bool:
+    """Whether an adapter-state key names a tensor of the classification head (``…classifier.weight``,
+    ``…score.weight``): a component in :data:`HEAD_MODULES`, and no adapter component."""
+    parts = key.split(".")
+    return any(p in HEAD_MODULES for p in parts) and not key_matches(
+        key, (*LORA_COMPONENTS, SSF_COMPONENT, SSF_POOL_COMPONENT))
+
+
 def without_keys(state: Mapping[str, np.ndarray], components: tuple[str, ...] | list[str]) -> dict[str, np.ndarray]:
     """``state`` minus the tensors whose names have one of ``components`` as a path component."""
     return {k: v for k, v in state.items() if not key_matches(k, components)}

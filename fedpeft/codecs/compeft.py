@@ -21,8 +21,9 @@ Golomb-coded gaps (as STC does). fedpeft's codec, per tensor, with error feedbac
    the *target* the codec encodes, update + error-feedback residual, which is the closed-form minimiser
    of ‖target − scale · signs‖² over the kept positions (tested against brute force), so the residual
    the site carries is as small as signs allow.
-4. **Small tensors** (under 1,024 entries: a classification head, a bias) are sent whole as ``int8``,
-   as ``topk`` sends them whole; signs alone would move a head by one common step per entry.
+4. **Small tensors** (under 1,024 entries: a bias) and **the classification head** whatever its size
+   (:meth:`fedpeft.codecs.chain.Codec.for_tensor`) are sent whole as ``int8``, as ``topk`` sends them
+   whole; signs alone would move a head by one common step per entry.
 
 Bits per entry at density d: ceil(log2 C(64, round(64 d))) / 64 for the positions plus d for the signs:
 1.02 bits at d = 0.25 (31× against fp32's 32), 1.14 bits at d = 0.3 (28×), framing and small tensors aside.

@@ -40,9 +40,10 @@ def compress(
         value = np.asarray(value, dtype=np.float32)
         carried = residual.get(key)
         target = value + carried if carried is not None and carried.shape == value.shape else value
-        parts[key] = codec.encode(target)
-        if not codec.lossless:
-            left = target - codec.decode(parts[key], value.shape)
+        own = codec.for_tensor(key)  # a head goes whole
+        parts[key] = own.encode(target)
+        if not own.lossless:
+            left = target - own.decode(parts[key], value.shape)
             new_residual[key] = left.astype(np.float32)
             err2 += float(np.sum(left.astype(np.float64) ** 2))
         target2 += float(np.sum(target.astype(np.float64) ** 2))

@@ -6,7 +6,7 @@ use them. This codec fixes both halves in public:
 
 - **positions**: the same ceil(density · n) entries of every tensor at every site, drawn from a seed the
   round shares (:func:`round_seed`: the run seed and the round number, nothing else), so none travel;
-  a tensor under 1,024 entries (the head) is sent whole;
+  a tensor under 1,024 entries, and the classification head whatever its size, is sent whole;
 - **values**: int8 on a fixed public grid, step = bound / 127 (``bound`` 0.05 by default): a value
   beyond ±bound is clipped, and what clipping or rounding took stays in the site's error-feedback
   residual, as do the entries the round did not draw, so nothing is lost, only delayed. A tensor sent
@@ -103,17 +103,18 @@ def sum_parts(codec: object, payloads: Sequence[list[np.ndarray]], shape: tuple[
     """The decoded sum of several sites' ``shared`` payloads of one tensor, computed on the integers alone
     (what a secure sum of the payloads gives): equal to the sum of their decodings."""
     values, sparsifier = getattr(codec, "values", None), getattr(codec, "sparsifier", None)
-    if not isinstance(values, FixedGrid) or not isinstance(sparsifier, SharedPositions):
+    whole = sparsifier is None and isinstance(values, FixedGrid)  # Codec.for_tensor of a head
+    if not whole and (not isinstance(values, FixedGrid) or not isinstance(sparsifier, SharedPositions)):
         raise CodecError("only the 'shared' codec's payloads add up before decoding")
     n = int(np.prod(shape, dtype=np.int64))
-    k = sparsifier.kept(n)
-    grid = codec.value_stage(n)  # int16 for a tensor sent whole: the same step, so the same sum
+    k = n if whole else sparsifier.kept(n)
+    grid = values if whole else codec.value_stage(n)  # int16 for a tensor sent whole: the same step, the same sum
     total = np.zeros(k, dtype=np.int64)
     for parts in payloads:
         (q,) = (check_part(p, s) for p, s in zip(parts, grid.layout(k), strict=True))
         total += q
     flat = np.zeros(n, dtype=np.float64)
-    flat[sparsifier.positions([], n)] = total * float(values.step)
+    flat[np.arange(n) if whole else sparsifier.positions([], n)] = total * float(grid.step)
     return flat.reshape(shape)
 
 
@@ -123,7 +124,9 @@ def secure_positions(codec: object, shapes: Mapping[str, tuple[int, ...]]) -> di
     sparsifier = getattr(codec, "sparsifier", None)
     if not isinstance(sparsifier, SharedPositions):
         return None
-    return {k: sparsifier.positions([], int(np.prod(shape, dtype=np.int64))) for k, shape in shapes.items()}
+    sizes = {k: int(np.prod(shape, dtype=np.int64)) for k, shape in shapes.items()}
+    return {k: np.arange(n) if codec.for_tensor(k).sparsifier is None else sparsifier.positions([], n)
+            for k, n in sizes.items()}  # a head goes whole
 
 
 def factory(arg: str | None) -> Piece:

@@ -39,7 +39,8 @@ DENSE_BELOW = 1024
 
 class TopK:
     """Keep ``ceil(fraction · n)`` entries of largest magnitude; keep all of a tensor smaller than
-    ``dense_below`` entries (a classification head, a bias)."""
+    ``dense_below`` entries (a bias; a classification head of any size goes whole by its name,
+    :meth:`fedpeft.codecs.chain.Codec.for_tensor`)."""
 
     def __init__(self, fraction: float, dense_below: int = DENSE_BELOW) -> None:
         self.fraction = fraction

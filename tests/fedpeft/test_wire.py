@@ -265,3 +265,37 @@ def test_a_control_change_travels_fp32_or_int8_in_the_payload_format() -> None:
     forged[CONTROL_CODEC] = ConfigRecord({**forged[CONTROL_CODEC], "names": '["classifier.bias", "other"]'})
     with pytest.raises(PayloadError, match="another set of tensors"):
         unpack_control(forged)
+
+
+HEAD = "base_model.model.classifier.weight"
+FACTOR = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"
+
+
+@pytest.mark.parametrize("spec", ["compeft", "shared:0.4@5", "topk:0.1+int8"])
+def test_a_head_goes_whole_whatever_its_size(spec: str) -> None:
+    """A 3-class head on a 384-wide model (1,152 entries, over the 1,024 below which any tensor goes whole)
+    arrives entry for entry, at the codec's whole-tensor width; a LoRA factor of the same shape is sparsified."""
+    from fedpeft.adapters.state import is_head_key
+    from fedpeft.codecs.shared import secure_positions, sum_parts
+
+    assert all(map(is_head_key, (HEAD, "base_model.model.score.weight", "base_model.classifier.bias")))
+    assert not is_head_key(FACTOR) and not is_head_key("base_model.model.bert.encoder.layer.0.output.dense.ssf.scale")
+    rng = np.random.default_rng(7)
+    values = lambda: (rng.choice([-1.0, 1.0], size=(3, 384)) * rng.uniform(0.01, 0.04, (3, 384))).astype(np.float32)  # noqa: E731
+    update = {HEAD: values(), FACTOR: values()}  # within shared's default bound, so nothing is clipped
+    codec = parse_codec(spec)
+    parts, residual, _ = compress(codec, update)
+    got, _ = decode_payload(RecordDict({**payload_records(codec, parts, _shapes(update)),
+                                        METRICS: MetricRecord({"num-examples": 3})}), _shapes(update))
+    whole = codec.for_tensor(HEAD)
+    assert whole.sparsifier is None and codec.for_tensor(FACTOR) is codec
+    np.testing.assert_array_equal(got[HEAD], whole.round_trip(update[HEAD]))
+    assert np.count_nonzero(got[HEAD]) == update[HEAD].size
+    assert np.linalg.norm(residual[HEAD]) < 0.02 * np.linalg.norm(update[HEAD])  # rounding only
+    assert np.count_nonzero(got[FACTOR]) <= 0.4 * update[FACTOR].size + 1
+    if spec.startswith("shared"):
+        positions = secure_positions(codec, _shapes(update))
+        np.testing.assert_array_equal(positions[HEAD], np.arange(update[HEAD].size))  # summed whole under secagg
+        assert positions[FACTOR].size == np.ceil(0.4 * update[FACTOR].size)
+        np.testing.assert_allclose(sum_parts(whole, [parts[HEAD], parts[HEAD]], update[HEAD].shape), 2 * got[HEAD],
+                                   rtol=1e-6)
