@@ -166,10 +166,10 @@ def payload_records(
 def encode_tensors(codec: Codec, tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Encode ``tensors`` without error feedback (the broadcast); return the records and what the
     receiver will decode from them, so that the sender can start from exactly the same numbers."""
-    parts = {k: codec.for_tensor(k).encode(v) for k, v in tensors.items()}
+    own = {k: codec.for_tensor(k) for k in tensors}
+    parts = {k: own[k].encode(v) for k, v in tensors.items()}
     shapes = {k: tuple(np.shape(v)) for k, v in tensors.items()}
-    decoded = {k: v if codec.for_tensor(k).lossless else codec.for_tensor(k).decode(parts[k], shapes[k])
-               for k, v in tensors.items()}
+    decoded = {k: v if own[k].lossless else own[k].decode(parts[k], shapes[k]) for k, v in tensors.items()}
     return payload_records(codec, parts, shapes), {k: np.asarray(v, dtype=np.float32) for k, v in decoded.items()}
 
 

@@ -103,18 +103,17 @@ def sum_parts(codec: object, payloads: Sequence[list[np.ndarray]], shape: tuple[
     """The decoded sum of several sites' ``shared`` payloads of one tensor, computed on the integers alone
     (what a secure sum of the payloads gives): equal to the sum of their decodings."""
     values, sparsifier = getattr(codec, "values", None), getattr(codec, "sparsifier", None)
-    whole = sparsifier is None and isinstance(values, FixedGrid)  # Codec.for_tensor of a head
-    if not whole and (not isinstance(values, FixedGrid) or not isinstance(sparsifier, SharedPositions)):
-        raise CodecError("only the 'shared' codec's payloads add up before decoding")
+    if not isinstance(values, FixedGrid) or not isinstance(sparsifier, SharedPositions | None):
+        raise CodecError("only the 'shared' codec's payloads add up before decoding")  # None: a head, sent whole
     n = int(np.prod(shape, dtype=np.int64))
-    k = n if whole else sparsifier.kept(n)
-    grid = values if whole else codec.value_stage(n)  # int16 for a tensor sent whole: the same step, the same sum
-    total = np.zeros(k, dtype=np.int64)
+    positions = np.arange(n) if sparsifier is None else sparsifier.positions([], n)
+    grid = codec.value_stage(n)  # int16 for a tensor sent whole: the same step, so the same sum
+    total = np.zeros(positions.size, dtype=np.int64)
     for parts in payloads:
-        (q,) = (check_part(p, s) for p, s in zip(parts, grid.layout(k), strict=True))
+        (q,) = (check_part(p, s) for p, s in zip(parts, grid.layout(positions.size), strict=True))
         total += q
     flat = np.zeros(n, dtype=np.float64)
-    flat[np.arange(n) if whole else sparsifier.positions([], n)] = total * float(grid.step)
+    flat[positions] = total * float(grid.step)
     return flat.reshape(shape)
 
 
