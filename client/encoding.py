@@ -19,15 +19,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import Context, Message, MetricRecord
 
-from client.exchange import trained_update
+from client.exchange import received_broadcast, trained_update
 from client.secure import secure_exchange
 from client.sites import site_for
 from fedpeft.adapters.lora.dynamic import split_active
 from fedpeft.adapters.state import key_matches, without_keys
 from fedpeft.codecs import compress, parse_codec
 from fedpeft.codecs.shared import round_seed, with_seed
+from fedpeft.downlink import broadcast_path
 from fedpeft.feedback_state import load_residual, residual_path, save_residual
 from fedpeft.protocol import train_request
 from fedpeft.wire import (
@@ -48,12 +50,15 @@ def codec_mod(msg: Message, context: Context, call_next: Any) -> Message:
     request = train_request(msg.content)
     cfg = request.settings
     site, _ = site_for(cfg, context, list(request.label_names))
-    expected = {k: v.shape for k, v in without_keys(site.model.initial, request.frozen).items()}
+    initial = without_keys(site.model.initial, request.frozen)
+    expected = {k: v.shape for k, v in initial.items()}
     residual_file = residual_path(site.state_dir, site.key, cfg.run_id)
+    broadcast = received_broadcast(msg.content, expected, base=request.downlink_base, digest=request.downlink_digest,
+                                   store=broadcast_path(site.state_dir, site.key, cfg.run_id), initial=initial)
     if request.secagg is not None:  # secure aggregation: the update waits at the site for the masked stage
         return secure_exchange(msg, context, call_next, expected=expected, held=request.held, secagg=request.secagg,
                                codec=with_seed(cfg.codec, round_seed(cfg.seed, request.server_round)),
-                               residual_file=residual_file)
+                               residual_file=residual_file, broadcast=broadcast)
     return encoded_exchange(
         msg,
         context,
@@ -63,6 +68,7 @@ def codec_mod(msg: Message, context: Context, call_next: Any) -> Message:
         residual_file=residual_file,
         held=request.held,
         active_rank=request.active_rank,
+        broadcast=broadcast,
     )
 
 
@@ -76,13 +82,15 @@ def encoded_exchange(
     residual_file: Path,
     held: tuple[str, ...] = (),
     active_rank: int | None = None,
+    broadcast: dict[str, np.ndarray] | None = None,
 ) -> Message:
     """:func:`codec_mod` once the site knows its tensors (``expected``: name → shape of what the
     broadcast must hold), its codec spec, where its error-feedback residual lives, the tensors the
     rule holds this round (``held``: broadcast, not trained, not sent back) and the round's LoRA rank
     under DP-DyLoRA (``active_rank``: the residual of components above it waits for a round that trains
-    them, since the coordinator drops anything sent there)."""
-    reply, _, update = trained_update(msg, context, call_next, expected=expected, held=held)
+    them, since the coordinator drops anything sent there); ``broadcast``: the received broadcast when the
+    caller has decoded it (:func:`client.exchange.received_broadcast`)."""
+    reply, _, update = trained_update(msg, context, call_next, expected=expected, held=held, broadcast=broadcast)
     if update is None:
         return reply
     chosen = parse_codec(codec)

@@ -4,24 +4,72 @@ the update it trained."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import Message
 
 from fedpeft.adapters.state import without_keys
+from fedpeft.downlink import apply_change, broadcast_digest, load_broadcasts, save_broadcasts
 from fedpeft.errors import FedPeftError
 from fedpeft.wire import ARRAYS, CODEC, decode_payload, from_array_record, to_array_record
 
+logger = logging.getLogger(__name__)
+
+
+def received_broadcast(content: Any, expected: Mapping[str, tuple[int, ...]], *, base: str | None,
+                       digest: str | None, store: Path, initial: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The broadcast a train message carries (``expected``: name → shape of what it must hold).
+
+    Under the delta broadcast (``digest`` given, :mod:`fedpeft.downlink`) the payload is the change of the
+    broadcast ``base`` names (the site's ``initial`` adapter before round 1, else one kept in ``store``), or
+    the whole adapter when ``base`` is None; the result must have ``digest``, and is kept with its base.
+
+    Raises
+    ------
+    PayloadError
+        A malformed payload.
+    FedPeftError
+        The site holds no broadcast named ``base``, or the result is not the one the coordinator holds.
+    """
+    decoded, _ = decode_payload(content, expected)
+    if digest is None:
+        return decoded
+    try:
+        kept = load_broadcasts(store)
+    except ValueError as err:  # then only the initial adapter can be a base; else the error below says so
+        logger.warning("%s", err)
+        kept = {}
+    if base is None:
+        result, keep = decoded, {}
+    else:
+        if base not in kept and broadcast_digest(initial) == base:
+            kept[base] = dict(initial)
+        if base not in kept:
+            raise FedPeftError(f"the broadcast is a change of one this site does not hold ({base[:12]}; it keeps "
+                               f"{', '.join(d[:12] for d in kept) or 'none'}): its state directory was lost or "
+                               "is another run's; the coordinator sends the whole adapter next round")
+        result, keep = apply_change(kept[base], decoded), {base: kept[base]}
+    if broadcast_digest(result) != digest:
+        raise FedPeftError(f"the broadcast this site rebuilt ({broadcast_digest(result)[:12]}) is not the "
+                           f"coordinator's ({digest[:12]})")
+    save_broadcasts(store, {**keep, digest: result})
+    return result
+
 
 def trained_update(msg: Message, context: Any, call_next: Any, *, expected: Mapping[str, tuple[int, ...]],
-                   held: tuple[str, ...]) -> tuple[Message, dict[str, np.ndarray], dict[str, np.ndarray] | None]:
-    """Decode the broadcast of ``msg`` (``expected``: name → shape of what it must hold) into plain arrays,
-    run the handler, and return ``(reply, sent, update)``: ``sent`` the broadcast's tensors the site sends
-    back (all but ``held``), ``update`` trained − broadcast over them, ``{}`` when the site did not train,
-    None when the reply is an error. A PayloadError becomes the reply's error."""
-    broadcast, _ = decode_payload(msg.content, expected)
+                   held: tuple[str, ...], broadcast: dict[str, np.ndarray] | None = None,
+                   ) -> tuple[Message, dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """Decode the broadcast of ``msg`` (``expected``: name → shape of what it must hold) into plain arrays
+    (or take ``broadcast``, :func:`received_broadcast`'s), run the handler, and return ``(reply, sent,
+    update)``: ``sent`` the broadcast's tensors the site sends back (all but ``held``), ``update`` trained −
+    broadcast over them, ``{}`` when the site did not train, None when the reply is an error. A
+    PayloadError becomes the reply's error."""
+    if broadcast is None:
+        broadcast, _ = decode_payload(msg.content, expected)
     del msg.content[CODEC]
     msg.content[ARRAYS] = to_array_record(broadcast)
     reply = call_next(msg, context)

@@ -53,13 +53,13 @@ def flatten(update: dict[str, np.ndarray]) -> np.ndarray:
 
 def secure_exchange(msg: Message, context: Context, call_next: Any, *, expected: dict[str, tuple[int, ...]],
                     held: tuple[str, ...], secagg: dict[str, Any], codec: str = "none",
-                    residual_file: Path | None = None) -> Message:
+                    residual_file: Path | None = None, broadcast: dict[str, np.ndarray] | None = None) -> Message:
     """Stage 1 at the site: train, keep the masked sum's input, reply with this round's public keys.
 
     With the ``shared`` codec (``codec``, the round's seed written in) only the round's shared positions
     enter the masked sum, and the rest of update + residual waits in the error-feedback residual
     (``residual_file``); what is summed is still clipped to the run's bound."""
-    reply, sent, update = trained_update(msg, context, call_next, expected=expected, held=held)
+    reply, sent, update = trained_update(msg, context, call_next, expected=expected, held=held, broadcast=broadcast)
     if update is None:
         return reply
     metrics = dict(reply.content[METRICS])

@@ -133,7 +133,15 @@ class FedPeftConfig:
         "ternary[:fraction] | compeft[:density] | shared:<density>[:<bound>], composed with + (topk:0.1+int8); lossy "
         "codecs keep error feedback",
     )
-    downlink_codec: str = _f("none", "how the server sends the global adapter: none | fp16 | int8[:row] | int4[:row]")
+    downlink_codec: str = _f(
+        "none",
+        "how the server sends the global adapter: none | fp16 | int8[:row] | int4[:row]; with downlink_delta any "
+        "codec (compeft[:density], topk:<fraction>+int8, ...)",
+    )
+    downlink_delta: bool = _f(
+        False, "broadcast the change since the previous broadcast (encoded with downlink_codec, the coordinator "
+        "keeping what it did not send) to sites that hold it; the whole adapter, uncompressed, to the others"
+    )
     # --- local training -------------------------------------------------------------------------
     local_epochs: int = _f(1, "passes over the client's data per round")
     max_local_steps: int = _f(30, "cap on optimizer steps per client-round; 0: no cap")

@@ -174,11 +174,15 @@ def check_codecs(cfg: Any) -> None:
             codec = parse_codec(getattr(cfg, name))
         except CodecError as err:
             raise FedPeftError(f"{name}: {err}") from None
-        if name == "downlink_codec" and codec.sparsifier is not None:
+        if name == "downlink_codec" and codec.sparsifier is not None and not cfg.downlink_delta:
             raise FedPeftError(
-                "downlink_codec cannot be a sparsifier: the broadcast is the whole adapter, and a server "
-                "cannot feed back what each site missed; use none, fp16, int8 or int4"
+                "downlink_codec cannot be a sparsifier of the whole adapter: add --downlink-delta (the broadcast "
+                "becomes its change since the previous one, and the coordinator keeps what it did not send), or "
+                "use none, fp16, int8 or int4"
             )
+    if cfg.downlink_delta and parse_codec(cfg.downlink_codec).lossless:
+        raise FedPeftError("downlink_delta sends the broadcast's change encoded with downlink_codec, which is "
+                           f"{cfg.downlink_codec!r} (lossless): name a lossy one, e.g. --downlink-codec compeft")
 
 
 HEAD_AFTER_PROBE = ("train", "freeze")

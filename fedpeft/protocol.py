@@ -17,7 +17,8 @@ adapter payload, :mod:`fedpeft.wire`), :data:`CONTROL` (SCAFFOLD's variates), :d
 
 A train request adds :data:`SERVER_ROUND`, :data:`FROZEN` and :data:`HELD` (the tensors the rule freezes,
 never broadcast, and those it holds this round, broadcast but not trained), under DP-DyLoRA
-:data:`ACTIVE_RANK` (the round's drawn LoRA rank, the same for every site), and for some sites
+:data:`ACTIVE_RANK` (the round's drawn LoRA rank, the same for every site), under the delta broadcast
+:data:`DOWNLINK_DIGEST` and, for a site that receives a change, :data:`DOWNLINK_BASE`, and for some sites
 :data:`CANARIES` (the empirical audit), :data:`LEDGER_SEQ` (local DP), :data:`CLIPPING_NORM` (central
 DP: Flower's fixed-clipping mod reads it under Flower's name) or :data:`SECAGG` (secure aggregation,
 whose three later stages are query messages: :data:`SECAGG_SHARES`, :data:`SECAGG_MASKED`,
@@ -63,8 +64,13 @@ LEDGER_SEQ = "ledger-seq"  # train config under local DP: how many of this site'
 CLIPPING_NORM: str = flower_compat.KEY_CLIPPING_NORM  # central DP: the norm every sampled site clips its update to
 SECAGG = "secagg"  # secure aggregation: JSON {number, threshold, bits, clip, tag} of this site's round
 ACTIVE_RANK = "active-rank"  # DP-DyLoRA: the LoRA rank every site trains this round (fedpeft.adapters.lora.dynamic)
+# the delta broadcast (fedpeft.downlink): the digest of the broadcast the payload is the change of (absent: the
+# payload is the whole adapter), and the digest of the broadcast the site must hold once it has applied it
+DOWNLINK_BASE = "downlink-base"
+DOWNLINK_DIGEST = "downlink-digest"
 QUERY_KEYS = frozenset({PROTOCOL, LABEL_NAMES})
-TRAIN_KEYS = QUERY_KEYS | {SERVER_ROUND, FROZEN, HELD, CANARIES, LEDGER_SEQ, CLIPPING_NORM, SECAGG, ACTIVE_RANK}
+TRAIN_KEYS = QUERY_KEYS | {SERVER_ROUND, FROZEN, HELD, CANARIES, LEDGER_SEQ, CLIPPING_NORM, SECAGG, ACTIVE_RANK,
+                           DOWNLINK_BASE, DOWNLINK_DIGEST}
 
 # --- secure aggregation's later stages (query messages; privacy/secagg, client/secure.py) -------------
 SECAGG_SHARES = "query.secagg_shares"  # the roster down; encrypted shares and the seed's commitment up
@@ -154,6 +160,8 @@ class TrainRequest:
     ledger_seq: int | None = None
     secagg: dict[str, Any] | None = None  # secure aggregation's settings for this site's round
     active_rank: int | None = None  # DP-DyLoRA: train LoRA at this rank; None: the full rank
+    downlink_base: str | None = None  # delta broadcast: the payload changes the broadcast of this digest
+    downlink_digest: str | None = None  # delta broadcast: the digest of the broadcast once received
 
     @property
     def untrained(self) -> tuple[str, ...]:
@@ -174,9 +182,19 @@ class TrainRequest:
             return cls(settings=settings, label_names=label_names, server_round=server_round,
                        frozen=_names(record.get(FROZEN, "")), held=_names(record.get(HELD, "")),
                        canaries=canaries, ledger_seq=None if seq is None else int(seq), secagg=secagg,
-                       active_rank=rank)
+                       active_rank=rank, downlink_base=_digest(record, DOWNLINK_BASE),
+                       downlink_digest=_digest(record, DOWNLINK_DIGEST))
         except (KeyError, TypeError, ValueError) as err:
             raise FedPeftError(f"malformed train request: {type(err).__name__}: {err}") from None
+
+
+def _digest(record: Mapping[str, Any], key: str) -> str | None:
+    if key not in record:
+        return None
+    value = str(record[key])
+    if len(value) != 32 or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError(f"{key} {value!r} is not a broadcast digest")
+    return value
 
 
 def _names(value: Any) -> tuple[str, ...]:

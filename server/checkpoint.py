@@ -13,7 +13,8 @@ with one atomic rename — the *commit point* of the round. It holds the global 
 
 Beside the adapter (arrays ``a/<name>``) it holds the coordinator's other state: the server optimizer's
 moments (``o/<moment>/<name>``, :mod:`strategies.server_opt`) and SCAFFOLD's control variate c
-(``c/<name>``, :mod:`strategies.scaffold`).
+(``c/<name>``, :mod:`strategies.scaffold`), and under the delta broadcast the last broadcast (``b/<name>``)
+with the sites that hold it (``broadcast_holders``, :mod:`fedpeft.downlink`).
 
 Sampling and every site's training generator are derived from ``(seed, round)``, so the seed is the
 whole RNG state: a run without DP resumed after a crash ends where the uninterrupted run ends.
@@ -41,7 +42,7 @@ CHECKPOINT_FILE = "checkpoint.npz"
 LOG_FILES = ("metrics.jsonl", "traffic.jsonl")
 VERSION = 1
 _META = "__checkpoint__"
-_ARRAYS = {"state": "a/", "optimizer": "o/", "control": "c/"}  # field → array-name prefix in the file
+_ARRAYS = {"state": "a/", "optimizer": "o/", "control": "c/", "broadcast": "b/"}  # field → array-name prefix
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,15 @@ class Checkpoint:
     state: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     optimizer: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # server optimizer moments
     control: dict[str, np.ndarray] | None = field(default=None, repr=False)  # SCAFFOLD's c; None: no SCAFFOLD
+    # the delta broadcast's last broadcast and the sites that hold it (None: every site); None: no delta broadcast
+    broadcast: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    broadcast_holders: list[str] | None = None
 
     def meta(self) -> dict[str, Any]:
         data = asdict(self)
         for name in _ARRAYS:
             data.pop(name)
-        return {"version": VERSION, **data, "scaffold": self.control is not None}
+        return {"version": VERSION, **data, "scaffold": self.control is not None, "delta": self.broadcast is not None}
 
 
 def log_sizes(run_dir: Path) -> dict[str, int]:
@@ -104,6 +108,8 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         raise FedPeftError(f"cannot resume {run_dir}: {CHECKPOINT_FILE} was written by another fedpeft version")
     if not meta.pop("scaffold", False):
         arrays["control"] = None
+    if not meta.pop("delta", False):
+        arrays["broadcast"] = None
     try:
         return Checkpoint(**meta, **arrays)
     except TypeError as err:

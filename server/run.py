@@ -45,7 +45,7 @@ from server.rounds import play_round
 from server.secure import SecureSettings
 from strategies import AGGREGATORS, AggregationOptions
 from strategies.aggregator import round_rule
-from strategies.flower import FedPeftStrategy, RoundOutcome
+from strategies.flower import Broadcasts, FedPeftStrategy, RoundOutcome
 from strategies.norm_bound import clip_to_norm
 from strategies.replies import RoundTraffic
 from strategies.server_opt import SERVER_OPTIMIZERS, ServerOptSettings, server_step
@@ -102,8 +102,9 @@ Arrays = dict[str, np.ndarray]
 
 class Coordinator:
     """What the coordinator owns across rounds: the global adapter (``state``), the server optimizer's
-    moments, SCAFFOLD's variate c (None without SCAFFOLD) and the sampling seed; it records each round's
-    evaluation and commits each round's checkpoint."""
+    moments, SCAFFOLD's variate c (None without SCAFFOLD), the delta broadcast's last broadcast and who
+    holds it (``broadcasts``, None without it) and the sampling seed; it records each round's evaluation
+    and commits each round's checkpoint."""
 
     def __init__(self, cfg: FedPeftConfig, evaluator: Evaluator, *, seed: int, state: Arrays,
                  control: Arrays | None, on_round: RoundCallback | None) -> None:
@@ -111,6 +112,8 @@ class Coordinator:
         self.run_dir = Path(cfg.out)
         self.seed, self.state, self.control = seed, state, control
         self.moments: Arrays = {}
+        # the delta broadcast's state: before round 1 every site holds the seeded initial adapter
+        self.broadcasts = Broadcasts(base=dict(state)) if cfg.downlink_delta else None
         self.ranks = RankSchedule.of(cfg)  # DP-DyLoRA's drawn ranks, or None
 
     def resume(self, checkpoint: Checkpoint) -> dict[str, Any]:
@@ -119,12 +122,17 @@ class Coordinator:
         self.moments = dict(checkpoint.optimizer)
         if self.control is not None:
             self.control = dict(checkpoint.control or {})
+        if self.broadcasts is not None and checkpoint.broadcast is not None:
+            holders = checkpoint.broadcast_holders
+            self.broadcasts = Broadcasts(base=dict(checkpoint.broadcast),
+                                         holders=None if holders is None else frozenset(holders))
         return record
 
     def take(self, rnd: int, outcome: RoundOutcome) -> dict[str, float]:
         """Round ``rnd``'s outcome: the next global adapter (the aggregate, or the server optimizer's step
         along it) and c; the server step's metrics."""
         self.control = outcome.control
+        self.broadcasts = outcome.broadcasts
         if outcome.arrays is None:
             return {}
         aggregated = {**self.state, **from_array_record(outcome.arrays)}
@@ -156,7 +164,9 @@ class Coordinator:
         save_checkpoint(self.run_dir, Checkpoint(
             run_id=self.cfg.run_id, round=rnd, seed=self.seed, population=population, ledger_count=count,
             ledger_head=head, logs=log_sizes(self.run_dir), state=self.state, optimizer=self.moments,
-            control=self.control,
+            control=self.control, broadcast=None if self.broadcasts is None else self.broadcasts.base,
+            broadcast_holders=None if self.broadcasts is None or self.broadcasts.holders is None
+            else sorted(self.broadcasts.holders),
         ))
 
 
@@ -199,7 +209,7 @@ def run_federation(
         if cfg.canaries else []
 
     strategy = build_strategy(cfg, sites=sites, ranks=ranks, seed=owned.seed, privacy=privacy, canaries=canaries,
-                              control=owned.control, control_scope=drift.scope)
+                              control=owned.control, control_scope=drift.scope, broadcasts=owned.broadcasts)
     strategy.summary()
     logger.info("privacy: %s", privacy.describe())
 
@@ -232,7 +242,7 @@ def run_federation(
 
 def build_strategy(cfg: FedPeftConfig, *, sites: Mapping[int, str], ranks: Mapping[str, int], seed: int,
                    privacy: RunPrivacy, canaries: list[Any], control: dict[str, np.ndarray] | None,
-                   control_scope: tuple[str, ...]) -> FedPeftStrategy:
+                   control_scope: tuple[str, ...], broadcasts: Broadcasts | None = None) -> FedPeftStrategy:
     """The run's strategy over the discovered ``sites``: its rule, sampling, reply checks and bounds from
     ``cfg``, the privacy mode's parts from ``privacy``, each site's own train config (its ledger position,
     the audit's canaries), SCAFFOLD's variate ``control`` when the run corrects drift with it."""
@@ -255,6 +265,7 @@ def build_strategy(cfg: FedPeftConfig, *, sites: Mapping[int, str], ranks: Mappi
         site_config=site_config if privacy.site_config is not None or canaries else None,
         uniform_weights=privacy.uniform_weights,
         downlink=cfg.downlink_codec,
+        broadcasts=broadcasts,
         bound=privacy.bound or norm_bound(cfg.clip_update_norm),
         limits=ReplyLimits(max_norm=cfg.max_update_norm, ratio=cfg.max_norm_ratio),
         min_replies=cfg.min_clients,

@@ -1,7 +1,8 @@
 """The Flower ``Strategy`` that routes messages to a registered aggregator.
 
 It adds what a federated PEFT run needs around the maths: seeded sampling over stable site keys,
-the broadcast encoded with the downlink codec, every reply's update decoded with the codec its header
+the broadcast encoded with the downlink codec (or its change since the last one, :mod:`fedpeft.downlink`),
+every reply's update decoded with the codec its header
 names (:mod:`fedpeft.wire`), replies ordered by site (so floating-point sums do not depend on arrival
 order), bytes measured on the wire for every message, and per-client records for the run log. It
 does no file I/O.
@@ -37,8 +38,9 @@ from fedpeft.adapters.lora.dynamic import RankSchedule, keep_active
 from fedpeft.adapters.state import adapter_kind, key_matches, without_keys
 from fedpeft.codecs import parse_codec
 from fedpeft.codecs.shared import round_seed, secure_positions, with_seed
+from fedpeft.downlink import apply_change, broadcast_digest, same_tensors
 from fedpeft.errors import FedPeftError
-from fedpeft.protocol import ACTIVE_RANK, FROZEN, HELD, SECAGG, SERVER_ROUND
+from fedpeft.protocol import ACTIVE_RANK, DOWNLINK_BASE, DOWNLINK_DIGEST, FROZEN, HELD, SECAGG, SERVER_ROUND
 from fedpeft.wire import CONFIG, CONTROL, encode_tensors, from_array_record, raw_nbytes, record_nbytes, to_array_record
 from strategies import AGGREGATORS
 from strategies.aggregator import AggregationOptions, lora_layers, round_rule, truncate_to_rank
@@ -60,6 +62,9 @@ from strategies.validation import ReplyLimits
 
 logger = logging.getLogger(__name__)
 
+_WHOLE = parse_codec("none")  # the delta broadcast's whole adapter: exact, so that a change can follow it
+CHANGE = -1  # the key of the delta broadcast's change among a round's contents (the others: LoRA ranks)
+
 
 @dataclass(frozen=True)
 class RoundOutcome:
@@ -70,6 +75,35 @@ class RoundOutcome:
     metrics: MetricRecord | None
     traffic: RoundTraffic
     control: dict[str, Any] | None
+    broadcasts: Broadcasts | None = None
+
+
+@dataclass(frozen=True)
+class Broadcasts:
+    """The delta broadcast's state at the coordinator (:mod:`fedpeft.downlink`): the last broadcast ``base``
+    (at the global rank; before round 1 the seeded initial adapter) and the sites known to hold it
+    (``holders``; None: every site, as before round 1)."""
+
+    base: dict[str, np.ndarray]
+    holders: frozenset[str] | None = None
+
+    def held_by(self, site: str) -> bool:
+        return self.holders is None or site in self.holders
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """One round's broadcast at the global rank: the records every site receives (``whole``; under the delta
+    broadcast also ``change``, for the sites that hold ``base``), the request keys that go with each, what
+    the sites start from (``start``), and what the codec has not sent yet (``unsent``: the global adapter
+    less ``start``, added back to the round's aggregate)."""
+
+    whole: dict[str, Any]
+    start: dict[str, np.ndarray]
+    change: dict[str, Any] | None = None
+    whole_keys: dict[str, str] | None = None
+    change_keys: dict[str, str] | None = None
+    unsent: dict[str, np.ndarray] | None = None
 
 
 class FedPeftStrategy(Strategy):
@@ -152,6 +186,7 @@ class FedPeftStrategy(Strategy):
         site_config: Callable[[str], Mapping[str, Any]] | None = None,
         uniform_weights: bool = False,
         downlink: str = "none",
+        broadcasts: Broadcasts | None = None,
         bound: UpdateBound | None = None,
         limits: ReplyLimits | None = None,
         min_replies: int = 1,
@@ -175,6 +210,8 @@ class FedPeftStrategy(Strategy):
         self.site_config = site_config
         self.uniform_weights = uniform_weights
         self.downlink = parse_codec(downlink)
+        self.broadcasts = broadcasts  # the delta broadcast's state; None: each broadcast is the whole adapter
+        self._broadcast: Broadcast | None = None  # the round's, at the global rank
         self.bound = bound
         self.limits = limits or ReplyLimits()
         if min_replies < 1:
@@ -241,14 +278,19 @@ class FedPeftStrategy(Strategy):
         if global_rank:  # every site, sampled this round or not
             check_ranks(self.aggregator, self.ranks, global_rank=global_rank)
         self.baselines, self._rank_of = {}, {}
-        records, self.baselines[global_rank] = encode_tensors(self.downlink, broadcast)
+        self._broadcast = sent = self._encode_broadcast(broadcast)
+        self.baselines[global_rank] = sent.start
         control = {}
         if self.control is not None:  # c for every tensor the sites train this round (zero until it moves)
             trained = {k: v for k, v in without_keys(broadcast, rule.held).items()
                        if not self.control_scope or key_matches(k, self.control_scope)}
             control = {CONTROL: to_array_record(
                 {k: self.control.get(k, np.zeros(v.shape, np.float32)) for k, v in trained.items()})}
-        contents[global_rank] = RecordDict({**records, CONFIG: config, **control})
+        contents[global_rank] = RecordDict({**sent.whole, CONFIG: ConfigRecord({**config, **(sent.whole_keys or {})}),
+                                            **control})
+        if sent.change is not None:  # the delta broadcast: for the sites that hold its base
+            contents[CHANGE] = RecordDict({**sent.change, CONFIG: ConfigRecord({**config, **(sent.change_keys or {})}),
+                                           **control})
         self.previous = {**self.previous, **self.baselines[global_rank]}  # what every site starts from
         if self.secure is not None:  # sites numbered from 1 in site order: the Shamir points of the round
             self.secure_numbers = {site: i + 1 for i, site in enumerate(sorted(chosen))}
@@ -260,9 +302,13 @@ class FedPeftStrategy(Strategy):
         for site in chosen:
             rank = self.ranks.get(site, global_rank)
             if rank not in contents:  # a lower rank: SCAFFOLD covers only the head then (server.checks)
-                records, self.baselines[rank] = encode_tensors(self.downlink, truncate_to_rank(broadcast, rank))
+                lower = truncate_to_rank(sent.start, rank) if self.broadcasts is not None else \
+                    truncate_to_rank(broadcast, rank)  # delta broadcast: the truncated start, whole and exact
+                records, self.baselines[rank] = encode_tensors(_WHOLE if self.broadcasts is not None else self.downlink,
+                                                               lower)
                 contents[rank] = RecordDict({**records, CONFIG: config, **control})
-            content = RecordDict(dict(contents[rank]))  # one dict per message: a site's mods replace records
+            use = CHANGE if rank == global_rank and CHANGE in contents and self.broadcasts.held_by(site) else rank
+            content = RecordDict(dict(contents[use]))  # one dict per message: a site's mods replace records
             if self.site_config is not None:
                 content[CONFIG] = ConfigRecord({**config, **self.site_config(site)})
             if self.secure is not None:
@@ -276,6 +322,24 @@ class FedPeftStrategy(Strategy):
         logger.info("round %d: sampled %d of %d sites", server_round, len(chosen), len(self.sites))
         self._sent = messages
         return messages
+
+    def _encode_broadcast(self, broadcast: dict[str, Any]) -> Broadcast:
+        """The round's broadcast at the global rank: the whole adapter in the downlink codec, or under the
+        delta broadcast its change since the last one (:mod:`fedpeft.downlink`)."""
+        if self.broadcasts is None:
+            records, start = encode_tensors(self.downlink, broadcast)
+            return Broadcast(whole=records, start=start)
+        base = {k: v for k, v in self.broadcasts.base.items() if k in broadcast}
+        if same_tensors(base, broadcast):
+            change, decoded = encode_tensors(self.downlink, {k: broadcast[k] - base[k] for k in broadcast})
+            start = apply_change(base, decoded)
+        else:  # another set of tensors than the last broadcast's (the rule's frozen set changed): no change to send
+            change, start = None, {k: np.asarray(v, np.float32) for k, v in broadcast.items()}
+        whole, _ = encode_tensors(_WHOLE, start)
+        digest = broadcast_digest(start)
+        return Broadcast(whole=whole, start=start, change=change, whole_keys={DOWNLINK_DIGEST: digest},
+                         change_keys={DOWNLINK_DIGEST: digest, DOWNLINK_BASE: broadcast_digest(base)},
+                         unsent={k: (broadcast[k] - start[k]).astype(np.float32) for k in broadcast})
 
     def _site_of(self, msg: Message) -> tuple[str, bool]:
         """The site a reply stands for, and whether the SuperLink wrote it in that site's place.
@@ -317,7 +381,20 @@ class FedPeftStrategy(Strategy):
         return messages
 
     def outcome(self, server_round: int, arrays: ArrayRecord | None, metrics: MetricRecord | None) -> RoundOutcome:
-        return RoundOutcome(arrays, metrics, self.traffic[server_round], self.control)
+        """The round's outcome. Under the delta broadcast the aggregate gets back what the codec has not sent
+        (its sites trained from what they received), and the round's broadcast is the next one's base, held
+        by the sites whose reply came."""
+        traffic = self.traffic[server_round]
+        sent = self._broadcast
+        if self.broadcasts is not None and sent is not None:
+            unsent = sent.unsent or {}
+            if arrays is not None:
+                state = from_array_record(arrays)
+                arrays = to_array_record({k: (v + unsent[k]).astype(v.dtype) if k in unsent else v
+                                          for k, v in state.items()})
+            self.broadcasts = Broadcasts(base=sent.start, holders=frozenset(traffic.received))
+            self._broadcast = None
+        return RoundOutcome(arrays, metrics, traffic, self.control, self.broadcasts)
 
     def _summed(self, name: str) -> int:
         positions = self._secure_positions
@@ -367,7 +444,7 @@ class FedPeftStrategy(Strategy):
         for site, report in reports.items():
             traffic.note(site, report, server_round)
         if accepted is None:
-            return RoundOutcome(None, None, traffic, self.control)
+            return self.outcome(server_round, None, None)
         if self.control is not None:
             self.control = moved_control(self.control, accepted, population=len(self.sites))
         updates = [r.update for r in accepted]
@@ -381,7 +458,7 @@ class FedPeftStrategy(Strategy):
             agg_metrics = {**agg_metrics, "active_rank": self.active_rank}
         metrics = MetricRecord({"clients": len(accepted), **agg_metrics,
                                 **train_loss(accepted, traffic.client_metrics)})
-        return RoundOutcome(to_array_record(state), metrics, traffic, self.control)
+        return self.outcome(server_round, to_array_record(state), metrics)
 
     def reply_context(self, server_round: int) -> ReplyContext:
         """What round ``server_round``'s replies are judged against."""

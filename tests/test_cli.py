@@ -72,6 +72,7 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
         (["--codec", "topk:7"], "codec: topk:<fraction> needs a fraction in (0, 1], got '7'"),
         (["--codec", "int8+topk:0.1"], "'topk' chooses which values are sent, so it must come first"),
         (["--downlink-codec", "ternary"], "downlink_codec cannot be a sparsifier"),
+        (["--downlink-delta"], "name a lossy one"),
         (["--min-clients", "0"], "min_clients must lie in 1..clients=10, got 0"),
         (["--robust", "krum"], "robust must be none, median or trimmed:<beta>, got 'krum'"),
         (["--robust", "trimmed:0.7"], "trimmed:<beta> needs a share in (0, 0.5)"),

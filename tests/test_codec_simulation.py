@@ -49,11 +49,22 @@ def test_a_federated_run_completes_with_each_codec(
     assert residuals == sorted({row["site"] for row in traffic})  # every site that trained owes a residual
 
 
-def test_downlink_codec_shrinks_the_broadcast(tmp_path: Path, tiny_model_dir: Path, small_data: Path,
-                                              baseline: list[dict]) -> None:
-    records = simulate(tmp_path / "run", tiny_model_dir, small_data, *RANK, "--codec", "int8",
-                       "--downlink-codec", "int8")
-    for r, plain in zip(records[1:], baseline[1:], strict=True):  # 33 KB of floats, 1.5 KB of run config
-        assert r["compression_ratio_down"] >= 2.0
-        assert r["bytes_down_per_client"] * 2.0 <= plain["bytes_down_per_client"]
+def test_delta_broadcast_sends_the_change(tmp_path: Path, tiny_model_dir: Path, small_data: Path,
+                                          baseline: list[dict]) -> None:
+    # the broadcast is its change since the last one, compeft-coded, to every site that holds the last one (all
+    # of them in round 1: the seeded initial adapter; the site sampled anew in round 2 gets the whole adapter)
+    out = tmp_path / "run"
+    records = simulate(out, tiny_model_dir, small_data, *RANK, "--codec", "int8", "--downlink-delta",
+                       "--downlink-codec", "compeft")
+    assert [r["failures"] for r in records[1:]] == [0, 0]
+    # 33 KB of floats and 1.5 KB of run config: 8.7x on 2026-12-08; the whole adapter goes at 0.98x
+    assert records[1]["compression_ratio_down"] >= 6
+    assert records[1]["bytes_down_per_client"] * 6 <= baseline[1]["bytes_down_per_client"]
+    traffic = [json.loads(line) for line in (out / "traffic.jsonl").read_text().splitlines()]
+    first = {row["site"] for row in traffic if row["round"] == 1}
+    for row in traffic:  # a site sampled in round 2 but not round 1 holds only the initial adapter: whole
+        whole = row["round"] == 2 and row["site"] not in first
+        assert (row["bytes_down"] > 30_000) == whole, row
+    kept = sorted(p.parent.name for p in (out / "sites").glob("*/broadcast-*.npz"))
+    assert kept == sorted({row["site"] for row in traffic})  # each site keeps what a change applies to
     assert abs(records[-1]["accuracy"] - baseline[-1]["accuracy"]) <= 0.1

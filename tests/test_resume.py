@@ -87,10 +87,12 @@ def resume(run: Path) -> subprocess.CompletedProcess:
 # site's c_i is kept before and after its last round, so a round the crash undid starts again from the same c_i.
 # Under secure aggregation the masks are fresh randomness every round, but the sum they hide is exact: the
 # resumed run ends on the same bytes. Two runs cover the paths (the suite's minutes are few): LoRA with the
-# default recipe plus both pieces of coordinator state and DP-DyLoRA's drawn ranks (a resumed round must draw
-# the rank the lost one drew), and FedIns' SSF pool summed securely.
+# default recipe plus both pieces of coordinator state, DP-DyLoRA's drawn ranks (a resumed round must draw
+# the rank the lost one drew) and the delta broadcast (the coordinator's last broadcast and who holds it are in
+# the checkpoint; a site keeps the base of its last change, which a round sent again names), and FedIns' SSF
+# pool summed securely.
 RECIPES = {"lora-server-opt-and-scaffold": ("--server-opt", "adam", "--server-lr", "0.01", "--drift", "scaffold:head",
-                                            "--lora-dynamic-rank"),
+                                            "--lora-dynamic-rank", "--downlink-delta", "--downlink-codec", "compeft"),
            "fedins-pool-secure-aggregation": ("--peft", "ssf-pool", "--ssf-pool-size", "3", "--ssf-pool-select", "2",
                                               "--secure-aggregation")}
 

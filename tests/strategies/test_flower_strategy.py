@@ -810,3 +810,88 @@ def test_shared_codec_replies_must_draw_the_rounds_positions() -> None:
     status = {row["site"]: (row["status"], row.get("reason", "")) for row in strategy.traffic[3].per_site()}
     site = NODES[messages[1].metadata.dst_node_id]
     assert status[site][0] == "rejected" and "not the round's" in status[site][1]
+
+
+# --- the delta broadcast (fedpeft.downlink) -------------------------------------------------------------------
+
+def _received(msg: Message, site_dir: object, initial: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What a site rebuilds from a train message under the delta broadcast (client.exchange)."""
+    from client.exchange import received_broadcast
+
+    config = msg.content[CONFIG]
+    base, digest = config.get("downlink-base"), config.get("downlink-digest")
+    return received_broadcast(msg.content, {k: v.shape for k, v in initial.items()},
+                              base=None if base is None else str(base), digest=str(digest),
+                              store=site_dir / NODES[msg.metadata.dst_node_id] / "broadcast.npz",  # type: ignore[operator]
+                              initial=initial)
+
+
+def _unmoved_reply(msg: Message, start: dict[str, np.ndarray]) -> Message:
+    """The reply of a site that trained ``start`` and did not move it."""
+    from fedpeft.wire import payload_records
+
+    none = parse_codec("none")
+    records = payload_records(none, {k: none.encode(np.zeros_like(v)) for k, v in start.items()},
+                              {k: v.shape for k, v in start.items()})
+    return Message(RecordDict({**records, METRICS: MetricRecord({NUM_EXAMPLES: 5})}), reply_to=msg)
+
+
+def test_delta_broadcast_sends_the_change_and_keeps_what_it_did_not_send(tmp_path: object) -> None:
+    from fedpeft.downlink import broadcast_digest
+    from fedpeft.wire import raw_nbytes
+    from strategies.flower import Broadcasts
+
+    initial = _big_global(0)
+    rng = np.random.default_rng(5)
+    strategy = FedPeftStrategy(aggregator="fedit", sites=NODES, fraction=0.5, seed=1, downlink="compeft:0.2",
+                               broadcasts=Broadcasts(base=initial))
+    raw = raw_nbytes({k: v.shape for k, v in initial.items()})
+    glob = initial
+    for rnd in (1, 2, 3):
+        holders = strategy.broadcasts.holders
+        glob = {k: v + rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in glob.items()}
+        messages = list(strategy.configure_train(rnd, to_array_record(glob), ConfigRecord({}), _NoGrid()))
+        start = strategy.baselines[4]
+        assert all(np.array_equal(strategy.previous[k], start[k]) for k in start)  # the aggregator's `previous`
+        changes = 0
+        for m in messages:
+            site = NODES[m.metadata.dst_node_id]
+            holds = holders is None or site in holders  # before round 1 every site holds the initial adapter
+            config = m.content[CONFIG]
+            assert ("downlink-base" in config) == holds
+            assert config["downlink-digest"] == broadcast_digest(start)
+            got = _received(m, tmp_path, initial)  # a change applied to what the site holds, or the whole
+            for key in start:
+                np.testing.assert_array_equal(got[key], start[key])
+            size = strategy.traffic[rnd].sent[site]
+            if holds:
+                changes += 1
+                assert size * 8 < raw  # the change at compeft's density, heads whole at int8
+            else:
+                assert size > raw  # the whole adapter in fp32, exact
+        assert changes == len(messages) or rnd > 1
+        assert any(not np.array_equal(start[k], glob[k]) for k in start)  # compeft left part of the change behind
+        # the sites did not move: the aggregate is the global adapter (what the codec did not send is added back)
+        arrays, _ = strategy.aggregate_train(rnd, [_unmoved_reply(m, start) for m in messages])
+        for key, value in from_array_record(arrays).items():
+            np.testing.assert_allclose(value, glob[key], rtol=0, atol=1e-6)
+        assert strategy.broadcasts.holders == {NODES[m.metadata.dst_node_id] for m in messages}
+        assert strategy.broadcasts.base is start
+    assert changes < len(messages)  # by round 3 some sampled site missed round 2: it got the whole adapter
+
+
+def test_a_site_refuses_a_change_it_cannot_apply(tmp_path: object) -> None:
+    from fedpeft.errors import FedPeftError
+    from strategies.flower import Broadcasts
+
+    initial = _big_global(0)
+    strategy = FedPeftStrategy(aggregator="fedit", sites=NODES, fraction=0.2, seed=1, downlink="int8",
+                               broadcasts=Broadcasts(base=initial))
+    glob = {k: v + 0.5 for k, v in initial.items()}
+    message = list(strategy.configure_train(1, to_array_record(glob), ConfigRecord({}), _NoGrid()))[0]
+    other = {k: v * 2 for k, v in initial.items()}  # a site of another run: its initial adapter differs
+    with pytest.raises(FedPeftError, match="does not hold"):
+        _received(message, tmp_path, other)
+    message.content[CONFIG]["downlink-digest"] = "0" * 32
+    with pytest.raises(FedPeftError, match="not the coordinator's"):
+        _received(message, tmp_path, initial)
