@@ -52,7 +52,8 @@ def codec_mod(msg: Message, context: Context, call_next: Any) -> Message:
     site, _ = site_for(cfg, context, list(request.label_names))
     initial = without_keys(site.model.initial, request.frozen)
     expected = {k: v.shape for k, v in initial.items()}
-    residual_file = residual_path(site.state_dir, site.key, cfg.run_id)
+    # None: error feedback off (error_feedback=false, for comparison): what the codec does not send is dropped
+    residual_file = residual_path(site.state_dir, site.key, cfg.run_id) if cfg.error_feedback else None
     broadcast = received_broadcast(msg.content, expected, base=request.downlink_base, digest=request.downlink_digest,
                                    store=broadcast_path(site.state_dir, site.key, cfg.run_id), initial=initial)
     if request.secagg is not None:  # secure aggregation: the update waits at the site for the masked stage
@@ -79,22 +80,22 @@ def encoded_exchange(
     *,
     expected: Mapping[str, tuple[int, ...]],
     codec: str,
-    residual_file: Path,
+    residual_file: Path | None,
     held: tuple[str, ...] = (),
     active_rank: int | None = None,
     broadcast: dict[str, np.ndarray] | None = None,
 ) -> Message:
     """:func:`codec_mod` once the site knows its tensors (``expected``: name → shape of what the
-    broadcast must hold), its codec spec, where its error-feedback residual lives, the tensors the
-    rule holds this round (``held``: broadcast, not trained, not sent back) and the round's LoRA rank
-    under DP-DyLoRA (``active_rank``: the residual of components above it waits for a round that trains
-    them, since the coordinator drops anything sent there); ``broadcast``: the received broadcast when the
-    caller has decoded it (:func:`client.exchange.received_broadcast`)."""
+    broadcast must hold), its codec spec, where its error-feedback residual lives (None: no error
+    feedback), the tensors the rule holds this round (``held``: broadcast, not trained, not sent back)
+    and the round's LoRA rank under DP-DyLoRA (``active_rank``: the residual of components above it
+    waits for a round that trains them, since the coordinator drops anything sent there); ``broadcast``:
+    the received broadcast when the caller has decoded it (:func:`client.exchange.received_broadcast`)."""
     reply, _, update = trained_update(msg, context, call_next, expected=expected, held=held, broadcast=broadcast)
     if update is None:
         return reply
     chosen = parse_codec(codec)
-    carry = bool(update) and not chosen.lossless
+    carry = bool(update) and not chosen.lossless and residual_file is not None
     residual = None
     if carry:
         try:

@@ -133,6 +133,10 @@ class FedPeftConfig:
         "ternary[:fraction] | compeft[:density] | shared:<density>[:<bound>], composed with + (topk:0.1+int8); lossy "
         "codecs keep error feedback",
     )
+    error_feedback: bool = _f(
+        True, "a lossy codec's site keeps what it did not send and adds it to its next update; false drops it "
+        "(for comparison only: sparse codecs then lose what they leave out for good)"
+    )
     downlink_codec: str = _f(
         "none",
         "how the server sends the global adapter: none | fp16 | int8[:row] | int4[:row]; with downlink_delta any "

@@ -89,7 +89,7 @@ SITE_SETTINGS = frozenset({
     "data", "text_column", "label_column", "test_fraction", "max_length", "partition", "clients",
     "local_epochs", "max_local_steps", "batch_size", "lr", "head_lr", "weight_decay", "eval_batch_size",
     "rounds", "probe_rounds", "probe_steps", "probe_batch_size", "probe_lr", "drift", "label_correction",
-    "codec",
+    "codec", "error_feedback",
     "client_cpus", "device", "precision", "gradient_checkpointing",
     "dp", "dp_epsilon", "dp_delta", "dp_noise_multiplier", "dp_max_grad_norm", "dp_clipping", "dp_accountant",
     "seed", "run_id",

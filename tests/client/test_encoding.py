@@ -110,6 +110,18 @@ def test_error_feedback_is_persisted_and_added_next_round(tmp_path: Path) -> Non
     assert reply.content[METRICS]["codec-residual-carried"] > 0.5
 
 
+def test_without_error_feedback_what_is_not_sent_is_dropped(tmp_path: Path) -> None:
+    state, codec = broadcast(), parse_codec("topk:0.1")
+    for seed in (1, 2):  # each round sends top-k of its own update alone; nothing is kept anywhere
+        reply = encoded_exchange(instruction(state), None, handler_moving_by(step(seed)), expected=SHAPES,
+                                 codec="topk:0.1", residual_file=None)
+        sent, _ = decode_payload(reply.content, SHAPES)
+        for key in state:
+            np.testing.assert_array_equal(sent[key], codec.round_trip((state[key] + step(seed)[key]) - state[key]))
+        assert reply.content[METRICS]["codec-residual-carried"] == 0
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_lossless_codec_and_refused_round_keep_no_residual(tmp_path: Path) -> None:
     path = tmp_path / "r.npz"
     exchange(instruction(broadcast()), handler_moving_by(step(0)), "none", path)
