@@ -159,7 +159,9 @@ def render(run: RunRecords, figures: Mapping[str, str]) -> str:
         "",
         f"{last['round']} of {cfg.get('rounds')} rounds, {status}. {cfg.get('clients')} clients, "
         f"{cfg.get('fraction')} sampled per round; {cfg.get('peft')} with `{cfg.get('strategy')}`; "
-        f"codec up `{cfg.get('codec')}`, down `{cfg.get('downlink_codec')}`; DP `{cfg.get('dp')}`.",
+        f"codec up `{cfg.get('codec')}`{'' if cfg.get('error_feedback', True) else ' without error feedback'}, "
+        f"down `{cfg.get('downlink_codec')}`{' (each change)' if cfg.get('downlink_delta') else ''}; "
+        f"DP `{cfg.get('dp')}`.",
         "",
         "## Results",
         "",
