@@ -2,6 +2,7 @@
 
     python bench/cross_device.py --rows all --epsilons none,2,8 --seeds 0,1,2 --cohort 1000   # docs/privacy.md
     python bench/cross_device.py --smoke                  # CI-sized: 2,000 users, cohort 20, 2 rounds, one row
+    python bench/cross_device.py --flower 50,100,200 --population 1000 --rounds 3   # Flower's own path, timed
 
 **The regime.** A population of N simulated users (``--population``, 10,000 by default) holds the default
 data's training split (the product's reader and seeded hold-out, ``fedpeft.data.sources.load_split``),
@@ -24,8 +25,8 @@ accountant: replace-one neighbours, sampling without replacement, all T rounds),
 product's local training runs one site at a time; at m = 1,000 users a round that way is 1,000 model
 set-ups). (2) No messages, codecs or ledger: the accountant's ε is computed, not signed. (3) The cohort is
 drawn from a seeded generator (the product draws from OS entropy, since amplification needs a secret
-draw), so runs repeat. Flower's own path is measured by ``--flower`` (``fedpeft simulate --dp central``
-with many small sites, timed per site).
+draw), so runs repeat. Flower's own path is timed by ``--flower 50,100,200 --population 1000 --rounds 3``
+(``fedpeft simulate --dp central`` with many small sites: seconds per round and per sampled site).
 
 Prints one JSON line per (row, ε, cohort, seed) and appends it to ``--out``; ``--report`` summarises the file.
 """
@@ -188,8 +189,50 @@ def run(row_name: str, *, epsilon: float | None, cohort: int, users_n: int, seed
             "seconds_per_round": round(seconds / s.rounds, 2), "settings": dataclasses.asdict(s)}
 
 
+def flower_path(cohorts: list[int], *, population: int, rounds: int, out_root: Path) -> list[dict]:
+    """Flower's own path at each cohort size: ``fedpeft simulate --dp central`` over ``population`` sites
+    (the default data cut iid, so each site holds a few examples), DP-DyLoRA at r 16, one local step per
+    site, ``rounds`` rounds. A round's seconds are read from when its ``metrics.jsonl`` line appears;
+    round 1 also starts the actors and loads every sampled site's data, so only later rounds count."""
+    import subprocess
+
+    results = []
+    for m in cohorts:
+        out = out_root / f"flower-N{population}-m{m}-{int(time.time())}"
+        cmd = [sys.executable, "-m", "fedpeft.cli.main", "simulate", "--out", str(out), "--dp", "central",
+               "--dp-epsilon", "8", "--clients", str(population), "--fraction", f"{m / population:.6f}",
+               "--rounds", str(rounds), "--probe-rounds", "0", "--max-local-steps", "1", "--batch-size", "8",
+               "--lora-r", "16", "--lora-dynamic-rank", "--max-length", "64", "--quiet"]
+        print("$", " ".join(cmd[2:]), flush=True)
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        seen: list[float] = []  # seconds after the start at which each metrics line appeared
+        while proc.poll() is None:
+            path = out / "metrics.jsonl"
+            lines = len(path.read_text().splitlines()) if path.exists() else 0
+            seen += [time.monotonic() - started] * (lines - len(seen))
+            time.sleep(0.1)
+        if proc.returncode != 0:
+            raise SystemExit(f"run failed ({proc.returncode}):\n{proc.stderr.read()[-3000:]}")
+        records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        per_round = np.diff(seen[1:])  # seen[0]: round 0's line; seen[1]: round 1's
+        clients = [r["clients"] for r in records[2:]]
+        row = {"path": "flower", "population": population, "cohort": m, "rounds": rounds,
+               "clients_per_round": clients, "seconds_round_1": round(seen[1] - seen[0], 1),
+               "seconds_per_round": round(float(np.mean(per_round)), 2),
+               "seconds_per_client": round(float(np.mean(per_round)) / max(1, int(np.mean(clients))), 4),
+               "wall_seconds": round(time.monotonic() - started, 1)}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    return results
+
+
 def report(path: Path) -> None:
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    for r in (r for r in rows if r.get("path") == "flower"):
+        print(f"Flower's path: N {r['population']}, m {r['cohort']}: {r['seconds_per_round']} s a round, "
+              f"{r['seconds_per_client']} s per sampled site")
+    rows = [r for r in rows if r.get("path") != "flower"]
     groups: dict[tuple, list[float]] = {}
     for r in rows:
         groups.setdefault((r["row"], r["epsilon"], r["cohort"], r["population"], r["rounds"]), []).append(r["accuracy"])
@@ -215,11 +258,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench-results/cross_device.jsonl"))
     parser.add_argument("--report", action="store_true", help="summarise --out and exit")
+    parser.add_argument("--flower", default="", metavar="COHORTS",
+                        help="instead: time Flower's own path (fedpeft simulate --dp central) at these comma-separated "
+                             "cohort sizes over --population sites, for --rounds rounds")
     parser.add_argument("--smoke", action="store_true",
                         help="CI-sized: 2,000 users, cohort 20, 2 rounds, dylora-r16 at eps 8, 256 test examples")
     args = parser.parse_args()
     if args.report:
         return report(args.out)
+    if args.flower:
+        cohorts = [int(x) for x in args.flower.split(",") if x.strip()]
+        if not cohorts or not all(1 <= m <= args.population for m in cohorts):
+            parser.error(f"--flower cohorts must lie in 1..--population ({args.population}), got {args.flower!r}")
+        if args.rounds < 3:
+            parser.error("--flower needs --rounds >= 3: round 1 starts the actors, later rounds are timed")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        for row in flower_path(cohorts, population=args.population, rounds=args.rounds,
+                               out_root=args.out.parent / "flower-runs"):
+            with args.out.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        return None
     torch.set_num_threads(args.threads)
     s = Settings(rounds=args.rounds, server_lr=args.server_lr, clip=args.clip)
     rows = list(ROWS) if args.rows == "all" else [r.strip() for r in args.rows.split(",")]
