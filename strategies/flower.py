@@ -294,8 +294,8 @@ class FedPeftStrategy(Strategy):
         self.previous = {**self.previous, **self.baselines[global_rank]}  # what every site starts from
         if self.secure is not None:  # sites numbered from 1 in site order: the Shamir points of the round
             self.secure_numbers = {site: i + 1 for i, site in enumerate(sorted(chosen))}
-            sent = without_keys(self.baselines[global_rank], rule.held)
-            self._secure_shapes = {k: sent[k].shape for k in sorted(sent)}
+            summed = without_keys(self.baselines[global_rank], rule.held)
+            self._secure_shapes = {k: summed[k].shape for k in sorted(summed)}
             self._secure_positions = secure_positions(
                 parse_codec(with_seed(self.secure_codec, round_seed(self.options.seed, server_round))),
                 self._secure_shapes)
@@ -310,7 +310,7 @@ class FedPeftStrategy(Strategy):
             use = CHANGE if rank == global_rank and CHANGE in contents and self.broadcasts.held_by(site) else rank
             content = RecordDict(dict(contents[use]))  # one dict per message: a site's mods replace records
             if self.site_config is not None:
-                content[CONFIG] = ConfigRecord({**config, **self.site_config(site)})
+                content[CONFIG] = ConfigRecord({**content[CONFIG], **self.site_config(site)})
             if self.secure is not None:
                 content[CONFIG] = ConfigRecord({**content[CONFIG], SECAGG: self.secure.request(
                     self.secure_numbers[site], server_round, len(chosen))})

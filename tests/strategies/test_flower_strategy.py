@@ -844,7 +844,7 @@ def test_delta_broadcast_sends_the_change_and_keeps_what_it_did_not_send(tmp_pat
     initial = _big_global(0)
     rng = np.random.default_rng(5)
     strategy = FedPeftStrategy(aggregator="fedit", sites=NODES, fraction=0.5, seed=1, downlink="compeft:0.2",
-                               broadcasts=Broadcasts(base=initial))
+                               broadcasts=Broadcasts(base=initial), site_config=lambda site: {"ledger-seq": 3})
     raw = raw_nbytes({k: v.shape for k, v in initial.items()})
     glob = initial
     for rnd in (1, 2, 3):
@@ -858,7 +858,7 @@ def test_delta_broadcast_sends_the_change_and_keeps_what_it_did_not_send(tmp_pat
             site = NODES[m.metadata.dst_node_id]
             holds = holders is None or site in holders  # before round 1 every site holds the initial adapter
             config = m.content[CONFIG]
-            assert ("downlink-base" in config) == holds
+            assert ("downlink-base" in config) == holds and config["ledger-seq"] == 3  # a site's own keys too
             assert config["downlink-digest"] == broadcast_digest(start)
             got = _received(m, tmp_path, initial)  # a change applied to what the site holds, or the whole
             for key in start:
