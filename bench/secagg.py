@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
 
 from fedpeft.wire import record_nbytes  # noqa: E402
 from privacy.secagg import fixed_point  # noqa: E402
@@ -45,13 +45,14 @@ def one_round(n: int, size: int, *, measured_peers: int | None = None) -> dict[s
     """Site 1's bytes and seconds in a round of ``n`` sites, and the coordinator's unmasking seconds."""
     rng = np.random.default_rng(0)
     threshold = n // 2 + 1
+    ring = fixed_point.ring_bits(20, 100 * n)  # as the coordinator sizes it: n sites of weight at most 100
     secrets, roster = {}, {}
     for u in range(1, n + 1):
         secrets[u], roster[u] = advertise(round_tag=TAG, me=u)
     t = {}
     start = time.process_time()
     update = rng.normal(0, 1e-3, size)
-    vector = np.concatenate([fixed_point.encode(update, clip=1.0, bits=20, weight=100, ring=64),
+    vector = np.concatenate([fixed_point.encode(update, clip=1.0, bits=20, weight=100, ring=ring),
                              np.array([100], np.uint64)])
     t["encode"] = time.process_time() - start
     start = time.process_time()
@@ -61,12 +62,12 @@ def one_round(n: int, size: int, *, measured_peers: int | None = None) -> dict[s
         receive_shares(secrets[v], {u: out[0][v] for u, out in outs.items() if u != v})
     start = time.process_time()
     if measured_peers is None:
-        masked_1 = mask(secrets[1], vector, ring=64, shared_with=range(1, n + 1))
+        masked_1 = mask(secrets[1], vector, ring=ring, shared_with=range(1, n + 1))
         t["mask"] = time.process_time() - start
     else:  # one self mask and n-1 pair masks, each a stream of ``size`` values and an addition: timed on a few
         acc = vector.copy()
         for _ in range(measured_peers):
-            acc = fixed_point.add(acc, prg(bytes(32), size + 1, bits=64), ring=64)
+            acc = fixed_point.add(acc, prg(bytes(32), size + 1, bits=ring), ring=ring)
         t["mask"] = (time.process_time() - start) * n / measured_peers
     survivors = set(range(1, n + 1))
     start = time.process_time()
@@ -76,10 +77,11 @@ def one_round(n: int, size: int, *, measured_peers: int | None = None) -> dict[s
     keys_up = record_nbytes(RecordDict({"secagg-keys": ConfigRecord({"c": "00" * 32, "s": "00" * 32})}))
     shares_up = record_nbytes(RecordDict({"secagg-stage": ConfigRecord({"json": json.dumps(
         {"shares": {str(v): b.hex() for v, b in outs[1][0].items()}, "commitment": outs[1][1].hex()})})}))
-    masked_up = record_nbytes(RecordDict({"masked": ArrayRecord({"vector": _array(vector)})}))
+    masked_up = record_nbytes(RecordDict({"masked": ArrayRecord({"vector": Array(fixed_point.pack(vector, ring))})}))
     reveal_up = record_nbytes(RecordDict({"secagg-stage": ConfigRecord({"json": json.dumps(
         {"revealed": {str(v): [k, p.hex()] for v, (k, p) in revealed_1.items()}})})}))
-    row = {"sites": n, "values": size, "bytes_keys": keys_up, "bytes_shares": shares_up, "bytes_masked": masked_up,
+    row = {"sites": n, "values": size, "ring_bits": ring, "bytes_keys": keys_up, "bytes_shares": shares_up,
+           "bytes_masked": masked_up,
            "bytes_reveal": reveal_up, "bytes_fp32": size * 4,
            "secagg_bytes_per_site": keys_up + shares_up + masked_up + reveal_up,
            **{f"site_s_{k}": round(v, 4) for k, v in t.items()},
@@ -87,23 +89,17 @@ def one_round(n: int, size: int, *, measured_peers: int | None = None) -> dict[s
     if measured_peers is None and size <= 1_000_000:  # the coordinator's unmasking, for real (all survive)
         masked = {1: masked_1}
         for u in range(2, n + 1):
-            masked[u] = mask(secrets[u], vector, ring=64, shared_with=range(1, n + 1))
+            masked[u] = mask(secrets[u], vector, ring=ring, shared_with=range(1, n + 1))
         revealed = {u: reveal(secrets[u], survivors=survivors, dropped=()) for u in range(1, threshold + 1)}
         start = time.process_time()
         total = unmask(masked, revealed, roster=roster, commitments={u: o[1] for u, o in outs.items()},
-                       threshold=threshold, round_tag=TAG, ring=64)
+                       threshold=threshold, round_tag=TAG, ring=ring)
         row["coordinator_s_unmask"] = round(time.process_time() - start, 3)
-        expected = fixed_point.decode(total[:-1], clip=1.0, bits=20, ring=64) / int(total[-1])
+        expected = fixed_point.decode(total[:-1], clip=1.0, bits=20, ring=ring) / int(total[-1])
         row["max_error"] = float(np.abs(expected - update).max())
     else:  # n self masks of ``size`` values, from the generator's measured rate
         row["coordinator_s_unmask"] = round(n * size / generator_rate(), 3)
     return row
-
-
-def _array(values: np.ndarray):  # noqa: ANN202 - Flower's Array
-    from fedpeft.wire import to_array_record
-
-    return to_array_record({"v": values})["v"]
 
 
 _RATE: list[float] = []

@@ -6,7 +6,8 @@
    draws its key pairs for the round and replies with the public keys. The vector waits at the site.
 2. **Shares** (:func:`shares`): the roster in; the encrypted shares for every other site out.
 3. **Masked input** (:func:`masked`): the shares meant for this site and who shared in; the masked
-   vector out.
+   vector out, in the round's ring ℤ/2^k (the request's ``ring``: the fewest bits that hold the cohort's
+   sum, each site's weight clamped to the request's ``cap``) at ⌈k/8⌉ bytes an element.
 4. **Unmasking** (:func:`unmask`): who survived and who dropped in; the shares asked for out. The round's
    secrets are then deleted.
 
@@ -18,6 +19,7 @@ worker's); nothing is written to disk.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,9 @@ from privacy.secagg import fixed_point
 from privacy.secagg.protocol import Advert, SiteSecrets, advertise, mask, receive_shares, reveal, share
 from strategies.norm_bound import clip_to_norm
 
-RING = 64  # the ring of the masked sum: uint64 arithmetic, room for any cohort's weighted sum at <= 32 bits
+logger = logging.getLogger(__name__)
+
+RING = 64  # the ring of the masked sum when the coordinator names none: room for any cohort's weighted sum
 STATE = "secagg-state"  # the node context's ConfigRecord of the round's secrets
 VECTOR = "secagg-vector"  # the node context's ArrayRecord of the round's unmasked vector
 
@@ -65,6 +69,11 @@ def secure_exchange(msg: Message, context: Context, call_next: Any, *, expected:
     metrics = dict(reply.content[METRICS])
     examples = int(metrics.pop(NUM_EXAMPLES))  # inside the masked sum only
     weight = min(examples, 1) if secagg.get("uniform") else examples  # central DP: every site that trained weighs 1
+    ring, cap = int(secagg.get("ring", RING)), int(secagg.get("cap", 0))
+    if cap > 0 and weight > cap:  # the ring holds the cohort's sum only if no site weighs more than the cap
+        logger.warning("secure aggregation: this site's weight %d is above the round's cap %d (its examples at the "
+                       "start of the run); it counts as %d", weight, cap, cap)
+        weight = cap
     update = update or {k: np.zeros_like(v) for k, v in sent.items()}  # a refused round adds nothing, weight 0
     clip, bits = float(secagg["clip"]), int(secagg["bits"])
     chosen = parse_codec(codec)
@@ -82,11 +91,11 @@ def secure_exchange(msg: Message, context: Context, call_next: Any, *, expected:
     if room <= 0:
         raise FedPeftError(f"secure aggregation: {bits} bits are too few for {size} values within norm {clip:g}")
     flat = flatten(clip_to_norm(picked, max_norm=room)[0])
-    vector = np.concatenate([fixed_point.encode(flat, clip=clip, bits=bits, weight=weight, ring=RING),
+    vector = np.concatenate([fixed_point.encode(flat, clip=clip, bits=bits, weight=weight, ring=ring),
                              np.array([weight], np.uint64)])
     if positions is not None and residual_file is not None and weight > 0:  # residual = target − what is summed
-        summed = fixed_point.decode(fixed_point.encode(flat, clip=clip, bits=bits, weight=1, ring=RING), clip=clip,
-                                    bits=bits, ring=RING)  # this site's own values as the sum will hold them
+        summed = fixed_point.decode(fixed_point.encode(flat, clip=clip, bits=bits, weight=1, ring=ring), clip=clip,
+                                    bits=bits, ring=ring)  # this site's own values as the sum will hold them
         left, at = {}, 0
         for key in sorted(target):
             value = np.array(target[key], dtype=np.float32).reshape(-1)
@@ -96,7 +105,7 @@ def secure_exchange(msg: Message, context: Context, call_next: Any, *, expected:
         save_residual(residual_file, left)
     secrets, advert = advertise(round_tag=str(secagg["tag"]).encode(), me=int(secagg["number"]))
     _save(context, secrets)
-    context.state[VECTOR] = ArrayRecord({"vector": _array(vector)})
+    context.state[VECTOR] = ArrayRecord({"vector": _array(vector), "ring": _array(np.array([ring]))})
     content = RecordDict({METRICS: MetricRecord(metrics),
                           SECAGG_KEYS: ConfigRecord({"c": advert.c_public.hex(), "s": advert.s_public.hex()})})
     for name, record in reply.content.config_records.items():  # the privacy record (local DP's ledger entry)
@@ -118,9 +127,10 @@ def masked(msg: Message, context: Context) -> Message:
     request, secrets = _stage(msg, context)
     receive_shares(secrets, {int(u): bytes.fromhex(blob) for u, blob in request["shares"].items()})
     _save(context, secrets)
-    vector = context.state[VECTOR]["vector"].numpy()
-    out = mask(secrets, vector, ring=RING, shared_with=[int(v) for v in request["shared"]])
-    return Message(RecordDict({MASKED: ArrayRecord({"vector": _array(out)})}), reply_to=msg)
+    vector, ring = context.state[VECTOR]["vector"].numpy(), int(context.state[VECTOR]["ring"].numpy()[0])
+    out = mask(secrets, vector, ring=ring, shared_with=[int(v) for v in request["shared"]])
+    packed = fixed_point.pack(out, ring)  # ⌈ring/8⌉ bytes an element, not 8
+    return Message(RecordDict({MASKED: ArrayRecord({"vector": Array(packed)})}), reply_to=msg)
 
 
 def unmask(msg: Message, context: Context) -> Message:

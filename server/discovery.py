@@ -47,8 +47,9 @@ def start_discovery(grid: Any, cfg: FedPeftConfig, nodes: list[int], *, label_na
 
 def finish_discovery(
     grid: Any, message_ids: list[str], *, timeout: float, min_sites: int = 1, example_delta: float = 0.0
-) -> tuple[dict[int, str], dict[str, int]]:
-    """Collect the query replies; return node id → site key, and site key → the LoRA rank it trains.
+) -> tuple[dict[int, str], dict[str, int], dict[str, int]]:
+    """Collect the query replies; return node id → site key, site key → the LoRA rank it trains, and site
+    key → the training examples it reported.
 
     A client that fails to start (an error reply: say, a missing data file) or does not answer within
     ``timeout`` is left out of the run with a warning naming it; the run starts when at least
@@ -65,6 +66,7 @@ def finish_discovery(
             time.sleep(0.05)
     sites: dict[int, str] = {}
     ranks: dict[str, int] = {}
+    counts: dict[str, int] = {}
     problems = []
     for reply in sorted(replies, key=lambda m: m.metadata.src_node_id):
         if reply.has_error():
@@ -77,6 +79,7 @@ def finish_discovery(
                                f"examples): a mechanism may then reveal a whole example; set --dp-delta below "
                                f"{1 / examples:.2g}")
         sites[reply.metadata.src_node_id] = key
+        counts[key] = examples
         if LORA_R in reply.content[METRICS]:
             ranks[key] = int(reply.content[METRICS][LORA_R])
     if pending:
@@ -88,4 +91,4 @@ def finish_discovery(
                            + "; ".join(problems))
     for problem in problems:
         logger.warning("%s; the run goes on without it", problem)
-    return sites, ranks
+    return sites, ranks, counts

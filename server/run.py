@@ -17,7 +17,7 @@ import logging
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -199,7 +199,7 @@ def run_federation(
         owned.commit(0, 0, None)
     else:
         record = owned.resume(checkpoint)
-    sites, ranks = finish_discovery(grid, queries, timeout=cfg.startup_timeout, min_sites=cfg.min_clients,
+    sites, ranks, examples = finish_discovery(grid, queries, timeout=cfg.startup_timeout, min_sites=cfg.min_clients,
                                     example_delta=mode.example_delta(cfg))
     population = checkpoint.population if checkpoint is not None and checkpoint.population else len(sites)
     privacy = RunPrivacy(cfg, run_dir, num_sites=population, key_dir=state_dir() / "coordinator",
@@ -209,7 +209,8 @@ def run_federation(
         if cfg.canaries else []
 
     strategy = build_strategy(cfg, sites=sites, ranks=ranks, seed=owned.seed, privacy=privacy, canaries=canaries,
-                              control=owned.control, control_scope=drift.scope, broadcasts=owned.broadcasts)
+                              control=owned.control, control_scope=drift.scope, broadcasts=owned.broadcasts,
+                              examples=examples)
     strategy.summary()
     logger.info("privacy: %s", privacy.describe())
 
@@ -242,7 +243,8 @@ def run_federation(
 
 def build_strategy(cfg: FedPeftConfig, *, sites: Mapping[int, str], ranks: Mapping[str, int], seed: int,
                    privacy: RunPrivacy, canaries: list[Any], control: dict[str, np.ndarray] | None,
-                   control_scope: tuple[str, ...], broadcasts: Broadcasts | None = None) -> FedPeftStrategy:
+                   control_scope: tuple[str, ...], broadcasts: Broadcasts | None = None,
+                   examples: Mapping[str, int] | None = None) -> FedPeftStrategy:
     """The run's strategy over the discovered ``sites``: its rule, sampling, reply checks and bounds from
     ``cfg``, the privacy mode's parts from ``privacy``, each site's own train config (its ledger position,
     the audit's canaries), SCAFFOLD's variate ``control`` when the run corrects drift with it."""
@@ -277,10 +279,24 @@ def build_strategy(cfg: FedPeftConfig, *, sites: Mapping[int, str], ranks: Mappi
         secure=SecureSettings(
             clip=cfg.dp_max_grad_norm if privacy.release_sum else cfg.secagg_clip, bits=cfg.secagg_bits,
             threshold=cfg.secagg_threshold, run_id=cfg.run_id, uniform=privacy.uniform_weights,
-            release=privacy.release_sum) if cfg.secure_aggregation else None,
+            release=privacy.release_sum,
+            weight_cap=secure_weight_cap(privacy.uniform_weights, examples, canaries, sites.values()),
+        ) if cfg.secure_aggregation else None,
         ranks_drawn=RankSchedule.of(cfg),
         secure_codec=cfg.codec,
     )
+
+
+def secure_weight_cap(uniform: bool, examples: Mapping[str, int] | None, canaries: list[Any],
+                      sites: Iterable[str]) -> int:
+    """The most one site may weigh in a secure sum, which sizes the round's ring: 1 under central DP, else
+    the most examples a site reported at start-up plus the most canaries one trains on (0: unknown)."""
+    if uniform:
+        return 1
+    if not examples:
+        return 0
+    extra = max((len(json.loads(site_rows(canaries, key))) for key in sites), default=0) if canaries else 0
+    return max(examples.values()) + extra
 
 
 def head_frozen_after(cfg: FedPeftConfig) -> int | None:

@@ -39,9 +39,6 @@ from strategies.replies import Reply, Report, account, ledger, train_loss
 
 logger = logging.getLogger(__name__)
 
-RING = 64  # as the sites' (client.secure.RING)
-
-
 @dataclass(frozen=True)
 class SecureSettings:
     """The run's secure-aggregation settings (the config's ``secagg_*``; under central DP the clip is C and
@@ -53,9 +50,15 @@ class SecureSettings:
     run_id: str
     uniform: bool = False
     release: Callable[..., tuple[dict[str, Any], dict[str, Any]]] | None = None
+    weight_cap: int = 0  # the most one site's weight may be (its examples; 1 under central DP); 0: no cap known
 
     def threshold_for(self, sampled: int) -> int:
         return self.threshold or max(2, sampled // 2 + 1)
+
+    def ring_for(self, sampled: int) -> int:
+        """The round's ring ℤ/2^k: the fewest bits that hold ``sampled`` sites' weighted sum without wrapping
+        (every site clamps its weight to :attr:`weight_cap`); 64 when no cap is known."""
+        return fixed_point.ring_bits(self.bits, sampled * self.weight_cap) if self.weight_cap > 0 else 64
 
     def round(self, strategy: Any, server_round: int, arrays: Any,
               config: Any) -> Generator[list[Message], list[Message], Any]:
@@ -65,7 +68,8 @@ class SecureSettings:
     def request(self, number: int, server_round: int, sampled: int) -> str:
         """The ``secagg`` entry of site ``number``'s train request."""
         return json.dumps({"number": number, "threshold": self.threshold_for(sampled), "bits": self.bits,
-                           "clip": self.clip, "uniform": self.uniform, "tag": tag(self.run_id, server_round)})
+                           "clip": self.clip, "uniform": self.uniform, "tag": tag(self.run_id, server_round),
+                           "ring": self.ring_for(sampled), "cap": self.weight_cap})
 
 
 def tag(run_id: str, server_round: int) -> str:
@@ -84,6 +88,7 @@ class SecureRound:
         self.numbers: dict[str, int] = dict(strategy.secure_numbers)
         self.site_of_number = {n: s for s, n in self.numbers.items()}
         self.threshold = self.settings.threshold_for(len(self.numbers))
+        self.ring = self.settings.ring_for(len(self.numbers))
         self.ctx = strategy.reply_context(server_round)
         self.needed = max(self.threshold, self.ctx.min_replies)
         self.tag = tag(self.settings.run_id, server_round)
@@ -164,14 +169,14 @@ class SecureRound:
         survivors = sorted(masked)
         try:
             total = unmask(masked, revealed, roster=roster, commitments=commitments, threshold=self.threshold,
-                           round_tag=self.tag.encode(), ring=RING)
+                           round_tag=self.tag.encode(), ring=self.ring)
         except SecAggError as err:
             return self.stop(str(err))
         weight = int(total[-1])
         if weight <= 0:
             return self.stop(f"the survivors' weights sum to {weight}")
         settings, strategy = self.settings, self.strategy
-        summed = fixed_point.decode(total[:-1], clip=settings.clip, bits=settings.bits, ring=RING)
+        summed = fixed_point.decode(total[:-1], clip=settings.clip, bits=settings.bits, ring=self.ring)
         dp_metrics: dict[str, Any] = {}
         if settings.release is not None:  # central DP: noise on the sum after unmasking, ÷ the fixed cohort size
             change, released = settings.release(strategy.secure_unflatten(summed), len(masked))
@@ -185,7 +190,7 @@ class SecureRound:
         step = fixed_point.step(settings.clip, settings.bits)
         metrics = MetricRecord({
             "clients": len(accepted), "secagg_dropped": len(commitments) - len(survivors),
-            "secagg_threshold": self.threshold, "secagg_step": step, "secagg_ring_bits": RING,
+            "secagg_threshold": self.threshold, "secagg_step": step, "secagg_ring_bits": self.ring,
             "secagg_max_error": float(step / 2 * math.sqrt(summed.size)),
             **train_loss([Reply(site=s, content=None, weight=1.0) for s in accepted], self.traffic.client_metrics),
             **dp_metrics,
@@ -205,12 +210,13 @@ def _revealed(content: Any) -> dict[int, tuple[str, bytes]]:
     return {int(v): (str(kind), bytes.fromhex(part)) for v, (kind, part) in body["revealed"].items()}
 
 
-def _masked_of(size: int) -> Callable[[Any], np.ndarray]:
+def _masked_of(size: int, ring: int) -> Callable[[Any], np.ndarray]:
     def read(content: Any) -> np.ndarray:
-        vector = content.array_records[MASKED]["vector"].numpy()
-        if vector.dtype != np.uint64 or vector.shape != (size,):
-            raise ValueError(f"a masked vector that is not {size} uint64 values")
-        return vector
+        data = content.array_records[MASKED]["vector"].numpy()
+        width = fixed_point.packed_width(ring)
+        if data.dtype != np.uint8 or data.shape != (size * width,):
+            raise ValueError(f"a masked vector that is not {size} elements of {width} bytes (a {ring}-bit ring)")
+        return fixed_point.unpack(data, ring)
     return read
 
 
@@ -235,7 +241,7 @@ def secure_round(strategy: Any, server_round: int, arrays: Any,
     sharers = sorted(shared)
     masked = r.answers((yield r.send(SECAGG_MASKED, sharers, lambda n: {"shared": sharers, "shares": {
         str(u): shared[u][1][n] for u in sharers if u != n and n in shared[u][1]}})),
-        "masked input", _masked_of(strategy.secure_size() + 1))
+        "masked input", _masked_of(strategy.secure_size() + 1, r.ring))
     if why := r.short(len(masked), "masked inputs"):
         return r.stop(why)
     survivors = sorted(masked)

@@ -58,6 +58,10 @@ def test_the_secure_sum_is_plain_averaging_within_the_fixed_point_step(tmp_path:
         assert row["clients"] == 3 and row["secagg_dropped"] == 0
         assert row["num_examples"] == 0  # weights travel inside the masked sum only
     assert [r["clients"] for r in plain[1:]] == [3, 3]
+    # the ring holds 3 sites' weighted sum and no more (24 bits, each site's examples as the cap), and its
+    # elements travel in ⌈ring/8⌉ bytes: about 1.25x the plain update's bytes, where 64-bit elements were 2x
+    assert 30 < secure[1]["secagg_ring_bits"] <= 40
+    assert secure[1]["bytes_up_per_client"] < 1.4 * plain[1]["bytes_up_per_client"]
 
 
 def test_a_site_that_drops_after_sharing_leaves_the_round_to_the_others(tmp_path: Path, tiny_model_dir: Path,

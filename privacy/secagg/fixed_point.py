@@ -54,6 +54,37 @@ def decode(total: np.ndarray, *, clip: float, bits: int, ring: int) -> np.ndarra
     return signed.astype(np.float64) * step(clip, bits)
 
 
+def packed_width(ring: int) -> int:
+    """Bytes per ring element on the wire."""
+    ring_mask(ring)  # checks 1..64
+    return (ring + 7) // 8
+
+
+def pack(values: np.ndarray, ring: int) -> np.ndarray:
+    """Elements of ℤ/2^ring as :func:`packed_width` little-endian bytes each (a masked element is uniform
+    over the ring, so no encoding could send it in fewer bits)."""
+    width = packed_width(ring)
+    rows = (np.asarray(values, np.uint64) & ring_mask(ring)).astype("<u8").view(np.uint8).reshape(-1, 8)
+    return np.ascontiguousarray(rows[:, :width]).reshape(-1)
+
+
+def unpack(data: np.ndarray, ring: int) -> np.ndarray:
+    """:func:`pack`'s bytes back to uint64 elements of ℤ/2^ring.
+
+    Raises
+    ------
+    ValueError
+        Not a uint8 vector of whole elements.
+    """
+    width = packed_width(ring)
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 1 or data.size % width:
+        raise ValueError(f"not a uint8 vector of {width}-byte ring elements")
+    full = np.zeros((data.size // width, 8), np.uint8)
+    full[:, :width] = data.reshape(-1, width)
+    return full.view("<u8").reshape(-1).astype(np.uint64)
+
+
 def add(a: np.ndarray, b: np.ndarray, *, ring: int) -> np.ndarray:
     return (np.asarray(a, np.uint64) + np.asarray(b, np.uint64)) & ring_mask(ring)
 

@@ -230,3 +230,31 @@ def test_a_sites_node_config_sets_its_own_device_and_precision_and_a_bad_one_is_
     assert site_config(cfg, ctx({}), 0) is cfg  # nothing of its own: the run's settings, as they were
     with pytest.raises(FedPeftError, match="this site's node config: device must be one of"):
         site_config(cfg, ctx({"device": "tpu"}), 0)
+
+
+def test_a_secure_sites_weight_is_clamped_to_the_rounds_cap_so_the_ring_cannot_wrap(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import json
+
+    from flwr.app import Context
+
+    from client.secure import VECTOR, masked, secure_exchange
+    from privacy.secagg import fixed_point
+
+    for cap, weight in ((0, 4), (3, 3), (100, 4)):  # the handler trains on 4 examples
+        context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+        secagg = {"number": 1, "threshold": 2, "bits": 16, "clip": 50.0, "uniform": False, "tag": "t/round-1",
+                  **({"ring": fixed_point.ring_bits(16, 2 * cap), "cap": cap} if cap else {})}
+        with caplog.at_level("WARNING", logger="client.secure"):
+            secure_exchange(instruction(broadcast()), context, handler_moving_by(step(0)), expected=SHAPES, held=(),
+                            secagg=secagg)
+        vector = context.state[VECTOR]["vector"].numpy()
+        assert int(vector[-1]) == weight  # the weight rides last in the masked sum
+        assert ("above the round's cap 3" in caplog.text) == (cap == 3)
+        ring = int(context.state[VECTOR]["ring"].numpy()[0])
+        assert ring == (64 if not cap else fixed_point.ring_bits(16, 2 * cap))
+        stage = Message(RecordDict({"secagg-stage": ConfigRecord({"json": json.dumps(
+            {"tag": "t/round-1", "shared": [1], "shares": {}})})}), dst_node_id=7, message_type="query.secagg_masked")
+        sent = masked(stage, context).content["masked"]["vector"].numpy()
+        assert sent.dtype == np.uint8 and sent.size == vector.size * ((ring + 7) // 8)  # not 8 bytes an element
+        caplog.clear()

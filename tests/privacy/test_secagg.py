@@ -98,6 +98,22 @@ def test_the_ring_sum_decodes_to_the_weighted_sum_within_half_a_step_each(sites:
     assert np.all(np.abs(got - expected) <= total_weight * fixed_point.step(clip, bits) / 2 + 1e-9)
 
 
+@settings(max_examples=50, deadline=None)
+@given(ring=st.integers(1, 64), seed=st.integers(0, 2**32 - 1), size=st.integers(0, 40))
+def test_packed_ring_elements_come_back_exactly_in_their_bytes(ring: int, seed: int, size: int) -> None:
+    values = prg(seed.to_bytes(32, "little"), size, bits=ring)
+    packed = fixed_point.pack(values, ring)
+    assert packed.dtype == np.uint8 and packed.size == size * ((ring + 7) // 8)
+    np.testing.assert_array_equal(fixed_point.unpack(packed, ring), values)
+
+
+def test_a_packed_vector_of_broken_length_is_refused() -> None:
+    with pytest.raises(ValueError, match="5-byte ring elements"):
+        fixed_point.unpack(np.zeros(7, np.uint8), 40)
+    with pytest.raises(ValueError, match="5-byte ring elements"):
+        fixed_point.unpack(np.zeros(5, np.uint64), 40)
+
+
 def test_a_ring_too_wide_for_64_bits_is_refused() -> None:
     assert fixed_point.ring_bits(16, 1000) == 26  # 2·1000·32767 < 2^26
     with pytest.raises(ValueError, match="needs a 72-bit ring"):

@@ -51,7 +51,7 @@ def test_failed_and_silent_clients_are_left_out_with_a_warning(caplog: pytest.Lo
     grid = FakeGrid({11: "hospital-a", 12: "error:site data file not found: /data/b.jsonl", 13: "silent",
                      14: "hospital-d"})
     with caplog.at_level(logging.WARNING, logger="server.discovery"):
-        sites, ranks = finish_discovery(grid, grid.push(), timeout=0.3, min_sites=2)
+        sites, ranks, _ = finish_discovery(grid, grid.push(), timeout=0.3, min_sites=2)
     assert sites == {11: "hospital-a", 14: "hospital-d"} and ranks == {}
     assert "client 12 could not start: site data file not found: /data/b.jsonl; the run goes on without it" \
         in caplog.text
@@ -75,5 +75,6 @@ def test_a_delta_not_below_one_over_a_sites_examples_stops_the_run_naming_it() -
     grid = FakeGrid({11: "hospital-a", 12: "hospital-b"})  # 5 examples each
     with pytest.raises(FedPeftError, match=r"dp_delta 0.2 is not below 1/examples at site hospital-a \(5 examples\)"):
         finish_discovery(grid, grid.push(), timeout=0.3, example_delta=0.2)
-    sites, _ = finish_discovery(grid, grid.push(), timeout=0.3, example_delta=0.19)
+    sites, _, counts = finish_discovery(grid, grid.push(), timeout=0.3, example_delta=0.19)
     assert set(sites.values()) == {"hospital-a", "hospital-b"}
+    assert counts == {"hospital-a": 5, "hospital-b": 5}  # what secure aggregation's ring is sized by
