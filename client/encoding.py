@@ -55,7 +55,8 @@ def codec_mod(msg: Message, context: Context, call_next: Any) -> Message:
     # None: error feedback off (error_feedback=false, for comparison): what the codec does not send is dropped
     residual_file = residual_path(site.state_dir, site.key, cfg.run_id) if cfg.error_feedback else None
     broadcast = received_broadcast(msg.content, expected, base=request.downlink_base, digest=request.downlink_digest,
-                                   store=broadcast_path(site.state_dir, site.key, cfg.run_id), initial=initial)
+                                   store=broadcast_path(site.state_dir, site.key, cfg.run_id), initial=initial,
+                                   links=request.downlink_chain)
     if request.secagg is not None:  # secure aggregation: the update waits at the site for the masked stage
         return secure_exchange(msg, context, call_next, expected=expected, held=request.held, secagg=request.secagg,
                                codec=with_seed(cfg.codec, round_seed(cfg.seed, request.server_round)),

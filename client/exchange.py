@@ -13,7 +13,7 @@ import numpy as np
 from flwr.app import Message
 
 from fedpeft.adapters.state import without_keys
-from fedpeft.downlink import apply_change, broadcast_digest, load_broadcasts, save_broadcasts
+from fedpeft.downlink import apply_change, broadcast_digest, chain_payloads, load_broadcasts, save_broadcasts
 from fedpeft.errors import FedPeftError
 from fedpeft.wire import ARRAYS, CODEC, decode_payload, from_array_record, to_array_record
 
@@ -21,12 +21,14 @@ logger = logging.getLogger(__name__)
 
 
 def received_broadcast(content: Any, expected: Mapping[str, tuple[int, ...]], *, base: str | None,
-                       digest: str | None, store: Path, initial: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+                       digest: str | None, store: Path, initial: Mapping[str, np.ndarray],
+                       links: int = 0) -> dict[str, np.ndarray]:
     """The broadcast a train message carries (``expected``: name → shape of what it must hold).
 
     Under the delta broadcast (``digest`` given, :mod:`fedpeft.downlink`) the payload is the change of the
-    broadcast ``base`` names (the site's ``initial`` adapter before round 1, else one kept in ``store``), or
-    the whole adapter when ``base`` is None; the result must have ``digest``, and is kept with its base.
+    broadcast ``base`` names (the site's ``initial`` adapter, or one kept in ``store``), after ``links``
+    earlier changes the message also holds (taken out of ``content``), or the whole adapter when ``base``
+    is None; the result must have ``digest``, and is kept with its base.
 
     Raises
     ------
@@ -35,6 +37,7 @@ def received_broadcast(content: Any, expected: Mapping[str, tuple[int, ...]], *,
     FedPeftError
         The site holds no broadcast named ``base``, or the result is not the one the coordinator holds.
     """
+    earlier = chain_payloads(content, links) if digest is not None and base is not None else []
     decoded, _ = decode_payload(content, expected)
     if digest is None:
         return decoded
@@ -43,8 +46,8 @@ def received_broadcast(content: Any, expected: Mapping[str, tuple[int, ...]], *,
     except ValueError as err:  # then only the initial adapter can be a base; else the error below says so
         logger.warning("%s", err)
         kept = {}
-    if base is None:
-        result, keep = decoded, {}
+    if base is None:  # the whole adapter; the newest broadcast kept stays too, should the coordinator name it
+        result, keep = decoded, dict(list(kept.items())[-1:])
     else:
         if base not in kept and broadcast_digest(initial) == base:
             kept[base] = dict(initial)
@@ -52,7 +55,10 @@ def received_broadcast(content: Any, expected: Mapping[str, tuple[int, ...]], *,
             raise FedPeftError(f"the broadcast is a change of one this site does not hold ({base[:12]}; it keeps "
                                f"{', '.join(d[:12] for d in kept) or 'none'}): its state directory was lost or "
                                "is another run's; the coordinator sends the whole adapter next round")
-        result, keep = apply_change(kept[base], decoded), {base: kept[base]}
+        result = kept[base]
+        for records in earlier:  # the rounds this site missed, oldest first
+            result = apply_change(result, decode_payload(records, expected)[0])
+        result, keep = apply_change(result, decoded), {base: kept[base]}
     if broadcast_digest(result) != digest:
         raise FedPeftError(f"the broadcast this site rebuilt ({broadcast_digest(result)[:12]}) is not the "
                            f"coordinator's ({digest[:12]})")

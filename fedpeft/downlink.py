@@ -12,9 +12,14 @@ part of the global adapter is lost to the codec.
 Every broadcast is named by :func:`broadcast_digest` (names, shapes and float32 bytes). A request names the
 base the change applies to and the digest of the result; a site applies the change only to the broadcast of
 that digest and checks the result's. Before the first round every site holds the seeded initial adapter
-(its digest is known to both ends), so round 1 is a change too. A site that holds no broadcast of that
-digest (it was not sampled last round, its state directory was lost) gets the whole adapter in fp32
-instead, so that it holds ``B`` exactly from then on.
+(its digest is known to both ends), so round 1 is a change too.
+
+A site that missed rounds (it was not sampled) holds an older broadcast. The coordinator keeps the last
+rounds' changes as sent (:class:`Change`) and sends such a site every change since the broadcast it holds,
+oldest first (:func:`chain_records`; the request's ``downlink-chain`` counts the earlier ones), as long as
+they are smaller than the whole adapter. Applied in order they rebuild ``B`` exactly. A site whose
+broadcast is older than that, or that holds none the coordinator knows of (its state directory was lost),
+gets the whole adapter in fp32 instead, and holds ``B`` exactly from then on.
 
 A site keeps the base and the newest broadcast (:func:`save_broadcasts`) in
 ``<state_dir>/<site>/broadcast-<run_id>.npz``: a round the coordinator sends again after a crash names the
@@ -24,12 +29,16 @@ same base, which the site still has.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedpeft.feedback_state import load_residual, save_residual
+from fedpeft.protocol import ARRAYS, CODEC, PAYLOAD
 from fedpeft.runlog import safe_name
 
 Tensors = dict[str, np.ndarray]
@@ -82,3 +91,54 @@ def save_broadcasts(path: str | Path, broadcasts: Mapping[str, Mapping[str, np.n
     """Keep ``broadcasts`` (digest → tensors) atomically, replacing what was kept."""
     save_residual(path, {f"{digest}/{name}": value for digest, tensors in broadcasts.items()
                          for name, value in tensors.items()})
+
+
+@dataclass(frozen=True)
+class Change:
+    """One broadcast change as it was sent: from the broadcast ``base`` to the broadcast ``digest``, its
+    payload bytes and codec header (:func:`fedpeft.wire.payload_records`)."""
+
+    base: str
+    digest: str
+    payload: np.ndarray = field(repr=False)
+    header: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, records: Mapping[str, Any], *, base: str, digest: str) -> Change:
+        return cls(base=base, digest=digest, payload=np.asarray(records[ARRAYS][PAYLOAD].numpy(), np.uint8),
+                   header=dict(records[CODEC]))
+
+    def records(self, suffix: str = "") -> dict[str, Any]:
+        return {ARRAYS + suffix: ArrayRecord({PAYLOAD: Array(self.payload)}), CODEC + suffix: ConfigRecord(self.header)}
+
+
+def link_suffix(j: int) -> str:
+    """The record-name suffix of the ``j``-th earlier change of a chain (the last change has none)."""
+    return f".{j}"
+
+
+def chain_records(chain: Sequence[Change]) -> dict[str, Any]:
+    """A message's records for ``chain`` (oldest first): the earlier changes under suffixed names, the last
+    under the payload's own names."""
+    out: dict[str, Any] = {}
+    for j, change in enumerate(chain[:-1]):
+        out |= change.records(link_suffix(j))
+    return out | chain[-1].records()
+
+
+def chain_payloads(content: Any, links: int) -> list[RecordDict]:
+    """The earlier changes' records of a message holding ``links`` of them, oldest first, taken out of
+    ``content`` (a RecordDict), each under the payload's own names.
+
+    Raises
+    ------
+    KeyError
+        A change the request counts is missing.
+    """
+    out = []
+    for j in range(links):
+        suffix = link_suffix(j)
+        out.append(RecordDict({ARRAYS: content[ARRAYS + suffix], CODEC: content[CODEC + suffix]}))
+        del content[ARRAYS + suffix]
+        del content[CODEC + suffix]
+    return out

@@ -18,7 +18,8 @@ adapter payload, :mod:`fedpeft.wire`), :data:`CONTROL` (SCAFFOLD's variates), :d
 A train request adds :data:`SERVER_ROUND`, :data:`FROZEN` and :data:`HELD` (the tensors the rule freezes,
 never broadcast, and those it holds this round, broadcast but not trained), under DP-DyLoRA
 :data:`ACTIVE_RANK` (the round's drawn LoRA rank, the same for every site), under the delta broadcast
-:data:`DOWNLINK_DIGEST` and, for a site that receives a change, :data:`DOWNLINK_BASE`, and for some sites
+:data:`DOWNLINK_DIGEST` and, for a site that receives a change, :data:`DOWNLINK_BASE` (and
+:data:`DOWNLINK_CHAIN` when earlier changes come with it), and for some sites
 :data:`CANARIES` (the empirical audit), :data:`LEDGER_SEQ` (local DP), :data:`CLIPPING_NORM` (central
 DP: Flower's fixed-clipping mod reads it under Flower's name) or :data:`SECAGG` (secure aggregation,
 whose three later stages are query messages: :data:`SECAGG_SHARES`, :data:`SECAGG_MASKED`,
@@ -68,9 +69,10 @@ ACTIVE_RANK = "active-rank"  # DP-DyLoRA: the LoRA rank every site trains this r
 # payload is the whole adapter), and the digest of the broadcast the site must hold once it has applied it
 DOWNLINK_BASE = "downlink-base"
 DOWNLINK_DIGEST = "downlink-digest"
+DOWNLINK_CHAIN = "downlink-chain"  # how many earlier changes come first (records arrays.0, codec.0, ...)
 QUERY_KEYS = frozenset({PROTOCOL, LABEL_NAMES})
 TRAIN_KEYS = QUERY_KEYS | {SERVER_ROUND, FROZEN, HELD, CANARIES, LEDGER_SEQ, CLIPPING_NORM, SECAGG, ACTIVE_RANK,
-                           DOWNLINK_BASE, DOWNLINK_DIGEST}
+                           DOWNLINK_BASE, DOWNLINK_DIGEST, DOWNLINK_CHAIN}
 
 # --- secure aggregation's later stages (query messages; privacy/secagg, client/secure.py) -------------
 SECAGG_SHARES = "query.secagg_shares"  # the roster down; encrypted shares and the seed's commitment up
@@ -162,6 +164,7 @@ class TrainRequest:
     active_rank: int | None = None  # DP-DyLoRA: train LoRA at this rank; None: the full rank
     downlink_base: str | None = None  # delta broadcast: the payload changes the broadcast of this digest
     downlink_digest: str | None = None  # delta broadcast: the digest of the broadcast once received
+    downlink_chain: int = 0  # delta broadcast: earlier changes the message holds before the round's own
 
     @property
     def untrained(self) -> tuple[str, ...]:
@@ -183,7 +186,8 @@ class TrainRequest:
                        frozen=_names(record.get(FROZEN, "")), held=_names(record.get(HELD, "")),
                        canaries=canaries, ledger_seq=None if seq is None else int(seq), secagg=secagg,
                        active_rank=rank, downlink_base=_digest(record, DOWNLINK_BASE),
-                       downlink_digest=_digest(record, DOWNLINK_DIGEST))
+                       downlink_digest=_digest(record, DOWNLINK_DIGEST),
+                       downlink_chain=_count(record, DOWNLINK_CHAIN))
         except (KeyError, TypeError, ValueError) as err:
             raise FedPeftError(f"malformed train request: {type(err).__name__}: {err}") from None
 
@@ -194,6 +198,13 @@ def _digest(record: Mapping[str, Any], key: str) -> str | None:
     value = str(record[key])
     if len(value) != 32 or any(c not in "0123456789abcdef" for c in value):
         raise ValueError(f"{key} {value!r} is not a broadcast digest")
+    return value
+
+
+def _count(record: Mapping[str, Any], key: str) -> int:
+    value = int(record.get(key, 0))
+    if not 0 <= value <= 1024:
+        raise ValueError(f"{key} {value} outside 0..1024")
     return value
 
 

@@ -13,8 +13,8 @@ with one atomic rename — the *commit point* of the round. It holds the global 
 
 Beside the adapter (arrays ``a/<name>``) it holds the coordinator's other state: the server optimizer's
 moments (``o/<moment>/<name>``, :mod:`strategies.server_opt`) and SCAFFOLD's control variate c
-(``c/<name>``, :mod:`strategies.scaffold`), and under the delta broadcast the last broadcast (``b/<name>``)
-with the sites that hold it (``broadcast_holders``, :mod:`fedpeft.downlink`).
+(``c/<name>``, :mod:`strategies.scaffold`), and under the delta broadcast the last broadcast (``b/<name>``),
+the broadcast each site holds and the last changes as sent (``h/<i>``, :mod:`fedpeft.downlink`).
 
 Sampling and every site's training generator are derived from ``(seed, round)``, so the seed is the
 whole RNG state: a run without DP resumed after a crash ends where the uninterrupted run ends.
@@ -42,7 +42,8 @@ CHECKPOINT_FILE = "checkpoint.npz"
 LOG_FILES = ("metrics.jsonl", "traffic.jsonl")
 VERSION = 1
 _META = "__checkpoint__"
-_ARRAYS = {"state": "a/", "optimizer": "o/", "control": "c/", "broadcast": "b/"}  # field → array-name prefix
+_ARRAYS = {"state": "a/", "optimizer": "o/", "control": "c/", "broadcast": "b/",
+           "broadcast_payloads": "h/"}  # field → array-name prefix
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,13 @@ class Checkpoint:
     state: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     optimizer: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # server optimizer moments
     control: dict[str, np.ndarray] | None = field(default=None, repr=False)  # SCAFFOLD's c; None: no SCAFFOLD
-    # the delta broadcast's last broadcast and the sites that hold it (None: every site); None: no delta broadcast
+    # the delta broadcast (strategies.flower.Broadcasts): the last broadcast (None: no delta broadcast), the
+    # digest each site holds, the initial adapter's, and the last changes as sent (their payloads by position)
     broadcast: dict[str, np.ndarray] | None = field(default=None, repr=False)
-    broadcast_holders: list[str] | None = None
+    broadcast_held: dict[str, str] = field(default_factory=dict)
+    broadcast_origin: str | None = None
+    broadcast_changes: list[dict[str, Any]] = field(default_factory=list)  # base, digest, header
+    broadcast_payloads: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def meta(self) -> dict[str, Any]:
         data = asdict(self)

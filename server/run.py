@@ -28,6 +28,7 @@ from fedpeft.adapters import load_adapter_state
 from fedpeft.adapters.lora.dynamic import RankSchedule, keep_active
 from fedpeft.config import FedPeftConfig
 from fedpeft.data.sources import load_split
+from fedpeft.downlink import Change
 from fedpeft.errors import FedPeftError
 from fedpeft.heads import model_pooling, save_remote_code
 from fedpeft.protocol import CANARIES, NUM_EXAMPLES, TRAIN_LOSS, request_record
@@ -123,9 +124,11 @@ class Coordinator:
         if self.control is not None:
             self.control = dict(checkpoint.control or {})
         if self.broadcasts is not None and checkpoint.broadcast is not None:
-            holders = checkpoint.broadcast_holders
-            self.broadcasts = Broadcasts(base=dict(checkpoint.broadcast),
-                                         holders=None if holders is None else frozenset(holders))
+            changes = tuple(Change(base=c["base"], digest=c["digest"], header=dict(c["header"]),
+                                   payload=checkpoint.broadcast_payloads[str(i)])
+                            for i, c in enumerate(checkpoint.broadcast_changes))
+            self.broadcasts = Broadcasts(base=dict(checkpoint.broadcast), held=dict(checkpoint.broadcast_held),
+                                         origin=checkpoint.broadcast_origin, changes=changes)
         return record
 
     def take(self, rnd: int, outcome: RoundOutcome) -> dict[str, float]:
@@ -164,9 +167,7 @@ class Coordinator:
         save_checkpoint(self.run_dir, Checkpoint(
             run_id=self.cfg.run_id, round=rnd, seed=self.seed, population=population, ledger_count=count,
             ledger_head=head, logs=log_sizes(self.run_dir), state=self.state, optimizer=self.moments,
-            control=self.control, broadcast=None if self.broadcasts is None else self.broadcasts.base,
-            broadcast_holders=None if self.broadcasts is None or self.broadcasts.holders is None
-            else sorted(self.broadcasts.holders),
+            control=self.control, **broadcast_fields(self.broadcasts),
         ))
 
 
@@ -285,6 +286,16 @@ def build_strategy(cfg: FedPeftConfig, *, sites: Mapping[int, str], ranks: Mappi
         ranks_drawn=RankSchedule.of(cfg),
         secure_codec=cfg.codec,
     )
+
+
+def broadcast_fields(broadcasts: Broadcasts | None) -> dict[str, Any]:
+    """The checkpoint's fields of the delta broadcast's state (none without it)."""
+    if broadcasts is None:
+        return {}
+    return {"broadcast": broadcasts.base, "broadcast_held": dict(sorted(broadcasts.held.items())),
+            "broadcast_origin": broadcasts.origin,
+            "broadcast_changes": [{"base": c.base, "digest": c.digest, "header": c.header} for c in broadcasts.changes],
+            "broadcast_payloads": {str(i): c.payload for i, c in enumerate(broadcasts.changes)}}
 
 
 def secure_weight_cap(uniform: bool, examples: Mapping[str, int] | None, canaries: list[Any],

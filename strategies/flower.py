@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,9 +38,20 @@ from fedpeft.adapters.lora.dynamic import RankSchedule, keep_active
 from fedpeft.adapters.state import adapter_kind, key_matches, without_keys
 from fedpeft.codecs import parse_codec
 from fedpeft.codecs.shared import round_seed, secure_positions, with_seed
-from fedpeft.downlink import apply_change, broadcast_digest, same_tensors
+from fedpeft.downlink import Change, apply_change, broadcast_digest, chain_records, same_tensors
 from fedpeft.errors import FedPeftError
-from fedpeft.protocol import ACTIVE_RANK, DOWNLINK_BASE, DOWNLINK_DIGEST, FROZEN, HELD, SECAGG, SERVER_ROUND
+from fedpeft.protocol import (
+    ACTIVE_RANK,
+    ARRAYS,
+    DOWNLINK_BASE,
+    DOWNLINK_CHAIN,
+    DOWNLINK_DIGEST,
+    FROZEN,
+    HELD,
+    PAYLOAD,
+    SECAGG,
+    SERVER_ROUND,
+)
 from fedpeft.wire import CONFIG, CONTROL, encode_tensors, from_array_record, raw_nbytes, record_nbytes, to_array_record
 from strategies import AGGREGATORS
 from strategies.aggregator import AggregationOptions, lora_layers, round_rule, truncate_to_rank
@@ -63,7 +74,6 @@ from strategies.validation import ReplyLimits
 logger = logging.getLogger(__name__)
 
 _WHOLE = parse_codec("none")  # the delta broadcast's whole adapter: exact, so that a change can follow it
-CHANGE = -1  # the key of the delta broadcast's change among a round's contents (the others: LoRA ranks)
 
 
 @dataclass(frozen=True)
@@ -81,29 +91,58 @@ class RoundOutcome:
 @dataclass(frozen=True)
 class Broadcasts:
     """The delta broadcast's state at the coordinator (:mod:`fedpeft.downlink`): the last broadcast ``base``
-    (at the global rank; before round 1 the seeded initial adapter) and the sites known to hold it
-    (``holders``; None: every site, as before round 1)."""
+    (at the global rank; before round 1 the seeded initial adapter), the digest of the broadcast each site
+    is known to hold (``held``; a site not named holds the initial adapter, whose digest is ``origin``,
+    None before round 1), and the last rounds' changes as sent, oldest first, ending at ``base``."""
 
     base: dict[str, np.ndarray]
-    holders: frozenset[str] | None = None
+    held: dict[str, str] = field(default_factory=dict)
+    origin: str | None = None
+    changes: tuple[Change, ...] = ()
 
-    def held_by(self, site: str) -> bool:
-        return self.holders is None or site in self.holders
+    def chain(self, site: str, base_digest: str, change: Change, whole_bytes: int) -> list[Change] | None:
+        """The changes that take ``site`` from the broadcast it holds to the round's (``change`` last), or
+        None when they are not smaller than the whole adapter (``whole_bytes``) or start nowhere it holds."""
+        holds = self.held.get(site, self.origin or base_digest)
+        if holds == base_digest:
+            return [change]
+        starts = [i for i, c in enumerate(self.changes) if c.base == holds]
+        if not starts:
+            return None
+        chain = [*self.changes[starts[-1]:], change]
+        return chain if sum(c.payload.size for c in chain) < whole_bytes else None
+
+    def after(self, start: dict[str, np.ndarray], base_digest: str, change: Change | None, digest: str, *,
+              received: Iterable[str], failed: Iterable[str], whole_bytes: int) -> Broadcasts:
+        """The state once the sites whose reply came (``received``) hold the round's broadcast ``start`` (of
+        ``digest``); a site that failed may not hold what the coordinator thought, so it counts as holding
+        the initial adapter (which it can always rebuild). The changes kept are those a chain could still
+        use (together smaller than the whole adapter)."""
+        kept = [*self.changes, change] if change is not None else []
+        while kept and sum(c.payload.size for c in kept) >= whole_bytes:
+            kept.pop(0)
+        gone = set(failed)
+        held = {k: v for k, v in self.held.items() if k not in gone} | {site: digest for site in received}
+        return Broadcasts(base=start, held=held, origin=self.origin or base_digest, changes=tuple(kept))
 
 
 @dataclass(frozen=True)
 class Broadcast:
-    """One round's broadcast at the global rank: the records every site receives (``whole``; under the delta
-    broadcast also ``change``, for the sites that hold ``base``), the request keys that go with each, what
-    the sites start from (``start``), and what the codec has not sent yet (``unsent``: the global adapter
-    less ``start``, added back to the round's aggregate)."""
+    """One round's broadcast at the global rank: the records of the whole adapter (``whole``), what the
+    sites start from (``start``, of digest ``digest``), and under the delta broadcast the round's change
+    (from the last broadcast, of digest ``base``) and what the codec has not sent yet (``unsent``: the
+    global adapter less ``start``, added back to the round's aggregate)."""
 
     whole: dict[str, Any]
     start: dict[str, np.ndarray]
-    change: dict[str, Any] | None = None
-    whole_keys: dict[str, str] | None = None
-    change_keys: dict[str, str] | None = None
+    digest: str = ""
+    base: str = ""
+    change: Change | None = None
     unsent: dict[str, np.ndarray] | None = None
+
+    @property
+    def whole_bytes(self) -> int:
+        return int(self.whole[ARRAYS][PAYLOAD].numpy().size)
 
 
 class FedPeftStrategy(Strategy):
@@ -286,11 +325,9 @@ class FedPeftStrategy(Strategy):
                        if not self.control_scope or key_matches(k, self.control_scope)}
             control = {CONTROL: to_array_record(
                 {k: self.control.get(k, np.zeros(v.shape, np.float32)) for k, v in trained.items()})}
-        contents[global_rank] = RecordDict({**sent.whole, CONFIG: ConfigRecord({**config, **(sent.whole_keys or {})}),
-                                            **control})
-        if sent.change is not None:  # the delta broadcast: for the sites that hold its base
-            contents[CHANGE] = RecordDict({**sent.change, CONFIG: ConfigRecord({**config, **(sent.change_keys or {})}),
-                                           **control})
+        whole_keys = {DOWNLINK_DIGEST: sent.digest} if self.broadcasts is not None else {}
+        contents[global_rank] = RecordDict({**sent.whole, CONFIG: ConfigRecord({**config, **whole_keys}), **control})
+        chains: dict[str, RecordDict] = {}  # the delta broadcast: by the broadcast a site holds, its changes since
         self.previous = {**self.previous, **self.baselines[global_rank]}  # what every site starts from
         if self.secure is not None:  # sites numbered from 1 in site order: the Shamir points of the round
             self.secure_numbers = {site: i + 1 for i, site in enumerate(sorted(chosen))}
@@ -307,8 +344,17 @@ class FedPeftStrategy(Strategy):
                 records, self.baselines[rank] = encode_tensors(_WHOLE if self.broadcasts is not None else self.downlink,
                                                                lower)
                 contents[rank] = RecordDict({**records, CONFIG: config, **control})
-            use = CHANGE if rank == global_rank and CHANGE in contents and self.broadcasts.held_by(site) else rank
-            content = RecordDict(dict(contents[use]))  # one dict per message: a site's mods replace records
+            chain = self.broadcasts.chain(site, sent.base, sent.change, sent.whole_bytes) \
+                if rank == global_rank and self.broadcasts is not None and sent.change is not None else None
+            if chain is None:
+                content = RecordDict(dict(contents[rank]))  # one dict per message: a site's mods replace records
+            else:
+                if chain[0].base not in chains:
+                    keys = {DOWNLINK_DIGEST: sent.digest, DOWNLINK_BASE: chain[0].base,
+                            **({DOWNLINK_CHAIN: len(chain) - 1} if len(chain) > 1 else {})}
+                    chains[chain[0].base] = RecordDict({**chain_records(chain),
+                                                        CONFIG: ConfigRecord({**config, **keys}), **control})
+                content = RecordDict(dict(chains[chain[0].base]))
             if self.site_config is not None:
                 content[CONFIG] = ConfigRecord({**content[CONFIG], **self.site_config(site)})
             if self.secure is not None:
@@ -330,15 +376,16 @@ class FedPeftStrategy(Strategy):
             records, start = encode_tensors(self.downlink, broadcast)
             return Broadcast(whole=records, start=start)
         base = {k: v for k, v in self.broadcasts.base.items() if k in broadcast}
+        base_digest = broadcast_digest(base)
         if same_tensors(base, broadcast):
-            change, decoded = encode_tensors(self.downlink, {k: broadcast[k] - base[k] for k in broadcast})
+            records, decoded = encode_tensors(self.downlink, {k: broadcast[k] - base[k] for k in broadcast})
             start = apply_change(base, decoded)
         else:  # another set of tensors than the last broadcast's (the rule's frozen set changed): no change to send
-            change, start = None, {k: np.asarray(v, np.float32) for k, v in broadcast.items()}
+            records, start = None, {k: np.asarray(v, np.float32) for k, v in broadcast.items()}
         whole, _ = encode_tensors(_WHOLE, start)
         digest = broadcast_digest(start)
-        return Broadcast(whole=whole, start=start, change=change, whole_keys={DOWNLINK_DIGEST: digest},
-                         change_keys={DOWNLINK_DIGEST: digest, DOWNLINK_BASE: broadcast_digest(base)},
+        change = None if records is None else Change.of(records, base=base_digest, digest=digest)
+        return Broadcast(whole=whole, start=start, digest=digest, base=base_digest, change=change,
                          unsent={k: (broadcast[k] - start[k]).astype(np.float32) for k in broadcast})
 
     def _site_of(self, msg: Message) -> tuple[str, bool]:
@@ -392,7 +439,9 @@ class FedPeftStrategy(Strategy):
                 state = from_array_record(arrays)
                 arrays = to_array_record({k: (v + unsent[k]).astype(v.dtype) if k in unsent else v
                                           for k, v in state.items()})
-            self.broadcasts = Broadcasts(base=sent.start, holders=frozenset(traffic.received))
+            self.broadcasts = self.broadcasts.after(sent.start, sent.base, sent.change, sent.digest,
+                                                    received=traffic.received, failed=traffic.failures,
+                                                    whole_bytes=sent.whole_bytes)
             self._broadcast = None
         return RoundOutcome(arrays, metrics, traffic, self.control, self.broadcasts)
 
