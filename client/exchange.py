@@ -15,7 +15,7 @@ from flwr.app import Message
 from fedpeft.adapters.state import without_keys
 from fedpeft.downlink import apply_change, broadcast_digest, chain_payloads, load_broadcasts, save_broadcasts
 from fedpeft.errors import FedPeftError
-from fedpeft.wire import ARRAYS, CODEC, decode_payload, from_array_record, to_array_record
+from fedpeft.wire import ARRAYS, CODEC, PayloadError, decode_payload, from_array_record, to_array_record
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,10 @@ def received_broadcast(content: Any, expected: Mapping[str, tuple[int, ...]], *,
     FedPeftError
         The site holds no broadcast named ``base``, or the result is not the one the coordinator holds.
     """
-    earlier = chain_payloads(content, links) if digest is not None and base is not None else []
+    try:
+        earlier = chain_payloads(content, links) if digest is not None and base is not None else []
+    except KeyError as err:
+        raise PayloadError(f"the request counts {links} earlier broadcast changes, and {err} is missing") from None
     decoded, _ = decode_payload(content, expected)
     if digest is None:
         return decoded
@@ -54,7 +57,7 @@ def received_broadcast(content: Any, expected: Mapping[str, tuple[int, ...]], *,
         if base not in kept:
             raise FedPeftError(f"the broadcast is a change of one this site does not hold ({base[:12]}; it keeps "
                                f"{', '.join(d[:12] for d in kept) or 'none'}): its state directory was lost or "
-                               "is another run's; the coordinator sends the whole adapter next round")
+                               "is another run's; the coordinator starts it afresh next round")
         result = kept[base]
         for records in earlier:  # the rounds this site missed, oldest first
             result = apply_change(result, decode_payload(records, expected)[0])

@@ -896,6 +896,7 @@ def test_a_site_the_coordinator_cannot_reach_by_changes_gets_the_whole_adapter()
 
 def test_a_site_refuses_a_change_it_cannot_apply(tmp_path: object) -> None:
     from fedpeft.errors import FedPeftError
+    from fedpeft.wire import PayloadError
     from strategies.flower import Broadcasts
 
     initial = _big_global(0)
@@ -906,6 +907,10 @@ def test_a_site_refuses_a_change_it_cannot_apply(tmp_path: object) -> None:
     other = {k: v * 2 for k, v in initial.items()}  # a site of another run: its initial adapter differs
     with pytest.raises(FedPeftError, match="does not hold"):
         _received(message, tmp_path, other)
+    message.content[CONFIG]["downlink-chain"] = 1  # a change the request counts is not in the message
+    with pytest.raises(PayloadError, match="counts 1 earlier broadcast changes, and 'arrays.0' is missing"):
+        _received(message, tmp_path, initial)
+    del message.content[CONFIG]["downlink-chain"]
     message.content[CONFIG]["downlink-digest"] = "0" * 32
     with pytest.raises(FedPeftError, match="not the coordinator's"):
         _received(message, tmp_path, initial)
