@@ -35,6 +35,7 @@ from fedpeft.protocol import CANARIES, NUM_EXAMPLES, TRAIN_LOSS, request_record
 from fedpeft.runlog import append_jsonl, atomic_replace_dir, atomic_write_text
 from fedpeft.state_dir import state_dir
 from fedpeft.wire import from_array_record
+from privacy.canaries import site_canaries
 from privacy.empirical import audit_run_canaries, run_canaries, save_result, site_rows
 from privacy.modes import privacy_mode
 from privacy.server import RunPrivacy
@@ -306,7 +307,7 @@ def secure_weight_cap(uniform: bool, examples: Mapping[str, int] | None, canarie
         return 1
     if not examples:
         return 0
-    extra = max((len(json.loads(site_rows(canaries, key))) for key in sites), default=0) if canaries else 0
+    extra = max((len(site_canaries(canaries, key)) for key in sites), default=0) if canaries else 0
     return max(examples.values()) + extra
 
 

@@ -42,13 +42,11 @@ from fedpeft.downlink import Change, apply_change, broadcast_digest, chain_recor
 from fedpeft.errors import FedPeftError
 from fedpeft.protocol import (
     ACTIVE_RANK,
-    ARRAYS,
     DOWNLINK_BASE,
     DOWNLINK_CHAIN,
     DOWNLINK_DIGEST,
     FROZEN,
     HELD,
-    PAYLOAD,
     SECAGG,
     SERVER_ROUND,
 )
@@ -139,10 +137,7 @@ class Broadcast:
     base: str = ""
     change: Change | None = None
     unsent: dict[str, np.ndarray] | None = None
-
-    @property
-    def whole_bytes(self) -> int:
-        return int(self.whole[ARRAYS][PAYLOAD].numpy().size)
+    whole_bytes: int = 0  # the whole adapter's payload (fp32): the most a chain of changes may weigh
 
 
 class FedPeftStrategy(Strategy):
@@ -386,7 +381,8 @@ class FedPeftStrategy(Strategy):
         digest = broadcast_digest(start)
         change = None if records is None else Change.of(records, base=base_digest, digest=digest)
         return Broadcast(whole=whole, start=start, digest=digest, base=base_digest, change=change,
-                         unsent={k: (broadcast[k] - start[k]).astype(np.float32) for k in broadcast})
+                         unsent={k: (broadcast[k] - start[k]).astype(np.float32) for k in broadcast},
+                         whole_bytes=raw_nbytes({k: v.shape for k, v in start.items()}))
 
     def _site_of(self, msg: Message) -> tuple[str, bool]:
         """The site a reply stands for, and whether the SuperLink wrote it in that site's place.
